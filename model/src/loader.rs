@@ -1,0 +1,403 @@
+//! Loading base models: GGUF files (weights kept in their block formats) and Hugging Face model
+//! directories (safetensors, quantized at load to Q4_1 unless `no_4bit`).
+//!
+//! Everything is converted to the Hugging Face layout. llama.cpp's converter permutes the rows of
+//! llama-family q/k weights (to pair rotary dimensions 2i, 2i+1 instead of i, i+d/2); we undo that
+//! permutation row by row on the quantized bytes, so one RoPE form and one adapter layout serve all
+//! sources.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Arch, ModelConfig};
+use crate::decoder::{Decoder, Layer, Linear, Weight};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::Hash;
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Keep safetensors weights dense f32 instead of quantizing them to 4 bits.
+    pub no_4bit: bool,
+}
+
+/// A base model ready to run: weights, tokenizer and chat template.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    /// The network.
+    pub decoder: Decoder,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its Jinja chat template, if it has one.
+    pub chat_template: Option<String>,
+    /// Token ids that end an assistant turn.
+    pub eos_ids: Vec<u32>,
+    /// Where it came from.
+    pub path: PathBuf,
+    /// A human-readable id (file stem or directory name).
+    pub name: String,
+    /// blake3 over the model's files: the base-model identity used in network model ids.
+    pub hash: Hash,
+}
+
+impl BaseModel {
+    /// Loads a GGUF file or a Hugging Face model directory.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        if path.is_dir() {
+            load_hf_dir(path, opts)
+        } else {
+            load_gguf(path)
+        }
+    }
+}
+
+fn file_hash(path: &Path) -> Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap(path)
+        .map_err(|e| ModelError::io(path, e))?;
+    Ok(hasher.finalize().into())
+}
+
+fn metadata_string(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<String> {
+    md.get(key).and_then(|v| v.to_string().ok()).cloned()
+}
+
+/// Loads a GGUF model file.
+pub fn load_gguf(path: &Path) -> Result<BaseModel> {
+    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| ModelError::bad(path, format!("not a readable GGUF file: {e}")))?;
+    let mut cfg = ModelConfig::from_gguf(path, &content.metadata)?;
+    let tokenizer = Tokenizer::from_gguf(&content)?;
+    let chat_template = metadata_string(&content.metadata, "tokenizer.chat_template");
+
+    let mut tensor = |name: &str| -> Result<QTensor> {
+        if !content.tensor_infos.contains_key(name) {
+            return Err(ModelError::bad(path, format!("missing tensor {name}")));
+        }
+        content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| ModelError::bad(path, format!("tensor {name}: {e}")))
+    };
+    let dense = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
+    let weight = Weight::from_qtensor;
+
+    let embed = weight(tensor("token_embd.weight")?)?;
+    let norm = dense(tensor("output_norm.weight")?)?;
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        cfg.tie_word_embeddings = false;
+        Some(weight(tensor("output.weight")?)?)
+    } else {
+        None
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let mut lin = |short: &str, heads_for_unpermute: Option<usize>| -> Result<Linear> {
+            let mut q = tensor(&format!("blk.{i}.{short}.weight"))?;
+            if let Some(heads) = heads_for_unpermute {
+                q = unpermute_rows(path, q, heads)?;
+            }
+            let bias_name = format!("blk.{i}.{short}.bias");
+            let bias = if content.tensor_infos.contains_key(&bias_name) {
+                Some(dense(tensor(&bias_name)?)?)
+            } else {
+                None
+            };
+            Ok(Linear {
+                weight: weight(q)?,
+                bias,
+                lora: None,
+            })
+        };
+        // llama.cpp permutes q/k rows only for the llama family; qwen2 keeps the HF order.
+        let (qh, kh) = match cfg.arch {
+            Arch::Llama => (Some(cfg.num_heads), Some(cfg.num_kv_heads)),
+            Arch::Qwen2 => (None, None),
+        };
+        let q_proj = lin("attn_q", qh)?;
+        let k_proj = lin("attn_k", kh)?;
+        let v_proj = lin("attn_v", None)?;
+        let o_proj = lin("attn_output", None)?;
+        let gate_proj = lin("ffn_gate", None)?;
+        let up_proj = lin("ffn_up", None)?;
+        let down_proj = lin("ffn_down", None)?;
+        layers.push(Layer {
+            attn_norm: dense(tensor(&format!("blk.{i}.attn_norm.weight"))?)?,
+            mlp_norm: dense(tensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+        });
+    }
+    check_shapes(path, &cfg, &embed, &layers)?;
+    let eos_ids = eos_ids(
+        &tokenizer,
+        metadata_u32(&content.metadata, "tokenizer.ggml.eos_token_id"),
+    );
+    let decoder = Decoder::new(cfg, embed, layers, norm, lm_head)?;
+    Ok(BaseModel {
+        decoder,
+        tokenizer,
+        chat_template,
+        eos_ids,
+        name: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hash: file_hash(path)?,
+        path: path.to_path_buf(),
+    })
+}
+
+fn metadata_u32(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<u32> {
+    md.get(key)
+        .and_then(crate::config::as_u64)
+        .and_then(|x| u32::try_from(x).ok())
+}
+
+/// End-of-turn ids: the model's eos plus the ChatML / common end markers it has.
+fn eos_ids(tok: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+        if let Some(id) = tok.token_id(name) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
+fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(ModelError::bad(
+            path,
+            format!("cannot un-permute a [{rows}, {cols}] q/k weight over {heads} heads"),
+        ));
+    }
+    let dtype = q.dtype();
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * half + i;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// The inverse of [`unpermute_rows`] on a dense `[rows, cols]` tensor: HF layout to GGUF layout.
+/// Used by tests that write GGUF files from HF-layout weights.
+pub fn permute_rows_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let d = rows / heads;
+    Ok(w.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))?)
+}
+
+fn check_shapes(path: &Path, cfg: &ModelConfig, embed: &Weight, layers: &[Layer]) -> Result<()> {
+    let (h, kvd, qd) = (
+        cfg.hidden_size,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.num_heads * cfg.head_dim,
+    );
+    let want = [
+        ("q_proj", (qd, h)),
+        ("k_proj", (kvd, h)),
+        ("v_proj", (kvd, h)),
+        ("o_proj", (h, qd)),
+        ("gate_proj", (cfg.intermediate_size, h)),
+        ("up_proj", (cfg.intermediate_size, h)),
+        ("down_proj", (h, cfg.intermediate_size)),
+    ];
+    let (ev, eh) = embed.dims()?;
+    if eh != h || ev != cfg.vocab_size {
+        return Err(ModelError::bad(
+            path,
+            format!(
+                "embedding is [{ev}, {eh}], config says [{}, {h}]",
+                cfg.vocab_size
+            ),
+        ));
+    }
+    for (i, layer) in layers.iter().enumerate() {
+        for (name, dims) in want {
+            let got = layer
+                .module(name)
+                .map(|m| m.weight.dims())
+                .transpose()?
+                .unwrap_or((0, 0));
+            if got != dims {
+                return Err(ModelError::bad(
+                    path,
+                    format!("layer {i} {name} is {got:?}, expected {dims:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<BaseModel> {
+    let read = |name: &str| -> Result<String> {
+        let p = dir.join(name);
+        std::fs::read_to_string(&p).map_err(|e| ModelError::io(p, e))
+    };
+    let config_path = dir.join("config.json");
+    let cfg = ModelConfig::from_hf_json(&config_path, &read("config.json")?)?;
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let (chat_template, eos_token) = match read("tokenizer_config.json") {
+        Ok(text) => parse_tokenizer_config(&dir.join("tokenizer_config.json"), &text)?,
+        Err(_) => (None, None),
+    };
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::bad(dir, "no *.safetensors files"));
+    }
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut hasher = blake3::Hasher::new();
+    for f in &files {
+        hasher.update(file_hash(f)?.as_bytes());
+        let loaded = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| ModelError::bad(f, format!("not a readable safetensors file: {e}")))?;
+        tensors.extend(loaded);
+    }
+    hasher.update(file_hash(&config_path)?.as_bytes());
+    let take = |tensors: &mut HashMap<String, Tensor>, name: &str| -> Result<Tensor> {
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::bad(dir, format!("missing tensor {name}")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let quantize = |t: Tensor, dtype: GgmlDType| -> Result<Weight> {
+        let (_, cols) = t.dims2()?;
+        if opts.no_4bit || cols % dtype.block_size() != 0 {
+            Ok(Weight::Dense(t))
+        } else {
+            Weight::from_qtensor(QTensor::quantize(&t, dtype)?)
+        }
+    };
+    let embed_t = take(&mut tensors, "model.embed_tokens.weight")?;
+    let lm_head = if cfg.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+        None
+    } else {
+        match tensors.contains_key("lm_head.weight") {
+            true => Some(quantize(
+                take(&mut tensors, "lm_head.weight")?,
+                GgmlDType::Q8_0,
+            )?),
+            false => None,
+        }
+    };
+    let embed = quantize(embed_t, GgmlDType::Q8_0)?;
+    let norm = take(&mut tensors, "model.norm.weight")?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin = |module: &str| -> Result<Linear> {
+            let w = take(&mut tensors, &format!("{p}.{module}.weight"))?;
+            let bias_name = format!("{p}.{module}.bias");
+            let bias = match tensors.contains_key(&bias_name) {
+                true => Some(take(&mut tensors, &bias_name)?),
+                false => None,
+            };
+            Ok(Linear {
+                weight: quantize(w, GgmlDType::Q4_1)?,
+                bias,
+                lora: None,
+            })
+        };
+        let q_proj = lin("self_attn.q_proj")?;
+        let k_proj = lin("self_attn.k_proj")?;
+        let v_proj = lin("self_attn.v_proj")?;
+        let o_proj = lin("self_attn.o_proj")?;
+        let gate_proj = lin("mlp.gate_proj")?;
+        let up_proj = lin("mlp.up_proj")?;
+        let down_proj = lin("mlp.down_proj")?;
+        layers.push(Layer {
+            attn_norm: take(&mut tensors, &format!("{p}.input_layernorm.weight"))?,
+            mlp_norm: take(
+                &mut tensors,
+                &format!("{p}.post_attention_layernorm.weight"),
+            )?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+        });
+    }
+    check_shapes(dir, &cfg, &embed, &layers)?;
+    let eos = eos_token.and_then(|t| tokenizer.token_id(&t));
+    let eos_ids = eos_ids(&tokenizer, eos);
+    let decoder = Decoder::new(cfg, embed, layers, norm, lm_head)?;
+    Ok(BaseModel {
+        decoder,
+        tokenizer,
+        chat_template,
+        eos_ids,
+        name: dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hash: hasher.finalize().into(),
+        path: dir.to_path_buf(),
+    })
+}
+
+fn parse_tokenizer_config(path: &Path, text: &str) -> Result<(Option<String>, Option<String>)> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ModelError::bad(path, e.to_string()))?;
+    let template = match v.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        // A list of named templates: take "default".
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let eos = match v.get("eos_token") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(obj) => obj
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        None => None,
+    };
+    Ok((template, eos))
+}

@@ -1,0 +1,148 @@
+//! Applying a PEFT LoRA adapter to a loaded decoder, and merging it into dense weights.
+//!
+//! Adapter tensors are named as PEFT writes them for a causal LM:
+//! `base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`, with A `[r, in]`
+//! and B `[out, r]` in the Hugging Face layout, which is the layout the decoder keeps.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::adapter::LoraAdapter;
+use crate::decoder::{Decoder, LoraPair, Weight, MODULES};
+use crate::error::{ModelError, Result};
+
+/// The PEFT name of a LoRA tensor: `which` is `"A"` or `"B"`.
+pub fn peft_name(layer: usize, module: &str, which: &str) -> String {
+    let group = match module {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
+        _ => "mlp",
+    };
+    format!("base_model.model.model.layers.{layer}.{group}.{module}.lora_{which}.weight")
+}
+
+/// Splits a PEFT name into `(layer, module, "A" | "B")`.
+pub fn parse_peft_name(name: &str) -> Option<(usize, &str, &str)> {
+    let rest = name.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let rest = rest
+        .strip_prefix("self_attn.")
+        .or_else(|| rest.strip_prefix("mlp."))?;
+    let (module, rest) = rest.split_once('.')?;
+    let which = rest.strip_prefix("lora_")?.strip_suffix(".weight")?;
+    if !MODULES.contains(&module) || !(which == "A" || which == "B") {
+        return None;
+    }
+    Some((layer, module, which))
+}
+
+impl Decoder {
+    /// Puts `adapter`'s LoRA pairs on the matching layers (replacing any present). Every tensor must
+    /// name a layer and module of this model with matching shapes.
+    pub fn apply_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let scale = adapter.config.scaling();
+        let mut pairs: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> =
+            BTreeMap::new();
+        for (name, t) in &adapter.tensors {
+            let (layer, module, which) =
+                parse_peft_name(name).ok_or_else(|| ModelError::AdapterMismatch {
+                    reason: format!("tensor {name} is not a LoRA weight of a decoder layer"),
+                })?;
+            let tensor = Tensor::from_slice(&t.data, t.shape.as_slice(), &Device::Cpu)?;
+            let e = pairs.entry((layer, module.to_string())).or_default();
+            if which == "A" {
+                e.0 = Some(tensor);
+            } else {
+                e.1 = Some(tensor);
+            }
+        }
+        let mut staged = Vec::new();
+        for ((layer, module), (a, b)) in pairs {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(ModelError::AdapterMismatch {
+                    reason: format!("layer {layer} {module} lacks its lora_A or lora_B"),
+                });
+            };
+            let lin = self
+                .layers
+                .get(layer)
+                .and_then(|l| l.module(&module))
+                .ok_or_else(|| ModelError::AdapterMismatch {
+                    reason: format!(
+                        "layer {layer} {module} does not exist (model has {} layers)",
+                        self.cfg.num_layers
+                    ),
+                })?;
+            let (out, inp) = lin.weight.dims()?;
+            let (ra, ia) = a.dims2()?;
+            let (ob, rb) = b.dims2()?;
+            if ia != inp || ob != out || ra != rb {
+                return Err(ModelError::AdapterMismatch {
+                    reason: format!(
+                        "layer {layer} {module}: A is [{ra}, {ia}] and B is [{ob}, {rb}], the weight is [{out}, {inp}]"
+                    ),
+                });
+            }
+            staged.push((layer, module, LoraPair { a, b, scale }));
+        }
+        self.remove_adapter();
+        for (layer, module, pair) in staged {
+            if let Some(lin) = self.layers[layer].module_mut(&module) {
+                lin.lora = Some(pair);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every LoRA pair.
+    pub fn remove_adapter(&mut self) {
+        for layer in &mut self.layers {
+            for m in MODULES {
+                if let Some(lin) = layer.module_mut(m) {
+                    lin.lora = None;
+                }
+            }
+        }
+    }
+
+    /// A copy with every LoRA pair merged into dense f32 base weights: `W + scale * B A`.
+    pub fn merged_dense(&self) -> Result<Decoder> {
+        let mut out = self.clone();
+        for layer in &mut out.layers {
+            for m in MODULES {
+                if let Some(lin) = layer.module_mut(m) {
+                    let mut w = lin.weight.dequantize()?;
+                    if let Some(l) = lin.lora.take() {
+                        w = (w + (l.b.matmul(&l.a)? * l.scale)?)?;
+                    }
+                    lin.weight = Weight::Dense(w);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_names_round_trip() {
+        for m in MODULES {
+            for w in ["A", "B"] {
+                let n = peft_name(3, m, w);
+                assert_eq!(parse_peft_name(&n), Some((3, m, w)));
+            }
+        }
+        assert_eq!(
+            parse_peft_name("base_model.model.lm_head.lora_A.weight"),
+            None
+        );
+        assert_eq!(
+            parse_peft_name("base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight"),
+            None
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! Runs the protocol simulator over many seeds.
+//!
+//! ```text
+//! cargo run --release -p hivemind-protocol --example simulate -- --seeds 50 --nodes 200
+//! cargo run -p hivemind-protocol --example simulate -- --seed 17        # replay one seed
+//! ```
+//!
+//! Options: `--seeds N` (runs seeds 0..N, default 20), `--first S` (start at seed S),
+//! `--seed S` (exactly one seed), `--nodes M` (honest nodes, default 100),
+//! `--byzantine B`, `--duration-ms T`, `--no-partition`.
+
+use anyhow::{bail, Context, Result};
+use hivemind_protocol::sim::{self, SimConfig};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn main() -> Result<()> {
+    let mut cfg = SimConfig::default();
+    let (mut first, mut count) = (0u64, 20u64);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            args.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse::<u64>()
+                .with_context(|| format!("{name} needs a number"))
+        };
+        match arg.as_str() {
+            "--seeds" => count = value("--seeds")?,
+            "--first" => first = value("--first")?,
+            "--seed" => {
+                first = value("--seed")?;
+                count = 1;
+            }
+            "--nodes" => cfg.nodes = value("--nodes")? as usize,
+            "--byzantine" => cfg.byzantine = value("--byzantine")? as usize,
+            "--duration-ms" => cfg.duration_ms = value("--duration-ms")?,
+            "--no-partition" => cfg.partition = None,
+            other => bail!("unknown argument {other:?} (see the example's doc comment)"),
+        }
+    }
+    let mut failed = Vec::new();
+    let started = std::time::Instant::now();
+    for seed in first..first + count {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let report = sim::run(&cfg, move || rng.next_u64());
+        println!("seed {seed}: {report}");
+        if !report.passed() {
+            println!("seed {seed} FAILED; replay with --seed {seed} --nodes {}", cfg.nodes);
+            failed.push(seed);
+        }
+    }
+    println!(
+        "{} runs, {} failed {:?}, {:.1} s",
+        count,
+        failed.len(),
+        failed,
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        bail!("failing seeds: {failed:?}");
+    }
+    Ok(())
+}

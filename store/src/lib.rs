@@ -1,0 +1,145 @@
+//! Crash-safe storage of a HiveMind node: content-addressed blobs, records, identity.
+//!
+//! A data directory looks like this:
+//!
+//! ```text
+//! <data dir>/
+//!   identity.key     ed25519 key pair, 64 bytes, mode 0600   (identity.rs)
+//!   db/              sled database: the blob index and all records
+//!   blobs/<hex>      one file per blob, named by the blake3 hash of its bytes (blobs.rs)
+//!   blobs/.tmp-*     in-flight writes; removed when the store is opened
+//! ```
+//!
+//! Who talks to whom:
+//!
+//! ```text
+//!   node (round driver, blob protocol, gateway)
+//!     |  put_blob / BlobWriter / get_blob / read_blob_range     records: rounds, announcements,
+//!     v                                                          peers, uploads (records.rs)
+//!   Store ---- blobs/ (files, written temp -> fsync -> rename -> fsync dir)
+//!     \------- db/    (sled trees, flushed before every write returns)
+//! ```
+//!
+//! Every write method returns only after its data is durable, so an `Ok` survives
+//! `kill -9`. [`Store::open`] repairs what an interrupted write can leave behind
+//! (see [`Recovery`]); no manual repair is ever needed. Blob bytes are verified
+//! against their hash whenever they are read whole ([`Store::get_blob`],
+//! [`Store::verify_blob`]) or received ([`BlobWriter::finish`]).
+//!
+//! All methods block on disk I/O; async callers run them on blocking threads.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod blobs;
+mod error;
+mod fsutil;
+mod identity;
+mod records;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use blobs::BlobWriter;
+pub use error::{Error, Result};
+pub use identity::{load_or_create_identity, IDENTITY_FILE};
+pub use records::{PeerRecord, RoundRecord, UploadRecord};
+
+/// Directory, under the data dir, that holds the blob files.
+pub const BLOBS_DIR: &str = "blobs";
+/// Directory, under the data dir, that holds the sled database.
+pub const DB_DIR: &str = "db";
+
+/// What [`Store::open`] repaired. All zeros after a clean shutdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Leftover temp files of interrupted writes, deleted.
+    pub temp_files_removed: usize,
+    /// Index entries whose blob file was missing or had the wrong length, dropped.
+    pub entries_dropped: usize,
+    /// Complete blob files that were not indexed yet (a crash between the rename and
+    /// the index write), verified against their name and indexed.
+    pub files_adopted: usize,
+    /// Unindexed files named like a blob whose bytes did not match the name, deleted.
+    pub files_removed: usize,
+}
+
+/// A node's store: blobs on disk, indexed in sled, and records in sled trees.
+///
+/// Cheap to clone; clones share the same database. Only one process may hold a
+/// data directory open at a time (sled locks it).
+#[derive(Clone)]
+pub struct Store {
+    root: PathBuf,
+    blobs_dir: PathBuf,
+    db: sled::Db,
+    /// hash (32 bytes) -> [`blobs::BlobMeta`].
+    blob_index: sled::Tree,
+    /// round (8 bytes BE) ++ adapter hash (32 bytes) -> signed envelope bytes.
+    announcements: sled::Tree,
+    /// round number (8 bytes BE) -> [`RoundRecord`].
+    rounds: sled::Tree,
+    /// peer id (UTF-8) -> [`PeerRecord`].
+    peers: sled::Tree,
+    /// upload id (UTF-8) -> upload record with its insertion sequence number.
+    uploads: sled::Tree,
+    recovery: Recovery,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in data directory `dir`, then repairs
+    /// whatever an interrupted write left behind (see [`Recovery`]).
+    ///
+    /// Fails with [`Error::Db`] if another process holds the directory open.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        let root = dir.as_ref().to_path_buf();
+        fsutil::create_dir_private(&root)?;
+        // Take sled's lock first: after this no other process writes here, so any
+        // temp file found below is a leftover and safe to delete.
+        let db = sled::Config::new()
+            .path(root.join(DB_DIR))
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        let blobs_dir = root.join(BLOBS_DIR);
+        fsutil::create_dir_private(&blobs_dir)?;
+        fsutil::sync_dir(&root)?;
+        let mut store = Store {
+            blob_index: db.open_tree("blobs")?,
+            announcements: db.open_tree("announcements")?,
+            rounds: db.open_tree("rounds")?,
+            peers: db.open_tree("peers")?,
+            uploads: db.open_tree("uploads")?,
+            db,
+            root,
+            blobs_dir,
+            recovery: Recovery::default(),
+        };
+        store.recovery = store.recover()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What opening this store repaired.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
