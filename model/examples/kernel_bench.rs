@@ -6,7 +6,11 @@ use std::time::Instant;
 use hivemind_model::kernels::{self, Format};
 
 fn main() {
-    let (rows, k) = (1536usize, 576usize);
+    let rows: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1536);
+    let k = 576usize;
     let mut seed = 1u64;
     let mut next = || {
         seed = seed
@@ -31,7 +35,7 @@ fn main() {
             .map(|_| (next() % 1000) as f32 / 1000.0 - 0.5)
             .collect();
         let mut y = vec![0f32; rows];
-        let reps = 400;
+        let reps = (400 * 1536 / rows).max(4);
         let mut t = [0f64; 3];
         for round in 0..5 {
             type Kernel =

@@ -74,8 +74,9 @@ pub fn matmul_rows(
             // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are bounds-checked
             // inside except for the SIMD loads, which stay within one block / one x row.
             if m == 1 {
+                let xq = quantize_x16(&x[..k]);
                 // SAFETY: as above.
-                unsafe { avx2::matvec(fmt, w, k, x, rows, y) };
+                unsafe { avx2::matvec(fmt, w, k, &xq, rows, y) };
             } else {
                 // SAFETY: as above.
                 unsafe { avx2::matmul_rows(fmt, w, k, x, m, rows, y, y_stride) };
@@ -84,6 +85,43 @@ pub fn matmul_rows(
         }
     }
     matmul_rows_scalar(fmt, w, k, x, m, rows, y, y_stride)
+}
+
+/// One activation row as 16-bit integers with a scale per block of 32: `x ~= scale[b] * q`.
+#[derive(Debug, Clone)]
+pub struct X16 {
+    /// The integers, `|q| <= 32767`.
+    pub q: Vec<i16>,
+    /// Per-block scale (`max |x| / 32767`).
+    pub scale: Vec<f32>,
+    /// Per-block exact f32 sum of `x` (for the Q4_1 offset term).
+    pub sum: Vec<f32>,
+}
+
+/// Quantizes `x` (length a multiple of 32) to [`X16`]. The rounding error is at most
+/// `max|x| / 65534` per element of a block, about 1.5e-5 relative: far below the gaps between
+/// competing logits, and it keeps every integer product in the dot products exact.
+pub fn quantize_x16(x: &[f32]) -> X16 {
+    let nb = x.len() / BLOCK;
+    let mut out = X16 {
+        q: vec![0; nb * BLOCK],
+        scale: vec![0.0; nb],
+        sum: vec![0.0; nb],
+    };
+    for (b, xs) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        out.sum[b] = xs.iter().sum();
+        if amax == 0.0 || !amax.is_finite() {
+            continue;
+        }
+        let scale = amax / 32767.0;
+        let inv = 1.0 / scale;
+        out.scale[b] = scale;
+        for (q, v) in out.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
+            *q = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+        }
+    }
+    out
 }
 
 /// [`matmul_rows`] without the single-row specialisation (for benchmarks).
@@ -199,103 +237,75 @@ mod avx2 {
         }
     }
 
-    /// The integer values of one block as four vectors of 8 floats, and the block's `(d, m)`
-    /// (`m` is 0 for Q8_0).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn decode_q(fmt: Format, b: *const u8) -> ([__m256; 4], f32, f32) {
-        match fmt {
-            Format::Q4_1 => {
-                // SAFETY (caller): b points at a whole 20-byte block.
-                let head = unsafe { std::slice::from_raw_parts(b, 4) };
-                let q = unsafe { _mm_loadu_si128(b.add(4) as *const __m128i) };
-                let mask = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                (
-                    [
-                        f(lo),
-                        f(_mm_srli_si128(lo, 8)),
-                        f(hi),
-                        f(_mm_srli_si128(hi, 8)),
-                    ],
-                    f16_at(head, 0),
-                    f16_at(head, 2),
-                )
-            }
-            Format::Q8_0 => {
-                // SAFETY (caller): b points at a whole 34-byte block.
-                let d = f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
-                let q = unsafe { _mm256_loadu_si256(b.add(2) as *const __m256i) };
-                let lo = _mm256_castsi256_si128(q);
-                let hi = _mm256_extracti128_si256(q, 1);
-                let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                (
-                    [
-                        f(lo),
-                        f(_mm_srli_si128(lo, 8)),
-                        f(hi),
-                        f(_mm_srli_si128(hi, 8)),
-                    ],
-                    d,
-                    0.0,
-                )
-            }
-        }
-    }
-
-    /// Rows decoded together in the single-vector case: they share the loads of `x`.
-    const GROUP: usize = 4;
-
-    /// `y[r] = W[r] . x` for one activation row: `d (q . x) + m sum(x)` per block, four weight rows
-    /// at a time.
+    /// `y[r] = W[r] . x` for one activation row, one weight row after the other: a single
+    /// sequential stream through the weights, which the hardware prefetcher follows best (four
+    /// interleaved rows ran at 0.6x the speed on weights that do not fit the cache). `x` comes as 16-bit integers with one scale per block ([`super::quantize_x16`]):
+    /// `madd_epi16` multiplies 16 pairs per instruction with exact integer products, so a block
+    /// costs about ten instructions instead of the seventeen of the f32 path; the Q4_1 offset term
+    /// `m sum(x)` uses the exact f32 block sums.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn matvec(
         fmt: Format,
         w: &[u8],
         k: usize,
-        x: &[f32],
+        xq: &super::X16,
         rows: std::ops::Range<usize>,
         y: &mut [f32],
     ) {
         let nb = k / BLOCK;
         let bb = fmt.block_bytes();
-        assert!(w.len() >= rows.end * nb * bb && x.len() >= k && y.len() >= rows.end);
-        let bsum: Vec<f32> = x[..k].chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        assert!(w.len() >= rows.end * nb * bb && xq.q.len() >= k && y.len() >= rows.end);
+        assert!(xq.scale.len() >= nb && xq.sum.len() >= nb);
         let wp = w.as_ptr();
-        let xp = x.as_ptr();
-        let mut r = rows.start;
-        while r < rows.end {
-            let g = (rows.end - r).min(GROUP);
-            let mut acc = [_mm256_setzero_ps(); GROUP];
-            let mut macc = [0f32; GROUP];
+        let xp = xq.q.as_ptr();
+        let nib = _mm256_set1_epi16(0x0f);
+        for r in rows {
+            let mut acc = _mm256_setzero_ps();
+            let mut macc = 0f32;
             for b in 0..nb {
-                // SAFETY: b * 32 + 32 <= k <= x.len().
-                let (x0, x1, x2, x3) = unsafe {
-                    let xb = xp.add(b * BLOCK);
-                    (
-                        _mm256_loadu_ps(xb),
-                        _mm256_loadu_ps(xb.add(8)),
-                        _mm256_loadu_ps(xb.add(16)),
-                        _mm256_loadu_ps(xb.add(24)),
-                    )
+                // SAFETY: b * 32 + 32 <= k <= xq.q.len().
+                let (xa, xb) = unsafe {
+                    let p = xp.add(b * BLOCK) as *const __m256i;
+                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
                 };
-                for i in 0..g {
-                    // SAFETY: ((r + i) * nb + b + 1) * bb <= w.len() by the assert above.
-                    let (q, d, m) = unsafe { decode_q(fmt, wp.add(((r + i) * nb + b) * bb)) };
-                    let t = _mm256_mul_ps(q[0], x0);
-                    let t = _mm256_fmadd_ps(q[1], x1, t);
-                    let t = _mm256_fmadd_ps(q[2], x2, t);
-                    let t = _mm256_fmadd_ps(q[3], x3, t);
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc[i]);
-                    macc[i] += m * bsum[b];
-                }
+                // SAFETY: (r * nb + b + 1) * bb <= w.len() by the assert above.
+                let blk = unsafe { wp.add((r * nb + b) * bb) };
+                let (dot, d, m) = match fmt {
+                    Format::Q4_1 => {
+                        // SAFETY: blk points at a whole 20-byte block.
+                        let (head, q) = unsafe {
+                            (
+                                std::slice::from_raw_parts(blk, 4),
+                                _mm_loadu_si128(blk.add(4) as *const __m128i),
+                            )
+                        };
+                        let w16 = _mm256_cvtepu8_epi16(q);
+                        let lo = _mm256_and_si256(w16, nib);
+                        let hi = _mm256_srli_epi16(w16, 4);
+                        let dot =
+                            _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
+                        (dot, f16_at(head, 0), f16_at(head, 2))
+                    }
+                    Format::Q8_0 => {
+                        // SAFETY: blk points at a whole 34-byte block.
+                        let (head, q) = unsafe {
+                            (
+                                std::slice::from_raw_parts(blk, 2),
+                                _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                            )
+                        };
+                        let wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                        let wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+                        let dot =
+                            _mm256_add_epi32(_mm256_madd_epi16(wa, xa), _mm256_madd_epi16(wb, xb));
+                        (dot, f16_at(head, 0), 0.0)
+                    }
+                };
+                let scale = _mm256_set1_ps(d * xq.scale[b]);
+                acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+                macc += m * xq.sum[b];
             }
-            for i in 0..g {
-                y[r + i] = unsafe { hsum(acc[i]) } + macc[i];
-            }
-            r += g;
+            y[r] = unsafe { hsum(acc) } + macc;
         }
     }
 
@@ -382,17 +392,28 @@ mod tests {
                 for t in 0..m {
                     for r in 0..rows {
                         let mut want = 0f64;
+                        // The single-row path rounds x to 16 bits per block: its error is at
+                        // most sum_b (sum_j |w_j|) * max|x_b| / 65534; f32 summation adds ~1e-6.
+                        let mut bound = 0f64;
                         for b in 0..k / BLOCK {
                             let off = (r * k / BLOCK + b) * fmt.block_bytes();
                             dequant_block(fmt, &w[off..off + fmt.block_bytes()], &mut deq);
+                            let xs = &x[t * k + b * BLOCK..t * k + (b + 1) * BLOCK];
+                            let amax = xs.iter().fold(0f64, |a, v| a.max(v.abs() as f64));
+                            let mut absw = 0f64;
                             for j in 0..BLOCK {
-                                want += deq[j] as f64 * x[t * k + b * BLOCK + j] as f64;
+                                want += deq[j] as f64 * xs[j] as f64;
+                                absw += (deq[j] as f64).abs();
+                                bound += 1e-6 * (deq[j] as f64 * xs[j] as f64).abs();
+                            }
+                            if m == 1 {
+                                bound += absw * amax / 65534.0;
                             }
                         }
                         let got = y[t * rows + r] as f64;
                         assert!(
-                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{fmt:?} m={m}: {got} vs {want}"
+                            (got - want).abs() <= bound + 1e-6,
+                            "{fmt:?} m={m}: {got} vs {want} (bound {bound})"
                         );
                     }
                 }

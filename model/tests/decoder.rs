@@ -208,6 +208,10 @@ fn max_rel_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
         / scale
 }
 
+/// Relative logit error allowed where single-token steps run the 16-bit activation kernel
+/// (measured: up to 1.3e-4 on these tiny models; pure f32 paths stay below 1e-5).
+const X16_TOLERANCE: f64 = 5e-4;
+
 const IDS: [u32; 9] = [5, 77, 200, 13, 13, 101, 3, 250, 42];
 
 #[test]
@@ -235,12 +239,13 @@ fn quantized_gguf_matches_the_reference_on_its_own_weights() -> Result<()> {
         tiny.write_gguf(&path)?;
         let m = BaseModel::load(&path, &LoadOptions::default())?;
         assert_eq!(m.decoder.cfg.arch, arch);
-        // The reference runs on the dequantized weights in f64; the block kernels multiply the
-        // same dequantized values with f32 activations, so only summation order differs.
+        // The reference runs on the dequantized weights in f64. The block kernels multiply the same
+        // dequantized values; token-by-token steps round activations to 16 bits per block of 32
+        // (see `kernels::quantize_x16`), hence a bound a few times above f32 noise.
         let want = reference(&m.decoder.cfg, &decoder_weights(&m.decoder)?, &IDS);
         let got = logits_all(&m.decoder, &IDS)?;
         let d = max_rel_diff(&got, &want);
-        assert!(d < 1e-4, "{arch:?}: relative diff {d}");
+        assert!(d < X16_TOLERANCE, "{arch:?}: relative diff {d}");
         // The un-permuted q/k weights are the original HF rows (up to 4-bit rounding).
         let q_orig = mat(&tiny.tensors["model.layers.0.self_attn.q_proj.weight"])?;
         let q_load = mat(&m.decoder.layers[0].q_proj.weight.dequantize()?)?;
@@ -289,14 +294,14 @@ fn prefill_equals_token_by_token() -> Result<()> {
         .forward_last(&IDS[..5], &mut cache)?
         .to_vec1::<f32>()?;
     let first: Vec<f64> = first.iter().map(|&x| x as f64).collect();
-    assert!(max_rel_diff(&[first], &[step[4].clone()]) < 1e-4);
+    assert!(max_rel_diff(&[first], &[step[4].clone()]) < X16_TOLERANCE);
     for (i, &id) in IDS[5..].iter().enumerate() {
         let l = m
             .decoder
             .forward_last(&[id], &mut cache)?
             .to_vec1::<f32>()?;
         let l: Vec<f64> = l.iter().map(|&x| x as f64).collect();
-        assert!(max_rel_diff(&[l], &[step[5 + i].clone()]) < 1e-4);
+        assert!(max_rel_diff(&[l], &[step[5 + i].clone()]) < X16_TOLERANCE);
     }
     Ok(())
 }
@@ -355,7 +360,7 @@ fn adapter_at_inference_equals_merged_weights() -> Result<()> {
         let merged = logits_all(&m.decoder.merged_dense()?, &IDS)?;
         // The merged model runs dense f32 matmuls, the adapted one block products plus f32 LoRA.
         let d = max_rel_diff(&with, &merged);
-        assert!(d < 1e-4, "{arch:?}: adapter vs merged diff {d}");
+        assert!(d < X16_TOLERANCE, "{arch:?}: adapter vs merged diff {d}");
         // And the adapter really changes the output.
         assert!(
             max_rel_diff(&with, &base) > 0.05,
