@@ -148,3 +148,22 @@ fn greedy_tokens_match_transformers() -> Result<()> {
     eprintln!("{}", report.join("\n"));
     Ok(())
 }
+
+#[test]
+fn the_templates_default_system_prompt_is_replaced_by_a_given_one() -> Result<()> {
+    let Some(path) = default_model() else { return Ok(()) };
+    let m = BaseModel::load(&path, &LoadOptions::default())?;
+    let template = ChatTemplate::new(m.chat_template.as_deref(), "", "")?;
+    let plain = template.render(&[Message::new(Role::User, "hi")], true)?;
+    assert!(plain.contains("named SmolLM"), "{plain}");
+    let custom = template.render(
+        &[
+            Message::new(Role::System, "You are HiveMind."),
+            Message::new(Role::User, "hi"),
+        ],
+        true,
+    )?;
+    assert!(custom.contains("You are HiveMind.") && !custom.contains("SmolLM"), "{custom}");
+    assert!(custom.ends_with("<|im_start|>assistant\n"), "{custom}");
+    Ok(())
+}
