@@ -1,5 +1,6 @@
-//! The tokenizer: byte-level BPE (GPT-2 style, as SmolLM2, Qwen2 and Llama 3 use), built from GGUF
-//! metadata (`tokenizer.ggml.*`) or read from a Hugging Face `tokenizer.json`.
+//! The tokenizer: byte-level BPE (GPT-2 style, as SmolLM2, Qwen2 and Llama 3 use) and SentencePiece
+//! BPE (Llama-2, TinyLlama: `tokenizer.ggml.model = llama`), built from GGUF metadata
+//! (`tokenizer.ggml.*`) or read from a Hugging Face `tokenizer.json`.
 //!
 //! ```text
 //!  GGUF metadata ──► from_gguf ──┐                      ┌──► encode(text) -> ids
@@ -14,13 +15,30 @@
 //! user-defined tokens (`<|im_start|>`) are matched verbatim in the input text. Decoding maps every
 //! id to the raw bytes it stands for, so the streaming decoder can hold back a multi-byte character
 //! that is split over several tokens (emoji, Chinese) until it is complete.
+//!
+//! SentencePiece vocabularies (GGUF `llama`) have no merge list: llama.cpp's SPM tokenizer starts
+//! from single characters and repeatedly merges the adjacent pair whose concatenation is a token
+//! with the highest score (leftmost first on ties). The same is a BPE model whose merges are every
+//! split `a + b` of every token, ranked by that token's score; characters that are not tokens
+//! fall back to the byte tokens `<0x00>`..`<0xFF>`. Text is normalized as llama.cpp does: each
+//! stretch of text between special tokens gets a leading space (`add_space_prefix`), and spaces
+//! become `▁`. Decoding turns `▁` back into spaces, byte tokens into their byte, and drops the one
+//! leading space of the output that the prefix added (Hugging Face's `Strip` decoder).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -47,8 +65,10 @@ pub enum TokenizerError {
         /// What it should have been.
         expected: &'static str,
     },
-    /// The tokenizer is not a byte-level BPE tokenizer.
-    #[error("unsupported tokenizer: {what} (only byte-level BPE tokenizers are supported)")]
+    /// The tokenizer is neither byte-level BPE nor SentencePiece BPE.
+    #[error(
+        "unsupported tokenizer: {what} (only byte-level BPE and SentencePiece BPE are supported)"
+    )]
     Unsupported {
         /// What was found.
         what: String,
@@ -120,9 +140,11 @@ fn lib_err(context: &'static str) -> impl FnOnce(tokenizers::Error) -> Tokenizer
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 mod token_type {
+    pub(super) const NORMAL: i64 = 1;
     pub(super) const UNKNOWN: i64 = 2;
     pub(super) const CONTROL: i64 = 3;
     pub(super) const USER_DEFINED: i64 = 4;
+    pub(super) const BYTE: i64 = 6;
 }
 
 /// Qwen2's regex, with the case-insensitive contractions spelled out as llama.cpp does.
@@ -248,7 +270,227 @@ fn string_array<'a>(md: &'a HashMap<String, Value>, key: &'static str) -> Result
         .collect()
 }
 
-/// A byte-level BPE tokenizer (see the module docs).
+fn float_array(md: &HashMap<String, Value>, key: &'static str) -> Result<Vec<f32>> {
+    let v = md.get(key).ok_or(TokenizerError::MissingKey { key })?;
+    let wrong = || TokenizerError::WrongType {
+        key,
+        expected: "an array of numbers",
+    };
+    let Value::Array(items) = v else {
+        return Err(wrong());
+    };
+    items
+        .iter()
+        .map(|x| match *x {
+            Value::F32(f) => Ok(f),
+            // Scores are f32 in GGUF (llama.cpp also reads int32 ones).
+            #[allow(clippy::cast_possible_truncation)]
+            Value::F64(f) => Ok(f as f32),
+            #[allow(clippy::cast_precision_loss)]
+            _ => as_i64(x).map(|i| i as f32).ok_or_else(wrong),
+        })
+        .collect()
+}
+
+/// `tokenizer.ggml.token_type`, or all normal if absent.
+fn token_types(md: &HashMap<String, Value>, n: usize) -> Result<Vec<i64>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    let wrong = || TokenizerError::WrongType {
+        key: KEY,
+        expected: "an array of integers",
+    };
+    let types: Vec<i64> = match md.get(KEY) {
+        None => vec![token_type::NORMAL; n],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| as_i64(v).ok_or_else(wrong))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(wrong()),
+    };
+    if types.len() != n {
+        return Err(TokenizerError::LengthMismatch {
+            key: KEY,
+            expected: n,
+            found: types.len(),
+        });
+    }
+    Ok(types)
+}
+
+/// A token id from the metadata, checked against the vocabulary size `n`; `None` if absent.
+fn special_id(md: &HashMap<String, Value>, key: &'static str, n: usize) -> Result<Option<u32>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(v) => {
+            let id = as_u32(v).ok_or(TokenizerError::WrongType {
+                key,
+                expected: "a token id",
+            })?;
+            if usize::try_from(id).map_or(true, |i| i >= n) {
+                return Err(TokenizerError::UnknownId { id, vocab_size: n });
+            }
+            Ok(Some(id))
+        }
+    }
+}
+
+/// Registers control / unknown tokens (skipped by decode's `skip_special`) and user-defined
+/// tokens as added tokens, matched verbatim in input text and never split; returns which ids are
+/// special.
+fn add_special_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[&str],
+    types: &[i64],
+) -> Vec<bool> {
+    let mut added = Vec::new();
+    let mut special = vec![false; tokens.len()];
+    for (i, (tok, &ty)) in tokens.iter().zip(types).enumerate() {
+        let is_control = ty == token_type::CONTROL || ty == token_type::UNKNOWN;
+        if is_control || ty == token_type::USER_DEFINED {
+            special[i] = is_control;
+            added.push(AddedToken::from(*tok, is_control).normalized(false));
+        }
+    }
+    inner.add_tokens(&added);
+    special
+}
+
+/// SentencePiece's stand-in for a space.
+const SPM_SPACE: &str = "\u{2581}";
+
+/// The text of a SentencePiece piece: `▁` is a space.
+fn spm_text(token: &str) -> Vec<u8> {
+    token.replace(SPM_SPACE, " ").into_bytes()
+}
+
+/// The byte of a byte-fallback token `<0xAB>`.
+fn spm_byte(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2)
+        .then(|| u8::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// BPE merges equivalent to llama.cpp's SPM tokenizer: every split `a + b` of a token `t` where
+/// `a` and `b` are tokens too, ranked by `t`'s score (highest first), then by `t`'s id and the
+/// split point, so the order is total and deterministic. Byte tokens are never a part: in llama.cpp
+/// they only appear as output, never as symbols that merge further.
+///
+/// One difference remains: llama.cpp breaks a tie between equal scores by position (leftmost
+/// first), BPE by rank; SentencePiece BPE vocabularies give every merged piece its own score.
+fn spm_merges(
+    tokens: &[&str],
+    scores: &[f32],
+    types: &[i64],
+    vocab: &tokenizers::models::bpe::Vocab,
+) -> Vec<(String, String)> {
+    let is_part = |s: &str| {
+        vocab
+            .get(s)
+            .is_some_and(|&id| types.get(id as usize) != Some(&token_type::BYTE))
+    };
+    let mut ranked: Vec<(f32, u32, usize)> = Vec::new();
+    for (id, tok) in (0u32..).zip(tokens) {
+        // A duplicated string: only its last id is reachable, as in llama.cpp.
+        if vocab.get(*tok) != Some(&id) {
+            continue;
+        }
+        for (k, _) in tok.char_indices().skip(1) {
+            let (a, b) = tok.split_at(k);
+            if is_part(a) && is_part(b) {
+                ranked.push((scores[id as usize], id, k));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    ranked
+        .into_iter()
+        .map(|(_, id, k)| {
+            let (a, b) = tokens[id as usize].split_at(k);
+            (a.to_string(), b.to_string())
+        })
+        .collect()
+}
+
+/// llama.cpp's SPM normalization (Hugging Face's Llama-2 normalizer): a `▁` before each stretch
+/// of text between special tokens if `add_space_prefix`, then every space becomes `▁`.
+fn spm_normalizer(add_space_prefix: bool) -> Result<NormalizerWrapper> {
+    let replace = Replace::new(" ", SPM_SPACE).map_err(lib_err("building the normalizer"))?;
+    Ok(match add_space_prefix {
+        true => NormalizerSequence::new(vec![
+            Prepend::new(SPM_SPACE.to_string()).into(),
+            replace.into(),
+        ])
+        .into(),
+        false => replace.into(),
+    })
+}
+
+/// Hugging Face's Llama-2 decoder: `▁` to space, byte tokens to bytes, and the leading space that
+/// the normalizer added removed.
+fn spm_decoder(add_space_prefix: bool) -> Result<DecoderWrapper> {
+    let replace = Replace::new(SPM_SPACE, " ").map_err(lib_err("building the decoder"))?;
+    let mut steps: Vec<DecoderWrapper> = vec![
+        replace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    Ok(DecoderSequence::new(steps).into())
+}
+
+/// Checks that a `tokenizer.json` decoder is Hugging Face's Llama-2 SentencePiece sequence:
+/// `Replace("▁", " ")`, `ByteFallback`, `Fuse`, and optionally `Strip(" ", 1, 0)`; returns whether
+/// the `Strip` is there (one leading space dropped).
+fn spm_decoder_layout(decoder: &DecoderWrapper) -> Result<bool> {
+    let unsupported = |what: String| TokenizerError::Unsupported { what };
+    let json = serde_json::to_value(decoder)
+        .map_err(|e| unsupported(format!("a tokenizer.json decoder ({e})")))?;
+    let steps = json
+        .get("decoders")
+        .and_then(|d| d.as_array())
+        .ok_or_else(|| unsupported(format!("a tokenizer.json decoder {json}")))?;
+    let (mut replace, mut byte_fallback, mut strip) = (false, false, false);
+    for step in steps {
+        let kind = step
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default();
+        let ok = match kind {
+            "Replace" => {
+                replace = step.pointer("/pattern/String").and_then(|p| p.as_str())
+                    == Some(SPM_SPACE)
+                    && step.get("content").and_then(|c| c.as_str()) == Some(" ");
+                replace
+            }
+            "ByteFallback" => {
+                byte_fallback = true;
+                true
+            }
+            "Fuse" => true,
+            "Strip" => {
+                strip = step.get("content").and_then(|c| c.as_str()) == Some(" ")
+                    && step.get("start").and_then(|s| s.as_u64()) == Some(1)
+                    && step.get("stop").and_then(|s| s.as_u64()) == Some(0);
+                strip
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(unsupported(format!("a tokenizer.json decoder step {step}")));
+        }
+    }
+    if !(replace && byte_fallback) {
+        return Err(unsupported(format!(
+            "a tokenizer.json decoder {json} (needs Replace ▁ and ByteFallback)"
+        )));
+    }
+    Ok(strip)
+}
+
+/// A byte-level BPE or SentencePiece BPE tokenizer (see the module docs).
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -259,6 +501,8 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
+    /// Whether decoding drops one leading space (SentencePiece's added space prefix).
+    strip_leading_space: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -279,7 +523,9 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer from GGUF metadata: `tokenizer.ggml.{model, pre, tokens, merges,
-    /// token_type, bos_token_id, eos_token_id, add_bos_token}`.
+    /// scores, token_type, bos_token_id, eos_token_id, unknown_token_id, add_bos_token,
+    /// add_space_prefix}`. `model` is `gpt2` (byte-level BPE, with `merges`) or `llama`
+    /// (SentencePiece BPE, with `scores`).
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
         let model = match md.get("tokenizer.ggml.model") {
             Some(Value::String(s)) => s.as_str(),
@@ -295,11 +541,17 @@ impl Tokenizer {
                 })
             }
         };
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported {
+        match model {
+            "gpt2" => Self::byte_level_from_gguf(md),
+            "llama" => Self::spm_from_gguf(md),
+            _ => Err(TokenizerError::Unsupported {
                 what: format!("GGUF tokenizer.ggml.model = {model:?}"),
-            });
+            }),
         }
+    }
+
+    /// A byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`).
+    fn byte_level_from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
         let pre = match md.get("tokenizer.ggml.pre") {
             Some(Value::String(s)) => Some(s.as_str()),
             _ => None,
@@ -307,48 +559,9 @@ impl Tokenizer {
         let tokens = string_array(md, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
         let merges = string_array(md, "tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            None => vec![1; n],
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    as_i64(v).ok_or(TokenizerError::WrongType {
-                        key: "tokenizer.ggml.token_type",
-                        expected: "an array of integers",
-                    })
-                })
-                .collect::<Result<_>>()?,
-            Some(_) => {
-                return Err(TokenizerError::WrongType {
-                    key: "tokenizer.ggml.token_type",
-                    expected: "an array of integers",
-                })
-            }
-        };
-        if types.len() != n {
-            return Err(TokenizerError::LengthMismatch {
-                key: "tokenizer.ggml.token_type",
-                expected: n,
-                found: types.len(),
-            });
-        }
-        let special_id = |key: &'static str| -> Result<Option<u32>> {
-            match md.get(key) {
-                None => Ok(None),
-                Some(v) => {
-                    let id = as_u32(v).ok_or(TokenizerError::WrongType {
-                        key,
-                        expected: "a token id",
-                    })?;
-                    if usize::try_from(id).map_or(true, |i| i >= n) {
-                        return Err(TokenizerError::UnknownId { id, vocab_size: n });
-                    }
-                    Ok(Some(id))
-                }
-            }
-        };
-        let bos = special_id("tokenizer.ggml.bos_token_id")?;
-        let eos = special_id("tokenizer.ggml.eos_token_id")?;
+        let types = token_types(md, n)?;
+        let bos = special_id(md, "tokenizer.ggml.bos_token_id", n)?;
+        let eos = special_id(md, "tokenizer.ggml.eos_token_id", n)?;
         // llama.cpp's default for Llama 3 vocabularies is to add BOS; the metadata key overrides.
         let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
             Some(Value::Bool(b)) => *b,
@@ -382,19 +595,7 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        // Control / unknown tokens (skipped by decode's skip_special) and user-defined tokens are
-        // matched verbatim in input text, never split.
-        let mut added = Vec::new();
-        let mut special = vec![false; n];
-        for (i, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-            let is_control = ty == token_type::CONTROL || ty == token_type::UNKNOWN;
-            if is_control || ty == token_type::USER_DEFINED {
-                special[i] = is_control;
-                added.push(AddedToken::from(*tok, is_control).normalized(false));
-            }
-        }
-        inner.add_tokens(&added);
+        let special = add_special_tokens(&mut inner, &tokens, &types);
 
         let char_to_byte: HashMap<char, u8> = (0..=255u8)
             .zip(byte_to_char())
@@ -422,10 +623,89 @@ impl Tokenizer {
             bos,
             eos,
             add_bos,
+            strip_leading_space: false,
         })
     }
 
-    /// Reads a Hugging Face `tokenizer.json` (a BPE model with a byte-level decoder). BOS/EOS come
+    /// A SentencePiece BPE tokenizer (`tokenizer.ggml.model = llama`), as llama.cpp's SPM
+    /// tokenizer: see the module docs.
+    fn spm_from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let tokens = string_array(md, "tokenizer.ggml.tokens")?;
+        let n = tokens.len();
+        let scores = float_array(md, "tokenizer.ggml.scores")?;
+        if scores.len() != n {
+            return Err(TokenizerError::LengthMismatch {
+                key: "tokenizer.ggml.scores",
+                expected: n,
+                found: scores.len(),
+            });
+        }
+        let types = token_types(md, n)?;
+        // llama.cpp's defaults for `llama` vocabularies: <unk> = 0, <s> = 1, </s> = 2, add BOS,
+        // add the space prefix.
+        let default_id = |id: u32| (usize::try_from(id).is_ok_and(|i| i < n)).then_some(id);
+        let bos = special_id(md, "tokenizer.ggml.bos_token_id", n)?.or(default_id(1));
+        let eos = special_id(md, "tokenizer.ggml.eos_token_id", n)?.or(default_id(2));
+        let unk = special_id(md, "tokenizer.ggml.unknown_token_id", n)?.or(default_id(0));
+        let flag = |key: &'static str, default: bool| match md.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(TokenizerError::WrongType {
+                key,
+                expected: "a bool",
+            }),
+        };
+        let add_bos = flag("tokenizer.ggml.add_bos_token", true)?;
+        let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true)?;
+
+        // A duplicated token string keeps its last id, as in llama.cpp.
+        let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(n);
+        for (id, tok) in (0u32..).zip(&tokens) {
+            vocab.insert((*tok).to_string(), id);
+        }
+        let merges = spm_merges(&tokens, &scores, &types, &vocab);
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = unk.and_then(|id| tokens.get(id as usize)) {
+            builder = builder.unk_token((*unk).to_string());
+        }
+        let bpe = builder.build().map_err(lib_err("building the BPE model"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_normalizer(Some(spm_normalizer(add_space_prefix)?));
+        inner.with_decoder(Some(spm_decoder(add_space_prefix)?));
+        let special = add_special_tokens(&mut inner, &tokens, &types);
+
+        // What llama.cpp's token_to_piece gives: normal tokens with `▁` as a space, byte tokens
+        // as their byte, control / unknown / user-defined tokens as written, others nothing.
+        let pieces = tokens
+            .iter()
+            .zip(&types)
+            .map(|(tok, &ty)| match ty {
+                token_type::NORMAL => spm_text(tok),
+                token_type::BYTE => spm_byte(tok).map_or_else(|| spm_text(tok), |b| vec![b]),
+                token_type::CONTROL | token_type::UNKNOWN | token_type::USER_DEFINED => {
+                    tok.as_bytes().to_vec()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        Ok(Tokenizer {
+            inner,
+            pieces,
+            special,
+            bos,
+            eos,
+            add_bos,
+            strip_leading_space: add_space_prefix,
+        })
+    }
+
+    /// Reads a Hugging Face `tokenizer.json`: a BPE model with a byte-level decoder, or Llama-2's
+    /// SentencePiece layout (BPE with `byte_fallback`, normalizer `Prepend("▁")` +
+    /// `Replace(" ", "▁")`, decoder `Replace("▁", " ")` / `ByteFallback` / `Fuse` /
+    /// `Strip(" ", 1, 0)`). BOS/EOS come
     /// from a `tokenizer_config.json` beside it (`bos_token`, `eos_token`, `add_bos_token`), if
     /// there is one.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -466,18 +746,25 @@ impl Tokenizer {
         Ok(tok)
     }
 
-    /// Wraps a `tokenizers::Tokenizer` (BPE model, byte-level decoder); no BOS/EOS are set.
+    /// Wraps a `tokenizers::Tokenizer` (BPE model, byte-level or Llama-2 SentencePiece decoder);
+    /// no BOS/EOS are set.
     fn from_hf(inner: tokenizers::Tokenizer) -> Result<Self> {
         if !matches!(inner.get_model(), ModelWrapper::BPE(_)) {
             return Err(TokenizerError::Unsupported {
                 what: "a tokenizer.json whose model is not BPE".into(),
             });
         }
-        if !matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
-            return Err(TokenizerError::Unsupported {
-                what: "a tokenizer.json whose decoder is not ByteLevel".into(),
-            });
-        }
+        let spm = match inner.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => None,
+            Some(d @ DecoderWrapper::Sequence(_)) => Some(spm_decoder_layout(d)?),
+            _ => {
+                return Err(TokenizerError::Unsupported {
+                    what: "a tokenizer.json whose decoder is neither ByteLevel nor the \
+                           Llama-2 sequence (Replace ▁, ByteFallback, Fuse, Strip)"
+                        .into(),
+                })
+            }
+        };
         let added = inner.get_added_tokens_decoder();
         let n = inner
             .get_vocab(true)
@@ -488,6 +775,7 @@ impl Tokenizer {
             .zip(byte_to_char())
             .map(|(b, c)| (c, b))
             .collect();
+        let byte_fallback = matches!(inner.get_model(), ModelWrapper::BPE(b) if b.byte_fallback);
         let mut pieces = Vec::with_capacity(n);
         let mut special = Vec::with_capacity(n);
         for id in (0u32..).take(n) {
@@ -495,10 +783,13 @@ impl Tokenizer {
                 pieces.push(a.content.as_bytes().to_vec());
                 special.push(a.special);
             } else {
-                let piece = inner
-                    .get_model()
-                    .id_to_token(id)
-                    .map(|t| token_bytes(&t, &char_to_byte).unwrap_or_else(|| t.into_bytes()));
+                let piece = inner.get_model().id_to_token(id).map(|t| match spm {
+                    None => token_bytes(&t, &char_to_byte).unwrap_or_else(|| t.into_bytes()),
+                    Some(_) => match spm_byte(&t).filter(|_| byte_fallback) {
+                        Some(b) => vec![b],
+                        None => spm_text(&t),
+                    },
+                });
                 pieces.push(piece.unwrap_or_default());
                 special.push(false);
             }
@@ -510,6 +801,7 @@ impl Tokenizer {
             bos: None,
             eos: None,
             add_bos: false,
+            strip_leading_space: spm.is_some_and(|strip| strip),
         })
     }
 
@@ -529,7 +821,8 @@ impl Tokenizer {
     }
 
     /// The text of `ids`; control tokens are left out if `skip_special`. Byte sequences that are
-    /// not valid UTF-8 become U+FFFD.
+    /// not valid UTF-8 become U+FFFD. For SentencePiece tokenizers one leading space of the output
+    /// is dropped (the space prefix that `encode` added), as Hugging Face's Llama-2 decoder does.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let mut bytes = Vec::new();
         for &id in ids {
@@ -537,7 +830,8 @@ impl Tokenizer {
                 bytes.extend_from_slice(piece);
             }
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let start = usize::from(self.strip_leading_space && bytes.first() == Some(&b' '));
+        Ok(String::from_utf8_lossy(&bytes[start..]).into_owned())
     }
 
     /// The bytes of one token, `None` if it is skipped.
@@ -597,6 +891,8 @@ pub struct TokenStream<'a> {
     tokenizer: &'a Tokenizer,
     skip_special: bool,
     pending: Vec<u8>,
+    /// Whether the next byte, if it is the first of the output and a space, is dropped.
+    strip_leading_space: bool,
 }
 
 impl<'a> TokenStream<'a> {
@@ -611,12 +907,17 @@ impl<'a> TokenStream<'a> {
             tokenizer,
             skip_special,
             pending: Vec::new(),
+            strip_leading_space: tokenizer.strip_leading_space,
         }
     }
 
     /// Adds one token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        if let Some(piece) = self.tokenizer.piece(id, self.skip_special)? {
+        if let Some(mut piece) = self.tokenizer.piece(id, self.skip_special)? {
+            if self.strip_leading_space && !piece.is_empty() {
+                self.strip_leading_space = false;
+                piece = piece.strip_prefix(b" ").unwrap_or(piece);
+            }
             self.pending.extend_from_slice(piece);
         }
         let mut out = String::new();
