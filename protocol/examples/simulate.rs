@@ -7,7 +7,8 @@
 //!
 //! Options: `--seeds N` (runs seeds 0..N, default 20), `--first S` (start at seed S),
 //! `--seed S` (exactly one seed), `--nodes M` (honest nodes, default 100),
-//! `--byzantine B`, `--duration-ms T`, `--no-partition`.
+//! `--byzantine B`, `--duration-ms T`, `--no-partition`, `--trace-node I` (print every
+//! action of honest node I).
 
 use anyhow::{bail, Context, Result};
 use hivemind_protocol::sim::{self, SimConfig};
@@ -36,6 +37,7 @@ fn main() -> Result<()> {
             "--byzantine" => cfg.byzantine = value("--byzantine")? as usize,
             "--duration-ms" => cfg.duration_ms = value("--duration-ms")?,
             "--no-partition" => cfg.partition = None,
+            "--trace-node" => cfg.trace_node = Some(value("--trace-node")? as usize),
             other => bail!("unknown argument {other:?} (see the example's doc comment)"),
         }
     }
@@ -44,9 +46,15 @@ fn main() -> Result<()> {
     for seed in first..first + count {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let report = sim::run(&cfg, move || rng.next_u64());
+        for line in &report.trace {
+            println!("  {line}");
+        }
         println!("seed {seed}: {report}");
         if !report.passed() {
-            println!("seed {seed} FAILED; replay with --seed {seed} --nodes {}", cfg.nodes);
+            println!(
+                "seed {seed} FAILED; replay with --seed {seed} --nodes {}",
+                cfg.nodes
+            );
             failed.push(seed);
         }
     }

@@ -99,6 +99,17 @@ pub enum Error {
         /// First offending index.
         index: usize,
     },
+    /// A round record with no inputs.
+    #[error("round record has no inputs")]
+    EmptyRound,
+    /// A round record whose chain weight is below its own contributor count.
+    #[error("round record weight {weight} is below its {contributors} contributors")]
+    WeightTooLow {
+        /// The claimed weight.
+        weight: u64,
+        /// Its inputs.
+        contributors: usize,
+    },
     /// Round 0 is the base model; no message may name it.
     #[error("round 0 is the base model and carries no messages")]
     RoundZero,

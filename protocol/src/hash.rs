@@ -10,25 +10,23 @@ use serde::{Deserialize, Serialize};
 pub struct Hash(pub [u8; 32]);
 
 impl Hash {
-    /// The bytes as four big-endian words: comparing these in order is the same as
-    /// comparing the bytes lexicographically, without a `memcmp` call per comparison
-    /// (hashes are the keys of every hot map in the round machine).
+    /// The first 8 bytes as a big-endian word.
     #[inline]
-    fn words(&self) -> [u64; 4] {
-        let mut w = [0u64; 4];
-        for (i, chunk) in self.0.chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            w[i] = u64::from_be_bytes(b);
-        }
-        w
+    fn head(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_be_bytes([a, b, c, d, e, f, g, h])
     }
 }
 
 impl Ord for Hash {
+    /// Bytewise lexicographic, like the array's own order, but deciding on the first
+    /// word when it differs (nearly always for distinct hashes): hashes key every hot
+    /// map in the round machine.
     #[inline]
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.words().cmp(&other.words())
+        self.head()
+            .cmp(&other.head())
+            .then_with(|| self.0.cmp(&other.0))
     }
 }
 
@@ -121,7 +119,7 @@ mod tests {
             })
             .collect();
         let mut by_bytes = hs.clone();
-        by_bytes.sort_by(|a, b| a.0.cmp(&b.0));
+        by_bytes.sort_by_key(|h| h.0);
         hs.sort();
         assert_eq!(hs, by_bytes);
     }

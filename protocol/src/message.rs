@@ -132,8 +132,12 @@ pub struct RoundRecord {
     pub round: u64,
     /// The previous round's result (`None` for a round trained from the base model).
     pub parent: Option<Hash>,
-    /// Inputs, strictly ascending by adapter hash, at most [`MAX_ROUND_INPUTS`].
+    /// Inputs, strictly ascending by adapter hash, at least one, at most
+    /// [`MAX_ROUND_INPUTS`].
     pub inputs: Vec<RoundInput>,
+    /// Chain weight: the parent's weight plus this round's contributors, i.e. all
+    /// contributors since genesis along this chain. Fork choice prefers heavier chains.
+    pub weight: u64,
     /// The aggregation rule.
     pub rule: RuleId,
     /// blake3 of the aggregated round adapter: the "round hash".
@@ -146,26 +150,34 @@ impl RoundRecord {
         self.inputs.len()
     }
 
-    /// Fork choice: does `self` win over `other`? Higher round first, then more
-    /// contributors, then the lower result hash. A total order on distinct records up to
-    /// equal `(round, contributors, result)`.
-    pub fn beats(&self, other: &RoundRecord) -> bool {
-        use std::cmp::Ordering::*;
-        match self.round.cmp(&other.round) {
-            Greater => true,
-            Less => false,
-            Equal => match self.inputs.len().cmp(&other.inputs.len()) {
-                Greater => true,
-                Less => false,
-                Equal => self.result < other.result,
-            },
-        }
+    /// The weight of this record's parent (`weight - contributors`).
+    pub fn parent_weight(&self) -> u64 {
+        self.weight.saturating_sub(self.inputs.len() as u64)
     }
 
-    /// Structural checks: round > 0, input cap, strictly ascending adapters.
+    /// Fork choice: does `self` win over `other`? The heavier chain (most contributors
+    /// since the fork), then the lower result hash. For two records of one round with
+    /// one parent this is "most contributors, then lowest hash". Strict: distinct
+    /// results never tie, and a record never beats itself.
+    pub fn beats(&self, other: &RoundRecord) -> bool {
+        (self.weight, std::cmp::Reverse(self.result))
+            > (other.weight, std::cmp::Reverse(other.result))
+    }
+
+    /// Structural checks: round > 0, 1 to [`MAX_ROUND_INPUTS`] inputs strictly ascending
+    /// by adapter, weight at least the number of inputs.
     pub fn check(&self) -> Result<(), Error> {
         if self.round == 0 {
             return Err(Error::RoundZero);
+        }
+        if self.inputs.is_empty() {
+            return Err(Error::EmptyRound);
+        }
+        if self.weight < self.inputs.len() as u64 {
+            return Err(Error::WeightTooLow {
+                weight: self.weight,
+                contributors: self.inputs.len(),
+            });
         }
         if self.inputs.len() > MAX_ROUND_INPUTS {
             return Err(Error::TooManyInputs {
@@ -216,6 +228,10 @@ pub struct RoundDigest {
     pub record: RoundRecord,
     /// The signing node.
     pub signer: NodeId,
+    /// `true`: the signer committed this record (a heartbeat); `false`: its current,
+    /// still open view of the round (reconciliation only). Only committed records are
+    /// fork-choice or catch-up candidates.
+    pub committed: bool,
     /// When it was published, unix milliseconds. Every (re)publication is a new
     /// message, so periodic heartbeats are not swallowed by gossip duplicate caches.
     pub time_ms: u64,
@@ -223,7 +239,9 @@ pub struct RoundDigest {
 
 /// A payload that travels inside a [`Signed`] envelope: implemented by
 /// [`Announcement`] and [`RoundDigest`].
-pub trait Payload: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static {
+pub trait Payload:
+    Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
+{
     /// Its kind (envelope tag and domain prefix).
     const KIND: MessageKind;
     /// The node whose key must have signed it.
@@ -370,14 +388,11 @@ impl<T: Payload> Signed<T> {
         payload.check()?;
         let signer = payload.signer();
         let key = signer.verifying_key()?;
-        key.verify_strict(
-            &signed_message(T::KIND, body),
-            &Signature::from_bytes(&sig),
-        )
-        .map_err(|_| Error::BadSignature {
-            kind: T::KIND,
-            signer,
-        })?;
+        key.verify_strict(&signed_message(T::KIND, body), &Signature::from_bytes(&sig))
+            .map_err(|_| Error::BadSignature {
+                kind: T::KIND,
+                signer,
+            })?;
         Ok(Signed {
             inner: Arc::new(SignedInner {
                 payload,
@@ -656,26 +671,38 @@ mod tests {
             round: 2,
             parent: None,
             inputs: vec![inp(1), inp(2)],
+            weight: 5,
             rule: RuleId::FEDAVG,
             result: Hash([9; 32]),
         };
         assert!(r.check().is_ok());
+        assert_eq!(r.parent_weight(), 3);
         let mut bad = r.clone();
         bad.inputs = vec![inp(2), inp(1)];
         assert_eq!(bad.check(), Err(Error::UnsortedInputs { index: 1 }));
         bad.inputs = vec![inp(1), inp(1)];
         assert_eq!(bad.check(), Err(Error::UnsortedInputs { index: 1 }));
+        bad.inputs.clear();
+        assert_eq!(bad.check(), Err(Error::EmptyRound));
+        bad.inputs = vec![inp(1), inp(2), inp(3)];
+        bad.weight = 2;
+        assert!(matches!(bad.check(), Err(Error::WeightTooLow { .. })));
+        // Same parent: more contributors (so more weight) wins over a lower hash.
         let mut more = r.clone();
         more.inputs.push(inp(3));
+        more.weight = 6;
         more.result = Hash([255; 32]);
         assert!(more.beats(&r) && !r.beats(&more));
+        // Equal weight: the lower result wins.
         let mut lower = r.clone();
         lower.result = Hash([1; 32]);
         assert!(lower.beats(&r) && !r.beats(&lower));
-        let mut later = r.clone();
-        later.round = 3;
-        later.inputs.clear();
-        assert!(later.beats(&more));
+        // A later round of a lighter chain loses to a heavier earlier record.
+        let mut later_light = r.clone();
+        later_light.round = 3;
+        later_light.inputs = vec![inp(7)];
+        later_light.weight = 4;
+        assert!(r.beats(&later_light));
         assert!(!r.beats(&r));
         let bytes = r.encode().expect("enc");
         assert_eq!(RoundRecord::decode(&bytes).ok(), Some(r.clone()));

@@ -60,7 +60,11 @@ impl ModelId {
             }
         }
         h.update(&shape.rank.to_le_bytes());
-        let alpha = if shape.alpha == 0.0 { 0.0f32 } else { shape.alpha };
+        let alpha = if shape.alpha == 0.0 {
+            0.0f32
+        } else {
+            shape.alpha
+        };
         h.update(&alpha.to_bits().to_le_bytes());
         let mut modules: Vec<&str> = shape.target_modules.iter().map(String::as_str).collect();
         modules.sort_unstable();
@@ -160,10 +164,7 @@ mod tests {
         neg0.alpha = -0.0;
         let mut pos0 = s;
         pos0.alpha = 0.0;
-        assert_eq!(
-            ModelId::derive(&base, &neg0),
-            ModelId::derive(&base, &pos0)
-        );
+        assert_eq!(ModelId::derive(&base, &neg0), ModelId::derive(&base, &pos0));
     }
 
     #[test]

@@ -14,10 +14,11 @@
 //!                                                                     Commit, Penalise
 //! ```
 //!
-//! Messages come in already decoded by [`crate::Signed::decode`] (so signature, version,
-//! domain and size caps are checked by the caller, who penalises the gossip source when
-//! decoding fails). The machine checks everything that needs protocol state: model id,
-//! round, duplicates, equivocation, what digests name, and results.
+//! Messages come in already decoded by [`crate::Signed::decode`]: signature, version,
+//! domain and size caps are the caller's checks (it scores the gossip source down when
+//! decoding fails, and reports an undecodable *fetched* announcement as
+//! [`FetchFailure::Invalid`]). The machine checks everything that needs protocol state:
+//! model id, round, duplicates, equivocation, what digests name, weights and results.
 //!
 //! # Lifecycle of round `n`
 //!
@@ -25,26 +26,42 @@
 //!   with `parent` = round `n-1`'s result. The collection window ends `window_ms` later.
 //! * **Collect**: valid announcements for round `n` join the pool and their adapters are
 //!   fetched. Announcements for up to `lookahead_rounds` later rounds are kept for later.
-//! * **Close**: at the window's end once `min_inputs` contributors are in the pool; or
-//!   early on [`Event::CloseNow`] (a gateway) or on seeing any digest for round `n`
-//!   (nodes follow the first closer).
-//! * **Aggregate**: over the canonical selection (one adapter per contributor: the lowest
-//!   adapter hash whose blob is held; inputs sorted by adapter hash) once no fetch is
-//!   pending. The machine publishes a digest of every result.
+//! * **Close**: at the window's end once `min_inputs` contributors are in the pool; early
+//!   on [`Event::CloseNow`] (a gateway); or when a digest for round `n` arrives whose every
+//!   input is a valid announcement we hold (nodes follow the first closer; a digest
+//!   naming junk never closes a window).
+//! * **Aggregate**: over the canonical selection (per contributor key, the lowest adapter
+//!   hash whose blob is held; sorted by adapter hash) once no fetch is pending. Each
+//!   result is published as an in-progress digest after a node-specific delay (skipped
+//!   when three identical digests were already heard).
 //! * **Reconcile**: a digest for round `n` naming inputs we lack makes us fetch their
 //!   announcements (validated like gossip) and adapters, and recompute over the union.
 //!   Inputs keep arriving until commit.
-//! * **Commit**: once the selection has been stable for `grace_ms` and its aggregate is
-//!   known. Round `n+1` opens at once.
+//! * **Commit**: once the inputs have been stable for `grace_ms` (counted from the close
+//!   at the earliest), nothing is pending and the aggregate is known. Round `n+1` opens.
 //!
-//! After commit a node republishes its tip digest every `heartbeat_ms` (trickle style:
-//! skipped when it heard enough identical copies). A digest for the tip's round that
-//! beats the tip under the fork-choice rule ([`RoundRecord::beats`]: most contributors,
-//! then lowest result hash), or a digest for a later round (catch-up), becomes a
-//! *candidate*. A candidate is adopted only after the machine re-verified it completely:
-//! every named announcement fetched and valid, every adapter fetched, the aggregation
-//! recomputed to the same result. Candidates from another history (different parent,
-//! or any later round) additionally need `catch_up_quorum` distinct signers.
+//! # Fork choice, catch-up, rewind
+//!
+//! Every record carries a chain *weight*: its parent's weight plus its contributors. The
+//! preferred record is the heaviest, then the one with the lowest result hash
+//! ([`RoundRecord::beats`]); for two records of one round and parent that is "most
+//! contributors, then lowest hash". After commit, a node republishes its tip as a
+//! *committed* digest every `heartbeat_ms` (trickle style: skipped when it heard three
+//! identical copies in the period). Any committed record that beats our tip becomes a
+//! *candidate*: a heavier record of our round (switch), of a later round (catch-up after
+//! a restart or a partition) or of an earlier round (rewind: we ran ahead on a light
+//! fork). A candidate is adopted only after complete re-verification: every named
+//! announcement fetched and valid for that round, at most one input per contributor,
+//! every adapter fetched, the aggregation recomputed to the same result. When its parent
+//! is a round of our own chain, its weight is checked exactly; otherwise (another
+//! history) `catch_up_quorum` distinct signers must have published it, and its weight is
+//! taken on their word. A node whose tip nobody else endorses for two heartbeat periods
+//! yields to a quorum-endorsed record even when lighter, so that a lone node on a heavier
+//! fork (which nobody can verify without a quorum) rejoins the network.
+//!
+//! In-progress digests only feed reconciliation; only committed records are candidates
+//! (an in-progress record may never be committed by anyone). A peer caught misbehaving
+//! is penalised, and its digests are ignored for the rest of that round and the next.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,10 +72,14 @@ use crate::{
 
 /// Digests identical to our tip heard in one heartbeat period that make us skip ours.
 const HEARTBEAT_REDUNDANCY: usize = 3;
+/// Rounds of our own chain remembered for fork choice (results and weights).
+const CHAIN_MEMORY: usize = 64;
 /// Most foreign records under consideration at once.
 const MAX_CANDIDATES: usize = 16;
 /// Most announcement fetches in flight.
 const MAX_REQUESTS: usize = 4 * MAX_ROUND_INPUTS;
+/// Most signers whose current-round digests are kept.
+const MAX_DIGEST_SIGNERS: usize = 4096;
 /// Most announcements kept for one round (equivocations and re-announcements included).
 const MAX_ANNOUNCEMENTS_PER_ROUND: usize = 2 * MAX_ROUND_INPUTS;
 
@@ -128,7 +149,11 @@ pub enum Event {
     Announcement(SignedAnnouncement),
     /// This node's own new adapter (or a gateway upload), signed by this node. Its blob
     /// must already be in the local store. The machine answers with
-    /// [`Action::PublishAnnouncement`] when it is accepted.
+    /// [`Action::PublishAnnouncement`] when it is accepted. At most one adapter per
+    /// (node, user id) per round: a second one is refused with
+    /// `Verdict::Reject(Misbehaviour::Equivocation)` and not published (offer it in the
+    /// next round); one for another round than the current is refused as `Late` or
+    /// `TooFarAhead`.
     LocalContribution(SignedAnnouncement),
     /// A round digest from gossip.
     Digest(SignedDigest),
@@ -174,7 +199,9 @@ pub struct AggregateInput {
     pub samples: u64,
 }
 
-/// What to aggregate: the aggregator must be deterministic in exactly these fields.
+/// What to aggregate. The aggregator must be deterministic in exactly these fields, and
+/// its output must bind `round` and `parent` (the real one writes them into the round
+/// adapter's metadata), so a result hash identifies its place in the chain.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AggregationJob {
     /// The round.
@@ -192,6 +219,7 @@ pub struct AggregationJob {
 pub enum Action {
     /// The outcome for one message event (for gossipsub manual validation: `Accept`
     /// propagates, `Ignore` drops silently, `Reject` drops and scores the source down).
+    /// For fetched announcements and local contributions it is informational.
     Verdict {
         /// Message id (blake3 of its envelope).
         id: Hash,
@@ -227,8 +255,9 @@ pub enum Action {
     Commit {
         /// The committed record.
         record: RoundRecord,
-        /// When a fork-choice switch replaces an already committed record of the same
-        /// round: that record's result.
+        /// When it replaces the record we had committed for that round (a fork-choice
+        /// switch or a rewind): that record's result. When `record.round` is below the
+        /// previous tip's round, our records of the later rounds are orphaned.
         replaces: Option<Hash>,
     },
     /// Lower this peer's score: it signed something provably wrong.
@@ -287,11 +316,16 @@ pub enum Ignored {
         /// Its rule.
         rule: RuleId,
     },
-    /// A digest for our tip's round that loses to our tip under fork choice.
+    /// A committed record that loses to our tip under fork choice.
     ForkLost {
         /// The round.
         round: u64,
     },
+    /// A digest from a peer penalised this round or the last one.
+    Banned,
+    /// An in-progress digest for a round we committed or have not reached: only
+    /// committed records are candidates for fork choice and catch-up.
+    NotCommitted,
     /// The round already holds as many announcements as we keep.
     RoundFull {
         /// The round.
@@ -331,6 +365,15 @@ pub enum Misbehaviour {
     DuplicateContributor {
         /// The round.
         round: u64,
+    },
+    /// Signed a record whose chain weight does not follow from its parent's.
+    WrongWeight {
+        /// The round.
+        round: u64,
+        /// The weight it signed.
+        claimed: u64,
+        /// The parent's weight plus its contributors.
+        expected: u64,
     },
     /// Signed a result that recomputation does not reproduce.
     WrongResult {
@@ -463,11 +506,14 @@ pub struct RoundMachine {
     model: ModelId,
     me: NodeId,
     tip: Option<RoundRecord>,
+    /// Results and weights of our chain's last rounds (round -> (result, weight)).
+    chain: BTreeMap<u64, (Hash, u64)>,
     cur: Current,
-    /// Valid announcements by id (current round, lookahead, tip round).
-    anns: BTreeMap<Hash, SignedAnnouncement>,
-    /// (round, id) index of `anns`.
-    by_round: BTreeSet<(u64, Hash)>,
+    /// Valid announcements by (round, id): current round, lookahead, tip round, and
+    /// rounds of candidates.
+    anns: BTreeMap<(u64, Hash), SignedAnnouncement>,
+    /// id -> round index of `anns`.
+    ann_round: BTreeMap<Hash, u64>,
     /// Announcement ids known invalid, with the round they were claimed for.
     invalid: BTreeMap<Hash, u64>,
     requests: BTreeMap<Hash, AnnRequest>,
@@ -475,6 +521,11 @@ pub struct RoundMachine {
     candidates: BTreeMap<Hash, Candidate>,
     /// Message ids seen, with their round (for pruning).
     seen: BTreeMap<Hash, u64>,
+    /// Other signers whose committed digest matched our tip, and since when it is tip.
+    tip_support: BTreeSet<NodeId>,
+    tip_since: u64,
+    /// Penalised peers whose digests are ignored up to and including a round.
+    banned: BTreeMap<NodeId, u64>,
     heartbeat: Heartbeat,
     dirty: bool,
 }
@@ -507,15 +558,19 @@ impl RoundMachine {
             config,
             model,
             me,
-            tip,
+            tip: None,
+            chain: BTreeMap::new(),
             cur,
             anns: BTreeMap::new(),
-            by_round: BTreeSet::new(),
+            ann_round: BTreeMap::new(),
             invalid: BTreeMap::new(),
             requests: BTreeMap::new(),
             blobs: BTreeMap::new(),
             candidates: BTreeMap::new(),
             seen: BTreeMap::new(),
+            banned: BTreeMap::new(),
+            tip_support: BTreeSet::new(),
+            tip_since: now_ms,
             heartbeat: Heartbeat {
                 period_start: now_ms,
                 period: 0,
@@ -526,6 +581,10 @@ impl RoundMachine {
             },
             dirty: true,
         };
+        if let Some(t) = tip {
+            m.extend_chain(&t);
+            m.tip = Some(t);
+        }
         m.reset_heartbeat(now_ms);
         Ok(m)
     }
@@ -552,6 +611,12 @@ impl RoundMachine {
         } else {
             Phase::Collecting
         }
+    }
+
+    /// Distinct contributors (node, user id) with a valid announcement for the current
+    /// round (as of the last event).
+    pub fn pool_contributors(&self) -> usize {
+        self.cur.pool
     }
 
     /// This node's id.
@@ -644,7 +709,9 @@ impl RoundMachine {
                     self.dirty = true;
                 }
             }
-            Event::FetchFailed { hash, reason } => self.on_fetch_failed(now_ms, hash, reason, &mut out),
+            Event::FetchFailed { hash, reason } => {
+                self.on_fetch_failed(now_ms, hash, reason, &mut out)
+            }
             Event::AggregationFinished { job, result } => {
                 self.on_aggregated(now_ms, job, result, &mut out)
             }
@@ -708,8 +775,22 @@ impl RoundMachine {
 
     // ----- messages -------------------------------------------------------------------
 
-    fn penalise(&self, peer: NodeId, reason: Misbehaviour, out: &mut Vec<Action>) {
+    fn ann(&self, id: &Hash) -> Option<&SignedAnnouncement> {
+        let round = self.ann_round.get(id)?;
+        self.anns.get(&(*round, *id))
+    }
+
+    fn round_anns(&self, round: u64) -> impl Iterator<Item = (&Hash, &SignedAnnouncement)> {
+        self.anns
+            .range((round, Hash([0; 32]))..=(round, Hash([0xff; 32])))
+            .map(|((_, id), a)| (id, a))
+    }
+
+    /// Reports misbehaviour, and ignores the offender's digests for the rest of this
+    /// round and the next (so one liar cannot keep the round busy with fresh junk).
+    fn penalise(&mut self, peer: NodeId, reason: Misbehaviour, out: &mut Vec<Action>) {
         if peer != self.me {
+            self.banned.insert(peer, self.cur.round + 1);
             out.push(Action::Penalise { peer, reason });
         }
     }
@@ -722,8 +803,9 @@ impl RoundMachine {
         out: &mut Vec<Action>,
     ) {
         let id = msg.id();
-        let verdict = |v: Verdict, out: &mut Vec<Action>| out.push(Action::Verdict { id, verdict: v });
-        if self.anns.contains_key(&id) {
+        let verdict =
+            |v: Verdict, out: &mut Vec<Action>| out.push(Action::Verdict { id, verdict: v });
+        if self.ann_round.contains_key(&id) {
             return verdict(Verdict::Ignore(Ignored::Duplicate), out);
         }
         let mut request = self.requests.remove(&id);
@@ -741,11 +823,7 @@ impl RoundMachine {
             self.penalise(a.contributor, why.clone(), out);
             if let Some(req) = request {
                 for namer in req.claims.keys() {
-                    self.penalise(
-                        *namer,
-                        Misbehaviour::NamedInvalidAnnouncement { id },
-                        out,
-                    );
+                    self.penalise(*namer, Misbehaviour::NamedInvalidAnnouncement { id }, out);
                 }
             }
             return verdict(Verdict::Reject(why), out);
@@ -798,30 +876,34 @@ impl RoundMachine {
                 );
             }
         }
-        let in_round = self
-            .by_round
-            .range((a.round, Hash([0; 32]))..=(a.round, Hash([0xff; 32])))
-            .count();
+        let in_round = self.round_anns(a.round).count();
         if in_round >= MAX_ANNOUNCEMENTS_PER_ROUND {
             return verdict(Verdict::Ignore(Ignored::RoundFull { round: a.round }), out);
         }
         self.seen.insert(id, a.round);
         let key = a.contributor_key();
         let mut equivocated = None;
-        for (_, other) in self
-            .by_round
-            .range((a.round, Hash([0; 32]))..=(a.round, Hash([0xff; 32])))
-        {
-            if let Some(o) = self.anns.get(other) {
-                if o.contributor_key() == key && o.adapter != a.adapter {
-                    equivocated = Some(o.adapter);
-                    break;
-                }
+        for (_, o) in self.round_anns(a.round) {
+            if o.contributor_key() == key && o.adapter != a.adapter {
+                equivocated = Some(o.adapter);
+                break;
             }
         }
         let (adapter, contributor, round) = (a.adapter, a.contributor, a.round);
-        self.anns.insert(id, msg.clone());
-        self.by_round.insert((round, id));
+        if let (true, Some(first)) = (local, equivocated) {
+            // Never announce a second adapter for one (node, user) in one round: others
+            // would penalise us. The driver should offer it for the next round.
+            return verdict(
+                Verdict::Reject(Misbehaviour::Equivocation {
+                    round,
+                    first,
+                    second: adapter,
+                }),
+                out,
+            );
+        }
+        self.anns.insert((round, id), msg.clone());
+        self.ann_round.insert(id, round);
         self.dirty = true;
         if local {
             self.blobs.insert(
@@ -857,7 +939,8 @@ impl RoundMachine {
 
     fn on_digest(&mut self, now: u64, msg: SignedDigest, out: &mut Vec<Action>) {
         let id = msg.id();
-        let verdict = |v: Verdict, out: &mut Vec<Action>| out.push(Action::Verdict { id, verdict: v });
+        let verdict =
+            |v: Verdict, out: &mut Vec<Action>| out.push(Action::Verdict { id, verdict: v });
         if self.seen.contains_key(&id) {
             return verdict(Verdict::Ignore(Ignored::Duplicate), out);
         }
@@ -868,6 +951,13 @@ impl RoundMachine {
         if signer == self.me {
             return verdict(Verdict::Ignore(Ignored::Own), out);
         }
+        if self
+            .banned
+            .get(&signer)
+            .is_some_and(|until| *until >= self.cur.round)
+        {
+            return verdict(Verdict::Ignore(Ignored::Banned), out);
+        }
         if r.model != self.model {
             let why = Misbehaviour::WrongModel { got: r.model };
             self.penalise(signer, why.clone(), out);
@@ -876,8 +966,70 @@ impl RoundMachine {
         if r.rule != self.config.rule {
             return verdict(Verdict::Ignore(Ignored::OtherRule { rule: r.rule }), out);
         }
-        let tip_round = self.tip.as_ref().map_or(0, |t| t.round);
-        if r.round < tip_round {
+        let mut accepted = false;
+        if r.round == self.cur.round {
+            // Reconcile: anything it names that we lack, we fetch and add to the union.
+            // Each distinct record is reconciled once.
+            let inputs = r.inputs.clone();
+            let round = r.round;
+            let rid = r.id();
+            if self.cur.digests.len() < MAX_DIGEST_SIGNERS || self.cur.digests.contains_key(&signer)
+            {
+                self.cur.digests.insert(signer, msg.clone());
+            }
+            if self.cur.reconciled.insert(rid) {
+                for input in inputs {
+                    self.want_input(now, input, round, signer, out);
+                }
+                self.dirty = true;
+            }
+            accepted = true;
+        }
+        if !d.committed {
+            // An in-progress view: only useful for reconciling our current round (an
+            // in-progress record may never be committed by anyone).
+            let v = if accepted {
+                Verdict::Accept
+            } else {
+                Verdict::Ignore(Ignored::NotCommitted)
+            };
+            return verdict(v, out);
+        }
+        // A committed record: compare with our tip (heaviest chain, then lowest hash).
+        let (equal, better) = match &self.tip {
+            Some(t) => (r == t, r.beats(t)),
+            None => (false, true),
+        };
+        if equal {
+            self.heartbeat.consistent += 1;
+            self.tip_support.insert(signer);
+            return verdict(Verdict::Accept, out);
+        }
+        let own_round = r.round == self.cur.round && r.parent == self.cur.parent;
+        let ours = self
+            .chain
+            .get(&r.round)
+            .is_some_and(|(h, _)| *h == r.result);
+        // A node alone on its fork (nobody endorses its tip) yields to a fork that a
+        // quorum endorses even when that fork is lighter: otherwise a lone node on a
+        // heavier fork and the rest of the network would each wait for the other.
+        let yield_to = !better && !ours && self.lonely(now);
+        if (better || yield_to) && !own_round {
+            // A heavier chain (a fork after a partition, a node that ran ahead alone, or
+            // rounds we missed): verify it and switch, catch up or rewind.
+            self.add_candidate(signer, r.clone());
+            return verdict(Verdict::Accept, out);
+        }
+        if accepted {
+            return verdict(Verdict::Accept, out);
+        }
+        if self
+            .chain
+            .get(&r.round)
+            .is_some_and(|(h, _)| *h == r.result)
+        {
+            // An earlier round of our own chain: the signer is behind and will catch up
+            // from heartbeats.
             return verdict(
                 Verdict::Ignore(Ignored::Late {
                     round: r.round,
@@ -886,53 +1038,25 @@ impl RoundMachine {
                 out,
             );
         }
-        let versus_tip = self
-            .tip
-            .as_ref()
-            .filter(|t| t.round == r.round)
-            .map(|t| (r == t, r.beats(t)));
-        match versus_tip {
-            Some((true, _)) => {
-                self.heartbeat.consistent += 1;
-                return verdict(Verdict::Accept, out);
-            }
-            Some((false, true)) => {
-                self.add_candidate(signer, r.clone());
-                return verdict(Verdict::Accept, out);
-            }
-            Some((false, false)) => {
-                // They should learn our better record: do not suppress our next heartbeat.
-                self.heartbeat.inconsistent = true;
-                self.heartbeat.consistent = 0;
-                return verdict(Verdict::Ignore(Ignored::ForkLost { round: r.round }), out);
-            }
-            None => {}
+        if self.tip.as_ref().is_some_and(|t| t.round == r.round) {
+            // A lighter record for our tip's round: its signer should learn ours, so do
+            // not suppress our next heartbeat.
+            self.heartbeat.inconsistent = true;
+            self.heartbeat.consistent = 0;
         }
-        if r.round == self.cur.round {
-            // Reconcile: anything it names that we lack, we fetch and add to the union.
-            // Each distinct record is reconciled once; further signers only add sources
-            // through the heartbeat/candidate paths.
-            let inputs = r.inputs.clone();
-            let round = r.round;
-            let rid = r.id();
-            self.cur.digests.insert(signer, msg.clone());
-            if self.cur.reconciled.insert(rid) {
-                for input in inputs {
-                    self.want_input(now, input, round, signer, out);
-                }
-                self.dirty = true;
-            }
-            return verdict(Verdict::Accept, out);
-        }
-        // A later round: we are behind. Catch up through verification.
-        let record = r.clone();
-        self.add_candidate(signer, record);
-        verdict(Verdict::Accept, out)
+        verdict(Verdict::Ignore(Ignored::ForkLost { round: r.round }), out)
     }
 
     /// A current-round digest from `namer` lists `input`.
-    fn want_input(&mut self, now: u64, input: RoundInput, round: u64, namer: NodeId, out: &mut Vec<Action>) {
-        if let Some(a) = self.anns.get(&input.announcement) {
+    fn want_input(
+        &mut self,
+        now: u64,
+        input: RoundInput,
+        round: u64,
+        namer: NodeId,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(a) = self.ann(&input.announcement) {
             if a.round != round || a.adapter != input.adapter {
                 self.penalise(
                     namer,
@@ -1028,7 +1152,13 @@ impl RoundMachine {
         }
     }
 
-    fn on_fetch_failed(&mut self, now: u64, hash: Hash, reason: FetchFailure, out: &mut Vec<Action>) {
+    fn on_fetch_failed(
+        &mut self,
+        now: u64,
+        hash: Hash,
+        reason: FetchFailure,
+        out: &mut Vec<Action>,
+    ) {
         let max = self.config.fetch_attempts;
         let timeout = self.config.fetch_timeout_ms;
         if let Some(req) = self.requests.get_mut(&hash) {
@@ -1076,7 +1206,13 @@ impl RoundMachine {
         }
     }
 
-    fn on_aggregated(&mut self, now: u64, job: AggregationJob, result: Hash, out: &mut Vec<Action>) {
+    fn on_aggregated(
+        &mut self,
+        now: u64,
+        job: AggregationJob,
+        result: Hash,
+        out: &mut Vec<Action>,
+    ) {
         if let Some((req, inputs)) = &self.cur.requested {
             if *req == job {
                 self.cur.computed = Some(Computed {
@@ -1150,12 +1286,15 @@ impl RoundMachine {
         self.dirty = true;
     }
 
-    /// Whether `record` continues the history we have (so needs no quorum).
-    fn same_history(&self, record: &RoundRecord) -> bool {
-        match &self.tip {
-            Some(t) if record.round == t.round => record.parent == t.parent,
-            _ => record.round == self.cur.round && record.parent == self.cur.parent,
+    /// The weight `record` must have if its parent is a round of our own chain, or
+    /// `None` when it comes from another history (then it needs a quorum).
+    fn expected_weight(&self, record: &RoundRecord) -> Option<u64> {
+        let n = record.inputs.len() as u64;
+        if record.round == 1 {
+            return record.parent.is_none().then_some(n);
         }
+        let (result, weight) = self.chain.get(&(record.round - 1))?;
+        (record.parent == Some(*result)).then(|| weight.saturating_add(n))
     }
 
     fn progress_candidates(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -1164,18 +1303,17 @@ impl RoundMachine {
             let Some(c) = self.candidates.get(&key) else {
                 continue;
             };
-            let stale = match &self.tip {
-                Some(t) => c.record.round < t.round || (c.record.round == t.round && !c.record.beats(t)),
-                None => false,
-            };
-            if stale {
-                self.candidates.remove(&key);
-                continue;
+            if self.tip.as_ref().is_some_and(|t| !c.record.beats(t)) {
+                if !self.lonely(now) {
+                    self.candidates.remove(&key);
+                    continue;
+                }
+                if c.signers.len() < self.config.catch_up_quorum {
+                    continue;
+                }
             }
-            if !c.verifying
-                && !self.same_history(&c.record)
-                && c.signers.len() < self.config.catch_up_quorum
-            {
+            let expected = self.expected_weight(&c.record);
+            if !c.verifying && expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
                 continue;
             }
             let record = c.record.clone();
@@ -1184,19 +1322,29 @@ impl RoundMachine {
             if let Some(c) = self.candidates.get_mut(&key) {
                 c.verifying = true;
             }
-            let mut failure = None;
+            let mut failure =
+                expected
+                    .filter(|w| *w != record.weight)
+                    .map(|w| Misbehaviour::WrongWeight {
+                        round: record.round,
+                        claimed: record.weight,
+                        expected: w,
+                    });
             let mut unverifiable = false;
             let mut missing = false;
             let mut keys_seen = BTreeSet::new();
             let mut job_inputs = Vec::with_capacity(record.inputs.len());
             for input in &record.inputs {
+                if failure.is_some() {
+                    break;
+                }
                 if self.invalid.contains_key(&input.announcement) {
                     failure = Some(Misbehaviour::NamedInvalidAnnouncement {
                         id: input.announcement,
                     });
                     break;
                 }
-                let Some(a) = self.anns.get(&input.announcement) else {
+                let Some(a) = self.ann(&input.announcement) else {
                     for s in &signers {
                         self.request_announcement(
                             now,
@@ -1279,26 +1427,27 @@ impl RoundMachine {
         }
     }
 
+    /// Makes a verified foreign record our tip: a switch within the tip's round, a
+    /// catch-up to a later round, or a rewind to an earlier one (our later records are
+    /// then orphaned).
     fn adopt(&mut self, now: u64, record: RoundRecord, out: &mut Vec<Action>) {
-        let tip_round = self.tip.as_ref().map_or(0, |t| t.round);
-        if record.round > tip_round {
-            out.push(Action::Commit {
-                record: record.clone(),
-                replaces: None,
-            });
-            let (round, result) = (record.round, record.result);
-            self.tip = Some(record);
-            self.open_round(now, round + 1, Some(result));
-        } else if let Some(tip) = self.tip.as_ref().filter(|t| t.round == record.round) {
-            if !record.beats(tip) {
-                return;
-            }
-            out.push(Action::Commit {
-                record: record.clone(),
-                replaces: Some(tip.result),
-            });
-            let result = record.result;
-            self.tip = Some(record);
+        if self.tip.as_ref().is_some_and(|t| !record.beats(t)) && !self.lonely(now) {
+            return;
+        }
+        let replaces = self
+            .chain
+            .get(&record.round)
+            .map(|(h, _)| *h)
+            .filter(|h| *h != record.result);
+        out.push(Action::Commit {
+            record: record.clone(),
+            replaces,
+        });
+        let same_round = self.tip.as_ref().is_some_and(|t| t.round == record.round);
+        let (round, result) = (record.round, record.result);
+        self.extend_chain(&record);
+        self.tip = Some(record);
+        if same_round {
             // Same round number collecting on: only the parent changes.
             self.cur.parent = Some(result);
             self.cur.requested = None;
@@ -1308,11 +1457,34 @@ impl RoundMachine {
             self.cur.last_change = now;
             self.dirty = true;
         } else {
-            return;
+            self.open_round(now, round + 1, Some(result));
         }
         // Our endorsement of the adopted record goes out with the next heartbeat
         // (unless enough identical copies are heard first).
         self.reset_heartbeat(now);
+    }
+
+    /// Records `record` as the newest round of our chain, dropping anything at or
+    /// above its round and any remembered history it does not descend from.
+    fn extend_chain(&mut self, record: &RoundRecord) {
+        let _orphans = self.chain.split_off(&record.round);
+        let parent_known = record.round > 1
+            && self
+                .chain
+                .get(&(record.round - 1))
+                .is_some_and(|(h, _)| Some(*h) == record.parent);
+        if !parent_known {
+            self.chain.clear();
+            if let Some(p) = record.parent {
+                self.chain
+                    .insert(record.round - 1, (p, record.parent_weight()));
+            }
+        }
+        self.chain
+            .insert(record.round, (record.result, record.weight));
+        while self.chain.len() > CHAIN_MEMORY {
+            self.chain.pop_first();
+        }
     }
 
     // ----- the current round ---------------------------------------------------------
@@ -1330,11 +1502,7 @@ impl RoundMachine {
         }
         let round = self.cur.round;
         let mut per: BTreeMap<(NodeId, Option<&str>), Best> = BTreeMap::new();
-        for (_, id) in self
-            .by_round
-            .range((round, Hash([0; 32]))..=(round, Hash([0xff; 32])))
-        {
-            let Some(a) = self.anns.get(id) else { continue };
+        for (id, a) in self.round_anns(round) {
             let best = per.entry(a.contributor_key()).or_default();
             let key = (a.adapter, *id);
             match self.blobs.get(&a.adapter).map(|b| &b.state) {
@@ -1386,10 +1554,12 @@ impl RoundMachine {
         if self.dirty {
             // Everything derived from the pool is recomputed only when it may change.
             let (sel, pool) = self.compute_selection();
-            if sel != self.cur.selection {
-                self.cur.selection = sel;
+            // The grace period restarts when the inputs change, not when a fetch
+            // merely starts or ends (pending fetches block the commit by themselves).
+            if sel.inputs != self.cur.selection.inputs {
                 self.cur.last_change = now;
             }
+            self.cur.selection = sel;
             let round = self.cur.round;
             self.cur.pool = pool;
             // Follow another node's close once one of its digests is fully valid here:
@@ -1399,8 +1569,8 @@ impl RoundMachine {
                 let anns = &self.anns;
                 self.cur.close_requested = self.cur.digests.values().any(|d| {
                     d.record.inputs.iter().all(|i| {
-                        anns.get(&i.announcement)
-                            .is_some_and(|a| a.round == round && a.adapter == i.adapter)
+                        anns.get(&(round, i.announcement))
+                            .is_some_and(|a| a.adapter == i.adapter)
                     })
                 });
             }
@@ -1447,11 +1617,13 @@ impl RoundMachine {
         let Some(c) = &self.cur.computed else {
             return false;
         };
+        let parent_weight = self.tip.as_ref().map_or(0, |t| t.weight);
         let record = |c: &Computed| RoundRecord {
             model: self.model,
             round: self.cur.round,
             parent: self.cur.parent,
             inputs: c.inputs.clone(),
+            weight: parent_weight.saturating_add(c.inputs.len() as u64),
             rule: self.config.rule,
             result: c.result,
         };
@@ -1481,6 +1653,7 @@ impl RoundMachine {
                 out.push(Action::PublishDigest(RoundDigest {
                     record: record.clone(),
                     signer: self.me,
+                    committed: false,
                     time_ms: now,
                 }));
             }
@@ -1497,10 +1670,11 @@ impl RoundMachine {
             .cur
             .digests
             .values()
-            .filter(|d| d.record != record && d.record.beats(&record))
+            .filter(|d| d.committed && d.record != record && d.record.beats(&record))
             .map(|d| (d.signer, d.record.clone()))
             .collect();
         let (round, result) = (record.round, record.result);
+        self.extend_chain(&record);
         self.tip = Some(record);
         self.open_round(now, round + 1, Some(result));
         self.reset_heartbeat(now);
@@ -1514,20 +1688,15 @@ impl RoundMachine {
         self.cur = Current::open(round, parent, now, self.config.window_ms);
         let keep_from = round.saturating_sub(1);
         let tip = self.tip.clone();
-        self.candidates.retain(|_, c| match &tip {
-            Some(t) => c.record.round > t.round || (c.record.round == t.round && c.record.beats(t)),
-            None => true,
-        });
-        let old: Vec<(u64, Hash)> = self
-            .by_round
-            .range(..(keep_from, Hash([0; 32])))
-            .copied()
-            .collect();
-        for (r, id) in old {
-            self.by_round.remove(&(r, id));
-            self.anns.remove(&id);
+        self.candidates
+            .retain(|_, c| tip.as_ref().is_none_or(|t| c.record.beats(t)));
+        let kept = self.anns.split_off(&(keep_from, Hash([0; 32])));
+        for (_, id) in self.anns.keys() {
+            self.ann_round.remove(id);
         }
+        self.anns = kept;
         self.seen.retain(|_, r| *r >= keep_from);
+        self.banned.retain(|_, until| *until >= round);
         self.invalid.retain(|_, r| *r >= keep_from);
         self.requests.retain(|_, r| r.round >= keep_from);
         let referenced: BTreeSet<Hash> = self.anns.values().map(|a| a.adapter).collect();
@@ -1535,7 +1704,17 @@ impl RoundMachine {
         self.dirty = true;
     }
 
+    /// Our tip has been ours alone (no other signer's committed digest matched it) for
+    /// two heartbeat periods.
+    fn lonely(&self, now: u64) -> bool {
+        self.tip.is_some()
+            && now >= self.tip_since.saturating_add(2 * self.config.heartbeat_ms)
+            && self.tip_support.len() + 1 < self.config.catch_up_quorum
+    }
+
     fn reset_heartbeat(&mut self, now: u64) {
+        self.tip_support.clear();
+        self.tip_since = now;
         self.heartbeat = Heartbeat {
             period_start: now,
             period: 0,
@@ -1556,7 +1735,12 @@ impl RoundMachine {
 
     fn run_heartbeat(&mut self, now: u64, out: &mut Vec<Action>) {
         let Some(tip) = &self.tip else { return };
-        if now >= self.heartbeat.period_start.saturating_add(self.config.heartbeat_ms) {
+        if now
+            >= self
+                .heartbeat
+                .period_start
+                .saturating_add(self.config.heartbeat_ms)
+        {
             let period = self.heartbeat.period + 1;
             let inconsistent = self.heartbeat.inconsistent;
             self.heartbeat = Heartbeat {
@@ -1575,6 +1759,7 @@ impl RoundMachine {
                 out.push(Action::PublishDigest(RoundDigest {
                     record: tip.clone(),
                     signer: self.me,
+                    committed: true,
                     time_ms: now,
                 }));
             }

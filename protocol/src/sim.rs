@@ -90,6 +90,8 @@ pub struct SimConfig {
     pub tick_ms: u64,
     /// Period of each Byzantine sender's misbehaviour.
     pub byzantine_every_ms: u64,
+    /// Record every action of this honest node in [`SimReport::trace`] (for replays).
+    pub trace_node: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -115,6 +117,7 @@ impl Default for SimConfig {
             }),
             tick_ms: 100,
             byzantine_every_ms: 700,
+            trace_node: None,
         }
     }
 }
@@ -140,9 +143,11 @@ pub struct SimReport {
     pub decode_rejects: u64,
     /// Gossip deliveries.
     pub deliveries: u64,
-    /// Rounds whose records differ between checked nodes (all allowed by the
-    /// properties: partitioned rounds).
+    /// Rounds whose records differ between checked nodes (forks; each must be
+    /// resolved by the next round, except inside the partition).
     pub disagreeing_rounds: u64,
+    /// The actions of [`SimConfig::trace_node`], one line each.
+    pub trace: Vec<String>,
 }
 
 impl SimReport {
@@ -242,11 +247,38 @@ enum Wire {
 
 enum Ev {
     Tick(usize, u64),
-    Gossip { to: usize, from: usize, msg: Wire },
-    BlobDone { to: usize, epoch: u64, hash: Hash, ok: bool },
-    AnnDone { to: usize, epoch: u64, id: Hash, bytes: Option<Rc<Vec<u8>>> },
-    AggDone { to: usize, epoch: u64, job: AggregationJob },
-    Train { node: usize, epoch: u64, round: u64 },
+    Gossip {
+        to: usize,
+        from: usize,
+        msg: Wire,
+    },
+    BlobDone {
+        to: usize,
+        epoch: u64,
+        hash: Hash,
+        ok: bool,
+    },
+    AnnDone {
+        to: usize,
+        epoch: u64,
+        id: Hash,
+        bytes: Option<Rc<Vec<u8>>>,
+    },
+    AggDone {
+        to: usize,
+        epoch: u64,
+        job: AggregationJob,
+    },
+    Train {
+        node: usize,
+        epoch: u64,
+        round: u64,
+    },
+    Consider {
+        node: usize,
+        epoch: u64,
+        round: u64,
+    },
     Crash(usize),
     Restart(usize),
     Byzantine(usize),
@@ -266,6 +298,12 @@ struct SimNode {
     anns: BTreeMap<Hash, Rc<Vec<u8>>>,
     history: BTreeMap<u64, RoundRecord>,
     counter: u64,
+    /// Rounds this node announced an adapter for (persisted across crashes, like the
+    /// node's store: a restarted node does not announce a second adapter).
+    contributed: BTreeSet<u64>,
+    /// Highest round committed before the last restart: a crash can freeze a record
+    /// that the network later replaced, so those rounds are not compared.
+    restart_floor: u64,
     /// (time, round, inputs, result, parent, switch) of every commit, for diagnostics.
     commits: Vec<(u64, u64, usize, Hash, Option<Hash>, bool)>,
 }
@@ -290,7 +328,6 @@ struct Sim<'a> {
     replay_pool: Vec<Wire>,
     partition_round: Option<u64>,
     report: SimReport,
-    dbg: BTreeMap<(u64, u64), u64>,
 }
 
 impl<'a> Sim<'a> {
@@ -330,6 +367,8 @@ impl<'a> Sim<'a> {
                 anns: BTreeMap::new(),
                 history: BTreeMap::new(),
                 counter: 0,
+                contributed: BTreeSet::new(),
+                restart_floor: 0,
                 commits: Vec::new(),
             });
         }
@@ -352,7 +391,6 @@ impl<'a> Sim<'a> {
             replay_pool: Vec::new(),
             partition_round: None,
             report: SimReport::default(),
-            dbg: BTreeMap::new(),
         }
     }
 
@@ -443,13 +481,7 @@ impl<'a> Sim<'a> {
                         }
                     },
                     Wire::Digest(id, bytes) => match self.decode_digest(*id, bytes) {
-                        Some(s) => {
-                            if std::env::var_os("SIMDBG").is_some() {
-                                let k = if self.nodes[from].honest { (s.record.round, 1) } else { (0, 0) };
-                                *self.dbg.entry(k).or_default() += 1;
-                            }
-                            Event::Digest(s)
-                        }
+                        Some(s) => Event::Digest(s),
                         None => {
                             self.decode_failed(from);
                             return;
@@ -522,6 +554,16 @@ impl<'a> Sim<'a> {
                 }
                 self.contribute(node, round);
             }
+            Ev::Consider { node, epoch, round } => {
+                // Only a round nobody contributed to yet gets another chance.
+                let idle = self.nodes[node]
+                    .machine
+                    .as_ref()
+                    .is_some_and(|m| m.current_round() == round && m.pool_contributors() == 0);
+                if self.live(node, epoch) && idle {
+                    self.maybe_train(node);
+                }
+            }
             Ev::Crash(i) => {
                 let n = &mut self.nodes[i];
                 n.up = false;
@@ -534,9 +576,12 @@ impl<'a> Sim<'a> {
                 n.up = true;
                 n.epoch += 1;
                 let tip = n.history.values().next_back().cloned();
-                n.machine = RoundMachine::new(self.cfg.round.clone(), self.model, n.id, tip, now).ok();
+                n.restart_floor = tip.as_ref().map_or(0, |t| t.round);
+                n.machine =
+                    RoundMachine::new(self.cfg.round.clone(), self.model, n.id, tip, now).ok();
                 let epoch = n.epoch;
                 self.at(now + 1, Ev::Tick(i, epoch));
+                self.maybe_train(i);
             }
             Ev::Byzantine(b) => {
                 self.byzantine(b);
@@ -633,6 +678,9 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// A node decides whether to train for its current round; one that does not asks
+    /// itself again a window later while the round is still open (so no round stays
+    /// empty forever).
     fn maybe_train(&mut self, i: usize) {
         if self.now + self.cfg.quiet_ms > self.cfg.duration_ms {
             return;
@@ -640,12 +688,22 @@ impl<'a> Sim<'a> {
         let Some(round) = self.nodes[i].machine.as_ref().map(|m| m.current_round()) else {
             return;
         };
+        let epoch = self.nodes[i].epoch;
         if self.rng.chance(self.cfg.contribute_per_mille) {
             let t = self.now + self.rng.range(self.cfg.train_ms);
-            let epoch = self.nodes[i].epoch;
             self.at(
                 t,
                 Ev::Train {
+                    node: i,
+                    epoch,
+                    round,
+                },
+            );
+        } else {
+            let t = self.now + self.cfg.round.window_ms;
+            self.at(
+                t,
+                Ev::Consider {
                     node: i,
                     epoch,
                     round,
@@ -658,7 +716,7 @@ impl<'a> Sim<'a> {
         let now = self.now;
         let n = &mut self.nodes[i];
         let Some(m) = n.machine.as_ref() else { return };
-        if m.current_round() != round {
+        if m.current_round() != round || !n.contributed.insert(round) {
             return;
         }
         n.counter += 1;
@@ -679,6 +737,36 @@ impl<'a> Sim<'a> {
     }
 
     fn apply(&mut self, i: usize, actions: Vec<Action>) {
+        if self.cfg.trace_node == Some(i) {
+            for a in &actions {
+                let line = match a {
+                    Action::Verdict { id, verdict } => {
+                        format!("verdict {} {:?}", id.short(), verdict)
+                    }
+                    Action::PublishDigest(d) => format!(
+                        "publish digest round {} inputs {} weight {} result {} committed {}",
+                        d.record.round,
+                        d.record.inputs.len(),
+                        d.record.weight,
+                        d.record.result.short(),
+                        d.committed
+                    ),
+                    Action::Commit { record, replaces } => format!(
+                        "commit round {} inputs {} weight {} result {} replaces {:?}",
+                        record.round,
+                        record.inputs.len(),
+                        record.weight,
+                        record.result.short(),
+                        replaces
+                    ),
+                    Action::Aggregate(j) => {
+                        format!("aggregate round {} inputs {}", j.round, j.inputs.len())
+                    }
+                    other => format!("{other:?}").chars().take(160).collect(),
+                };
+                self.report.trace.push(format!("t={} {line}", self.now));
+            }
+        }
         for a in actions {
             match a {
                 Action::Verdict { .. } => {}
@@ -745,20 +833,14 @@ impl<'a> Sim<'a> {
                     self.ann_cache.insert(s.id(), Some(s.clone()));
                     self.broadcast(i, Wire::Announcement(s.id(), bytes));
                 }
-                Action::PublishDigest(d) => {
-                    if std::env::var_os("SIMDBG3").is_some() {
-                        let tip = self.nodes[i].machine.as_ref().and_then(|m| m.tip().map(|t| t.round));
-                        eprintln!("t={} node {i} publishes round {} (tip {:?}) inputs {} result {}", self.now, d.record.round, tip, d.record.inputs.len(), d.record.result.short());
+                Action::PublishDigest(d) => match Signed::sign(d, &self.nodes[i].key) {
+                    Ok(s) => {
+                        let w = Wire::Digest(s.id(), Rc::new(s.encode()));
+                        self.digest_cache.insert(s.id(), Some(s));
+                        self.broadcast(i, w);
                     }
-                    match Signed::sign(d, &self.nodes[i].key) {
-                        Ok(s) => {
-                            let w = Wire::Digest(s.id(), Rc::new(s.encode()));
-                            self.digest_cache.insert(s.id(), Some(s));
-                            self.broadcast(i, w);
-                        }
-                        Err(e) => self.violation(format!("node {i} cannot sign its digest: {e}")),
-                    }
-                }
+                    Err(e) => self.violation(format!("node {i} cannot sign its digest: {e}")),
+                },
                 Action::Commit { record, replaces } => self.on_commit(i, record, replaces),
                 Action::Penalise { peer, reason } => match self.index.get(&peer) {
                     Some(&j) if self.nodes[j].honest => {
@@ -810,17 +892,6 @@ impl<'a> Sim<'a> {
             record.parent,
             replaces.is_some(),
         );
-        if std::env::var_os("SIMDBG2").is_some() {
-            eprintln!(
-                "t={} node {i} commit round {} inputs {} result {} parent {} replaces {:?}",
-                self.now,
-                entry.1,
-                entry.2,
-                entry.3.short(),
-                entry.4.map_or("-".into(), |p| p.short()),
-                replaces.map(|h| h.short())
-            );
-        }
         self.nodes[i].commits.push(entry);
         let opened_new = self.nodes[i]
             .history
@@ -859,7 +930,7 @@ impl<'a> Sim<'a> {
             parent,
             time_ms: now,
         };
-        match self.rng.below(5) {
+        match self.rng.below(6) {
             0 => {
                 // A bad signature.
                 let Ok(s) = Signed::sign(base, &self.nodes[b].key) else {
@@ -930,15 +1001,18 @@ impl<'a> Sim<'a> {
                 inputs.sort();
                 inputs.dedup_by_key(|x| x.adapter);
                 inputs.truncate(crate::MAX_ROUND_INPUTS);
+                let weight = tip.as_ref().map_or(0, |t| t.weight) + inputs.len() as u64;
                 let record = RoundRecord {
                     model: self.model,
                     round,
                     parent,
                     inputs,
+                    weight,
                     rule: RuleId::FEDAVG,
                     result: fresh,
                 };
-                self.publish_byzantine_digest(b, record);
+                let committed = self.rng.chance(500);
+                self.publish_byzantine_digest(b, record, committed);
             }
             3 => {
                 // A replay of an old honest message.
@@ -948,21 +1022,33 @@ impl<'a> Sim<'a> {
                     self.broadcast(b, msg);
                 }
             }
-            _ => {
+            4 => {
                 // The tip's inputs with a forged, lowest-possible result: wins fork choice
                 // on paper, fails recomputation.
                 if let Some(mut t) = tip {
                     t.result = Hash([0; 32]);
-                    self.publish_byzantine_digest(b, t);
+                    t.result.0[31] = b as u8;
+                    self.publish_byzantine_digest(b, t, true);
+                }
+            }
+            _ => {
+                // The tip with an inflated chain weight: heavier on paper, but its parent
+                // is known, so the weight is checked.
+                if let Some(mut t) = tip {
+                    // Senders act independently (no coalition): each forges its own
+                    // weight, so no two forgeries form a quorum by accident.
+                    t.weight += 1_000 + b as u64;
+                    self.publish_byzantine_digest(b, t, true);
                 }
             }
         }
     }
 
-    fn publish_byzantine_digest(&mut self, b: usize, record: RoundRecord) {
+    fn publish_byzantine_digest(&mut self, b: usize, record: RoundRecord, committed: bool) {
         let d = RoundDigest {
             record,
             signer: self.nodes[b].id,
+            committed,
             time_ms: self.now,
         };
         if let Ok(s) = Signed::sign(d, &self.nodes[b].key) {
@@ -974,7 +1060,7 @@ impl<'a> Sim<'a> {
     /// Which nodes hold which record of round `r`, with the minority's commit logs.
     fn describe_round(&self, checked: &[usize], r: u64) -> String {
         let mut by_record: BTreeMap<Hash, Vec<usize>> = BTreeMap::new();
-        for &i in checked {
+        for &i in checked.iter().filter(|&&i| r > self.nodes[i].restart_floor) {
             if let Some(rec) = self.nodes[i].history.get(&r) {
                 by_record.entry(rec.result).or_default().push(i);
             }
@@ -1010,9 +1096,6 @@ impl<'a> Sim<'a> {
     }
 
     fn finish(mut self) -> SimReport {
-        if std::env::var_os("SIMDBG").is_some() {
-            eprintln!("{:?}", self.dbg);
-        }
         let checked: Vec<usize> = (0..self.cfg.nodes)
             .filter(|&i| self.nodes[i].up && self.nodes[i].machine.is_some())
             .collect();
@@ -1041,31 +1124,39 @@ impl<'a> Sim<'a> {
                 .collect();
             self.violation(format!("final tips differ: {}", desc.join(", ")));
         }
-        // 4. History agreement outside the partition.
+        // 4. Forks last at most one round: if nodes disagree on round r, they agree on
+        //    round r+1. Inside the partition (from the round committed everywhere when
+        //    it started to the first round after the heal) forks may last longer.
         let max_round = self
             .nodes
             .iter()
             .flat_map(|n| n.history.keys().next_back().copied())
             .max()
             .unwrap_or(0);
-        let (before, after) = match (&self.cfg.partition, self.partition_round) {
-            (Some(_), Some(p)) => (p, self.report.heal_round + 2),
-            _ => (u64::MAX, 0),
+        let zone: Option<(u64, u64)> = match (&self.cfg.partition, self.partition_round) {
+            (Some(_), Some(p)) => Some((p, self.report.heal_round + 1)),
+            _ => None,
         };
+        let in_zone = |r: u64| zone.is_some_and(|(lo, hi)| lo <= r && r <= hi);
+        let mut disagreeing = BTreeSet::new();
         for r in 1..=max_round {
             let records: BTreeSet<Hash> = checked
                 .iter()
+                .filter(|&&i| r > self.nodes[i].restart_floor)
                 .filter_map(|&i| self.nodes[i].history.get(&r).map(|rec| rec.id()))
                 .collect();
             if records.len() > 1 {
-                self.report.disagreeing_rounds += 1;
-                if r < before || r >= after {
-                    let detail = self.describe_round(&checked, r);
-                    self.violation(format!(
-                        "round {r}: {} different records among checked nodes{detail}",
-                        records.len()
-                    ));
-                }
+                disagreeing.insert(r);
+            }
+        }
+        self.report.disagreeing_rounds = disagreeing.len() as u64;
+        for &r in &disagreeing {
+            if disagreeing.contains(&(r + 1)) && !(in_zone(r) && in_zone(r + 1)) {
+                let detail = self.describe_round(&checked, r + 1);
+                self.violation(format!(
+                    "the fork of round {r} is not resolved in round {}:{detail}",
+                    r + 1
+                ));
             }
         }
         // 5. Progress after the heal, and Byzantine behaviour caught.

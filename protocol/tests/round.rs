@@ -1,0 +1,664 @@
+//! Scenario tests of the round machine, driven by hand event by event.
+//!
+//! The aggregator is the simulator's deterministic fake (`sim::fake_aggregate`: blake3
+//! over the parent and the sorted adapter hashes), so every expected result below is
+//! computed independently of the machine.
+
+use hivemind_protocol::sim::fake_aggregate;
+use hivemind_protocol::{
+    Action, AggregationJob, Announcement, Event, FetchFailure, Hash, Ignored, Misbehaviour,
+    ModelId, NodeId, NodeKey, Phase, RoundConfig, RoundDigest, RoundInput, RoundMachine,
+    RoundRecord, RuleId, Signed, SignedAnnouncement, SignedDigest, Verdict,
+};
+
+fn model() -> ModelId {
+    ModelId(Hash::of(b"test model"))
+}
+
+fn key(n: u8) -> NodeKey {
+    NodeKey::from_bytes(&[n; 32])
+}
+
+fn cfg() -> RoundConfig {
+    RoundConfig::testing() // window 3 s, grace 1 s, fetch timeout 1 s, heartbeat 1 s
+}
+
+fn machine(k: &NodeKey) -> RoundMachine {
+    RoundMachine::new(cfg(), model(), k.node_id(), None, 0).expect("machine")
+}
+
+fn ann(
+    k: &NodeKey,
+    round: u64,
+    adapter: Hash,
+    parent: Option<Hash>,
+    time_ms: u64,
+) -> SignedAnnouncement {
+    let a = Announcement {
+        model: model(),
+        round,
+        adapter,
+        byte_len: 100,
+        samples: 10,
+        contributor: k.node_id(),
+        user_id: None,
+        parent,
+        time_ms,
+    };
+    Signed::sign(a, k).expect("sign")
+}
+
+fn digest(k: &NodeKey, record: RoundRecord, committed: bool, time_ms: u64) -> SignedDigest {
+    let d = RoundDigest {
+        record,
+        signer: k.node_id(),
+        committed,
+        time_ms,
+    };
+    Signed::sign(d, k).expect("sign")
+}
+
+fn record(
+    round: u64,
+    parent: Option<Hash>,
+    anns: &[&SignedAnnouncement],
+    weight: u64,
+) -> RoundRecord {
+    let mut inputs: Vec<RoundInput> = anns
+        .iter()
+        .map(|a| RoundInput {
+            adapter: a.adapter,
+            announcement: a.id(),
+        })
+        .collect();
+    inputs.sort();
+    let adapters: Vec<Hash> = inputs.iter().map(|i| i.adapter).collect();
+    RoundRecord {
+        model: model(),
+        round,
+        parent,
+        inputs,
+        weight,
+        rule: RuleId::FEDAVG,
+        result: fake_aggregate(parent, &adapters),
+    }
+}
+
+fn verdicts(actions: &[Action]) -> Vec<Verdict> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Verdict { verdict, .. } => Some(verdict.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn jobs(actions: &[Action]) -> Vec<AggregationJob> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Aggregate(j) => Some(j.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn commits(actions: &[Action]) -> Vec<(RoundRecord, Option<Hash>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Commit { record, replaces } => Some((record.clone(), *replaces)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn penalties(actions: &[Action]) -> Vec<(NodeId, Misbehaviour)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Penalise { peer, reason } => Some((*peer, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fetched_announcements(actions: &[Action]) -> Vec<Hash> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FetchAnnouncement { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fetched_blobs(actions: &[Action]) -> Vec<Hash> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FetchBlob { hash, .. } => Some(*hash),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Answers every `Aggregate` in `actions` at `now` with the fake aggregator, returning
+/// everything the machine did in response.
+fn run_aggregations(m: &mut RoundMachine, now: u64, actions: &[Action]) -> Vec<Action> {
+    let mut out = Vec::new();
+    for job in jobs(actions) {
+        let adapters: Vec<Hash> = job.inputs.iter().map(|i| i.adapter).collect();
+        let result = fake_aggregate(job.parent, &adapters);
+        out.extend(m.handle(now, Event::AggregationFinished { job, result }));
+    }
+    out
+}
+
+/// One node alone: contribute, close at the window's end, aggregate, publish, wait the
+/// grace period, commit, and open the next round on the result.
+#[test]
+fn single_node_round_lifecycle() {
+    let k = key(1);
+    let mut m = machine(&k);
+    assert_eq!((m.current_round(), m.current_parent()), (1, None));
+    let a = ann(&k, 1, Hash::of(b"adapter a"), None, 100);
+    let out = m.handle(100, Event::LocalContribution(a.clone()));
+    assert_eq!(verdicts(&out), vec![Verdict::Accept]);
+    assert!(out
+        .iter()
+        .any(|x| matches!(x, Action::PublishAnnouncement(s) if s.id() == a.id())));
+    assert!(m.tick(2_999).is_empty(), "window still open");
+    assert_eq!(m.phase(), Phase::Collecting);
+    let out = m.tick(3_000);
+    assert_eq!(m.phase(), Phase::Closed);
+    let js = jobs(&out);
+    assert_eq!(js.len(), 1);
+    assert_eq!(
+        (js[0].round, js[0].parent, js[0].inputs.len()),
+        (1, None, 1)
+    );
+    assert_eq!(js[0].inputs[0].samples, 10);
+    let out = run_aggregations(&mut m, 3_010, &out);
+    // The in-progress digest goes out after a node-specific delay of at most grace/4.
+    let mut published = out
+        .iter()
+        .any(|x| matches!(x, Action::PublishDigest(d) if !d.committed));
+    let mut t = 3_010;
+    while !published && t < 3_300 {
+        t += 10;
+        published = m
+            .tick(t)
+            .iter()
+            .any(|x| matches!(x, Action::PublishDigest(d) if !d.committed && d.record.round == 1));
+    }
+    assert!(published, "in-progress digest published within grace/4");
+    assert!(
+        commits(&m.tick(3_999)).is_empty(),
+        "grace runs from the close"
+    );
+    let out = m.tick(4_000);
+    let c = commits(&out);
+    assert_eq!(c.len(), 1);
+    let (rec, replaces) = &c[0];
+    assert_eq!(*replaces, None);
+    assert_eq!((rec.round, rec.parent, rec.weight), (1, None, 1));
+    assert_eq!(rec.result, fake_aggregate(None, &[Hash::of(b"adapter a")]));
+    assert_eq!(rec.inputs[0].announcement, a.id());
+    assert_eq!(m.tip(), Some(rec));
+    assert_eq!(
+        (m.current_round(), m.current_parent()),
+        (2, Some(rec.result))
+    );
+    // Heartbeat: the committed tip is republished within one heartbeat period.
+    let mut beat = false;
+    for t in (4_010..=5_100).step_by(10) {
+        beat |= m
+            .tick(t)
+            .iter()
+            .any(|x| matches!(x, Action::PublishDigest(d) if d.committed && d.record == *rec));
+    }
+    assert!(beat);
+}
+
+#[test]
+fn message_outcomes_are_typed() {
+    let k = key(1);
+    let other = key(2);
+    let mut m = machine(&k);
+    let good = ann(&other, 1, Hash::of(b"x"), None, 10);
+    assert_eq!(
+        verdicts(&m.handle(10, Event::Announcement(good.clone()))),
+        vec![Verdict::Accept]
+    );
+    // Replay of the same bytes.
+    assert_eq!(
+        verdicts(&m.handle(11, Event::Announcement(good))),
+        vec![Verdict::Ignore(Ignored::Duplicate)]
+    );
+    // Another network: rejected and penalised.
+    let mut wrong = Announcement {
+        model: ModelId(Hash::of(b"other model")),
+        round: 1,
+        adapter: Hash::of(b"w"),
+        byte_len: 1,
+        samples: 1,
+        contributor: other.node_id(),
+        user_id: None,
+        parent: None,
+        time_ms: 10,
+    };
+    let out = m.handle(
+        12,
+        Event::Announcement(Signed::sign(wrong.clone(), &other).expect("sign")),
+    );
+    assert!(matches!(
+        verdicts(&out)[..],
+        [Verdict::Reject(Misbehaviour::WrongModel { .. })]
+    ));
+    assert_eq!(penalties(&out).len(), 1);
+    assert_eq!(penalties(&out)[0].0, other.node_id());
+    // Too far ahead (lookahead is 2 rounds), and from the future.
+    wrong.model = model();
+    wrong.round = 4;
+    let out = m.handle(
+        13,
+        Event::Announcement(Signed::sign(wrong.clone(), &other).expect("sign")),
+    );
+    assert_eq!(
+        verdicts(&out),
+        vec![Verdict::Ignore(Ignored::TooFarAhead {
+            round: 4,
+            current: 1
+        })]
+    );
+    wrong.round = 1;
+    wrong.time_ms = 1_000_000;
+    let out = m.handle(
+        14,
+        Event::Announcement(Signed::sign(wrong.clone(), &other).expect("sign")),
+    );
+    assert!(matches!(
+        verdicts(&out)[..],
+        [Verdict::Ignore(Ignored::FromTheFuture { .. })]
+    ));
+    // A "local" contribution signed by someone else.
+    let out = m.handle(
+        15,
+        Event::LocalContribution(ann(&other, 1, Hash::of(b"z"), None, 15)),
+    );
+    assert_eq!(verdicts(&out), vec![Verdict::Ignore(Ignored::NotOurs)]);
+    // A digest signed by another network.
+    let mut r = record(1, None, &[], 0);
+    r.inputs = vec![RoundInput {
+        adapter: Hash::of(b"q"),
+        announcement: Hash::of(b"q ann"),
+    }];
+    r.weight = 1;
+    r.model = ModelId(Hash::of(b"other model"));
+    let out = m.handle(16, Event::Digest(digest(&key(3), r.clone(), true, 16)));
+    assert!(matches!(
+        verdicts(&out)[..],
+        [Verdict::Reject(Misbehaviour::WrongModel { .. })]
+    ));
+    // `other` was penalised above: its digests are ignored for now.
+    let out = m.handle(17, Event::Digest(digest(&other, r, true, 17)));
+    assert_eq!(verdicts(&out), vec![Verdict::Ignore(Ignored::Banned)]);
+    // Late: after committing round 1, a round-1 announcement is ignored.
+    let mut m = machine(&k);
+    m.handle(
+        0,
+        Event::LocalContribution(ann(&k, 1, Hash::of(b"mine"), None, 0)),
+    );
+    let out = m.tick(3_000);
+    run_aggregations(&mut m, 3_000, &out);
+    assert_eq!(commits(&m.tick(4_000)).len(), 1);
+    let late = ann(&other, 1, Hash::of(b"late"), None, 4_000);
+    assert_eq!(
+        verdicts(&m.handle(4_001, Event::Announcement(late))),
+        vec![Verdict::Ignore(Ignored::Late {
+            round: 1,
+            current: 2
+        })]
+    );
+}
+
+#[test]
+fn a_second_local_adapter_in_one_round_is_refused() {
+    let k = key(1);
+    let mut m = machine(&k);
+    let first = m.handle(
+        0,
+        Event::LocalContribution(ann(&k, 1, Hash::of(b"one"), None, 0)),
+    );
+    assert_eq!(verdicts(&first), vec![Verdict::Accept]);
+    let second = m.handle(
+        5,
+        Event::LocalContribution(ann(&k, 1, Hash::of(b"two"), None, 5)),
+    );
+    assert!(matches!(
+        verdicts(&second)[..],
+        [Verdict::Reject(Misbehaviour::Equivocation { .. })]
+    ));
+    assert!(!second
+        .iter()
+        .any(|a| matches!(a, Action::PublishAnnouncement(_))));
+    assert!(
+        penalties(&second).is_empty(),
+        "a node never penalises itself"
+    );
+    let js = jobs(&m.tick(3_000));
+    let adapters: Vec<Hash> = js[0].inputs.iter().map(|i| i.adapter).collect();
+    assert_eq!(adapters, vec![Hash::of(b"one")]);
+}
+
+#[test]
+fn equivocation_is_penalised_and_the_lowest_adapter_is_used() {
+    let k = key(1);
+    let c = key(2);
+    let mut m = machine(&k);
+    let (x, y) = (Hash::of(b"x"), Hash::of(b"y"));
+    let (low, high) = if x < y { (x, y) } else { (y, x) };
+    m.handle(10, Event::Announcement(ann(&c, 1, high, None, 10)));
+    let out = m.handle(11, Event::Announcement(ann(&c, 1, low, None, 11)));
+    assert!(matches!(
+        verdicts(&out)[..],
+        [Verdict::Reject(Misbehaviour::Equivocation { .. })]
+    ));
+    assert_eq!(penalties(&out)[0].0, c.node_id());
+    m.handle(20, Event::BlobAvailable { hash: low });
+    m.handle(21, Event::BlobAvailable { hash: high });
+    let js = jobs(&m.tick(3_000));
+    assert_eq!(js.len(), 1);
+    let adapters: Vec<Hash> = js[0].inputs.iter().map(|i| i.adapter).collect();
+    assert_eq!(adapters, vec![low]);
+}
+
+/// A digest naming an input we lack: fetch its announcement, then its adapter, and
+/// aggregate the union.
+#[test]
+fn reconciles_a_digest_naming_inputs_we_lack() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    let mine = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    // B's in-progress view names only its own adapter.
+    let view = record(1, None, &[&theirs], 1);
+    let out = a.handle(3_100, Event::Digest(digest(&kb, view, false, 3_100)));
+    assert_eq!(fetched_announcements(&out), vec![theirs.id()]);
+    // No commit while the announcement is outstanding, even after the grace period.
+    assert!(commits(&a.tick(4_500)).is_empty());
+    let out = a.handle(4_600, Event::Announcement(theirs.clone()));
+    assert_eq!(fetched_blobs(&out), vec![Hash::of(b"b")]);
+    assert!(jobs(&out).is_empty(), "waits for the blob");
+    let out = a.handle(
+        4_700,
+        Event::BlobAvailable {
+            hash: Hash::of(b"b"),
+        },
+    );
+    assert_eq!(jobs(&out)[0].inputs.len(), 2);
+    run_aggregations(&mut a, 4_700, &out);
+    assert!(
+        commits(&a.tick(5_600)).is_empty(),
+        "grace restarts when inputs change"
+    );
+    let c = commits(&a.tick(5_700));
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].0, record(1, None, &[&mine, &theirs], 2));
+}
+
+#[test]
+fn digest_naming_an_invalid_announcement_is_penalised_and_not_committed() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    let mine = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let bogus = RoundInput {
+        adapter: Hash::of(b"junk"),
+        announcement: Hash::of(b"junk announcement bytes"),
+    };
+    let mut view = record(1, None, &[&mine], 2);
+    view.inputs.push(bogus);
+    view.inputs.sort();
+    let out = a.handle(100, Event::Digest(digest(&kb, view, false, 100)));
+    assert_eq!(fetched_announcements(&out), vec![bogus.announcement]);
+    let out = a.handle(
+        200,
+        Event::FetchFailed {
+            hash: bogus.announcement,
+            reason: FetchFailure::Invalid,
+        },
+    );
+    assert_eq!(
+        penalties(&out),
+        vec![(
+            kb.node_id(),
+            Misbehaviour::NamedInvalidAnnouncement {
+                id: bogus.announcement
+            }
+        )]
+    );
+    // B's junk digest did not close our window (it is not fully valid here).
+    assert_eq!(a.phase(), Phase::Collecting);
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let c = commits(&a.tick(4_000));
+    assert_eq!(c[0].0, record(1, None, &[&mine], 1));
+}
+
+/// After committing, a committed record of the same round and parent with more
+/// contributors is verified by recomputation and replaces the tip.
+#[test]
+fn heavier_record_of_the_same_round_replaces_the_tip() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    let mine = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let ours = commits(&a.tick(4_000))[0].0.clone();
+    assert_eq!(ours.weight, 1);
+    let better = record(1, None, &[&mine, &theirs], 2);
+    let out = a.handle(
+        4_100,
+        Event::Digest(digest(&kb, better.clone(), true, 4_100)),
+    );
+    assert_eq!(fetched_announcements(&out), vec![theirs.id()]);
+    let out = a.handle(4_200, Event::Announcement(theirs));
+    assert_eq!(fetched_blobs(&out), vec![Hash::of(b"b")]);
+    let out = a.handle(
+        4_300,
+        Event::BlobAvailable {
+            hash: Hash::of(b"b"),
+        },
+    );
+    let js = jobs(&out);
+    assert_eq!(
+        (js[0].round, js[0].parent, js[0].inputs.len()),
+        (1, None, 2)
+    );
+    let out = run_aggregations(&mut a, 4_400, &out);
+    let c = commits(&out);
+    assert_eq!(c, vec![(better.clone(), Some(ours.result))]);
+    assert_eq!(a.tip(), Some(&better));
+    assert_eq!(
+        (a.current_round(), a.current_parent()),
+        (2, Some(better.result))
+    );
+}
+
+#[test]
+fn forged_result_and_forged_weight_are_penalised_not_adopted() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    let mine = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let ours = commits(&a.tick(4_000))[0].0.clone();
+    // Same inputs, a lower (so "better") but wrong result.
+    let mut forged = ours.clone();
+    forged.result = Hash([0; 32]);
+    let out = a.handle(4_100, Event::Digest(digest(&kb, forged, true, 4_100)));
+    let out = run_aggregations(&mut a, 4_200, &out);
+    assert!(matches!(
+        penalties(&out)[..],
+        [(_, Misbehaviour::WrongResult { round: 1, .. })]
+    ));
+    assert!(commits(&out).is_empty());
+    // Same record, inflated weight: the parent (genesis) is known, so it is checked.
+    let kc = key(3);
+    let mut heavy = ours.clone();
+    heavy.weight = 1_000;
+    let out = a.handle(4_300, Event::Digest(digest(&kc, heavy, true, 4_300)));
+    assert!(matches!(
+        penalties(&out)[..],
+        [(p, Misbehaviour::WrongWeight { claimed: 1_000, expected: 1, .. })] if p == kc.node_id()
+    ));
+    assert_eq!(a.tip(), Some(&ours));
+}
+
+/// A node far behind adopts a later round only from a quorum of signers (its history
+/// differs), and only after recomputing it.
+#[test]
+fn catch_up_needs_a_quorum_and_recomputation() {
+    let lag = key(1);
+    let (kb, kc) = (key(2), key(3));
+    let mut m = machine(&lag);
+    let parent = Some(Hash::of(b"round 6 result"));
+    let x = ann(&kb, 7, Hash::of(b"x"), parent, 50);
+    let y = ann(&kc, 7, Hash::of(b"y"), parent, 50);
+    let r7 = record(7, parent, &[&x, &y], 30);
+    let out = m.handle(100, Event::Digest(digest(&kb, r7.clone(), true, 100)));
+    assert!(
+        fetched_announcements(&out).is_empty(),
+        "one signer is not a quorum"
+    );
+    let out = m.handle(200, Event::Digest(digest(&kc, r7.clone(), true, 200)));
+    let mut wanted = fetched_announcements(&out);
+    wanted.sort();
+    let mut expect = vec![x.id(), y.id()];
+    expect.sort();
+    assert_eq!(wanted, expect);
+    m.handle(300, Event::Announcement(x));
+    let out = m.handle(310, Event::Announcement(y));
+    assert!(!fetched_blobs(&out).is_empty());
+    m.handle(
+        400,
+        Event::BlobAvailable {
+            hash: Hash::of(b"x"),
+        },
+    );
+    let out = m.handle(
+        410,
+        Event::BlobAvailable {
+            hash: Hash::of(b"y"),
+        },
+    );
+    let out = run_aggregations(&mut m, 500, &out);
+    assert_eq!(commits(&out), vec![(r7.clone(), None)]);
+    assert_eq!(
+        (m.current_round(), m.current_parent()),
+        (8, Some(r7.result))
+    );
+}
+
+#[test]
+fn close_now_and_following_a_valid_digest_close_the_window_early() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    a.handle(
+        0,
+        Event::LocalContribution(ann(&ka, 1, Hash::of(b"a"), None, 0)),
+    );
+    let out = a.handle(500, Event::CloseNow);
+    assert_eq!(a.phase(), Phase::Closed);
+    assert_eq!(jobs(&out).len(), 1);
+    // Another node follows once it holds every input the closer's digest names.
+    let mut b = machine(&kb);
+    let theirs = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    b.handle(10, Event::Announcement(theirs.clone()));
+    b.handle(
+        20,
+        Event::BlobAvailable {
+            hash: Hash::of(b"a"),
+        },
+    );
+    assert_eq!(b.phase(), Phase::Collecting);
+    let out = b.handle(
+        600,
+        Event::Digest(digest(&ka, record(1, None, &[&theirs], 1), false, 600)),
+    );
+    assert_eq!(b.phase(), Phase::Closed);
+    assert_eq!(jobs(&out).len(), 1);
+}
+
+#[test]
+fn a_blob_nobody_serves_is_dropped_after_the_retries() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    a.handle(
+        0,
+        Event::LocalContribution(ann(&ka, 1, Hash::of(b"a"), None, 0)),
+    );
+    let out = a.handle(
+        10,
+        Event::Announcement(ann(&kb, 1, Hash::of(b"gone"), None, 0)),
+    );
+    assert_eq!(fetched_blobs(&out), vec![Hash::of(b"gone")]);
+    let gone = Event::FetchFailed {
+        hash: Hash::of(b"gone"),
+        reason: FetchFailure::Unavailable,
+    };
+    // fetch_attempts = 3: two retries, then the blob counts as unavailable.
+    assert_eq!(fetched_blobs(&a.handle(100, gone.clone())).len(), 1);
+    assert_eq!(fetched_blobs(&a.handle(200, gone.clone())).len(), 1);
+    assert!(fetched_blobs(&a.handle(300, gone)).is_empty());
+    let js = jobs(&a.tick(3_000));
+    let adapters: Vec<Hash> = js[0].inputs.iter().map(|i| i.adapter).collect();
+    assert_eq!(adapters, vec![Hash::of(b"a")]);
+}
+
+#[test]
+fn a_pending_fetch_holds_the_aggregation_back() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    a.handle(
+        0,
+        Event::LocalContribution(ann(&ka, 1, Hash::of(b"a"), None, 0)),
+    );
+    a.handle(
+        2_500,
+        Event::Announcement(ann(&kb, 1, Hash::of(b"slow"), None, 0)),
+    );
+    assert!(
+        jobs(&a.tick(3_000)).is_empty(),
+        "window over, fetch pending"
+    );
+    let out = a.handle(
+        3_200,
+        Event::BlobAvailable {
+            hash: Hash::of(b"slow"),
+        },
+    );
+    assert_eq!(jobs(&out)[0].inputs.len(), 2);
+}
+
+#[test]
+fn restart_rejects_a_tip_of_another_network() {
+    let k = key(1);
+    let mut tip = record(1, None, &[], 1);
+    tip.inputs = vec![RoundInput {
+        adapter: Hash::of(b"a"),
+        announcement: Hash::of(b"b"),
+    }];
+    assert!(RoundMachine::new(cfg(), model(), k.node_id(), Some(tip.clone()), 0).is_ok());
+    tip.model = ModelId(Hash::of(b"elsewhere"));
+    assert!(RoundMachine::new(cfg(), model(), k.node_id(), Some(tip), 0).is_err());
+}
