@@ -76,6 +76,23 @@ pub enum ModelError {
         /// The model's context length.
         max: usize,
     },
+    /// A training data file is unreadable or malformed; `index` is the 0-based item (array element
+    /// or JSONL line) when one item is at fault.
+    #[error("{}: {}{reason}", path.display(), index.map(|i| format!("item {i}: ")).unwrap_or_default())]
+    Dataset {
+        /// The data file.
+        path: PathBuf,
+        /// The item at fault, if any.
+        index: Option<usize>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Training cannot run with these settings or inputs.
+    #[error("training: {reason}")]
+    Training {
+        /// What is wrong.
+        reason: String,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

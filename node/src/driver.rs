@@ -1,0 +1,619 @@
+//! The round driver: glue between the sans-I/O [`RoundMachine`], the [`Store`], the
+//! aggregator and the network [`Client`].
+//!
+//! ```text
+//!   NetEvent (gossip) ──decode+verify──▶ ┌──────────┐ ──Verdict──▶ Client::validate
+//!   fetch / aggregate results ─────────▶ │  Driver  │ ──FetchBlob/FetchAnnouncement──▶ fetch tasks
+//!   timer (next_deadline) ─────────────▶ │ (1 task) │ ──Aggregate──▶ spawn_blocking(FedAvg)
+//!   Local (contribute) ────────────────▶ └──────────┘ ──Publish*──▶ Client::publish
+//!                                                      ──Commit──▶ Store + status.json
+//! ```
+//!
+//! Everything CPU- or disk-heavy (aggregation, hashing, store writes) runs on blocking
+//! threads; results come back as [`Event`]s on an internal channel. Shutdown: the
+//! cancellation token is checked first in a `biased` select.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter};
+use hivemind_model::aggregate::{AggregationRule, FedAvg, WeightedAdapter};
+use hivemind_protocol::{
+    announce_topic, digest_topic, Action, Event, FetchFailure, Hash, ModelId, NodeKey, RoundConfig,
+    RoundDigest, RoundMachine, Signed, SignedAnnouncement, SignedDigest, Verdict,
+};
+use hivemind_store::Store;
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::blob_protocol::fetch_blob;
+use crate::network::{peer_id_of, with_peer, Client, NetEvent};
+
+/// Name of the status file a running node keeps in its data dir.
+pub const STATUS_FILE: &str = "status.json";
+/// Directory in the data dir where `hive-node contribute` drops adapters for a running node.
+pub const INBOX_DIR: &str = "inbox";
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The version name of a round adapter.
+pub fn version_name(round: u64) -> String {
+    format!("round-{round}")
+}
+
+/// What the driver needs to know about its network.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The network's model id.
+    pub model: ModelId,
+    /// Round timing.
+    pub round: RoundConfig,
+    /// The LoRA config every adapter of this network has.
+    pub adapter_config: AdapterConfig,
+    /// The data dir (status file, inbox).
+    pub data_dir: PathBuf,
+}
+
+/// Requests to the driver from the local node.
+#[derive(Debug)]
+pub enum Local {
+    /// Announce an adapter dir in the current round.
+    Contribute {
+        /// PEFT adapter dir.
+        dir: PathBuf,
+        /// Training samples (the FedAvg weight).
+        samples: u64,
+        /// The adapter's hash, once announced.
+        reply: oneshot::Sender<Result<Hash, String>>,
+    },
+}
+
+struct PendingMsg {
+    id: MessageId,
+    source: PeerId,
+    data: Vec<u8>,
+    announcement: Option<(u64, Hash)>,
+}
+
+/// A round as shown by `status` and `rounds`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RoundView {
+    /// Round number.
+    pub number: u64,
+    /// Version name.
+    pub version: String,
+    /// blake3 of the round adapter, hex.
+    pub hash: String,
+    /// Input adapter hashes, hex, sorted.
+    pub contributors: Vec<String>,
+}
+
+impl RoundView {
+    /// The view of a stored round.
+    pub fn of(r: &hivemind_store::RoundRecord) -> Self {
+        RoundView {
+            number: r.number,
+            version: r.version.clone(),
+            hash: r.hash.to_hex(),
+            contributors: r.contributors.iter().map(Hash::to_hex).collect(),
+        }
+    }
+}
+
+/// The status file's content.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct StatusFile {
+    /// Process id of the node.
+    pub pid: u32,
+    /// Peer id.
+    pub peer_id: String,
+    /// Listen addrs with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// Number of connected peers.
+    pub connected_peers: usize,
+    /// The round being collected.
+    pub current_round: u64,
+    /// Adapters announced for the current round so far (hex).
+    pub current_contributors: Vec<String>,
+    /// The last committed round.
+    pub latest_round: Option<RoundView>,
+    /// Model id (hex).
+    pub model_id: String,
+    /// The network's LoRA config (for `export`).
+    pub adapter_config: serde_json::Value,
+    /// Penalties given, by peer id.
+    pub penalties: BTreeMap<String, u32>,
+    /// Gossipsub scores of connected peers.
+    pub scores: BTreeMap<String, f64>,
+    /// All committed rounds, oldest first.
+    pub rounds: Vec<RoundView>,
+    /// When this file was written (unix ms).
+    pub updated_ms: u64,
+}
+
+/// The round driver task.
+pub struct Driver {
+    cfg: DriverConfig,
+    key: NodeKey,
+    store: Store,
+    client: Client,
+    machine: RoundMachine,
+    net_events: mpsc::Receiver<NetEvent>,
+    local: mpsc::Receiver<Local>,
+    done_tx: mpsc::Sender<Event>,
+    done_rx: mpsc::Receiver<Event>,
+    pending: BTreeMap<Hash, PendingMsg>,
+    fetching: BTreeSet<Hash>,
+    announced: BTreeMap<u64, BTreeSet<Hash>>,
+    unpublished: Vec<(String, Vec<u8>)>,
+    rounds: Vec<RoundView>,
+}
+
+impl Driver {
+    /// A driver resuming after the store's latest committed round.
+    pub fn new(
+        cfg: DriverConfig,
+        key: NodeKey,
+        store: Store,
+        client: Client,
+        net_events: mpsc::Receiver<NetEvent>,
+        local: mpsc::Receiver<Local>,
+    ) -> anyhow::Result<Driver> {
+        let stored = store.list_rounds()?;
+        let tip = match stored.last() {
+            Some(r) => Some(SignedDigest::decode(&r.digest)?.payload().record.clone()),
+            None => None,
+        };
+        let machine =
+            RoundMachine::new(cfg.round.clone(), cfg.model, key.node_id(), tip, now_ms())?;
+        let (done_tx, done_rx) = mpsc::channel(1024);
+        Ok(Driver {
+            rounds: stored.iter().map(RoundView::of).collect(),
+            cfg,
+            key,
+            store,
+            client,
+            machine,
+            net_events,
+            local,
+            done_tx,
+            done_rx,
+            pending: BTreeMap::new(),
+            fetching: BTreeSet::new(),
+            announced: BTreeMap::new(),
+            unpublished: Vec::new(),
+        })
+    }
+
+    /// Runs until `cancel` fires.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(300));
+        loop {
+            let now = now_ms();
+            let wait = self
+                .machine
+                .next_deadline()
+                .map_or(1000, |d| d.saturating_sub(now).min(1000));
+            let timer = tokio::time::sleep(Duration::from_millis(wait));
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(ev) = self.done_rx.recv() => {
+                    if let Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } = &ev {
+                        self.fetching.remove(hash);
+                    }
+                    let actions = self.machine.handle(now_ms(), ev);
+                    self.act(actions).await;
+                }
+                Some(ev) = self.net_events.recv() => self.on_net_event(ev).await,
+                Some(req) = self.local.recv() => self.on_local(req).await,
+                _ = housekeeping.tick() => self.housekeeping().await,
+                _ = timer => {
+                    let actions = self.machine.tick(now_ms());
+                    self.act(actions).await;
+                }
+            }
+        }
+        tracing::debug!("driver stopped");
+    }
+
+    async fn on_net_event(&mut self, ev: NetEvent) {
+        let NetEvent::Gossip {
+            topic,
+            id,
+            source,
+            data,
+        } = ev
+        else {
+            return;
+        };
+        let model = self.cfg.model;
+        let event = if topic == announce_topic(&model) {
+            SignedAnnouncement::decode_for(&data, &model).map(|m| {
+                let p = m.payload();
+                (Some((p.round, p.adapter)), m.id(), Event::Announcement(m))
+            })
+        } else if topic == digest_topic(&model) {
+            SignedDigest::decode_for(&data, &model).map(|m| (None, m.id(), Event::Digest(m)))
+        } else {
+            self.client
+                .validate(id, source, MessageAcceptance::Ignore)
+                .await;
+            return;
+        };
+        match event {
+            Ok((announcement, hash, event)) => {
+                self.pending.insert(
+                    hash,
+                    PendingMsg {
+                        id,
+                        source,
+                        data,
+                        announcement,
+                    },
+                );
+                let actions = self.machine.handle(now_ms(), event);
+                self.act(actions).await;
+                // A message the machine gave no verdict for is not propagated.
+                if let Some(p) = self.pending.remove(&hash) {
+                    self.client
+                        .validate(p.id, p.source, MessageAcceptance::Ignore)
+                        .await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%source, error = %e, %topic, "invalid gossip message; rejecting");
+                self.client
+                    .validate(id, source, MessageAcceptance::Reject)
+                    .await;
+            }
+        }
+    }
+
+    async fn on_local(&mut self, req: Local) {
+        let Local::Contribute {
+            dir,
+            samples,
+            reply,
+        } = req;
+        let r = self.contribute(&dir, samples).await;
+        let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+    }
+
+    /// Reads, checks and stores an adapter dir, then announces it in the current round.
+    pub async fn contribute(&mut self, dir: &Path, samples: u64) -> anyhow::Result<Hash> {
+        let dir = dir.to_path_buf();
+        let store = self.store.clone();
+        let want = self.cfg.adapter_config.clone();
+        let (hash, len) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Hash, u64)> {
+            let adapter = LoraAdapter::read_dir(&dir)?;
+            let c = &adapter.config;
+            anyhow::ensure!(
+                c.r == want.r && c.lora_alpha == want.lora_alpha && c.target_modules == want.target_modules,
+                "adapter {} (r={}, alpha={}) does not fit this network (r={}, alpha={}, same target modules)",
+                dir.display(),
+                c.r,
+                c.lora_alpha,
+                want.r,
+                want.lora_alpha
+            );
+            let bytes = adapter.to_safetensors_bytes()?;
+            let hash = store.put_blob(&bytes)?;
+            Ok((hash, bytes.len() as u64))
+        })
+        .await??;
+        let now = now_ms();
+        let draft = self
+            .machine
+            .draft_announcement(hash, len, samples, None, now);
+        let signed = Signed::sign(draft, &self.key)?;
+        tracing::info!(adapter = %hash.short(), round = self.machine.current_round(), "contributing");
+        let actions = self.machine.handle(now, Event::LocalContribution(signed));
+        self.act(actions).await;
+        Ok(hash)
+    }
+
+    async fn act(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            self.act_one(a).await;
+        }
+    }
+
+    async fn act_one(&mut self, action: Action) {
+        match action {
+            Action::Verdict { id, verdict } => {
+                let Some(p) = self.pending.remove(&id) else {
+                    return;
+                };
+                let acceptance = match &verdict {
+                    Verdict::Accept => MessageAcceptance::Accept,
+                    Verdict::Ignore(_) => MessageAcceptance::Ignore,
+                    Verdict::Reject(why) => {
+                        tracing::warn!(source = %p.source, ?why, "message rejected by the round machine");
+                        MessageAcceptance::Reject
+                    }
+                };
+                if verdict == Verdict::Accept {
+                    if let Some((round, adapter)) = p.announcement {
+                        self.announced.entry(round).or_default().insert(adapter);
+                        self.keep_announcement(round, adapter, p.data.clone());
+                    }
+                }
+                self.client.validate(p.id, p.source, acceptance).await;
+            }
+            Action::FetchBlob { hash, from } => self.spawn_fetch(hash, from, false).await,
+            Action::FetchAnnouncement { id, from } => self.spawn_fetch(id, from, true).await,
+            Action::Aggregate(job) => {
+                let store = self.store.clone();
+                let config = self.cfg.adapter_config.clone();
+                let tx = self.done_tx.clone();
+                tokio::task::spawn_blocking(move || match aggregate(&store, &config, &job) {
+                    Ok(result) => {
+                        let _ = tx.blocking_send(Event::AggregationFinished { job, result });
+                    }
+                    Err(e) => tracing::error!(round = job.round, error = %e, "aggregation failed"),
+                });
+            }
+            Action::PublishAnnouncement(s) => {
+                let p = s.payload();
+                self.announced.entry(p.round).or_default().insert(p.adapter);
+                self.keep_announcement(p.round, p.adapter, s.as_bytes().to_vec());
+                self.publish(announce_topic(&self.cfg.model), s.encode())
+                    .await;
+            }
+            Action::PublishDigest(d) => match Signed::sign(d, &self.key) {
+                Ok(s) => {
+                    self.publish(digest_topic(&self.cfg.model), s.encode())
+                        .await
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign digest"),
+            },
+            Action::Commit { record, replaces } => self.commit(record, replaces).await,
+            Action::Penalise { peer, reason } => {
+                if let Some(p) = peer_id_of(&peer) {
+                    self.client.penalise(p, format!("{reason:?}")).await;
+                }
+            }
+        }
+    }
+
+    /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
+    /// reports the outcome as an event.
+    async fn spawn_fetch(
+        &mut self,
+        hash: Hash,
+        from: Vec<hivemind_protocol::NodeId>,
+        announcement: bool,
+    ) {
+        if !self.fetching.insert(hash) {
+            return;
+        }
+        let mut peers: Vec<PeerId> = from.iter().filter_map(peer_id_of).collect();
+        if let Ok(info) = self.client.info().await {
+            for p in info.connected {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| *p != me);
+        let client = self.client.clone();
+        let store = self.store.clone();
+        let tx = self.done_tx.clone();
+        let model = self.cfg.model;
+        tokio::spawn(async move {
+            let got = fetch_blob(&client, &store, hash, &peers).await.is_some();
+            let ev = if !got {
+                Event::FetchFailed {
+                    hash,
+                    reason: FetchFailure::Unavailable,
+                }
+            } else if announcement {
+                let st = store.clone();
+                let bytes = tokio::task::spawn_blocking(move || st.get_blob(&hash))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten();
+                match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
+                    Some(Ok(a)) => Event::Announcement(a),
+                    Some(Err(_)) => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Invalid,
+                    },
+                    None => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Unavailable,
+                    },
+                }
+            } else {
+                Event::BlobAvailable { hash }
+            };
+            let _ = tx.send(ev).await;
+        });
+    }
+
+    fn keep_announcement(&self, round: u64, adapter: Hash, envelope: Vec<u8>) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store
+                .put_blob(&envelope)
+                .and_then(|_| store.put_announcement(round, &adapter, &envelope))
+            {
+                tracing::error!(error = %e, "cannot store announcement");
+            }
+        });
+    }
+
+    async fn publish(&mut self, topic: String, data: Vec<u8>) {
+        if let Err(e) = self.client.publish(topic.clone(), data.clone()).await {
+            tracing::debug!(error = %e, "publish failed; will retry");
+            self.unpublished.push((topic, data));
+        }
+    }
+
+    async fn commit(&mut self, record: hivemind_protocol::RoundRecord, replaces: Option<Hash>) {
+        let digest = RoundDigest {
+            record: record.clone(),
+            signer: self.key.node_id(),
+            committed: true,
+            time_ms: now_ms(),
+        };
+        let digest = match Signed::sign(digest, &self.key) {
+            Ok(d) => d.encode(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign the committed digest");
+                return;
+            }
+        };
+        let stored = hivemind_store::RoundRecord {
+            number: record.round,
+            hash: record.result,
+            version: version_name(record.round),
+            parent: record.parent,
+            contributors: record.inputs.iter().map(|i| i.adapter).collect(),
+            rule: FedAvg::ID.to_string(),
+            digest,
+            committed_at_ms: now_ms(),
+        };
+        tracing::info!(round = record.round, hash = %record.result.short(), contributors = record.inputs.len(), ?replaces, "round committed");
+        let store = self.store.clone();
+        let s2 = stored.clone();
+        match tokio::task::spawn_blocking(move || store.put_round(&s2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot store the committed round"),
+            Err(e) => tracing::error!(error = %e, "commit task failed"),
+        }
+        self.rounds.retain(|r| r.number != stored.number);
+        self.rounds.push(RoundView::of(&stored));
+        self.rounds.sort_by_key(|r| r.number);
+        self.announced.retain(|r, _| *r > record.round);
+        self.write_status().await;
+    }
+
+    async fn housekeeping(&mut self) {
+        let retry = std::mem::take(&mut self.unpublished);
+        for (topic, data) in retry {
+            self.publish(topic, data).await;
+        }
+        self.poll_inbox().await;
+        self.write_status().await;
+    }
+
+    async fn poll_inbox(&mut self) {
+        let inbox = self.cfg.data_dir.join(INBOX_DIR);
+        let Ok(rd) = std::fs::read_dir(&inbox) else {
+            return;
+        };
+        let mut ready: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let hidden = p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                !hidden && p.join("READY").exists()
+            })
+            .collect();
+        ready.sort();
+        for dir in ready {
+            let samples = std::fs::read_to_string(dir.join("READY"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(1);
+            match self.contribute(&dir, samples).await {
+                Ok(h) => tracing::info!(adapter = %h.short(), "contributed from the inbox"),
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %dir.display(), "inbox contribution refused")
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    async fn write_status(&self) {
+        let Ok(info) = self.client.info().await else {
+            return;
+        };
+        let peer = self.client.local_peer_id();
+        let round = self.machine.current_round();
+        let status = StatusFile {
+            pid: std::process::id(),
+            peer_id: peer.to_string(),
+            listen_addrs: info
+                .listen_addrs
+                .iter()
+                .map(|a| with_peer(a, peer).to_string())
+                .collect(),
+            connected_peers: info.connected.len(),
+            current_round: round,
+            current_contributors: self
+                .announced
+                .get(&round)
+                .map(|s| s.iter().map(Hash::to_hex).collect())
+                .unwrap_or_default(),
+            latest_round: self.rounds.last().cloned(),
+            model_id: self.cfg.model.to_hex(),
+            adapter_config: serde_json::to_value(&self.cfg.adapter_config)
+                .unwrap_or(serde_json::Value::Null),
+            penalties: info
+                .penalties
+                .iter()
+                .map(|(p, n)| (p.to_string(), *n))
+                .collect(),
+            scores: info
+                .scores
+                .iter()
+                .map(|(p, s)| (p.to_string(), *s))
+                .collect(),
+            rounds: self.rounds.clone(),
+            updated_ms: now_ms(),
+        };
+        let dir = self.cfg.data_dir.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || write_json_atomic(&dir.join(STATUS_FILE), &status))
+                .await;
+    }
+}
+
+/// Writes `value` as JSON to `path` through a temp file and a rename.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs one aggregation job over adapters in the store (blocking).
+pub fn aggregate(
+    store: &Store,
+    config: &AdapterConfig,
+    job: &hivemind_protocol::AggregationJob,
+) -> anyhow::Result<Hash> {
+    let mut inputs = Vec::with_capacity(job.inputs.len());
+    for i in &job.inputs {
+        let bytes = store
+            .get_blob(&i.adapter)?
+            .ok_or_else(|| anyhow::anyhow!("adapter {} is not in the store", i.adapter))?;
+        let adapter =
+            LoraAdapter::from_safetensors_bytes(config.clone(), &bytes, &Limits::DEFAULT)?;
+        inputs.push(WeightedAdapter {
+            hash: i.adapter,
+            samples: i.samples,
+            adapter,
+        });
+    }
+    let out = FedAvg::default().aggregate(&inputs)?;
+    let bytes = out.to_safetensors_bytes()?;
+    Ok(store.put_blob(&bytes)?)
+}

@@ -1,0 +1,218 @@
+//! `hive-node status`, `rounds`, `export` and `contribute`: commands that talk to a node
+//! through its data dir.
+//!
+//! ```text
+//!   running node ──writes every 300 ms──▶ <data dir>/status.json ◀── status / rounds / export
+//!   contribute ──copies adapter──▶ <data dir>/inbox/<name>/ (+ READY) ──polled by──▶ driver
+//!   export ──reads──▶ <data dir>/blobs/<hash hex> (verified against the hash)
+//! ```
+//!
+//! A running node holds the sled database locked, so these commands read the status file
+//! it keeps; with no node running, `rounds` and `export` open the store directly.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter};
+use hivemind_protocol::Hash;
+
+use crate::driver::{RoundView, StatusFile, INBOX_DIR, STATUS_FILE};
+
+/// Arguments of `hive-node status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Data directory of the node.
+    #[arg(long, env = "HIVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `hive-node rounds`.
+#[derive(Debug, Clone, Args)]
+pub struct RoundsArgs {
+    /// Data directory of the node.
+    #[arg(long, env = "HIVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `hive-node export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Data directory of the node.
+    #[arg(long, env = "HIVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Round number (default: the latest).
+    #[arg(long)]
+    pub round: Option<u64>,
+    /// Output PEFT adapter dir.
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+/// Arguments of `hive-node contribute`.
+#[derive(Debug, Clone, Args)]
+pub struct ContributeArgs {
+    /// Data directory of the running node.
+    #[arg(long, env = "HIVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Training samples behind the adapter.
+    #[arg(long, default_value_t = 1)]
+    pub samples: u64,
+    /// The PEFT adapter dir.
+    pub adapter: PathBuf,
+}
+
+fn dir_of(d: &Option<PathBuf>) -> PathBuf {
+    d.clone().unwrap_or_else(crate::join::default_data_dir)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The status file of a running node in `data_dir`.
+pub fn read_status(data_dir: &Path) -> Result<StatusFile> {
+    let path = data_dir.join(STATUS_FILE);
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "no running node found in {} (no {STATUS_FILE})",
+            data_dir.display()
+        )
+    })?;
+    let s: StatusFile =
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    if !pid_alive(s.pid) {
+        bail!(
+            "the node that wrote {} (pid {}) is not running",
+            path.display(),
+            s.pid
+        );
+    }
+    Ok(s)
+}
+
+/// `hive-node status`.
+pub fn status(args: StatusArgs) -> Result<()> {
+    let s = read_status(&dir_of(&args.data_dir))?;
+    if args.json {
+        let v = serde_json::json!({
+            "peer_id": s.peer_id,
+            "listen_addrs": s.listen_addrs,
+            "connected_peers": s.connected_peers,
+            "current_round": s.current_round,
+            "current_contributors": s.current_contributors,
+            "latest_round": s.latest_round,
+            "model_id": s.model_id,
+            "penalties": s.penalties,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("peer id:         {}", s.peer_id);
+        for a in &s.listen_addrs {
+            println!("listening on:    {a}");
+        }
+        println!("connected peers: {}", s.connected_peers);
+        println!(
+            "current round:   {} ({} contributors so far)",
+            s.current_round,
+            s.current_contributors.len()
+        );
+        match &s.latest_round {
+            Some(r) => println!(
+                "latest round:    {} {} {} ({} contributors)",
+                r.number,
+                r.version,
+                r.hash,
+                r.contributors.len()
+            ),
+            None => println!("latest round:    none yet"),
+        }
+    }
+    Ok(())
+}
+
+/// Committed rounds and the network's adapter config, from the running node or the store.
+fn history(data_dir: &Path) -> Result<(Vec<RoundView>, Option<AdapterConfig>)> {
+    if let Ok(s) = read_status(data_dir) {
+        let cfg = serde_json::from_value(s.adapter_config).ok();
+        return Ok((s.rounds, cfg));
+    }
+    let store = hivemind_store::Store::open(data_dir)?;
+    let rounds = store.list_rounds()?.iter().map(RoundView::of).collect();
+    Ok((rounds, None))
+}
+
+/// `hive-node rounds`.
+pub fn rounds(args: RoundsArgs) -> Result<()> {
+    let (rounds, _) = history(&dir_of(&args.data_dir))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rounds)?);
+    } else if rounds.is_empty() {
+        println!("no committed rounds yet");
+    } else {
+        for r in rounds {
+            println!(
+                "{:>6}  {:<12} {}  {} contributors",
+                r.number,
+                r.version,
+                r.hash,
+                r.contributors.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `hive-node export`.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let data_dir = dir_of(&args.data_dir);
+    let (rounds, cfg) = history(&data_dir)?;
+    let round = match args.round {
+        Some(n) => rounds.iter().find(|r| r.number == n),
+        None => rounds.last(),
+    }
+    .with_context(|| "no such committed round")?;
+    let hash: Hash = round.hash.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let path = data_dir.join(hivemind_store::BLOBS_DIR).join(hash.to_hex());
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if Hash::of(&bytes) != hash {
+        bail!("{} does not match its hash", path.display());
+    }
+    let cfg = match cfg {
+        Some(c) => c,
+        None => {
+            let p = data_dir.join("adapter_config.json");
+            AdapterConfig::from_json(
+                &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            )?
+        }
+    };
+    let adapter = LoraAdapter::from_safetensors_bytes(cfg, &bytes, &Limits::DEFAULT)?;
+    adapter.write_dir(&args.output)?;
+    println!("{}", args.output.display());
+    Ok(())
+}
+
+/// `hive-node contribute`: hands an adapter dir to the running node.
+pub fn contribute(args: ContributeArgs) -> Result<()> {
+    let data_dir = dir_of(&args.data_dir);
+    read_status(&data_dir)?;
+    let adapter = LoraAdapter::read_dir(&args.adapter)?;
+    let name = format!(
+        "{}-{}",
+        crate::driver::now_ms(),
+        adapter.canonical_hash()?.short()
+    );
+    let tmp = data_dir.join(INBOX_DIR).join(format!(".{name}"));
+    adapter.write_dir(&tmp)?;
+    std::fs::write(tmp.join("READY"), args.samples.to_string())?;
+    std::fs::rename(&tmp, data_dir.join(INBOX_DIR).join(name))?;
+    println!("handed to the running node");
+    Ok(())
+}
