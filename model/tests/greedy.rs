@@ -151,7 +151,9 @@ fn greedy_tokens_match_transformers() -> Result<()> {
 
 #[test]
 fn the_templates_default_system_prompt_is_replaced_by_a_given_one() -> Result<()> {
-    let Some(path) = default_model() else { return Ok(()) };
+    let Some(path) = default_model() else {
+        return Ok(());
+    };
     let m = BaseModel::load(&path, &LoadOptions::default())?;
     let template = ChatTemplate::new(m.chat_template.as_deref(), "", "")?;
     let plain = template.render(&[Message::new(Role::User, "hi")], true)?;
@@ -163,7 +165,10 @@ fn the_templates_default_system_prompt_is_replaced_by_a_given_one() -> Result<()
         ],
         true,
     )?;
-    assert!(custom.contains("You are HiveMind.") && !custom.contains("SmolLM"), "{custom}");
+    assert!(
+        custom.contains("You are HiveMind.") && !custom.contains("SmolLM"),
+        "{custom}"
+    );
     assert!(custom.ends_with("<|im_start|>assistant\n"), "{custom}");
     Ok(())
 }

@@ -39,7 +39,10 @@ fn a_cached_file_with_the_wrong_hash_is_refused() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr)?;
-    assert!(err.contains("sha256") && err.contains(hivemind_model::pull::DEFAULT_FILE), "{err}");
+    assert!(
+        err.contains("sha256") && err.contains(hivemind_model::pull::DEFAULT_FILE),
+        "{err}"
+    );
     // The bad file is left for the user to inspect, not replaced silently.
     assert_eq!(std::fs::read(&file)?, b"not the model");
     Ok(())
@@ -51,6 +54,9 @@ fn model_path_honours_hive_home() -> Result<()> {
     let out = hive(home.path()).args(["model", "path"]).output()?;
     assert!(out.status.success());
     let p = String::from_utf8(out.stdout)?;
-    assert!(p.trim().starts_with(home.path().to_str().unwrap_or("?")), "{p}");
+    assert!(
+        p.trim().starts_with(home.path().to_str().unwrap_or("?")),
+        "{p}"
+    );
     Ok(())
 }
