@@ -325,6 +325,61 @@ mod tests {
         Ok(())
     }
 
+    /// The whole command on a tiny generated model: it writes the three output files, and bad
+    /// data is refused before anything is written.
+    #[test]
+    fn trains_a_tiny_model_end_to_end_and_refuses_bad_data() -> Result<()> {
+        use hivemind_model::adapter::LoraAdapter;
+        use hivemind_model::config::Arch;
+        use hivemind_model::testing::TinyModel;
+        let dir = tempfile::tempdir()?;
+        let model = dir.path().join("tiny.gguf");
+        TinyModel::new(Arch::Llama, 1)?.write_gguf(&model)?;
+        let data = dir.path().join("data.jsonl");
+        std::fs::write(
+            &data,
+            "{\"instruction\": \"Who are you?\", \"output\": \"HiveMind\"}\n\
+             {\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"hello\"}]}\n",
+        )?;
+        let out = dir.path().join("adapter");
+        let args = |data: &Path, out: &Path| -> Result<TrainArgs> {
+            Ok(Cli::try_parse_from([
+                "x".as_ref(),
+                "--model".as_ref(),
+                model.as_os_str(),
+                "--data".as_ref(),
+                data.as_os_str(),
+                "--output".as_ref(),
+                out.as_os_str(),
+                "--epochs".as_ref(),
+                "2".as_ref(),
+                "--rank".as_ref(),
+                "4".as_ref(),
+                "--threads".as_ref(),
+                "1".as_ref(),
+            ] as [&std::ffi::OsStr; 13])?
+            .train)
+        };
+        run(args(&data, &out)?)?;
+        let adapter = LoraAdapter::read_dir(&out)?;
+        assert_eq!(adapter.config.r, 4);
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("training_info.json"))?)?;
+        assert_eq!(info["samples"], 2);
+        assert_eq!(info["steps"], 2);
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"[{"instruction": "a"}]"#)?;
+        let bad_out = dir.path().join("never");
+        let err = match run(args(&bad, &bad_out)?) {
+            Err(e) => e.to_string(),
+            Ok(()) => anyhow::bail!("bad data was accepted"),
+        };
+        assert!(err.contains("bad.json") && err.contains("item 0"), "{err}");
+        assert!(!bad_out.exists(), "nothing is written on bad data");
+        Ok(())
+    }
+
     #[test]
     fn sample_file_holds_six_parsable_examples() -> Result<()> {
         let dir = tempfile::tempdir()?;
