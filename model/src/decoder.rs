@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::ModelConfig;
@@ -391,21 +391,4 @@ fn causal_mask(seq: usize, pos: usize) -> Result<Option<Tensor>> {
         .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Some(Tensor::from_vec(mask, (seq, total), &Device::Cpu)?))
-}
-
-/// Index of the largest logit (greedy decoding); ties go to the lowest id.
-pub fn argmax(logits: &Tensor) -> Result<u32> {
-    let v = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let mut best = 0usize;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    Ok(best as u32)
-}
-
-/// Numerically plain softmax over the last dim (for tests and sampling).
-pub fn softmax(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(logits, D::Minus1)?)
 }
