@@ -52,8 +52,6 @@ const NAME_PREFIX: &str = "base_model.model.";
 const MAX_NAME_LEN: usize = 1024;
 /// Largest `adapter_config.json` read from disk.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// The fixed metadata of canonical files.
-const CANONICAL_METADATA: &str = r#""__metadata__":{"format":"pt"}"#;
 
 /// Everything that can go wrong reading, writing, checking or aggregating adapters.
 #[derive(Debug, thiserror::Error)]
@@ -1089,10 +1087,45 @@ impl LoraAdapter {
     /// The canonical safetensors bytes (layout in the module docs). Equal adapters give
     /// equal bytes on every machine.
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        self.to_safetensors_bytes_with_metadata(&BTreeMap::new())
+    }
+
+    /// Canonical bytes whose `__metadata__` also holds `extra` (besides `"format":"pt"`),
+    /// keys in byte order. A round adapter binds its round and parent this way, so its
+    /// hash names its place in the chain. Keys and values must be 1 to 256 characters of
+    /// ASCII letters, digits, `.`, `_`, `-` or `:` (nothing to escape); `format` is
+    /// reserved.
+    pub fn to_safetensors_bytes_with_metadata(
+        &self,
+        extra: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>> {
         self.validate()?;
+        let plain = |s: &str| {
+            (1..=256).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+        };
+        let mut meta: BTreeMap<&str, &str> = BTreeMap::new();
+        meta.insert("format", "pt");
+        for (k, v) in extra {
+            if !plain(k) || !plain(v) || k == "format" {
+                return Err(AdapterError::InvalidHeader {
+                    reason: format!(
+                        "metadata entry {k:?}: {v:?} is not plain ASCII or is reserved"
+                    ),
+                });
+            }
+            meta.insert(k, v);
+        }
         let mut header = String::with_capacity(64 + 128 * self.tensors.len());
-        header.push('{');
-        header.push_str(CANONICAL_METADATA);
+        header.push_str("{\"__metadata__\":{");
+        for (i, (k, v)) in meta.iter().enumerate() {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!("\"{k}\":\"{v}\""));
+        }
+        header.push('}');
         let mut offset = 0usize;
         for (name, t) in &self.tensors {
             let end = offset + 4 * t.data.len();
@@ -1337,6 +1370,47 @@ mod tests {
         );
         assert_eq!(locate_module("model.layers.012.mlp.up_proj"), None);
         assert_eq!(locate_module("model.norm"), None);
+    }
+
+    #[test]
+    fn metadata_is_bound_into_the_bytes_and_parses_back() {
+        let cfg = AdapterConfig::new(1, 2.0, TargetModules::from_names(["q_proj"]));
+        let mut tensors = BTreeMap::new();
+        for (side, shape) in [(LoraSide::A, [1, 2]), (LoraSide::B, [2, 1])] {
+            tensors.insert(
+                LoraAdapter::tensor_name("model.layers.0.self_attn.q_proj", side),
+                LoraTensor {
+                    shape: shape.to_vec(),
+                    data: vec![0.5, -1.0],
+                },
+            );
+        }
+        let a = LoraAdapter::new(cfg.clone(), tensors).unwrap();
+        let plain = a.to_safetensors_bytes().unwrap();
+        let meta = |round: &str| {
+            BTreeMap::from([
+                ("hivemind.round".to_string(), round.to_string()),
+                ("hivemind.parent".to_string(), "none".to_string()),
+            ])
+        };
+        let r1 = a.to_safetensors_bytes_with_metadata(&meta("1")).unwrap();
+        let r2 = a.to_safetensors_bytes_with_metadata(&meta("2")).unwrap();
+        assert_ne!(plain, r1);
+        assert_ne!(r1, r2);
+        let header_len = u64::from_le_bytes(r1[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let header = std::str::from_utf8(&r1[8..8 + header_len])
+            .unwrap()
+            .trim_end();
+        assert!(header.starts_with(
+            r#"{"__metadata__":{"format":"pt","hivemind.parent":"none","hivemind.round":"1"},"#
+        ));
+        let back = LoraAdapter::from_safetensors_bytes(cfg, &r1, &Limits::DEFAULT).unwrap();
+        assert_eq!(back, a);
+        for bad in [("format", "x"), ("k", "a\"b"), ("", "v")] {
+            let m = BTreeMap::from([(bad.0.to_string(), bad.1.to_string())]);
+            assert!(a.to_safetensors_bytes_with_metadata(&m).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,32 @@ impl BaseModel {
     }
 }
 
+/// The base-model identity of a GGUF file or a Hugging Face model dir without loading it:
+/// what [`BaseModel::load`] puts in [`BaseModel::hash`]. For a file, blake3 of its bytes; for
+/// a dir, blake3 over the hashes of its `*.safetensors` files (in name order) and then of
+/// `config.json`.
+pub fn model_hash(path: &Path) -> Result<Hash> {
+    if !path.is_dir() {
+        return file_hash(path);
+    }
+    let mut hasher = blake3::Hasher::new();
+    for f in safetensors_files(path)? {
+        hasher.update(file_hash(&f)?.as_bytes());
+    }
+    hasher.update(file_hash(&path.join("config.json"))?.as_bytes());
+    Ok(hasher.finalize().into())
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 fn file_hash(path: &Path) -> Result<Hash> {
     let mut hasher = blake3::Hasher::new();
     hasher
@@ -274,24 +300,17 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<BaseModel> {
         Err(_) => (None, None),
     };
 
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ModelError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
+    let files = safetensors_files(dir)?;
     if files.is_empty() {
         return Err(ModelError::bad(dir, "no *.safetensors files"));
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut hasher = blake3::Hasher::new();
     for f in &files {
-        hasher.update(file_hash(f)?.as_bytes());
         let loaded = candle_core::safetensors::load(f, &Device::Cpu)
             .map_err(|e| ModelError::bad(f, format!("not a readable safetensors file: {e}")))?;
         tensors.extend(loaded);
     }
-    hasher.update(file_hash(&config_path)?.as_bytes());
+    let hash = model_hash(dir)?;
     let take = |tensors: &mut HashMap<String, Tensor>, name: &str| -> Result<Tensor> {
         let t = tensors
             .remove(name)
@@ -372,7 +391,7 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<BaseModel> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        hash: hasher.finalize().into(),
+        hash,
         path: dir.to_path_buf(),
     })
 }

@@ -346,6 +346,7 @@ async fn run_blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p::request_response::Codec;

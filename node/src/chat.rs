@@ -17,9 +17,18 @@ pub struct ChatArgs {
     /// Base model options.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).
+    /// A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors); wins over --use.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Which adapter to chat with when --adapter is not given: `round` (the latest round
+    /// adapter of the node in --data-dir), `personal` (./adapters/my_adapter, what `train`
+    /// writes by default), `none` (the base model), or `auto` (the round adapter when the
+    /// data dir's network runs this base model, else none).
+    #[arg(long = "use", value_enum, default_value_t = AdapterChoice::Auto)]
+    pub use_adapter: AdapterChoice,
+    /// The node's data dir (where round adapters are found).
+    #[arg(long, env = "HIVE_DATA_DIR", default_value_os_t = crate::identity::default_data_dir())]
+    pub data_dir: PathBuf,
     /// System prompt (replaces the template's default one).
     #[arg(long)]
     pub system: Option<String>,
@@ -56,12 +65,88 @@ struct StatsLine<'a> {
     load_seconds: f64,
 }
 
+/// Which adapter `chat` applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdapterChoice {
+    /// The round adapter if the data dir's network runs this base model, else none.
+    Auto,
+    /// The latest round adapter of the node's data dir.
+    Round,
+    /// The personal adapter `train` writes by default.
+    Personal,
+    /// The base model alone.
+    None,
+}
+
+/// Where `train` writes by default: the personal adapter.
+pub const PERSONAL_ADAPTER: &str = "./adapters/my_adapter";
+
+/// The adapter dir `chat` should apply for `choice`, given the loaded base model's hash.
+pub fn choose_adapter(
+    choice: AdapterChoice,
+    data_dir: &std::path::Path,
+    base_hash: &hivemind_protocol::Hash,
+) -> Result<Option<PathBuf>> {
+    let same_base = || -> bool {
+        std::fs::read(data_dir.join(crate::join::NETWORK_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::join::NetworkFile>(&b).ok())
+            .is_some_and(|n| n.base_model_hash == base_hash.to_hex())
+    };
+    match choice {
+        AdapterChoice::None => Ok(None),
+        AdapterChoice::Personal => {
+            let dir = PathBuf::from(PERSONAL_ADAPTER);
+            anyhow::ensure!(
+                dir.exists(),
+                "no personal adapter at {PERSONAL_ADAPTER} (train one with `hive-node train`)"
+            );
+            Ok(Some(dir))
+        }
+        AdapterChoice::Round => {
+            anyhow::ensure!(
+                same_base(),
+                "the node in {} is not on a network of this base model (join one first)",
+                data_dir.display()
+            );
+            let (round, dir) = crate::status::latest_round_adapter(data_dir)?
+                .with_context(|| format!("no committed round in {} yet", data_dir.display()))?;
+            crate::cli::progress(&format!(
+                "using round adapter {} ({})",
+                round.version,
+                &round.hash[..16]
+            ));
+            Ok(Some(dir))
+        }
+        AdapterChoice::Auto => {
+            if !same_base() {
+                return Ok(None);
+            }
+            match crate::status::latest_round_adapter(data_dir) {
+                Ok(Some((round, dir))) => {
+                    crate::cli::progress(&format!(
+                        "using round adapter {} ({}); --use none for the base model",
+                        round.version,
+                        &round.hash[..16]
+                    ));
+                    Ok(Some(dir))
+                }
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
 /// Runs the chat command.
 pub fn run(args: ChatArgs) -> Result<()> {
     args.model.apply_threads();
     let t0 = Instant::now();
     let mut model = load_model(&args.model)?;
-    if let Some(dir) = &args.adapter {
+    let adapter_dir = match &args.adapter {
+        Some(dir) => Some(dir.clone()),
+        None => choose_adapter(args.use_adapter, &args.data_dir, &model.hash)?,
+    };
+    if let Some(dir) = &adapter_dir {
         let adapter = LoraAdapter::read_dir(dir)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         model

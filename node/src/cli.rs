@@ -35,19 +35,17 @@ pub enum Command {
     Identity(crate::identity::DataDirArgs),
     /// Train a LoRA adapter on local data (or write a sample dataset with --create-sample).
     Train(crate::train::TrainArgs),
-    #[cfg(feature = "network")]
+    /// Run one federated round on this machine: N nodes train on shards of the sample data,
+    /// agree on the round adapter over libp2p on loopback, and it answers a question.
+    Demo(crate::demo::DemoArgs),
     /// Run a node of the network (a bootstrap node when no --bootstrap is given).
     Join(crate::join::JoinArgs),
-    #[cfg(feature = "network")]
     /// Show a running node's state (peer id, peers, rounds).
     Status(crate::status::StatusArgs),
-    #[cfg(feature = "network")]
     /// List committed rounds.
     Rounds(crate::status::RoundsArgs),
-    #[cfg(feature = "network")]
     /// Write a round adapter as a PEFT adapter dir.
     Export(crate::status::ExportArgs),
-    #[cfg(feature = "network")]
     /// Hand an adapter dir to the running node, which announces it in the current round.
     Contribute(crate::status::ContributeArgs),
 }
@@ -142,15 +140,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Identity(args) => crate::identity::run(args),
         Command::Train(args) => crate::train::run(args),
-        #[cfg(feature = "network")]
+        Command::Demo(args) => crate::demo::run(args),
         Command::Join(args) => crate::join::run(args),
-        #[cfg(feature = "network")]
         Command::Status(args) => crate::status::status(args),
-        #[cfg(feature = "network")]
         Command::Rounds(args) => crate::status::rounds(args),
-        #[cfg(feature = "network")]
         Command::Export(args) => crate::status::export(args),
-        #[cfg(feature = "network")]
         Command::Contribute(args) => crate::status::contribute(args),
     }
 }

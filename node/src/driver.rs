@@ -31,7 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::blob_protocol::fetch_blob;
-use crate::network::{peer_id_of, with_peer, Client, NetEvent};
+use crate::identity::peer_id_of;
+use crate::network::{with_peer, Client, NetEvent};
 
 /// Name of the status file a running node keeps in its data dir.
 pub const STATUS_FILE: &str = "status.json";
@@ -297,16 +298,7 @@ impl Driver {
         let want = self.cfg.adapter_config.clone();
         let (hash, len) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Hash, u64)> {
             let adapter = LoraAdapter::read_dir(&dir)?;
-            let c = &adapter.config;
-            anyhow::ensure!(
-                c.r == want.r && c.lora_alpha == want.lora_alpha && c.target_modules == want.target_modules,
-                "adapter {} (r={}, alpha={}) does not fit this network (r={}, alpha={}, same target modules)",
-                dir.display(),
-                c.r,
-                c.lora_alpha,
-                want.r,
-                want.lora_alpha
-            );
+            fits_network(&adapter, &want).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             let bytes = adapter.to_safetensors_bytes()?;
             let hash = store.put_blob(&bytes)?;
             Ok((hash, bytes.len() as u64))
@@ -412,6 +404,7 @@ impl Driver {
         let store = self.store.clone();
         let tx = self.done_tx.clone();
         let model = self.cfg.model;
+        let config = self.cfg.adapter_config.clone();
         tokio::spawn(async move {
             let got = fetch_blob(&client, &store, hash, &peers).await.is_some();
             let ev = if !got {
@@ -438,7 +431,24 @@ impl Driver {
                     },
                 }
             } else {
-                Event::BlobAvailable { hash }
+                // An adapter blob: its hash is right, but its content must be an adapter
+                // of this network's shape, or aggregation could not use it.
+                let st = store.clone();
+                let cfg = config.clone();
+                let valid =
+                    tokio::task::spawn_blocking(move || check_adapter_blob(&st, &cfg, &hash))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                match valid {
+                    Ok(()) => Event::BlobAvailable { hash },
+                    Err(why) => {
+                        tracing::warn!(adapter = %hash.short(), %why, "fetched adapter is not usable; dropped");
+                        Event::FetchFailed {
+                            hash,
+                            reason: FetchFailure::Invalid,
+                        }
+                    }
+                }
             };
             let _ = tx.send(ev).await;
         });
@@ -594,6 +604,48 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
     std::fs::rename(&tmp, path)
 }
 
+/// Checks that blob `hash` is an adapter of the network's LoRA config; removes it from the
+/// store when it is not (so that it is neither served nor aggregated).
+pub fn check_adapter_blob(
+    store: &Store,
+    config: &AdapterConfig,
+    hash: &Hash,
+) -> Result<(), String> {
+    let bytes = match store.get_blob(hash) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err("not in the store".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let parsed = LoraAdapter::from_safetensors_bytes(config.clone(), &bytes, &Limits::DEFAULT)
+        .map_err(|e| e.to_string())
+        .and_then(|a| fits_network(&a, config));
+    if parsed.is_err() {
+        let _ = store.remove_blob(hash);
+    }
+    parsed
+}
+
+/// Whether an adapter's LoRA config is the network's (rank, alpha, target modules).
+pub fn fits_network(adapter: &LoraAdapter, want: &AdapterConfig) -> Result<(), String> {
+    let c = &adapter.config;
+    let modules_ok = adapter.tensors.keys().all(|name| {
+        want.target_modules
+            .names()
+            .is_none_or(|names| names.iter().any(|m| name.contains(&format!(".{m}.lora_"))))
+    });
+    if c.r != want.r || c.lora_alpha != want.lora_alpha || !modules_ok {
+        return Err(format!(
+            "adapter (r={}, alpha={}) does not fit this network (r={}, alpha={}, modules {:?})",
+            c.r,
+            c.lora_alpha,
+            want.r,
+            want.lora_alpha,
+            want.target_modules.names()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs one aggregation job over adapters in the store (blocking).
 pub fn aggregate(
     store: &Store,
@@ -613,7 +665,29 @@ pub fn aggregate(
             adapter,
         });
     }
+    anyhow::ensure!(
+        job.rule == hivemind_protocol::RuleId::FEDAVG,
+        "round {} asks for aggregation rule {:?}, this node runs {}",
+        job.round,
+        job.rule,
+        FedAvg::ID
+    );
     let out = FedAvg::default().aggregate(&inputs)?;
-    let bytes = out.to_safetensors_bytes()?;
+    let bytes = out.to_safetensors_bytes_with_metadata(&round_metadata(job))?;
     Ok(store.put_blob(&bytes)?)
+}
+
+/// What a round adapter's safetensors metadata binds: its round, its parent and its rule,
+/// so that equal averages in different places of the chain have different hashes.
+pub fn round_metadata(job: &hivemind_protocol::AggregationJob) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("hivemind.round".to_string(), job.round.to_string()),
+        (
+            "hivemind.parent".to_string(),
+            job.parent
+                .map_or_else(|| "none".to_string(), |p| p.to_hex()),
+        ),
+        ("hivemind.rule".to_string(), FedAvg::ID.to_string()),
+        ("hivemind.version".to_string(), version_name(job.round)),
+    ])
 }

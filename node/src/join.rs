@@ -13,15 +13,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use hivemind_model::adapter::{AdapterConfig, TargetModules};
-use hivemind_protocol::{
-    announce_topic, digest_topic, BaseModel, LoraShape, ModelId, NodeKey, RoundConfig,
-};
+use hivemind_protocol::{announce_topic, digest_topic, BaseModel, LoraShape, ModelId, RoundConfig};
 use libp2p::Multiaddr;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{Driver, DriverConfig, Local};
-use crate::network::{keypair_of, with_peer, NetConfig, Network};
+use crate::identity::keypair_of;
+use crate::network::{with_peer, NetConfig, Network};
 
 /// Arguments of `hive-node join`.
 #[derive(Debug, Clone, Args)]
@@ -69,14 +68,6 @@ pub struct JoinArgs {
     pub mdns: bool,
 }
 
-/// The default data dir.
-pub fn default_data_dir() -> PathBuf {
-    dirs::data_dir()
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("hivemind")
-        .join("node")
-}
-
 /// The network's adapter config from the arguments.
 pub fn adapter_config(args: &JoinArgs) -> AdapterConfig {
     AdapterConfig::new(
@@ -86,31 +77,31 @@ pub fn adapter_config(args: &JoinArgs) -> AdapterConfig {
     )
 }
 
-/// The model id: blake3 of the base model file (or of a model dir's files, in name order)
-/// plus the LoRA shape.
-pub fn model_id(model_path: &Path, args: &JoinArgs) -> Result<ModelId> {
-    let mut h = blake3::Hasher::new();
-    if model_path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(model_path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for f in files {
-            h.update_mmap(&f)
-                .with_context(|| format!("hashing {}", f.display()))?;
-        }
-    } else {
-        h.update_mmap(model_path)
-            .with_context(|| format!("hashing {}", model_path.display()))?;
-    }
-    let base = BaseModel::File(hivemind_protocol::Hash::from(h.finalize()));
+/// The network's model id: the base model's identity ([`hivemind_model::model_hash`], the
+/// same hash `BaseModel::load` computes) plus the LoRA shape.
+pub fn model_id(model_path: &Path, args: &JoinArgs) -> Result<(ModelId, hivemind_protocol::Hash)> {
+    let hash = hivemind_model::model_hash(model_path)
+        .with_context(|| format!("hashing base model {}", model_path.display()))?;
     let shape = LoraShape {
         rank: args.rank as u32,
         alpha: args.alpha as f32,
         target_modules: args.target_modules.clone(),
     };
-    Ok(ModelId::derive(&base, &shape))
+    Ok((ModelId::derive(&BaseModel::File(hash), &shape), hash))
+}
+
+/// File in the data dir naming the network the node last joined (for `chat` and `export`).
+pub const NETWORK_FILE: &str = "network.json";
+
+/// What `network.json` holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NetworkFile {
+    /// The network's model id, hex.
+    pub model_id: String,
+    /// blake3 identity of the base model ([`hivemind_model::model_hash`]), hex.
+    pub base_model_hash: String,
+    /// The LoRA config every adapter of the network has.
+    pub adapter_config: serde_json::Value,
 }
 
 /// Runs `hive-node join`.
@@ -123,26 +114,36 @@ pub fn run(args: JoinArgs) -> Result<()> {
 }
 
 async fn run_async(args: JoinArgs) -> Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::identity::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let spec = args.model.clone();
     let a2 = args.clone();
-    let model = tokio::task::spawn_blocking(move || -> Result<ModelId> {
+    let (model, base_hash) = tokio::task::spawn_blocking(move || -> Result<_> {
         let path = hivemind_model::pull::resolve_model(Some(&spec), &mut crate::cli::progress)?;
         model_id(&path, &a2)
     })
     .await??;
     let dd = data_dir.clone();
-    let (store, secret) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let store = hivemind_store::Store::open(&dd)?;
-        let secret = hivemind_store::load_or_create_identity(&dd)?;
-        Ok((store, secret))
+    let (store, key) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let store = hivemind_store::Store::open(&dd)
+            .with_context(|| format!("opening the store in {}", dd.display()))?;
+        Ok((store, crate::identity::load_node_key(&dd)?))
     })
     .await??;
-    let cfg_json = adapter_config(&args).to_json()?;
-    std::fs::write(data_dir.join("adapter_config.json"), cfg_json)?;
-    let key = NodeKey::from_bytes(&secret.to_bytes());
+    let config = adapter_config(&args);
+    config
+        .validate()
+        .context("the network's LoRA config (--rank, --alpha, --target-modules)")?;
+    let network = NetworkFile {
+        model_id: model.to_hex(),
+        base_model_hash: base_hash.to_hex(),
+        adapter_config: serde_json::to_value(&config)?,
+    };
+    crate::driver::write_json_atomic(&data_dir.join(NETWORK_FILE), &network)?;
     let cancel = CancellationToken::new();
     let window_ms = (args.round_secs * 1000.0).max(100.0) as u64;
     let mut round = RoundConfig::default();

@@ -2,17 +2,13 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-#[cfg(feature = "network")]
 pub mod blob_protocol;
 pub mod chat;
 pub mod cli;
-#[cfg(feature = "network")]
+pub mod demo;
 pub mod driver;
 pub mod identity;
-#[cfg(feature = "network")]
 pub mod join;
-#[cfg(feature = "network")]
 pub mod network;
-#[cfg(feature = "network")]
 pub mod status;
 pub mod train;

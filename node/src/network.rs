@@ -240,20 +240,6 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
-/// The PeerId of a HiveMind node id (both are the node's ed25519 public key).
-pub fn peer_id_of(node: &hivemind_protocol::NodeId) -> Option<PeerId> {
-    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(node.as_bytes()).ok()?;
-    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
-}
-
-/// The libp2p key pair of a node key (same ed25519 secret).
-pub fn keypair_of(key: &hivemind_protocol::NodeKey) -> Result<Keypair, NetError> {
-    let mut secret = key.to_secret_bytes();
-    Keypair::ed25519_from_bytes(&mut secret).map_err(|e| NetError::Build {
-        detail: format!("node key: {e}"),
-    })
-}
-
 fn score_params(topics: &[String]) -> gossipsub::PeerScoreParams {
     let mut p = gossipsub::PeerScoreParams {
         // Tests and local demos put every node on 127.0.0.1.
@@ -590,14 +576,12 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) => {
-                if !self.swarm.is_connected(&peer)
-                    && !self.banned.contains(&peer)
-                    && self.dialled.len() < MAX_DISCOVERED_DIALS
-                    && self.dialled.insert(peer)
-                {
-                    let _ = self.swarm.dial(peer);
-                }
+            })) if !self.swarm.is_connected(&peer)
+                && !self.banned.contains(&peer)
+                && self.dialled.len() < MAX_DISCOVERED_DIALS
+                && self.dialled.insert(peer) =>
+            {
+                let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {

@@ -69,7 +69,7 @@ pub struct ContributeArgs {
 }
 
 fn dir_of(d: &Option<PathBuf>) -> PathBuf {
-    d.clone().unwrap_or_else(crate::join::default_data_dir)
+    d.clone().unwrap_or_else(crate::identity::default_data_dir)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -172,12 +172,60 @@ pub fn rounds(args: RoundsArgs) -> Result<()> {
 /// `hive-node export`.
 pub fn export(args: ExportArgs) -> Result<()> {
     let data_dir = dir_of(&args.data_dir);
-    let (rounds, cfg) = history(&data_dir)?;
-    let round = match args.round {
-        Some(n) => rounds.iter().find(|r| r.number == n),
-        None => rounds.last(),
+    let round = export_round(&data_dir, args.round, &args.output)?;
+    println!(
+        "{}: round {} ({}, {})",
+        args.output.display(),
+        round.number,
+        round.version,
+        round.hash
+    );
+    Ok(())
+}
+
+/// The committed round `number` (default: the latest) of the node in `data_dir`, if any.
+pub fn find_round(data_dir: &Path, number: Option<u64>) -> Result<Option<RoundView>> {
+    let (rounds, _) = history(data_dir)?;
+    Ok(match number {
+        Some(n) => rounds.into_iter().find(|r| r.number == n),
+        None => rounds.into_iter().last(),
+    })
+}
+
+/// The latest round adapter of `data_dir` as a PEFT dir (written once under
+/// `<data dir>/round-adapters/<version>-<hash prefix>`), or `None` before the first round.
+pub fn latest_round_adapter(data_dir: &Path) -> Result<Option<(RoundView, PathBuf)>> {
+    if !data_dir.join(hivemind_store::BLOBS_DIR).exists() {
+        return Ok(None);
     }
-    .with_context(|| "no such committed round")?;
+    let Some(round) = find_round(data_dir, None)? else {
+        return Ok(None);
+    };
+    let dir =
+        data_dir
+            .join("round-adapters")
+            .join(format!("{}-{}", round.version, &round.hash[..16]));
+    if !dir.join(hivemind_model::adapter::WEIGHTS_FILE).exists() {
+        export_round(data_dir, Some(round.number), &dir)?;
+    }
+    Ok(Some((round, dir)))
+}
+
+/// Writes committed round `number` (default: the latest) as a PEFT dir at `output`, after
+/// checking its bytes against the committed hash.
+pub fn export_round(data_dir: &Path, number: Option<u64>, output: &Path) -> Result<RoundView> {
+    let (rounds, cfg) = history(data_dir)?;
+    let round = match number {
+        Some(n) => rounds.iter().find(|r| r.number == n).with_context(|| {
+            format!(
+                "round {n} is not among the committed rounds of {}",
+                data_dir.display()
+            )
+        })?,
+        None => rounds
+            .last()
+            .with_context(|| format!("no committed round in {} yet", data_dir.display()))?,
+    };
     let hash: Hash = round.hash.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let path = data_dir.join(hivemind_store::BLOBS_DIR).join(hash.to_hex());
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -186,24 +234,37 @@ pub fn export(args: ExportArgs) -> Result<()> {
     }
     let cfg = match cfg {
         Some(c) => c,
-        None => {
-            let p = data_dir.join("adapter_config.json");
-            AdapterConfig::from_json(
-                &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-            )?
-        }
+        None => network_config(data_dir)?,
     };
     let adapter = LoraAdapter::from_safetensors_bytes(cfg, &bytes, &Limits::DEFAULT)?;
-    adapter.write_dir(&args.output)?;
-    println!("{}", args.output.display());
-    Ok(())
+    adapter.write_dir(output)?;
+    Ok(round.clone())
+}
+
+/// The LoRA config of the network the node in `data_dir` joined (from `network.json`).
+pub fn network_config(data_dir: &Path) -> Result<AdapterConfig> {
+    let p = data_dir.join(crate::join::NETWORK_FILE);
+    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    let net: crate::join::NetworkFile =
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_value(net.adapter_config)
+        .with_context(|| format!("adapter config in {}", p.display()))
 }
 
 /// `hive-node contribute`: hands an adapter dir to the running node.
 pub fn contribute(args: ContributeArgs) -> Result<()> {
-    let data_dir = dir_of(&args.data_dir);
+    hand_over(&dir_of(&args.data_dir), &args.adapter, args.samples)?;
+    println!("handed to the running node");
+    Ok(())
+}
+
+/// Copies an adapter dir into the inbox of the node running in `data_dir`, which announces it
+/// in its current round (`samples` is its FedAvg weight).
+pub fn hand_over(data_dir: &Path, adapter_dir: &Path, samples: u64) -> Result<()> {
+    let data_dir = data_dir.to_path_buf();
     read_status(&data_dir)?;
-    let adapter = LoraAdapter::read_dir(&args.adapter)?;
+    let adapter = LoraAdapter::read_dir(adapter_dir)
+        .with_context(|| format!("reading adapter {}", adapter_dir.display()))?;
     let name = format!(
         "{}-{}",
         crate::driver::now_ms(),
@@ -211,8 +272,7 @@ pub fn contribute(args: ContributeArgs) -> Result<()> {
     );
     let tmp = data_dir.join(INBOX_DIR).join(format!(".{name}"));
     adapter.write_dir(&tmp)?;
-    std::fs::write(tmp.join("READY"), args.samples.to_string())?;
+    std::fs::write(tmp.join("READY"), samples.to_string())?;
     std::fs::rename(&tmp, data_dir.join(INBOX_DIR).join(name))?;
-    println!("handed to the running node");
     Ok(())
 }

@@ -84,6 +84,16 @@ pub struct TrainArgs {
     /// replace --rank, --alpha and --target-modules.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// Continue from the latest round adapter of the node in --data-dir.
+    #[arg(long, conflicts_with = "init_adapter")]
+    pub from_round: bool,
+    /// When done, hand the adapter to the node running in --data-dir, which announces it in
+    /// its current round (weighted by the number of training examples).
+    #[arg(long)]
+    pub announce: bool,
+    /// The node's data dir (for --from-round and --announce).
+    #[arg(long, env = "HIVE_DATA_DIR", default_value_os_t = crate::identity::default_data_dir())]
+    pub data_dir: PathBuf,
     /// Print training_info.json on stdout when done.
     #[arg(long)]
     pub json: bool,
@@ -180,7 +190,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     // Check everything cheap before loading the model; nothing is written on bad input.
     let convs = dataset::load_file(data)?;
-    let init = match &args.init_adapter {
+    if args.announce {
+        crate::status::read_status(&args.data_dir).context("--announce needs a running node")?;
+    }
+    let round_dir = if args.from_round {
+        let (round, dir) =
+            crate::status::latest_round_adapter(&args.data_dir)?.with_context(|| {
+                format!(
+                    "--from-round: no committed round in {}",
+                    args.data_dir.display()
+                )
+            })?;
+        progress(&format!(
+            "starting from round adapter {} ({})",
+            round.version,
+            &round.hash[..16]
+        ));
+        Some(dir)
+    } else {
+        None
+    };
+    let init_dir = round_dir.as_ref().or(args.init_adapter.as_ref());
+    let init = match init_dir {
         Some(dir) => Some(
             LoraAdapter::read_dir(dir)
                 .with_context(|| format!("reading initial adapter {}", dir.display()))?,
@@ -191,8 +222,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if init.is_some() {
         progress(&format!(
             "continuing {} (r {}, alpha {}, modules {})",
-            args.init_adapter
-                .as_deref()
+            init_dir
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cfg.lora.rank,
@@ -212,12 +242,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     margs.apply_threads();
     let model = load_model(&margs)?;
-    let (examples, stats) = dataset::encode_conversations(&model, data, &convs, args.max_seq_len)?;
+    // Examples longer than the model's context are truncated like those over --max-seq-len.
+    let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);
+    let (examples, stats) = dataset::encode_conversations(&model, data, &convs, max_len)?;
     if examples.is_empty() {
         bail!(
-            "{}: no example has an assistant token within --max-seq-len {}",
+            "{}: no example has an assistant token within {} tokens",
             data.display(),
-            args.max_seq_len
+            max_len
         );
     }
     let tokens: usize = examples.iter().map(|e| e.len()).sum();
@@ -226,7 +258,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         examples.len(),
         tokens,
         stats.truncated,
-        args.max_seq_len,
+        max_len,
         stats.skipped,
         model.name
     ));
@@ -275,6 +307,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args.output.display(),
         args.output.display()
     ));
+    if args.announce {
+        crate::status::hand_over(&args.data_dir, &args.output, examples.len() as u64)?;
+        progress(&format!(
+            "handed to the node in {}: it announces the adapter in its current round",
+            args.data_dir.display()
+        ));
+    }
     if args.json {
         println!("{}", serde_json::to_string(info)?);
     }

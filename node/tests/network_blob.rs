@@ -1,7 +1,6 @@
 //! Blob transfer between in-process libp2p nodes on loopback: a multi-chunk blob arrives
 //! verified, and a peer serving bytes that do not match the hash is penalised while the
 //! fetch falls back to an honest peer.
-#![cfg(feature = "network")]
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -10,7 +9,8 @@ use std::time::Duration;
 use hivemind_node::blob_protocol::{
     fetch_blob, BlobRequest, BlobResponse, BlobSource, SharedSource, MAX_CHUNK_BYTES,
 };
-use hivemind_node::network::{keypair_of, with_peer, NetConfig, Network};
+use hivemind_node::identity::keypair_of;
+use hivemind_node::network::{with_peer, NetConfig, Network};
 use hivemind_protocol::{Hash, NodeKey};
 use hivemind_store::Store;
 use tokio_util::sync::CancellationToken;
