@@ -1,8 +1,10 @@
 //! Decoder correctness on tiny generated models, against an independent implementation.
 //!
-//! The reference below is a plain f64 transformer written from the Hugging Face modelling code's
-//! equations (RMSNorm, rotate-half RoPE, GQA attention with a causal mask, SiLU-gated MLP), with loops
-//! instead of tensor ops. It shares no code with the candle decoder.
+//! The reference (`tests/common/reference.rs`) is a plain f64 transformer written from the Hugging
+//! Face modelling code's equations (RMSNorm, rotate-half RoPE, GQA attention with a causal mask,
+//! SiLU-gated MLP), with loops instead of tensor ops. It shares no code with the candle decoder.
+
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -14,170 +16,17 @@ use hivemind_model::lora::peft_name;
 use hivemind_model::testing::TinyModel;
 use hivemind_model::{BaseModel, LoadOptions};
 
-/// Matrices as (rows, cols, row-major f64).
-type Mat = (usize, usize, Vec<f64>);
+use common::reference::{self, decoder_weights, mat, Weights};
 
-fn mat(t: &candle_core::Tensor) -> Result<Mat> {
-    let t = t.to_dtype(candle_core::DType::F64)?;
-    match t.dims().len() {
-        1 => {
-            let v = t.to_vec1::<f64>()?;
-            Ok((1, v.len(), v))
-        }
-        _ => {
-            let (r, c) = t.dims2()?;
-            Ok((r, c, t.flatten_all()?.to_vec1::<f64>()?))
-        }
-    }
-}
-
-fn matvec(m: &Mat, x: &[f64]) -> Vec<f64> {
-    let (r, c, w) = m;
-    assert_eq!(*c, x.len());
-    (0..*r)
-        .map(|i| (0..*c).map(|j| w[i * c + j] * x[j]).sum())
-        .collect()
-}
-
-fn rmsnorm(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
-    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-    let s = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(g).map(|(v, g)| v * s * g).collect()
-}
-
-fn rope(x: &mut [f64], pos: usize, theta: f64) {
-    let d = x.len();
-    let half = d / 2;
-    for i in 0..half {
-        let freq = 1.0 / theta.powf(2.0 * i as f64 / d as f64);
-        let (s, c) = (pos as f64 * freq).sin_cos();
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * c - b * s;
-        x[i + half] = b * c + a * s;
-    }
-}
-
-/// Logits for every position of `ids`, from weights under HF names.
-fn reference(cfg: &ModelConfig, w: &BTreeMap<String, Mat>, ids: &[u32]) -> Vec<Vec<f64>> {
-    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let eps = cfg.rms_norm_eps;
-    let emb = &w["model.embed_tokens.weight"];
-    let mut xs: Vec<Vec<f64>> = ids
+/// Logits of the f64 reference (tests/common/reference.rs) at every position, without LoRA.
+fn reference(cfg: &ModelConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
+    reference::final_hidden(cfg, w, ids, &|_, _, _, _| {})
         .iter()
-        .map(|&id| emb.2[id as usize * emb.1..(id as usize + 1) * emb.1].to_vec())
-        .collect();
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        let get = |n: &str| &w[&format!("{p}.{n}")];
-        let lin = |n: &str, x: &[f64]| {
-            let mut y = matvec(get(&format!("{n}.weight")), x);
-            if let Some(b) = w.get(&format!("{p}.{n}.bias")) {
-                y.iter_mut().zip(&b.2).for_each(|(y, b)| *y += b);
-            }
-            y
-        };
-        let mut qs = Vec::new();
-        let mut ks = Vec::new();
-        let mut vs = Vec::new();
-        for (t, x) in xs.iter().enumerate() {
-            let h = rmsnorm(x, &get("input_layernorm.weight").2, eps);
-            let mut q = lin("self_attn.q_proj", &h);
-            let mut k = lin("self_attn.k_proj", &h);
-            for head in q.chunks_mut(hd) {
-                rope(head, t, cfg.rope_theta);
-            }
-            for head in k.chunks_mut(hd) {
-                rope(head, t, cfg.rope_theta);
-            }
-            qs.push(q);
-            ks.push(k);
-            vs.push(lin("self_attn.v_proj", &h));
-        }
-        for t in 0..xs.len() {
-            let mut att_out = vec![0.0; nh * hd];
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let q = &qs[t][h * hd..(h + 1) * hd];
-                let scores: Vec<f64> = (0..=t)
-                    .map(|s| {
-                        let k = &ks[s][kvh * hd..(kvh + 1) * hd];
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (s, p) in e.iter().enumerate() {
-                    let v = &vs[s][kvh * hd..(kvh + 1) * hd];
-                    for d in 0..hd {
-                        att_out[h * hd + d] += p / z * v[d];
-                    }
-                }
-            }
-            let o = lin("self_attn.o_proj", &att_out);
-            xs[t].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let h = rmsnorm(&xs[t], &get("post_attention_layernorm.weight").2, eps);
-            let g = lin("mlp.gate_proj", &h);
-            let u = lin("mlp.up_proj", &h);
-            let a: Vec<f64> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let d = lin("mlp.down_proj", &a);
-            xs[t].iter_mut().zip(&d).for_each(|(x, d)| *x += d);
-        }
-    }
-    let head = w
-        .get("lm_head.weight")
-        .unwrap_or(&w["model.embed_tokens.weight"]);
-    xs.iter()
-        .map(|x| matvec(head, &rmsnorm(x, &w["model.norm.weight"].2, eps)))
+        .map(|h| reference::head_logits(w, h))
         .collect()
 }
 
-/// The weights a loaded decoder actually uses (dequantized), under HF names.
-fn decoder_weights(d: &Decoder) -> Result<BTreeMap<String, Mat>> {
-    let mut w = BTreeMap::new();
-    w.insert(
-        "model.embed_tokens.weight".into(),
-        mat(&d.embed.dequantize()?)?,
-    );
-    w.insert("model.norm.weight".into(), mat(&d.norm)?);
-    if let Some(h) = &d.lm_head {
-        w.insert("lm_head.weight".into(), mat(&h.dequantize()?)?);
-    }
-    for (l, layer) in d.layers.iter().enumerate() {
-        let p = format!("model.layers.{l}");
-        for m in MODULES {
-            let group =
-                if m.ends_with("proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&m) {
-                    "self_attn"
-                } else {
-                    "mlp"
-                };
-            let lin = layer.module(m).expect("module");
-            w.insert(
-                format!("{p}.{group}.{m}.weight"),
-                mat(&lin.weight.dequantize()?)?,
-            );
-            if let Some(b) = &lin.bias {
-                w.insert(format!("{p}.{group}.{m}.bias"), mat(b)?);
-            }
-        }
-        w.insert(
-            format!("{p}.input_layernorm.weight"),
-            mat(&layer.attn_norm)?,
-        );
-        w.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            mat(&layer.mlp_norm)?,
-        );
-    }
-    Ok(w)
-}
-
-fn tiny_weights(t: &TinyModel) -> Result<BTreeMap<String, Mat>> {
+fn tiny_weights(t: &TinyModel) -> Result<Weights> {
     t.tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), mat(v)?)))
@@ -352,8 +201,8 @@ fn adapter_at_inference_equals_merged_weights() -> Result<()> {
         let mut m = BaseModel::load(&path, &LoadOptions::default())?;
         let adapter = random_adapter(&m.decoder.cfg, 4, 1);
         // Round-trip through a PEFT dir on disk, as a user would hand it over.
-        adapter.write_dir(&dir.path().join("adapter"))?;
-        let adapter = LoraAdapter::read_dir(&dir.path().join("adapter"))?;
+        adapter.write_dir(dir.path().join("adapter"))?;
+        let adapter = LoraAdapter::read_dir(dir.path().join("adapter"))?;
         let base = logits_all(&m.decoder, &IDS)?;
         m.decoder.apply_adapter(&adapter)?;
         let with = logits_all(&m.decoder, &IDS)?;
@@ -394,7 +243,11 @@ fn adapter_that_does_not_fit_is_refused_by_name() -> Result<()> {
         .expect("tensor")
         .data
         .truncate(128);
-    let err = m.decoder.apply_adapter(&adapter).unwrap_err().to_string();
+    let err = m
+        .decoder
+        .apply_adapter(&adapter)
+        .expect_err("a misshapen adapter must be refused")
+        .to_string();
     assert!(err.contains("layer 1 up_proj"), "{err}");
     // Nothing was applied.
     assert!(m.decoder.layers.iter().all(|l| l.q_proj.lora.is_none()));
@@ -407,7 +260,7 @@ fn malformed_gguf_is_a_clear_error() -> Result<()> {
     let path = dir.path().join("bad.gguf");
     std::fs::write(&path, b"GGUF but not really")?;
     let err = BaseModel::load(&path, &LoadOptions::default())
-        .unwrap_err()
+        .expect_err("a malformed GGUF must not load")
         .to_string();
     assert!(err.contains("bad.gguf"), "{err}");
     Ok(())

@@ -7,6 +7,8 @@
 //! difference `(L(x + e) - L(x - e)) / 2e` of the f64 reference, with `e = 1e-4` (f64 round-off is
 //! about 1e-12 there, so the reference is exact to ~1e-8 relative).
 
+mod common;
+
 use std::ops::Range;
 
 use anyhow::Result;
@@ -14,6 +16,8 @@ use hivemind_model::decoder::Weight;
 use hivemind_model::train_ops::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use common::reference::{dot, rope};
 
 const EPS: f64 = 1e-4;
 
@@ -25,10 +29,6 @@ fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 
 fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 /// Central differences of `f` at `x` for the coordinates `idx`.
@@ -200,18 +200,6 @@ fn rms_norm_backward_matches_finite_differences() {
     assert_grad("rmsnorm gx", &gx, &idx, &want, 1e-4);
 }
 
-fn rope_ref(x: &mut [f64], pos: usize, theta: f64) {
-    let d = x.len();
-    let half = d / 2;
-    for i in 0..half {
-        let freq = 1.0 / theta.powf(2.0 * i as f64 / d as f64);
-        let (s, c) = (pos as f64 * freq).sin_cos();
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * c - b * s;
-        x[i + half] = b * c + a * s;
-    }
-}
-
 #[test]
 fn rope_matches_reference_and_its_backward_is_the_transpose() {
     let mut rng = StdRng::seed_from_u64(5);
@@ -224,7 +212,7 @@ fn rope_matches_reference_and_its_backward_is_the_transpose() {
         let mut y = x.to_vec();
         for (i, row) in y.chunks_mut(heads * hd).enumerate() {
             for head in row.chunks_mut(hd) {
-                rope_ref(head, pos[i], theta);
+                rope(head, pos[i], theta);
             }
         }
         y
@@ -498,8 +486,8 @@ fn fused_cross_entropy_matches_full_softmax_over_several_chunks() -> Result<()> 
 
 // ---------------------------------------------------------------------------------------------
 // A whole tiny model: every LoRA tensor of every layer against finite differences of an
-// independent f64 transformer (the equations of tests/decoder.rs's reference, plus LoRA and the
-// mean cross-entropy over target tokens), on the decoder's own dequantized weights.
+// independent f64 transformer (tests/common/reference.rs, the reference of tests/decoder.rs, plus
+// LoRA and the mean cross-entropy over target tokens), on the decoder's own dequantized weights.
 // ---------------------------------------------------------------------------------------------
 
 mod model_level {
@@ -515,50 +503,7 @@ mod model_level {
     use hivemind_model::train::{LoraSpec, Trainer};
     use hivemind_model::{BaseModel, LoadOptions};
 
-    type Mat = (usize, usize, Vec<f64>);
-
-    fn mat(t: &candle_core::Tensor) -> Result<Mat> {
-        let v = f64s(&t.flatten_all()?.to_vec1::<f32>()?);
-        let (r, c) = match t.dims() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            d => anyhow::bail!("unexpected dims {d:?}"),
-        };
-        Ok((r, c, v))
-    }
-
-    fn matvec(m: &Mat, x: &[f64]) -> Vec<f64> {
-        let (r, c, w) = m;
-        assert_eq!(*c, x.len());
-        (0..*r).map(|i| dot(&w[i * c..(i + 1) * c], x)).collect()
-    }
-
-    /// Base weights under HF names, dequantized from the loaded decoder.
-    fn weights(d: &Decoder) -> Result<BTreeMap<String, Mat>> {
-        let mut w = BTreeMap::new();
-        w.insert("embed".to_string(), mat(&d.embed.dequantize()?)?);
-        w.insert("norm".to_string(), mat(&d.norm)?);
-        let head = d.lm_head.as_ref().unwrap_or(&d.embed);
-        w.insert("head".to_string(), mat(&head.dequantize()?)?);
-        for (l, layer) in d.layers.iter().enumerate() {
-            for m in MODULES {
-                let lin = layer.module(m).expect("module");
-                w.insert(format!("{l}.{m}"), mat(&lin.weight.dequantize()?)?);
-                if let Some(b) = &lin.bias {
-                    w.insert(format!("{l}.{m}.bias"), mat(b)?);
-                }
-            }
-            w.insert(format!("{l}.attn_norm"), mat(&layer.attn_norm)?);
-            w.insert(format!("{l}.mlp_norm"), mat(&layer.mlp_norm)?);
-        }
-        Ok(w)
-    }
-
-    fn rmsnorm(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
-        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-        let s = 1.0 / (ms + eps).sqrt();
-        x.iter().zip(g).map(|(v, g)| v * s * g).collect()
-    }
+    use crate::common::reference::{self, Weights};
 
     /// The LoRA parameters flattened in the order of `names`, with their shapes.
     struct Lora {
@@ -576,91 +521,35 @@ mod model_level {
         }
     }
 
-    /// Mean cross-entropy over target tokens, every sequence separately, in f64.
+    /// Mean cross-entropy over target tokens, every sequence separately, in f64: the shared
+    /// reference transformer with the LoRA term `scale * B (A x)` added to every adapted module.
     fn reference_loss(
         cfg: &ModelConfig,
-        w: &BTreeMap<String, Mat>,
+        w: &Weights,
         lora: &Lora,
         p: &[f64],
         batch: &[Example],
     ) -> f64 {
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let eps = cfg.rms_norm_eps;
+        let add_lora = |l: usize, m: &str, x: &[f64], y: &mut [f64]| {
+            if let (Some((a, r, c)), Some((b, o, _))) = (
+                lora.get(p, &peft_name(l, m, "A")),
+                lora.get(p, &peft_name(l, m, "B")),
+            ) {
+                let u: Vec<f64> = (0..r).map(|i| dot(&a[i * c..(i + 1) * c], x)).collect();
+                for j in 0..o {
+                    y[j] += lora.scale * dot(&b[j * r..(j + 1) * r], &u);
+                }
+            }
+        };
         let mut total = 0.0;
         let mut count = 0usize;
         for ex in batch {
-            let emb = &w["embed"];
-            let mut xs: Vec<Vec<f64>> = ex
-                .ids
-                .iter()
-                .map(|&id| emb.2[id as usize * emb.1..(id as usize + 1) * emb.1].to_vec())
-                .collect();
-            for l in 0..cfg.num_layers {
-                let lin = |m: &str, x: &[f64]| -> Vec<f64> {
-                    let mut y = matvec(&w[&format!("{l}.{m}")], x);
-                    if let Some(b) = w.get(&format!("{l}.{m}.bias")) {
-                        y.iter_mut().zip(&b.2).for_each(|(y, b)| *y += b);
-                    }
-                    if let (Some((a, r, c)), Some((b, o, _))) = (
-                        lora.get(p, &peft_name(l, m, "A")),
-                        lora.get(p, &peft_name(l, m, "B")),
-                    ) {
-                        let u: Vec<f64> = (0..r).map(|i| dot(&a[i * c..(i + 1) * c], x)).collect();
-                        for j in 0..o {
-                            y[j] += lora.scale * dot(&b[j * r..(j + 1) * r], &u);
-                        }
-                    }
-                    y
-                };
-                let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-                for (t, x) in xs.iter().enumerate() {
-                    let h = rmsnorm(x, &w[&format!("{l}.attn_norm")].2, eps);
-                    let mut q = lin("q_proj", &h);
-                    let mut k = lin("k_proj", &h);
-                    q.chunks_mut(hd)
-                        .for_each(|x| rope_ref(x, t, cfg.rope_theta));
-                    k.chunks_mut(hd)
-                        .for_each(|x| rope_ref(x, t, cfg.rope_theta));
-                    qs.push(q);
-                    ks.push(k);
-                    vs.push(lin("v_proj", &h));
-                }
-                for t in 0..xs.len() {
-                    let mut att = vec![0.0; nh * hd];
-                    for h in 0..nh {
-                        let kvh = h / (nh / nkv);
-                        let q = &qs[t][h * hd..(h + 1) * hd];
-                        let s: Vec<f64> = (0..=t)
-                            .map(|j| dot(q, &ks[j][kvh * hd..(kvh + 1) * hd]) / (hd as f64).sqrt())
-                            .collect();
-                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-                        let z: f64 = e.iter().sum();
-                        for (j, pj) in e.iter().enumerate() {
-                            for d in 0..hd {
-                                att[h * hd + d] += pj / z * vs[j][kvh * hd + d];
-                            }
-                        }
-                    }
-                    let o = lin("o_proj", &att);
-                    xs[t].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-                    let h = rmsnorm(&xs[t], &w[&format!("{l}.mlp_norm")].2, eps);
-                    let g = lin("gate_proj", &h);
-                    let u = lin("up_proj", &h);
-                    let a: Vec<f64> = g
-                        .iter()
-                        .zip(&u)
-                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                        .collect();
-                    let d = lin("down_proj", &a);
-                    xs[t].iter_mut().zip(&d).for_each(|(x, d)| *x += d);
-                }
-            }
+            let hidden = reference::final_hidden(cfg, w, &ex.ids, &add_lora);
             for i in 0..ex.ids.len().saturating_sub(1) {
                 if !ex.targets[i + 1] {
                     continue;
                 }
-                let logits = matvec(&w["head"], &rmsnorm(&xs[i], &w["norm"].2, eps));
+                let logits = reference::head_logits(w, &hidden[i]);
                 let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
                 total += m + z.ln() - logits[ex.ids[i + 1] as usize];
@@ -768,7 +657,7 @@ mod model_level {
             offsets: offsets.clone(),
             scale: 2.0,
         };
-        let w = weights(d)?;
+        let w = reference::decoder_weights(d)?;
         let want_loss = reference_loss(&d.cfg, &w, &lora, &p, &batch);
         assert!(
             (loss.mean() - want_loss).abs() < 1e-4 * want_loss.abs().max(1.0),
