@@ -69,6 +69,48 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// What a LoRA adapter of `rank` on `target_modules` (module kinds such as `q_proj`) must
+    /// look like on this model, for [`crate::adapter::LoraAdapter::check_shape`].
+    pub fn adapter_shape(
+        &self,
+        rank: usize,
+        target_modules: &[String],
+    ) -> Result<crate::adapter::AdapterShape> {
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut modules = std::collections::BTreeMap::new();
+        for m in target_modules {
+            let (out_features, in_features) = match m.as_str() {
+                "q_proj" => (q, h),
+                "k_proj" | "v_proj" => (kv, h),
+                "o_proj" => (h, q),
+                "gate_proj" | "up_proj" => (i, h),
+                "down_proj" => (h, i),
+                other => {
+                    return Err(ModelError::AdapterMismatch {
+                        reason: format!(
+                            "unknown LoRA target module {other} (expected q_proj, k_proj, \
+                             v_proj, o_proj, gate_proj, up_proj or down_proj)"
+                        ),
+                    })
+                }
+            };
+            modules.insert(
+                m.clone(),
+                crate::adapter::ModuleDims {
+                    out_features,
+                    in_features,
+                },
+            );
+        }
+        Ok(crate::adapter::AdapterShape {
+            rank,
+            num_layers: self.num_layers,
+            modules,
+        })
+    }
+
     /// Reads the hyper-parameters from GGUF metadata.
     pub fn from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Self> {
         let get = |k: &str| {

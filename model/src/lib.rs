@@ -32,4 +32,4 @@ pub mod train_ops;
 
 pub use error::{ModelError, Result};
 pub use hivemind_protocol::Hash;
-pub use loader::{model_hash, BaseModel, LoadOptions};
+pub use loader::{model_hash, read_config, BaseModel, LoadOptions};

@@ -72,6 +72,23 @@ pub fn model_hash(path: &Path) -> Result<Hash> {
     Ok(hasher.finalize().into())
 }
 
+/// The shape of a GGUF file or a Hugging Face model dir, read from the GGUF header or
+/// `config.json` only (no weights). Enough to check adapters against the model.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        return ModelConfig::from_hf_json(&config_path, &text);
+    }
+    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| ModelError::bad(path, format!("not a readable GGUF file: {e}")))?;
+    let mut cfg = ModelConfig::from_gguf(path, &content.metadata)?;
+    cfg.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    Ok(cfg)
+}
+
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| ModelError::io(dir, e))?

@@ -258,3 +258,39 @@ impl TinyModel {
         Ok(())
     }
 }
+
+/// A LoRA adapter of `shape` with uniform random values in [-0.5, 0.5) (deterministic in
+/// `seed`), for tests and benchmarks that move adapters around without training them.
+pub fn random_adapter(
+    shape: &crate::adapter::AdapterShape,
+    alpha: f64,
+    seed: u64,
+) -> Result<crate::adapter::LoraAdapter> {
+    use crate::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = BTreeMap::new();
+    for layer in 0..shape.num_layers {
+        for (module, dims) in &shape.modules {
+            for side in [LoraSide::A, LoraSide::B] {
+                let dims_of = shape.expected_shape(*dims, side);
+                let data = (0..dims_of[0] * dims_of[1])
+                    .map(|_| rng.gen_range(-0.5f32..0.5))
+                    .collect();
+                let which = if side == LoraSide::A { "A" } else { "B" };
+                tensors.insert(
+                    crate::lora::peft_name(layer, module, which),
+                    LoraTensor {
+                        shape: dims_of,
+                        data,
+                    },
+                );
+            }
+        }
+    }
+    let config = AdapterConfig::new(
+        shape.rank,
+        alpha,
+        TargetModules::from_names(shape.modules.keys().cloned()),
+    );
+    Ok(LoraAdapter::new(config, tensors)?)
+}

@@ -40,6 +40,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Run a node of the network (a bootstrap node when no --bootstrap is given).
     Join(crate::join::JoinArgs),
+    /// Run a bootstrap node that also serves the legacy REST API (the gateway).
+    Serve(crate::join::ServeArgs),
     /// Show a running node's state (peer id, peers, rounds).
     Status(crate::status::StatusArgs),
     /// List committed rounds.
@@ -142,6 +144,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => crate::train::run(args),
         Command::Demo(args) => crate::demo::run(args),
         Command::Join(args) => crate::join::run(args),
+        Command::Serve(args) => crate::join::serve(args),
         Command::Status(args) => crate::status::status(args),
         Command::Rounds(args) => crate::status::rounds(args),
         Command::Export(args) => crate::status::export(args),

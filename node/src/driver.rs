@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter};
+use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
 use hivemind_model::aggregate::{AggregationRule, FedAvg, WeightedAdapter};
 use hivemind_protocol::{
     announce_topic, digest_topic, Action, Event, FetchFailure, Hash, ModelId, NodeKey, RoundConfig,
@@ -59,8 +59,8 @@ pub struct DriverConfig {
     pub model: ModelId,
     /// Round timing.
     pub round: RoundConfig,
-    /// The LoRA config every adapter of this network has.
-    pub adapter_config: AdapterConfig,
+    /// What every adapter of this network is.
+    pub spec: NetSpec,
     /// The data dir (status file, inbox).
     pub data_dir: PathBuf,
 }
@@ -77,6 +77,49 @@ pub enum Local {
         /// The adapter's hash, once announced.
         reply: oneshot::Sender<Result<Hash, String>>,
     },
+    /// Announce a gateway upload (its canonical bytes already in the store) for `user_id`.
+    Upload {
+        /// blake3 of the adapter blob.
+        hash: Hash,
+        /// Its length.
+        byte_len: u64,
+        /// Training samples the user reported (the FedAvg weight).
+        samples: u64,
+        /// The uploading user.
+        user_id: String,
+        /// Where it went.
+        reply: oneshot::Sender<Result<Placement, String>>,
+    },
+    /// Close the current round's window now (the gateway's aggregate request).
+    CloseNow,
+}
+
+/// Where an upload was announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In the current round, this one.
+    Round(u64),
+    /// The user already has an adapter in the current round (one per user and round):
+    /// this one is announced when the next round opens.
+    Deferred(u64),
+}
+
+/// What the gateway reads of the driver's state (a `watch` channel).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverView {
+    /// The round being collected.
+    pub current_round: u64,
+    /// Contributors announced for it so far.
+    pub current_contributors: usize,
+    /// The last committed round.
+    pub latest: Option<RoundView>,
+}
+
+struct DeferredUpload {
+    hash: Hash,
+    byte_len: u64,
+    samples: u64,
+    after_round: u64,
 }
 
 struct PendingMsg {
@@ -158,6 +201,11 @@ pub struct Driver {
     announced: BTreeMap<u64, BTreeSet<Hash>>,
     unpublished: Vec<(String, Vec<u8>)>,
     rounds: Vec<RoundView>,
+    /// Gateway uploads waiting for the next round, by user id.
+    deferred: BTreeMap<String, DeferredUpload>,
+    /// Actions produced outside `act` (by `announce`), run next.
+    queued: Vec<Action>,
+    view: tokio::sync::watch::Sender<DriverView>,
 }
 
 impl Driver {
@@ -193,11 +241,80 @@ impl Driver {
             fetching: BTreeSet::new(),
             announced: BTreeMap::new(),
             unpublished: Vec::new(),
+            deferred: BTreeMap::new(),
+            queued: Vec::new(),
+            view: tokio::sync::watch::Sender::new(DriverView::default()),
         })
+    }
+
+    /// A live view of the round state (current round, contributors, latest commit).
+    pub fn view(&self) -> tokio::sync::watch::Receiver<DriverView> {
+        self.view.subscribe()
+    }
+
+    fn publish_view(&self) {
+        let v = DriverView {
+            current_round: self.machine.current_round(),
+            current_contributors: self
+                .announced
+                .get(&self.machine.current_round())
+                .map_or(0, BTreeSet::len),
+            latest: self.rounds.last().cloned(),
+        };
+        self.view.send_if_modified(|old| {
+            let changed = *old != v;
+            *old = v;
+            changed
+        });
+    }
+
+    /// Announces gateway uploads that were waiting when the node stopped: each user's newest
+    /// upload not in a committed round. One we had announced in this very round is handed
+    /// back as its stored envelope (the same message, so peers see no second announcement).
+    async fn resume_uploads(&mut self) {
+        let store = self.store.clone();
+        let round = self.machine.current_round();
+        let found = tokio::task::spawn_blocking(move || -> hivemind_store::Result<Vec<_>> {
+            let mut out = Vec::new();
+            for u in store.pending_uploads()? {
+                let envelope = store.get_announcement(round, &u.blob)?;
+                let len = store.blob_len(&u.blob)?;
+                out.push((u, envelope, len));
+            }
+            Ok(out)
+        })
+        .await;
+        let Ok(Ok(found)) = found else {
+            tracing::error!("cannot read pending uploads from the store");
+            return;
+        };
+        for (u, envelope, len) in found {
+            let Some(len) = len else {
+                continue;
+            };
+            let mine = envelope
+                .and_then(|b| SignedAnnouncement::decode_for(&b, &self.cfg.model).ok())
+                .filter(|a| a.payload().contributor == self.key.node_id());
+            match mine {
+                Some(a) => {
+                    let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
+                    self.act(actions).await;
+                }
+                None => {
+                    let r = self
+                        .announce_upload(u.blob, len, u.training_samples, u.user_id.clone())
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(upload = %u.id, error = %e, "cannot announce a pending upload");
+                    }
+                }
+            }
+        }
     }
 
     /// Runs until `cancel` fires.
     pub async fn run(mut self, cancel: CancellationToken) {
+        self.resume_uploads().await;
         let mut housekeeping = tokio::time::interval(Duration::from_millis(300));
         loop {
             let now = now_ms();
@@ -282,37 +399,113 @@ impl Driver {
     }
 
     async fn on_local(&mut self, req: Local) {
-        let Local::Contribute {
-            dir,
-            samples,
-            reply,
-        } = req;
-        let r = self.contribute(&dir, samples).await;
-        let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+        match req {
+            Local::Contribute {
+                dir,
+                samples,
+                reply,
+            } => {
+                let r = self.contribute(&dir, samples).await;
+                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+            }
+            Local::Upload {
+                hash,
+                byte_len,
+                samples,
+                user_id,
+                reply,
+            } => {
+                let r = self.announce_upload(hash, byte_len, samples, user_id).await;
+                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+                self.publish_view();
+            }
+            Local::CloseNow => {
+                let actions = self.machine.handle(now_ms(), Event::CloseNow);
+                self.act(actions).await;
+            }
+        }
+    }
+
+    /// Announces a stored gateway upload for `user_id` in the current round, or defers it to
+    /// the next round when that user already has one in this round.
+    async fn announce_upload(
+        &mut self,
+        hash: Hash,
+        byte_len: u64,
+        samples: u64,
+        user_id: String,
+    ) -> anyhow::Result<Placement> {
+        let round = self.machine.current_round();
+        let accepted = self.announce(hash, byte_len, samples, Some(user_id.clone()))?;
+        self.flush_queued().await;
+        if accepted {
+            Ok(Placement::Round(round))
+        } else {
+            // The newest upload of a user is the one that waits.
+            self.deferred.insert(
+                user_id,
+                DeferredUpload {
+                    hash,
+                    byte_len,
+                    samples,
+                    after_round: round,
+                },
+            );
+            Ok(Placement::Deferred(round + 1))
+        }
+    }
+
+    /// Signs and hands one of our adapters to the round machine; `true` when it was
+    /// accepted for the current round (and is being published).
+    fn announce(
+        &mut self,
+        hash: Hash,
+        byte_len: u64,
+        samples: u64,
+        user_id: Option<String>,
+    ) -> anyhow::Result<bool> {
+        let now = now_ms();
+        let draft = self
+            .machine
+            .draft_announcement(hash, byte_len, samples, user_id, now);
+        let signed = Signed::sign(draft, &self.key)?;
+        let id = signed.id();
+        tracing::info!(adapter = %hash.short(), round = self.machine.current_round(), "contributing");
+        let actions = self.machine.handle(now, Event::LocalContribution(signed));
+        let accepted = actions
+            .iter()
+            .any(|a| matches!(a, Action::PublishAnnouncement(s) if s.id() == id));
+        self.queued.extend(actions);
+        Ok(accepted)
     }
 
     /// Reads, checks and stores an adapter dir, then announces it in the current round.
     pub async fn contribute(&mut self, dir: &Path, samples: u64) -> anyhow::Result<Hash> {
         let dir = dir.to_path_buf();
         let store = self.store.clone();
-        let want = self.cfg.adapter_config.clone();
+        let spec = self.cfg.spec.clone();
         let (hash, len) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Hash, u64)> {
             let adapter = LoraAdapter::read_dir(&dir)?;
-            fits_network(&adapter, &want).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            spec.check(&adapter)
+                .map_err(|e| anyhow::anyhow!("{} does not fit this network: {e}", dir.display()))?;
             let bytes = adapter.to_safetensors_bytes()?;
             let hash = store.put_blob(&bytes)?;
             Ok((hash, bytes.len() as u64))
         })
         .await??;
-        let now = now_ms();
-        let draft = self
-            .machine
-            .draft_announcement(hash, len, samples, None, now);
-        let signed = Signed::sign(draft, &self.key)?;
-        tracing::info!(adapter = %hash.short(), round = self.machine.current_round(), "contributing");
-        let actions = self.machine.handle(now, Event::LocalContribution(signed));
-        self.act(actions).await;
+        if !self.announce(hash, len, samples, None)? {
+            anyhow::bail!(
+                "round {} already has this node's adapter (one per node and round); offer it in the next round",
+                self.machine.current_round()
+            );
+        }
+        self.flush_queued().await;
         Ok(hash)
+    }
+
+    async fn flush_queued(&mut self) {
+        let actions = std::mem::take(&mut self.queued);
+        self.act(actions).await;
     }
 
     async fn act(&mut self, actions: Vec<Action>) {
@@ -347,7 +540,7 @@ impl Driver {
             Action::FetchAnnouncement { id, from } => self.spawn_fetch(id, from, true).await,
             Action::Aggregate(job) => {
                 let store = self.store.clone();
-                let config = self.cfg.adapter_config.clone();
+                let config = self.cfg.spec.config.clone();
                 let tx = self.done_tx.clone();
                 tokio::task::spawn_blocking(move || match aggregate(&store, &config, &job) {
                     Ok(result) => {
@@ -372,6 +565,10 @@ impl Driver {
             },
             Action::Commit { record, replaces } => self.commit(record, replaces).await,
             Action::Penalise { peer, reason } => {
+                if peer == self.key.node_id() {
+                    // Our own refused contribution (e.g. a second one in a round).
+                    return;
+                }
                 if let Some(p) = peer_id_of(&peer) {
                     self.client.penalise(p, format!("{reason:?}")).await;
                 }
@@ -404,7 +601,7 @@ impl Driver {
         let store = self.store.clone();
         let tx = self.done_tx.clone();
         let model = self.cfg.model;
-        let config = self.cfg.adapter_config.clone();
+        let spec = self.cfg.spec.clone();
         tokio::spawn(async move {
             let got = fetch_blob(&client, &store, hash, &peers).await.is_some();
             let ev = if !got {
@@ -434,9 +631,8 @@ impl Driver {
                 // An adapter blob: its hash is right, but its content must be an adapter
                 // of this network's shape, or aggregation could not use it.
                 let st = store.clone();
-                let cfg = config.clone();
                 let valid =
-                    tokio::task::spawn_blocking(move || check_adapter_blob(&st, &cfg, &hash))
+                    tokio::task::spawn_blocking(move || check_adapter_blob(&st, &spec, &hash))
                         .await
                         .unwrap_or_else(|e| Err(e.to_string()));
                 match valid {
@@ -500,19 +696,52 @@ impl Driver {
         tracing::info!(round = record.round, hash = %record.result.short(), contributors = record.inputs.len(), ?replaces, "round committed");
         let store = self.store.clone();
         let s2 = stored.clone();
-        match tokio::task::spawn_blocking(move || store.put_round(&s2)).await {
+        let committed = tokio::task::spawn_blocking(move || -> hivemind_store::Result<()> {
+            store.put_round(&s2)?;
+            // Gateway uploads that made it into this round are no longer pending.
+            for u in store.list_uploads()? {
+                if s2.contributors.contains(&u.blob) && u.round != Some(s2.number) {
+                    store.mark_upload_included(&u.id, s2.number)?;
+                }
+            }
+            Ok(())
+        });
+        match committed.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot store the committed round"),
             Err(e) => tracing::error!(error = %e, "commit task failed"),
         }
-        self.rounds.retain(|r| r.number != stored.number);
+        // Our records of later rounds are orphaned by a commit of an earlier one.
+        self.rounds.retain(|r| r.number < stored.number);
         self.rounds.push(RoundView::of(&stored));
         self.rounds.sort_by_key(|r| r.number);
         self.announced.retain(|r, _| *r > record.round);
+        self.publish_view();
         self.write_status().await;
     }
 
     async fn housekeeping(&mut self) {
+        let round = self.machine.current_round();
+        let due: Vec<String> = self
+            .deferred
+            .iter()
+            .filter(|(_, d)| d.after_round < round)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in due {
+            if let Some(d) = self.deferred.remove(&user) {
+                match self
+                    .announce_upload(d.hash, d.byte_len, d.samples, user)
+                    .await
+                {
+                    Ok(p) => {
+                        tracing::info!(adapter = %d.hash.short(), placement = ?p, "deferred upload announced")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot announce a deferred upload"),
+                }
+            }
+        }
+        self.publish_view();
         let retry = std::mem::take(&mut self.unpublished);
         for (topic, data) in retry {
             self.publish(topic, data).await;
@@ -574,7 +803,7 @@ impl Driver {
                 .unwrap_or_default(),
             latest_round: self.rounds.last().cloned(),
             model_id: self.cfg.model.to_hex(),
-            adapter_config: serde_json::to_value(&self.cfg.adapter_config)
+            adapter_config: serde_json::to_value(&self.cfg.spec.config)
                 .unwrap_or(serde_json::Value::Null),
             penalties: info
                 .penalties
@@ -604,46 +833,70 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
     std::fs::rename(&tmp, path)
 }
 
-/// Checks that blob `hash` is an adapter of the network's LoRA config; removes it from the
-/// store when it is not (so that it is neither served nor aggregated).
-pub fn check_adapter_blob(
-    store: &Store,
-    config: &AdapterConfig,
-    hash: &Hash,
-) -> Result<(), String> {
+/// Checks that blob `hash` is an adapter of the network; removes it from the store when it
+/// is not (so that it is neither served nor aggregated).
+pub fn check_adapter_blob(store: &Store, spec: &NetSpec, hash: &Hash) -> Result<(), String> {
     let bytes = match store.get_blob(hash) {
         Ok(Some(b)) => b,
         Ok(None) => return Err("not in the store".into()),
         Err(e) => return Err(e.to_string()),
     };
-    let parsed = LoraAdapter::from_safetensors_bytes(config.clone(), &bytes, &Limits::DEFAULT)
-        .map_err(|e| e.to_string())
-        .and_then(|a| fits_network(&a, config));
+    let parsed = spec.parse(&bytes, &Limits::DEFAULT).map(|_| ());
     if parsed.is_err() {
         let _ = store.remove_blob(hash);
     }
     parsed
 }
 
-/// Whether an adapter's LoRA config is the network's (rank, alpha, target modules).
-pub fn fits_network(adapter: &LoraAdapter, want: &AdapterConfig) -> Result<(), String> {
-    let c = &adapter.config;
-    let modules_ok = adapter.tensors.keys().all(|name| {
-        want.target_modules
-            .names()
-            .is_none_or(|names| names.iter().any(|m| name.contains(&format!(".{m}.lora_"))))
-    });
-    if c.r != want.r || c.lora_alpha != want.lora_alpha || !modules_ok {
-        return Err(format!(
-            "adapter (r={}, alpha={}) does not fit this network (r={}, alpha={}, modules {:?})",
-            c.r,
-            c.lora_alpha,
-            want.r,
-            want.lora_alpha,
-            want.target_modules.names()
-        ));
+/// What every adapter of a network must be: its LoRA config (rank, alpha, target modules)
+/// and, from the base model's shape, the tensor shapes of every layer.
+#[derive(Clone, Debug)]
+pub struct NetSpec {
+    /// The LoRA config adapters are read with and exported with.
+    pub config: AdapterConfig,
+    /// Expected tensors.
+    pub shape: AdapterShape,
+}
+
+impl NetSpec {
+    /// The spec of `rank`/`alpha`/`target_modules` adapters on the model at `model_path`
+    /// (reads only the GGUF header or config.json).
+    pub fn for_model(
+        model_path: &Path,
+        rank: usize,
+        alpha: f64,
+        target_modules: &[String],
+    ) -> anyhow::Result<NetSpec> {
+        let config = AdapterConfig::new(
+            rank,
+            alpha,
+            TargetModules::from_names(target_modules.iter().cloned()),
+        );
+        config.validate()?;
+        let names = config.target_modules.names().unwrap_or_default().to_vec();
+        let shape = hivemind_model::read_config(model_path)?.adapter_shape(rank, &names)?;
+        Ok(NetSpec { config, shape })
     }
-    Ok(())
+
+    /// Whether `adapter` (e.g. read from a PEFT dir) fits: same alpha, and rank, modules and
+    /// every tensor shape as the network expects.
+    pub fn check(&self, adapter: &LoraAdapter) -> Result<(), String> {
+        if adapter.config.lora_alpha != self.config.lora_alpha {
+            return Err(format!(
+                "lora_alpha is {}, this network uses {}",
+                adapter.config.lora_alpha, self.config.lora_alpha
+            ));
+        }
+        adapter.check_shape(&self.shape).map_err(|e| e.to_string())
+    }
+
+    /// Parses untrusted safetensors bytes as an adapter of this network.
+    pub fn parse(&self, bytes: &[u8], limits: &Limits) -> Result<LoraAdapter, String> {
+        let adapter = LoraAdapter::from_safetensors_bytes(self.config.clone(), bytes, limits)
+            .map_err(|e| e.to_string())?;
+        self.check(&adapter)?;
+        Ok(adapter)
+    }
 }
 
 /// Runs one aggregation job over adapters in the store (blocking).

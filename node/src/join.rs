@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hivemind_model::adapter::{AdapterConfig, TargetModules};
 use hivemind_protocol::{announce_topic, digest_topic, BaseModel, LoraShape, ModelId, RoundConfig};
 use libp2p::Multiaddr;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{Driver, DriverConfig, Local};
+use crate::driver::{Driver, DriverConfig, Local, NetSpec};
 use crate::identity::keypair_of;
 use crate::network::{with_peer, NetConfig, Network};
 
@@ -41,6 +40,10 @@ pub struct JoinArgs {
     /// Collection window of a round, in seconds.
     #[arg(long, env = "HIVE_ROUND_SECS", default_value_t = 3600.0)]
     pub round_secs: f64,
+    /// Quiet period after a round closes before it commits, in seconds (default: a third
+    /// of the window, at most 300).
+    #[arg(long, env = "HIVE_GRACE_SECS")]
+    pub grace_secs: Option<f64>,
     /// Base model whose network to join: `default`, or a local GGUF file / HF model dir.
     #[arg(long, env = "HIVE_MODEL", default_value = "default")]
     pub model: String,
@@ -66,15 +69,6 @@ pub struct JoinArgs {
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
-}
-
-/// The network's adapter config from the arguments.
-pub fn adapter_config(args: &JoinArgs) -> AdapterConfig {
-    AdapterConfig::new(
-        args.rank,
-        args.alpha,
-        TargetModules::from_names(args.target_modules.iter().cloned()),
-    )
 }
 
 /// The network's model id: the base model's identity ([`hivemind_model::model_hash`], the
@@ -104,16 +98,68 @@ pub struct NetworkFile {
     pub adapter_config: serde_json::Value,
 }
 
-/// Runs `hive-node join`.
-pub fn run(args: JoinArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+/// Arguments of `hive-node serve`: a node with the legacy REST gateway.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Node options (as for `join`; without --bootstrap this is a bootstrap node).
+    #[command(flatten)]
+    pub join: JoinArgs,
+    /// Address the HTTP gateway binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port of the HTTP gateway (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Largest upload in MiB (request body, and the inflated content of a zip).
+    #[arg(long, default_value_t = 512)]
+    pub max_upload_mb: u64,
+    /// Longest a request may take, upload included, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// How long POST /api/v1/aggregate waits for the round to commit, in seconds.
+    #[arg(long, default_value_t = 240)]
+    pub aggregate_wait_secs: u64,
+    /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
+    /// code to reload.
+    #[arg(long)]
+    pub reload: bool,
 }
 
-async fn run_async(args: JoinArgs) -> Result<()> {
+/// The round timing of `--round-secs` and `--grace-secs`: production defaults, with the
+/// grace, fetch and heartbeat timers scaled down for short rounds (tests, demos).
+pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
+    let window_ms = (round_secs * 1000.0).max(100.0) as u64;
+    let mut round = RoundConfig::default();
+    round.window_ms = window_ms;
+    round.grace_ms = match grace_secs {
+        Some(g) => (g * 1000.0).max(100.0) as u64,
+        None => round.grace_ms.min((window_ms / 3).max(300)),
+    };
+    round.fetch_timeout_ms = round.fetch_timeout_ms.min((window_ms / 2).max(1000));
+    round.heartbeat_ms = round.heartbeat_ms.min((window_ms / 3).max(500));
+    round.max_clock_skew_ms = round.max_clock_skew_ms.max(5000);
+    round
+}
+
+/// Runs `hive-node join`.
+pub fn run(args: JoinArgs) -> Result<()> {
+    runtime()?.block_on(run_async(args, None))
+}
+
+/// Runs `hive-node serve`.
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let join = args.join.clone();
+    runtime()?.block_on(run_async(join, Some(args)))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn run_async(args: JoinArgs, gateway: Option<ServeArgs>) -> Result<()> {
     let data_dir = args
         .data_dir
         .clone()
@@ -122,9 +168,10 @@ async fn run_async(args: JoinArgs) -> Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let spec = args.model.clone();
     let a2 = args.clone();
-    let (model, base_hash) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (model, base_hash, model_path) = tokio::task::spawn_blocking(move || -> Result<_> {
         let path = hivemind_model::pull::resolve_model(Some(&spec), &mut crate::cli::progress)?;
-        model_id(&path, &a2)
+        let (id, hash) = model_id(&path, &a2)?;
+        Ok((id, hash, path))
     })
     .await??;
     let dd = data_dir.clone();
@@ -134,10 +181,9 @@ async fn run_async(args: JoinArgs) -> Result<()> {
         Ok((store, crate::identity::load_node_key(&dd)?))
     })
     .await??;
-    let config = adapter_config(&args);
-    config
-        .validate()
-        .context("the network's LoRA config (--rank, --alpha, --target-modules)")?;
+    let spec = NetSpec::for_model(&model_path, args.rank, args.alpha, &args.target_modules)
+        .context("the network's LoRA shape (--rank, --alpha, --target-modules)")?;
+    let config = spec.config.clone();
     let network = NetworkFile {
         model_id: model.to_hex(),
         base_model_hash: base_hash.to_hex(),
@@ -145,14 +191,8 @@ async fn run_async(args: JoinArgs) -> Result<()> {
     };
     crate::driver::write_json_atomic(&data_dir.join(NETWORK_FILE), &network)?;
     let cancel = CancellationToken::new();
-    let window_ms = (args.round_secs * 1000.0).max(100.0) as u64;
-    let mut round = RoundConfig::default();
-    round.window_ms = window_ms;
-    // Short rounds (tests, demos) get proportionally short grace and fetch timers.
-    round.grace_ms = round.grace_ms.min((window_ms / 3).max(300));
-    round.fetch_timeout_ms = round.fetch_timeout_ms.min((window_ms / 2).max(1000));
-    round.heartbeat_ms = round.heartbeat_ms.min((window_ms / 3).max(500));
-    round.max_clock_skew_ms = round.max_clock_skew_ms.max(5000);
+    let round = round_config(args.round_secs, args.grace_secs);
+    let window_ms = round.window_ms;
     let net_cfg = NetConfig {
         listen: args.listen.clone(),
         bootstrap: args.bootstrap.clone(),
@@ -179,16 +219,44 @@ async fn run_async(args: JoinArgs) -> Result<()> {
         DriverConfig {
             model,
             round,
-            adapter_config: adapter_config(&args),
+            spec: spec.clone(),
             data_dir: data_dir.clone(),
         },
         key,
-        store,
+        store.clone(),
         net.client.clone(),
         net.events,
         local_rx,
     )?;
+    let view = driver.view();
     let driver_task = tokio::spawn(driver.run(cancel.clone()));
+    let mut http_task = None;
+    if let Some(g) = gateway {
+        let gw = crate::gateway::Gateway::new(
+            store,
+            spec,
+            local_tx.clone(),
+            view,
+            crate::gateway::GatewayConfig {
+                max_upload_bytes: g.max_upload_mb.saturating_mul(1 << 20),
+                request_timeout: Duration::from_secs(g.request_timeout_secs),
+                aggregate_wait: Duration::from_secs(g.aggregate_wait_secs),
+            },
+        );
+        let listener = tokio::net::TcpListener::bind((g.host.as_str(), g.port))
+            .await
+            .with_context(|| format!("binding the gateway to {}:{}", g.host, g.port))?;
+        println!("gateway on http://{}", listener.local_addr()?);
+        let c = cancel.clone();
+        http_task = Some(tokio::spawn(async move {
+            let r = axum::serve(listener, crate::gateway::router(gw))
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gateway stopped");
+            }
+        }));
+    }
     if let Some(dir) = args.contribute.clone() {
         let (reply, rx) = tokio::sync::oneshot::channel();
         local_tx
@@ -211,6 +279,9 @@ async fn run_async(args: JoinArgs) -> Result<()> {
     }
     cancel.cancel();
     let _ = driver_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     let _ = net.task.await;
     let _ = std::fs::remove_file(data_dir.join(crate::driver::STATUS_FILE));
     Ok(())

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cli;
 pub mod demo;
 pub mod driver;
+pub mod gateway;
 pub mod identity;
 pub mod join;
 pub mod network;

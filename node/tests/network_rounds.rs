@@ -13,14 +13,13 @@
 //! 5. `status --json`, `rounds --json` and `export` report what the nodes committed.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
+use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::aggregate::{AggregationRule, FedAvg, WeightedAdapter};
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
@@ -147,34 +146,14 @@ fn cli(args: &[&str], data: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn config() -> AdapterConfig {
-    AdapterConfig::new(RANK, ALPHA, TargetModules::from_names(MODULES.split(',')))
-}
-
 /// A random adapter of the tiny models' shape (2 layers; q_proj 64x64, v_proj 32x64).
 fn random_adapter(seed: u32) -> LoraAdapter {
-    let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);
-    let mut next = move || {
-        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-    };
-    let mut tensors = BTreeMap::new();
-    for layer in 0..2 {
-        for (module, out) in [("self_attn.q_proj", 64), ("self_attn.v_proj", 32)] {
-            let path = format!("model.layers.{layer}.{module}");
-            for (side, shape) in [(LoraSide::A, [RANK, 64]), (LoraSide::B, [out, RANK])] {
-                let data = (0..shape[0] * shape[1]).map(|_| next()).collect();
-                tensors.insert(
-                    LoraAdapter::tensor_name(&path, side),
-                    LoraTensor {
-                        shape: shape.to_vec(),
-                        data,
-                    },
-                );
-            }
-        }
-    }
-    LoraAdapter::new(config(), tensors).unwrap()
+    let shape = TinyModel::new(Arch::Llama, 1)
+        .unwrap()
+        .cfg
+        .adapter_shape(RANK, &["q_proj".to_string(), "v_proj".to_string()])
+        .unwrap();
+    hivemind_model::testing::random_adapter(&shape, ALPHA, u64::from(seed)).unwrap()
 }
 
 /// The round adapter every node must compute: FedAvg of `adapters` (10 samples each)

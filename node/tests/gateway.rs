@@ -1,0 +1,465 @@
+//! The legacy REST gateway over real HTTP (reqwest) against a real `hive-node serve` process,
+//! with a second `hive-node join` process on loopback: every endpoint, every kind of bad
+//! input (nothing stored), and an aggregate whose download is byte for byte the round adapter
+//! the other node committed.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hivemind_model::adapter::{AdapterConfig, LoraAdapter, TargetModules};
+use hivemind_model::config::Arch;
+use hivemind_model::testing::TinyModel;
+use reqwest::blocking::{multipart, Client};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hive-node");
+const RANK: usize = 4;
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    data: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(args: &[&str], data: &Path, model: &Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--model")
+            .arg(model)
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--round-secs",
+                "3600",
+                "--grace-secs",
+                "1",
+            ])
+            .args([
+                "--rank",
+                "4",
+                "--alpha",
+                "8",
+                "--target-modules",
+                "q_proj,v_proj",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            data: data.to_path_buf(),
+        }
+    }
+
+    fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
+                Ok(_) => {}
+                Err(e) => panic!("no line {prefix:?}: {e}"),
+            }
+        }
+    }
+}
+
+/// A random adapter of the tiny model's shape with LoRA rank `rank` and `v_out` rows in
+/// v_proj's B (32 is right, anything else is the wrong shape).
+fn adapter(seed: u32, rank: usize, v_out: usize) -> LoraAdapter {
+    let mut shape = TinyModel::new(Arch::Llama, 1)
+        .unwrap()
+        .cfg
+        .adapter_shape(rank, &["q_proj".to_string(), "v_proj".to_string()])
+        .unwrap();
+    shape.modules.get_mut("v_proj").unwrap().out_features = v_out;
+    hivemind_model::testing::random_adapter(&shape, 8.0, u64::from(seed)).unwrap()
+}
+
+/// A zip of `entries` (name, bytes), deflated.
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, bytes) in entries {
+            z.start_file(*name, opts).unwrap();
+            z.write_all(bytes).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    buf.into_inner()
+}
+
+struct Api {
+    base: String,
+    http: Client,
+}
+
+impl Api {
+    fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().unwrap_or(Value::Null))
+    }
+
+    fn post(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().unwrap())
+    }
+
+    fn upload(&self, file: Option<(&str, Vec<u8>)>, fields: &[(&str, &str)]) -> (u16, Value) {
+        let mut form = multipart::Form::new();
+        if let Some((name, bytes)) = file {
+            form = form.part(
+                "file",
+                multipart::Part::bytes(bytes).file_name(name.to_string()),
+            );
+        }
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        let r = self
+            .http
+            .post(format!("{}/api/v1/adapter/upload", self.base))
+            .multipart(form)
+            .send()
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().unwrap_or(Value::Null))
+    }
+
+    fn download(&self, path: &str) -> (u16, Vec<u8>, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        let code = r.status().as_u16();
+        let disposition = r
+            .headers()
+            .get("content-disposition")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (code, r.bytes().unwrap().to_vec(), disposition)
+    }
+}
+
+fn blob_count(data: &Path) -> usize {
+    std::fs::read_dir(data.join(hivemind_store::BLOBS_DIR))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.gguf");
+    TinyModel::new(Arch::Llama, 1)
+        .unwrap()
+        .write_gguf(&model)
+        .unwrap();
+    let gw_data = tmp.path().join("gateway");
+    let server = Proc::start(
+        &[
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-upload-mb",
+            "1",
+        ],
+        &gw_data,
+        &model,
+    );
+    let boot = server.line("listening on ");
+    let base = server.line("gateway on ");
+    let peer = Proc::start(
+        &["join", "--bootstrap", &boot],
+        &tmp.path().join("peer"),
+        &model,
+    );
+    peer.line("listening on ");
+    let api = Api {
+        base,
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+
+    // Empty gateway.
+    let (code, v) = api.get("/");
+    assert_eq!(code, 200);
+    assert_eq!(v["message"], "HiveMind Server is running");
+    assert!(v["version"].is_string());
+    let (_, v) = api.get("/api/v1/status");
+    assert_eq!(
+        v,
+        serde_json::json!({"total_adapters": 0, "total_users": 0,
+            "latest_aggregated_version": null, "pending_for_aggregation": 0})
+    );
+    let (code, v) = api.get("/api/v1/adapter/download/latest");
+    assert_eq!(
+        (code, &v["detail"]),
+        (404, &"No aggregated adapter available".into())
+    );
+    let (code, v) = api.post("/api/v1/aggregate");
+    assert_eq!(code, 400, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("at least 2"));
+
+    // Bad input: a clear 4xx, nothing stored.
+    let good = adapter(1, RANK, 32);
+    let good_bytes = good.to_safetensors_bytes().unwrap();
+    let blobs_before = blob_count(&gw_data);
+    let (code, v) = api.upload(Some(("a.safetensors", good_bytes.clone())), &[]);
+    assert_eq!(code, 422);
+    assert_eq!(
+        v["detail"][0]["loc"],
+        serde_json::json!(["body", "user_id"])
+    );
+    let (code, v) = api.upload(None, &[("user_id", "alice")]);
+    assert_eq!(code, 422);
+    assert_eq!(v["detail"][0]["loc"], serde_json::json!(["body", "file"]));
+    let (code, _) = api.upload(
+        Some(("a.safetensors", good_bytes.clone())),
+        &[("user_id", "alice"), ("training_samples", "many")],
+    );
+    assert_eq!(code, 422);
+    let mut lying = good_bytes.clone();
+    let header_len = u64::from_le_bytes(lying[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(lying[8..8 + header_len].to_vec()).unwrap();
+    let bigger = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[8,", 1);
+    assert_ne!(header, bigger);
+    lying[8..8 + header_len].copy_from_slice(bigger.as_bytes());
+    let mut bomb_content = vec![0u8; 3 << 20];
+    bomb_content[..good_bytes.len()].copy_from_slice(&good_bytes);
+    let bad_files: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "notes.txt",
+            b"hello, not an adapter".to_vec(),
+            "expected a .safetensors",
+        ),
+        (
+            "a.safetensors",
+            good_bytes[..good_bytes.len() / 2].to_vec(),
+            "invalid adapter",
+        ),
+        ("a.safetensors", lying, "invalid adapter"),
+        (
+            "a.safetensors",
+            adapter(2, 8, 32).to_safetensors_bytes().unwrap(),
+            "invalid adapter",
+        ),
+        (
+            "a.safetensors",
+            adapter(3, RANK, 48).to_safetensors_bytes().unwrap(),
+            "invalid adapter",
+        ),
+        ("a.zip", b"PK\x03\x04 definitely not a zip".to_vec(), "zip"),
+        (
+            "a.zip",
+            zip_of(&[("../adapter_model.safetensors", &good_bytes)]),
+            "'..'",
+        ),
+        (
+            "a.zip",
+            zip_of(&[("/etc/adapter_model.safetensors", &good_bytes)]),
+            "absolute",
+        ),
+        (
+            "a.zip",
+            zip_of(&[("adapter_model.safetensors", &bomb_content)]),
+            "zip bomb",
+        ),
+        (
+            "a.zip",
+            zip_of(&[("README.md", b"no weights")]),
+            "no adapter_model",
+        ),
+    ];
+    for (name, bytes, why) in bad_files {
+        let (code, v) = api.upload(Some((name, bytes)), &[("user_id", "mallory")]);
+        assert_eq!(code, 400, "{name} ({why}): {v}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(detail.contains(why), "{why}: {detail}");
+    }
+    let (code, _) = api.upload(
+        Some(("big.safetensors", vec![7u8; 2 << 20])),
+        &[("user_id", "mallory")],
+    );
+    assert_eq!(code, 413, "over --max-upload-mb");
+    for bad_user in ["", "a/b", "..", "x\\y", &"u".repeat(129)] {
+        let (code, v) = api.upload(
+            Some(("a.safetensors", good_bytes.clone())),
+            &[("user_id", bad_user)],
+        );
+        assert_eq!(code, 400, "{bad_user:?}: {v}");
+    }
+    let mut wrong_cfg =
+        AdapterConfig::new(RANK, 16.0, TargetModules::from_names(["q_proj", "v_proj"]));
+    wrong_cfg.lora_dropout = 0.0;
+    let zip_wrong_alpha = zip_of(&[
+        ("adapter_model.safetensors", &good_bytes),
+        ("adapter_config.json", &wrong_cfg.to_json().unwrap()),
+    ]);
+    let (code, v) = api.upload(Some(("a.zip", zip_wrong_alpha)), &[("user_id", "mallory")]);
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(
+        blob_count(&gw_data),
+        blobs_before,
+        "a refused upload stored a blob"
+    );
+    let (_, v) = api.get("/api/v1/adapter/list");
+    assert_eq!(v["adapters"], serde_json::json!([]));
+
+    // Two users upload: a bare safetensors and a zip of a PEFT dir (as shutil.make_archive
+    // makes it: the files at the zip's root).
+    let (code, v) = api.upload(
+        Some(("adapter_model.safetensors", good_bytes.clone())),
+        &[
+            ("user_id", "alice"),
+            ("training_samples", "30"),
+            ("epochs", "2"),
+        ],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["success"], true);
+    let alice_id = v["adapter_id"].as_str().unwrap().to_string();
+    assert!(
+        alice_id.starts_with("alice_") && alice_id.len() == "alice_".len() + 15,
+        "{alice_id}"
+    );
+    let bob = adapter(4, RANK, 32);
+    let dir = tmp.path().join("bob_adapter");
+    bob.write_dir(&dir).unwrap();
+    let zip = zip_of(&[
+        (
+            "adapter_model.safetensors",
+            &std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+        ),
+        (
+            "adapter_config.json",
+            &std::fs::read(dir.join("adapter_config.json")).unwrap(),
+        ),
+    ]);
+    let (code, v) = api.upload(
+        Some(("bob_adapter.zip", zip)),
+        &[("user_id", "bob"), ("training_samples", "10")],
+    );
+    assert_eq!(code, 200, "{v}");
+
+    let (_, v) = api.get("/api/v1/adapter/list");
+    let list = v["adapters"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], alice_id.as_str());
+    assert_eq!(list[0]["metadata"]["base_model"], "Qwen/Qwen2-7B");
+    assert_eq!(list[0]["metadata"]["training_samples"], 30);
+    assert_eq!(list[0]["metadata"]["epochs"], 2);
+    assert_eq!(list[0]["metadata"]["version"], "pending");
+    let (_, v) = api.get("/api/v1/adapter/list?user_id=bob");
+    assert_eq!(v["adapters"].as_array().unwrap().len(), 1);
+    let (_, v) = api.get("/api/v1/status");
+    assert_eq!(v["total_adapters"], 2);
+    assert_eq!(v["total_users"], 2);
+    assert_eq!(v["pending_for_aggregation"], 2);
+
+    // Aggregate: the round closes now, the network commits, the gateway answers.
+    let (code, v) = api.post("/api/v1/aggregate");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["success"], true);
+    assert_eq!(v["version"], "round-1");
+    assert_eq!(v["num_adapters"], 2);
+    let (code, bytes, disposition) = api.download("/api/v1/adapter/download/latest");
+    assert_eq!(code, 200);
+    assert_eq!(
+        disposition,
+        "attachment; filename=\"hivemind_round-1.safetensors\""
+    );
+    let (_, by_name, _) = api.download("/api/v1/adapter/download/round-1");
+    assert_eq!(bytes, by_name);
+    let (code, v) = api.get("/api/v1/adapter/download/round-9");
+    assert_eq!(
+        (code, &v["detail"]),
+        (404, &"Version round-9 not found".into())
+    );
+    // The other node committed the very same bytes.
+    let deadline = Instant::now() + WAIT;
+    let peer_hash = loop {
+        let s: Option<Value> = std::fs::read(peer.data.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(h) = s.and_then(|s| s["latest_round"]["hash"].as_str().map(String::from)) {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer never committed round 1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(blake3::hash(&bytes).to_hex().as_str(), peer_hash);
+    let (_, v) = api.get("/api/v1/status");
+    assert_eq!(v["latest_aggregated_version"], "round-1");
+    assert_eq!(v["pending_for_aggregation"], 0);
+    let (_, v) = api.get("/api/v1/adapter/list?user_id=alice");
+    assert_eq!(v["adapters"][0]["metadata"]["version"], "round-1");
+
+    // Documentation, offline.
+    let (code, doc) = api.get("/openapi.json");
+    assert_eq!(code, 200);
+    for p in [
+        "/api/v1/status",
+        "/api/v1/adapter/upload",
+        "/api/v1/adapter/list",
+        "/api/v1/aggregate",
+        "/api/v1/adapter/download/latest",
+        "/api/v1/adapter/download/{version}",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "{p}");
+    }
+    let html = api
+        .http
+        .get(format!("{}/docs", api.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(html.contains("/api/v1/adapter/upload") && !html.contains("<script"));
+    drop(server);
+}
