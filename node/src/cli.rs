@@ -42,6 +42,8 @@ pub enum Command {
     Join(crate::join::JoinArgs),
     /// Run a bootstrap node that also serves the legacy REST API (the gateway).
     Serve(crate::join::ServeArgs),
+    /// The legacy upload script: send an adapter dir to a gateway (or --status, --download DIR).
+    Upload(crate::upload::UploadArgs),
     /// Show a running node's state (peer id, peers, rounds).
     Status(crate::status::StatusArgs),
     /// List committed rounds.
@@ -145,6 +147,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => crate::demo::run(args),
         Command::Join(args) => crate::join::run(args),
         Command::Serve(args) => crate::join::serve(args),
+        Command::Upload(args) => crate::upload::run(args),
         Command::Status(args) => crate::status::status(args),
         Command::Rounds(args) => crate::status::rounds(args),
         Command::Export(args) => crate::status::export(args),

@@ -13,3 +13,4 @@ pub mod join;
 pub mod network;
 pub mod status;
 pub mod train;
+pub mod upload;

@@ -461,5 +461,55 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
         .text()
         .unwrap();
     assert!(html.contains("/api/v1/adapter/upload") && !html.contains("<script"));
+
+    // `hive-node upload`: the legacy script as a subcommand.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("upload")
+            .args(["--server", &api.base])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(&["--status"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["latest_aggregated_version"], "round-1");
+    let got = tmp.path().join("downloaded");
+    let (ok, _, err) = cli(&["--download", got.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(got.join("hivemind_round-1.safetensors")).unwrap(),
+        bytes
+    );
+    let carol = tmp.path().join("carol_adapter");
+    adapter(5, RANK, 32).write_dir(&carol).unwrap();
+    let (ok, out, err) = cli(&[
+        "--adapter",
+        carol.to_str().unwrap(),
+        "--user-id",
+        "carol",
+        "--samples",
+        "7",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["adapter_id"].as_str().unwrap().starts_with("carol_"));
+    let (_, v) = api.get("/api/v1/adapter/list?user_id=carol");
+    assert_eq!(v["adapters"][0]["metadata"]["training_samples"], 7);
+    let (ok, _, err) = cli(&[
+        "--adapter",
+        tmp.path().to_str().unwrap(),
+        "--user-id",
+        "carol",
+    ]);
+    assert!(!ok && err.contains("not a PEFT adapter dir"), "{err}");
+    let (ok, _, err) = cli(&["--adapter", carol.to_str().unwrap(), "--user-id", "../x"]);
+    assert!(!ok && err.contains("--user-id"), "{err}");
     drop(server);
 }
