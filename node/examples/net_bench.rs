@@ -194,7 +194,12 @@ where
 
 fn net_config(bootstrap: Vec<Multiaddr>, topics: Vec<String>) -> Result<NetConfig> {
     Ok(NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        // BENCH_QUIC=1 runs every benchmark over QUIC instead of TCP+noise+yamux.
+        listen: vec![if std::env::var("BENCH_QUIC").is_ok_and(|v| v == "1") {
+            "/ip4/127.0.0.1/udp/0/quic-v1".parse()?
+        } else {
+            "/ip4/127.0.0.1/tcp/0".parse()?
+        }],
         bootstrap,
         topics,
         mdns: false,

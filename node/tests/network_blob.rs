@@ -36,11 +36,20 @@ impl BlobSource for Corrupt {
 }
 
 async fn node(seed: u8, source: SharedSource, cancel: &CancellationToken) -> Network {
+    node_on(seed, source, cancel, "/ip4/127.0.0.1/tcp/0").await
+}
+
+async fn node_on(
+    seed: u8,
+    source: SharedSource,
+    cancel: &CancellationToken,
+    listen: &str,
+) -> Network {
     let key = NodeKey::from_bytes(&[seed; 32]);
     Network::spawn(
         keypair_of(&key).unwrap(),
         NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            listen: vec![listen.parse().unwrap()],
             bootstrap: vec![],
             topics: vec!["/hivemind/test/announce/1".into()],
             mdns: false,
@@ -114,5 +123,35 @@ async fn blob_transfer_verifies_and_penalises_liars() {
         None
     );
     assert!(!fetcher_store.has_blob(&missing).unwrap());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_transfer_works_over_quic() {
+    let cancel = CancellationToken::new();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let server_store = Store::open(dirs[0].path()).unwrap();
+    let fetcher_store = Store::open(dirs[1].path()).unwrap();
+    let bytes: Vec<u8> = (0..(MAX_CHUNK_BYTES as usize + 12345))
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    let hash = server_store.put_blob(&bytes).unwrap();
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let server = node_on(4, Arc::new(server_store), &cancel, quic).await;
+    let fetcher = node_on(5, Arc::new(fetcher_store.clone()), &cancel, quic).await;
+    let info = server.client.info().await.unwrap();
+    let addr = with_peer(&info.listen_addrs[0], server.client.local_peer_id());
+    assert!(addr.to_string().contains("/quic-v1/"), "{addr}");
+    fetcher.client.dial(addr).await.unwrap();
+    let c = fetcher.client.clone();
+    wait_until("a QUIC connection", || {
+        let c = c.clone();
+        async move { c.info().await.unwrap().connected.len() == 1 }
+    })
+    .await;
+    let server_id = server.client.local_peer_id();
+    let got = fetch_blob(&fetcher.client, &fetcher_store, hash, &[server_id]).await;
+    assert_eq!(got, Some(server_id));
+    assert_eq!(fetcher_store.get_blob(&hash).unwrap().unwrap(), bytes);
     cancel.cancel();
 }
