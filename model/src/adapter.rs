@@ -302,8 +302,8 @@ pub enum AdapterError {
     Incompatible {
         /// The differing input.
         hash: Hash,
-        /// The first input in canonical (hash) order.
-        reference: Hash,
+        /// The first input in canonical (hash) order (boxed to keep the error small).
+        reference: Box<Hash>,
         /// What differs (a config field or a tensor).
         what: String,
         /// The reference's value.
@@ -1137,7 +1137,7 @@ impl LoraAdapter {
             offset = end;
         }
         header.push('}');
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(' ');
         }
         let mut out = Vec::with_capacity(8 + header.len() + offset);
@@ -1338,6 +1338,7 @@ impl AdapterShape {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -56,7 +56,7 @@ pub trait AggregationRule {
 /// names both hashes and the difference.
 pub fn canonical_inputs(inputs: &[WeightedAdapter]) -> Result<Vec<&WeightedAdapter>, AdapterError> {
     let mut ordered: Vec<&WeightedAdapter> = inputs.iter().collect();
-    ordered.sort_by(|a, b| a.hash.cmp(&b.hash));
+    ordered.sort_by_key(|a| a.hash);
     let Some(first) = ordered.first() else {
         return Err(AdapterError::NoInputs);
     };
@@ -86,7 +86,7 @@ fn check_compatible(
 ) -> Result<(), AdapterError> {
     let differ = |what: String, expected: String, actual: String| AdapterError::Incompatible {
         hash: input.hash,
-        reference: reference.hash,
+        reference: Box::new(reference.hash),
         what,
         expected,
         actual,
@@ -165,7 +165,7 @@ fn tensor<'a>(
         .get(name)
         .ok_or_else(|| AdapterError::Incompatible {
             hash: input.hash,
-            reference: reference.hash,
+            reference: Box::new(reference.hash),
             what: format!("tensor {name}"),
             expected: "present".into(),
             actual: "missing".into(),

@@ -216,8 +216,8 @@ impl ModelConfig {
     fn validate(&self, path: &Path) -> Result<()> {
         if self.num_heads == 0
             || self.num_kv_heads == 0
-            || self.num_heads % self.num_kv_heads != 0
-            || self.head_dim % 2 != 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+            || !self.head_dim.is_multiple_of(2)
             || self.head_dim == 0
         {
             return Err(ModelError::bad(

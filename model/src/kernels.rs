@@ -58,6 +58,7 @@ pub fn dequant_block(fmt: Format, b: &[u8], out: &mut [f32; BLOCK]) {
 /// `y[t, r] = sum_k x[t, k] W[r, k]` for `t < m`, `r` in `rows`, with `W` given as `w` (row-major
 /// blocks, `k / 32` blocks per row). `y` holds `m` rows of `y_stride` floats; only columns `rows`
 /// are written. Requires `k % 32 == 0`.
+#[allow(clippy::too_many_arguments)] // a kernel: the shapes are its arguments
 pub fn matmul_rows(
     fmt: Format,
     w: &[u8],
@@ -148,6 +149,7 @@ pub fn matmul_rows_tiled(
 }
 
 /// The portable version of [`matmul_rows`].
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_rows_scalar(
     fmt: Format,
     w: &[u8],

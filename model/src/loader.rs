@@ -224,7 +224,7 @@ fn eos_ids(tok: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
 /// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
 fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::bad(
             path,
             format!("cannot un-permute a [{rows}, {cols}] q/k weight over {heads} heads"),

@@ -231,6 +231,7 @@ fn hf_cache_snapshot(id: &str) -> Option<PathBuf> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

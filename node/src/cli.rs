@@ -110,7 +110,8 @@ pub fn default_threads() -> usize {
 /// Logging to stderr; `RUST_LOG` wins over `-v`.
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // Kademlia warns on a bootstrap node that has no peers yet to bootstrap from.
+        0 => "warn,libp2p_kad=error",
         1 => "info",
         _ => "debug",
     };

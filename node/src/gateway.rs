@@ -519,8 +519,9 @@ async fn upload(
             record.blob
         ),
         Placement::Deferred(r) => format!(
-            "Adapter uploaded successfully; {} already has an adapter in this round, so this one \
-             is announced in round {r} (blake3 {})",
+            "Adapter uploaded successfully; {} already has an adapter in this round (one per user \
+             and round), so this one waits for round {r}, where the user's newest upload is \
+             announced (blake3 {})",
             record.user_id, record.blob
         ),
     };
