@@ -81,18 +81,21 @@ pub enum AdapterChoice {
 /// Where `train` writes by default: the personal adapter.
 pub const PERSONAL_ADAPTER: &str = "./adapters/my_adapter";
 
+/// Whether the network the node in `data_dir` joined runs the base model `base_hash`.
+pub fn network_runs(data_dir: &std::path::Path, base_hash: &hivemind_protocol::Hash) -> bool {
+    std::fs::read(data_dir.join(crate::join::NETWORK_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::join::NetworkFile>(&b).ok())
+        .is_some_and(|n| n.base_model_hash == base_hash.to_hex())
+}
+
 /// The adapter dir `chat` should apply for `choice`, given the loaded base model's hash.
 pub fn choose_adapter(
     choice: AdapterChoice,
     data_dir: &std::path::Path,
     base_hash: &hivemind_protocol::Hash,
 ) -> Result<Option<PathBuf>> {
-    let same_base = || -> bool {
-        std::fs::read(data_dir.join(crate::join::NETWORK_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<crate::join::NetworkFile>(&b).ok())
-            .is_some_and(|n| n.base_model_hash == base_hash.to_hex())
-    };
+    let same_base = || network_runs(data_dir, base_hash);
     match choice {
         AdapterChoice::None => Ok(None),
         AdapterChoice::Personal => {

@@ -242,6 +242,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     margs.apply_threads();
     let model = load_model(&margs)?;
+    if args.from_round && !crate::chat::network_runs(&args.data_dir, &model.hash) {
+        bail!(
+            "--from-round: the node in {} is on a network of another base model than {}",
+            args.data_dir.display(),
+            model.name
+        );
+    }
     // Examples longer than the model's context are truncated like those over --max-seq-len.
     let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);
     let (examples, stats) = dataset::encode_conversations(&model, data, &convs, max_len)?;

@@ -4,103 +4,21 @@
 //! the other node committed.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use common::{tiny_adapter, tiny_model, wait_for, Proc, BIN, RANK, WAIT};
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, TargetModules};
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
 use reqwest::blocking::{multipart, Client};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hive-node");
-const RANK: usize = 4;
-const WAIT: Duration = Duration::from_secs(90);
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    data: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(args: &[&str], data: &Path, model: &Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model")
-            .arg(model)
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--round-secs",
-                "3600",
-                "--grace-secs",
-                "1",
-            ])
-            .args([
-                "--rank",
-                "4",
-                "--alpha",
-                "8",
-                "--target-modules",
-                "q_proj,v_proj",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            data: data.to_path_buf(),
-        }
-    }
-
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
-                Ok(_) => {}
-                Err(e) => panic!("no line {prefix:?}: {e}"),
-            }
-        }
-    }
-}
-
-/// A random adapter of the tiny model's shape with LoRA rank `rank` and `v_out` rows in
-/// v_proj's B (32 is right, anything else is the wrong shape).
-fn adapter(seed: u32, rank: usize, v_out: usize) -> LoraAdapter {
-    let mut shape = TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .cfg
-        .adapter_shape(rank, &["q_proj".to_string(), "v_proj".to_string()])
-        .unwrap();
-    shape.modules.get_mut("v_proj").unwrap().out_features = v_out;
-    hivemind_model::testing::random_adapter(&shape, 8.0, u64::from(seed)).unwrap()
+fn adapter(seed: u64, rank: usize, v_out: usize) -> LoraAdapter {
+    tiny_adapter(seed, rank, v_out)
 }
 
 /// A zip of `entries` (name, bytes), deflated.
@@ -191,13 +109,10 @@ fn blob_count(data: &Path) -> usize {
 #[test]
 fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .write_gguf(&model)
-        .unwrap();
+    let model = tiny_model(tmp.path(), 1);
     let gw_data = tmp.path().join("gateway");
-    let server = Proc::start(
+    let round = ["--round-secs", "3600", "--grace-secs", "1"];
+    let server = Proc::tiny(
         &[
             "serve",
             "--host",
@@ -207,17 +122,25 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
             "--max-upload-mb",
             "1",
         ],
-        &gw_data,
         &model,
+        &gw_data,
+        &round,
     );
     let boot = server.line("listening on ");
     let base = server.line("gateway on ");
-    let peer = Proc::start(
+    // The peer contributes an adapter of its own: the round mixes it with the uploads.
+    let peer_adapter = adapter(9, RANK, 32);
+    let peer_dir = tmp.path().join("peer_adapter");
+    peer_adapter.write_dir(&peer_dir).unwrap();
+    let contribute = ["--contribute", peer_dir.to_str().unwrap()];
+    let peer = Proc::tiny(
         &["join", "--bootstrap", &boot],
-        &tmp.path().join("peer"),
         &model,
+        &tmp.path().join("peer"),
+        &[&round[..], &contribute[..]].concat(),
     );
     peer.line("listening on ");
+    server.wait_contributor(&peer_adapter.canonical_hash().unwrap().to_hex());
     let api = Api {
         base,
         http: Client::builder().timeout(WAIT).build().unwrap(),
@@ -267,6 +190,13 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
     let bigger = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[8,", 1);
     assert_ne!(header, bigger);
     lying[8..8 + header_len].copy_from_slice(bigger.as_bytes());
+    // LoRA on k_proj, which this network does not adapt.
+    let k_shape = TinyModel::new(Arch::Llama, 1)
+        .unwrap()
+        .cfg
+        .adapter_shape(RANK, &["k_proj".to_string(), "q_proj".to_string()])
+        .unwrap();
+    let wrong_modules = hivemind_model::testing::random_adapter(&k_shape, 8.0, 6).unwrap();
     let mut bomb_content = vec![0u8; 3 << 20];
     bomb_content[..good_bytes.len()].copy_from_slice(&good_bytes);
     let bad_files: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -289,6 +219,11 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
         (
             "a.safetensors",
             adapter(3, RANK, 48).to_safetensors_bytes().unwrap(),
+            "invalid adapter",
+        ),
+        (
+            "a.safetensors",
+            wrong_modules.to_safetensors_bytes().unwrap(),
             "invalid adapter",
         ),
         ("a.zip", b"PK\x03\x04 definitely not a zip".to_vec(), "zip"),
@@ -404,7 +339,7 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["success"], true);
     assert_eq!(v["version"], "round-1");
-    assert_eq!(v["num_adapters"], 2);
+    assert_eq!(v["num_adapters"], 3, "two uploads and the peer's adapter");
     let (code, bytes, disposition) = api.download("/api/v1/adapter/download/latest");
     assert_eq!(code, 200);
     assert_eq!(
@@ -419,20 +354,7 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
         (404, &"Version round-9 not found".into())
     );
     // The other node committed the very same bytes.
-    let deadline = Instant::now() + WAIT;
-    let peer_hash = loop {
-        let s: Option<Value> = std::fs::read(peer.data.join("status.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(h) = s.and_then(|s| s["latest_round"]["hash"].as_str().map(String::from)) {
-            break h;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the peer never committed round 1"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (_, peer_hash) = wait_for("the peer to commit round 1", || peer.committed(1));
     assert_eq!(blake3::hash(&bytes).to_hex().as_str(), peer_hash);
     let (_, v) = api.get("/api/v1/status");
     assert_eq!(v["latest_aggregated_version"], "round-1");

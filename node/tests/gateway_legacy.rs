@@ -7,104 +7,20 @@
 //! notice and passes, unless `HIVE_REQUIRE_HTTPX=1` (set by `.ci/run`), which makes it fail.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::{wait_for, Proc, WAIT};
 use hivemind_model::adapter::LoraAdapter;
-use hivemind_model::config::Arch;
-use hivemind_model::testing::TinyModel;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hive-node");
 const CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tools/gateway/legacy_client.py"
 );
-const WAIT: Duration = Duration::from_secs(90);
-
-/// A child process whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    data: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(args: &[&str], data: &Path, model: &Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model")
-            .arg(model)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--round-secs", "3600", "--grace-secs", "1"])
-            .args(["--rank", "4", "--alpha", "8"])
-            .args(["--target-modules", "q_proj,v_proj"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            data: data.to_path_buf(),
-        }
-    }
-
-    /// The rest of the first stdout line starting with `prefix`.
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
-                Ok(_) => {}
-                Err(e) => panic!("no line {prefix:?}: {e}"),
-            }
-        }
-    }
-
-    /// The hash of the newest round this node committed, from its `status.json`.
-    fn committed_round_hash(&self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let s: Option<Value> = std::fs::read(self.data.join("status.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(h) = s.and_then(|s| s["latest_round"]["hash"].as_str().map(String::from)) {
-                return h;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no committed round in {:?}",
-                self.data
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
 
 /// Whether `python` can import httpx; `None` when it can, else why not.
 fn httpx_missing(python: &str) -> Option<String> {
@@ -125,14 +41,9 @@ fn httpx_missing(python: &str) -> Option<String> {
     }
 }
 
-/// A random adapter of the tiny model's shape (rank 4, alpha 8, q_proj and v_proj).
+/// A random adapter of the tiny network's shape.
 fn adapter(seed: u64) -> LoraAdapter {
-    let shape = TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .cfg
-        .adapter_shape(4, &["q_proj".to_string(), "v_proj".to_string()])
-        .unwrap();
-    hivemind_model::testing::random_adapter(&shape, 8.0, seed).unwrap()
+    common::tiny_adapter(seed, common::RANK, 32)
 }
 
 /// `<user>_<YYYYmmdd_HHMMSS>`.
@@ -166,22 +77,21 @@ fn legacy_python_client_uploads_lists_aggregates_and_downloads_the_round() {
     }
 
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .write_gguf(&model)
-        .unwrap();
-    let server = Proc::start(
+    let model = common::tiny_model(tmp.path(), 1);
+    let round = ["--round-secs", "3600", "--grace-secs", "1"];
+    let server = Proc::tiny(
         &["serve", "--host", "127.0.0.1", "--port", "0"],
-        &tmp.path().join("gateway"),
         &model,
+        &tmp.path().join("gateway"),
+        &round,
     );
     let boot = server.line("listening on ");
     let base = server.line("gateway on ");
-    let peer = Proc::start(
+    let peer = Proc::tiny(
         &["join", "--bootstrap", &boot],
-        &tmp.path().join("peer"),
         &model,
+        &tmp.path().join("peer"),
+        &round,
     );
     peer.line("listening on ");
 
@@ -269,12 +179,12 @@ fn legacy_python_client_uploads_lists_aggregates_and_downloads_the_round() {
     let got = blake3::hash(&bytes).to_hex().to_string();
     assert_eq!(
         got,
-        peer.committed_round_hash(),
+        wait_for("the peer's round", || peer.committed(1)).1,
         "download vs the peer's round"
     );
     assert_eq!(
         got,
-        server.committed_round_hash(),
+        wait_for("the gateway's round", || server.committed(1)).1,
         "download vs the gateway's round"
     );
 

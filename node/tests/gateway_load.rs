@@ -8,81 +8,25 @@
 //! throughput figure comes from `node/examples/gateway_bench.rs`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::{Proc, WAIT};
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
 use reqwest::blocking::{multipart, Client};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hive-node");
 const USERS: usize = 10;
 const PER_USER: usize = 5;
-const WAIT: Duration = Duration::from_secs(90);
 /// The most one status call may take during the burst (generous: CI is a loaded 2-core box).
 const STATUS_BOUND: Duration = Duration::from_secs(20);
-
-/// The `serve` process; killed on drop.
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Serve {
-    fn start(data: &Path, model: &Path) -> Serve {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model")
-            .arg(model)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--round-secs", "3600", "--grace-secs", "1"])
-            .args(["--rank", "4", "--alpha", "8"])
-            .args(["--target-modules", "q_proj,v_proj"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Serve { child, lines }
-    }
-
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
-                Ok(_) => {}
-                Err(e) => panic!("no line {prefix:?}: {e}"),
-            }
-        }
-    }
-}
 
 /// A zip of a PEFT adapter dir's two files at the archive's root (as `shutil.make_archive`
 /// makes it).
@@ -125,10 +69,14 @@ fn get(http: &Client, url: &str) -> (u16, Value) {
 #[test]
 fn fifty_concurrent_uploads_from_ten_users_are_all_listed_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
+    let model = common::tiny_model(tmp.path(), 1);
     let tiny = TinyModel::new(Arch::Llama, 1).unwrap();
-    tiny.write_gguf(&model).unwrap();
-    let server = Serve::start(&tmp.path().join("gateway"), &model);
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &tmp.path().join("gateway"),
+        &["--round-secs", "3600", "--grace-secs", "1"],
+    );
     let base = server.line("gateway on ");
     let http = Client::builder().timeout(WAIT).build().unwrap();
 

@@ -13,122 +13,42 @@
 //! 5. `status --json`, `rounds --json` and `export` report what the nodes committed.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{tiny_model, wait_for, Proc, BIN, RANK};
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::aggregate::{AggregationRule, FedAvg, WeightedAdapter};
-use hivemind_model::config::Arch;
-use hivemind_model::testing::TinyModel;
 use hivemind_protocol::{AggregateInput, AggregationJob, Hash, RuleId};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hive-node");
-const RANK: usize = 4;
-const ALPHA: f64 = 8.0;
-const MODULES: &str = "q_proj,v_proj";
 /// Collection window of a round. Long enough for 6 processes to start on a loaded
 /// 2-core machine before the first window closes.
 const ROUND_SECS: &str = "6";
-const WAIT: Duration = Duration::from_secs(120);
 
-/// A `hive-node join` child process; killed when dropped.
-struct Node {
-    child: Child,
-    data: PathBuf,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A `hive-node join` on the tiny network; `contribute` is announced with 10 samples.
+fn start_node(
+    data: &Path,
+    model: &Path,
+    bootstrap: Option<&str>,
+    contribute: Option<&Path>,
+) -> Proc {
+    let mut extra: Vec<String> = vec!["--round-secs".into(), ROUND_SECS.into()];
+    if let Some(b) = bootstrap {
+        extra.extend(["--bootstrap".to_string(), b.to_string()]);
     }
-}
-
-impl Node {
-    fn start(
-        data: &Path,
-        model: &Path,
-        bootstrap: Option<&str>,
-        contribute: Option<&Path>,
-    ) -> Node {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("join")
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model")
-            .arg(model)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--round-secs", ROUND_SECS])
-            .args(["--rank", &RANK.to_string(), "--alpha", &ALPHA.to_string()])
-            .args(["--target-modules", MODULES])
-            .env("RUST_LOG", "hivemind_node=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        if let Some(dir) = contribute {
-            cmd.arg("--contribute").arg(dir).args(["--samples", "10"]);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Node {
-            child,
-            data: data.to_path_buf(),
-            lines,
-        }
+    if let Some(dir) = contribute {
+        extra.extend([
+            "--contribute".to_string(),
+            dir.display().to_string(),
+            "--samples".to_string(),
+            "10".to_string(),
+        ]);
     }
-
-    /// The next stdout line starting with `prefix` (waits for it).
-    fn line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("node {}: no line `{prefix}`: {e}", self.data.display()),
-            }
-        }
-    }
-
-    fn status(&self) -> Option<Value> {
-        let bytes = std::fs::read(self.data.join("status.json")).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-
-    /// The latest committed round's (number, hash), once it is at least `round`.
-    fn committed(&self, round: u64) -> Option<(u64, String)> {
-        let s = self.status()?;
-        let r = s.get("latest_round")?;
-        let n = r.get("number")?.as_u64()?;
-        (n >= round).then(|| (n, r["hash"].as_str().unwrap_or("").to_string()))
-    }
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    Proc::tiny(&["join"], model, data, &extra)
 }
 
 fn cli(args: &[&str], data: &Path) -> String {
@@ -148,12 +68,7 @@ fn cli(args: &[&str], data: &Path) -> String {
 
 /// A random adapter of the tiny models' shape (2 layers; q_proj 64x64, v_proj 32x64).
 fn random_adapter(seed: u32) -> LoraAdapter {
-    let shape = TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .cfg
-        .adapter_shape(RANK, &["q_proj".to_string(), "v_proj".to_string()])
-        .unwrap();
-    hivemind_model::testing::random_adapter(&shape, ALPHA, u64::from(seed)).unwrap()
+    common::tiny_adapter(u64::from(seed), RANK, 32)
 }
 
 /// The round adapter every node must compute: FedAvg of `adapters` (10 samples each)
@@ -201,16 +116,8 @@ fn hexes(adapters: &[&LoraAdapter]) -> Vec<String> {
 fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let model = root.join("tiny.gguf");
-    TinyModel::new(Arch::Llama, 1)
-        .unwrap()
-        .write_gguf(&model)
-        .unwrap();
-    let other_model = root.join("other.gguf");
-    TinyModel::new(Arch::Llama, 2)
-        .unwrap()
-        .write_gguf(&other_model)
-        .unwrap();
+    let model = tiny_model(root, 1);
+    let other_model = tiny_model(root, 2);
     let write = |name: &str, a: &LoraAdapter| {
         let dir = root.join(name);
         a.write_dir(&dir).unwrap();
@@ -222,14 +129,13 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
 
     // 1. Bootstrap node and 4 joiners, each contributing one adapter.
     let data: Vec<PathBuf> = (0..5).map(|i| root.join(format!("node{i}"))).collect();
-    let boot = Node::start(&data[0], &model, None, Some(&write("a0", &round1[0])));
+    let boot = start_node(&data[0], &model, None, Some(&write("a0", &round1[0])));
     let addr = boot.line("listening on ");
-    let addr = addr.trim_start_matches("listening on ").to_string();
     assert!(addr.contains("/p2p/12D3KooW"), "{addr}");
-    let mut nodes = vec![boot];
+    let mut nodes: Vec<Proc> = vec![boot];
     for i in 1..5 {
         let dir = write(&format!("a{i}"), &round1[i]);
-        nodes.push(Node::start(&data[i], &model, Some(&addr), Some(&dir)));
+        nodes.push(start_node(&data[i], &model, Some(&addr), Some(&dir)));
     }
     let r1: Vec<&LoraAdapter> = round1.iter().collect();
     let want1 = expected_round(1, None, &r1);
@@ -240,7 +146,7 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
 
     // 2. A node on another base model, bootstrapping from the same node.
     let other_data = root.join("other");
-    let other = Node::start(
+    let other = start_node(
         &other_data,
         &other_model,
         Some(&addr),
@@ -276,14 +182,7 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
     let victim = nodes.pop().unwrap();
     // Wait until the victim has announced its adapter (it is in its current round).
     let mine = round2[4].canonical_hash().unwrap().to_hex();
-    wait_for("node 4 to announce its round-2 adapter", || {
-        let s = victim.status()?;
-        s["current_contributors"]
-            .as_array()?
-            .iter()
-            .any(|h| h.as_str() == Some(mine.as_str()))
-            .then_some(())
-    });
+    victim.wait_contributor(&mine);
     drop(victim); // SIGKILL
     let mut round2_hash = None;
     for n in &nodes {
@@ -308,7 +207,7 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
     assert_eq!(round2_hash, want2.to_hex());
 
     // 4. The victim restarts on its data dir and catches up.
-    let back = Node::start(&data[4], &model, Some(&addr), None);
+    let back = start_node(&data[4], &model, Some(&addr), None);
     let (num, hash) = wait_for("the restarted node to catch up", || back.committed(2));
     assert_eq!((num, hash.as_str()), (2, round2_hash.as_str()));
 
