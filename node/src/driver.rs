@@ -205,6 +205,8 @@ pub struct Driver {
     deferred: BTreeMap<String, DeferredUpload>,
     /// Actions produced outside `act` (by `announce`), run next.
     queued: Vec<Action>,
+    /// Inbox dirs refused because their round already had our adapter, with that round.
+    inbox_waiting: BTreeMap<PathBuf, u64>,
     view: tokio::sync::watch::Sender<DriverView>,
 }
 
@@ -243,6 +245,7 @@ impl Driver {
             unpublished: Vec::new(),
             deferred: BTreeMap::new(),
             queued: Vec::new(),
+            inbox_waiting: BTreeMap::new(),
             view: tokio::sync::watch::Sender::new(DriverView::default()),
         })
     }
@@ -405,8 +408,16 @@ impl Driver {
                 samples,
                 reply,
             } => {
-                let r = self.contribute(&dir, samples).await;
-                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+                let round = self.machine.current_round();
+                let r = match self.contribute(&dir, samples).await {
+                    Ok(Some(hash)) => Ok(hash),
+                    Ok(None) => Err(format!(
+                        "round {round} already has this node's adapter (one per node and round); \
+                         offer it in the next round"
+                    )),
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                let _ = reply.send(r);
             }
             Local::Upload {
                 hash,
@@ -479,8 +490,9 @@ impl Driver {
         Ok(accepted)
     }
 
-    /// Reads, checks and stores an adapter dir, then announces it in the current round.
-    pub async fn contribute(&mut self, dir: &Path, samples: u64) -> anyhow::Result<Hash> {
+    /// Reads, checks and stores an adapter dir, then announces it in the current round;
+    /// `None` when this round already has this node's adapter (one per node and round).
+    pub async fn contribute(&mut self, dir: &Path, samples: u64) -> anyhow::Result<Option<Hash>> {
         let dir = dir.to_path_buf();
         let store = self.store.clone();
         let spec = self.cfg.spec.clone();
@@ -493,14 +505,9 @@ impl Driver {
             Ok((hash, bytes.len() as u64))
         })
         .await??;
-        if !self.announce(hash, len, samples, None)? {
-            anyhow::bail!(
-                "round {} already has this node's adapter (one per node and round); offer it in the next round",
-                self.machine.current_round()
-            );
-        }
+        let accepted = self.announce(hash, len, samples, None)?;
         self.flush_queued().await;
-        Ok(hash)
+        Ok(accepted.then_some(hash))
     }
 
     async fn flush_queued(&mut self) {
@@ -765,13 +772,24 @@ impl Driver {
             })
             .collect();
         ready.sort();
+        let round = self.machine.current_round();
+        self.inbox_waiting.retain(|_, r| *r >= round);
         for dir in ready {
+            if self.inbox_waiting.contains_key(&dir) {
+                continue;
+            }
             let samples = std::fs::read_to_string(dir.join("READY"))
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(1);
             match self.contribute(&dir, samples).await {
-                Ok(h) => tracing::info!(adapter = %h.short(), "contributed from the inbox"),
+                Ok(Some(h)) => tracing::info!(adapter = %h.short(), "contributed from the inbox"),
+                Ok(None) => {
+                    // This round has our adapter already: the dir waits for the next round.
+                    tracing::info!(dir = %dir.display(), round, "inbox adapter waits for the next round");
+                    self.inbox_waiting.insert(dir, round);
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, dir = %dir.display(), "inbox contribution refused")
                 }
