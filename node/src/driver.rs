@@ -177,6 +177,9 @@ pub struct StatusFile {
     pub adapter_config: serde_json::Value,
     /// Penalties given, by peer id.
     pub penalties: BTreeMap<String, u32>,
+    /// Inbox hand-overs waiting for the next round (this round has the node's adapter).
+    #[serde(default)]
+    pub inbox_waiting: Vec<String>,
     /// Gossipsub scores of connected peers.
     pub scores: BTreeMap<String, f64>,
     /// All committed rounds, oldest first.
@@ -823,6 +826,11 @@ impl Driver {
             model_id: self.cfg.model.to_hex(),
             adapter_config: serde_json::to_value(&self.cfg.spec.config)
                 .unwrap_or(serde_json::Value::Null),
+            inbox_waiting: self
+                .inbox_waiting
+                .keys()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
             penalties: info
                 .penalties
                 .iter()

@@ -110,6 +110,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "latest_round": s.latest_round,
             "model_id": s.model_id,
             "penalties": s.penalties,
+            "inbox_waiting": s.inbox_waiting,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -123,6 +124,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
             s.current_round,
             s.current_contributors.len()
         );
+        if !s.inbox_waiting.is_empty() {
+            println!(
+                "waiting:         {} handed-over adapters wait for the next round",
+                s.inbox_waiting.len()
+            );
+        }
         match &s.latest_round {
             Some(r) => println!(
                 "latest round:    {} {} {} ({} contributors)",

@@ -344,3 +344,44 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
         .then_some(())
     });
 }
+
+#[test]
+fn a_second_hand_over_in_one_round_waits_for_the_next_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = tiny_model(root, 1);
+    // A round that does not close during the test.
+    let node = Proc::tiny(
+        &["join"],
+        &model,
+        &root.join("node"),
+        &["--round-secs", "3600"],
+    );
+    node.line("listening on ");
+    let first = random_adapter(21);
+    let second = random_adapter(22);
+    for (name, a) in [("first", &first), ("second", &second)] {
+        let dir = root.join(name);
+        a.write_dir(&dir).unwrap();
+        cli(&["contribute", dir.to_str().unwrap()], &node.data);
+        if name == "first" {
+            node.wait_contributor(&a.canonical_hash().unwrap().to_hex());
+        }
+    }
+    let (s, waiting) = wait_for("the second hand-over to wait", || {
+        let s = node.status()?;
+        let w = s["inbox_waiting"].as_array()?.clone();
+        (!w.is_empty()).then_some((s, w))
+    });
+    assert_eq!(waiting.len(), 1, "{s}");
+    assert_eq!(s["current_round"], 1);
+    assert_eq!(
+        s["current_contributors"],
+        serde_json::json!([first.canonical_hash().unwrap().to_hex()])
+    );
+    let kept = node.data.join("inbox").join(waiting[0].as_str().unwrap());
+    assert!(
+        kept.join("adapter_model.safetensors").exists(),
+        "the adapter was dropped"
+    );
+}
