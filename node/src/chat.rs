@@ -83,10 +83,7 @@ pub const PERSONAL_ADAPTER: &str = "./adapters/my_adapter";
 
 /// Whether the network the node in `data_dir` joined runs the base model `base_hash`.
 pub fn network_runs(data_dir: &std::path::Path, base_hash: &hivemind_protocol::Hash) -> bool {
-    std::fs::read(data_dir.join(crate::join::NETWORK_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<crate::join::NetworkFile>(&b).ok())
-        .is_some_and(|n| n.base_model_hash == base_hash.to_hex())
+    crate::join::NetworkFile::read(data_dir).is_ok_and(|n| n.base_model_hash == base_hash.to_hex())
 }
 
 /// The adapter dir `chat` should apply for `choice`, given the loaded base model's hash.

@@ -141,6 +141,15 @@ pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
     round
 }
 
+impl NetworkFile {
+    /// Reads `network.json` from a node's data dir.
+    pub fn read(data_dir: &Path) -> Result<NetworkFile> {
+        let p = data_dir.join(NETWORK_FILE);
+        let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))
+    }
+}
+
 /// Runs `hive-node join`.
 pub fn run(args: JoinArgs) -> Result<()> {
     runtime()?.block_on(run_async(args, None))

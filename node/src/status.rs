@@ -250,12 +250,13 @@ pub fn export_round(data_dir: &Path, number: Option<u64>, output: &Path) -> Resu
 
 /// The LoRA config of the network the node in `data_dir` joined (from `network.json`).
 pub fn network_config(data_dir: &Path) -> Result<AdapterConfig> {
-    let p = data_dir.join(crate::join::NETWORK_FILE);
-    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-    let net: crate::join::NetworkFile =
-        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_value(net.adapter_config)
-        .with_context(|| format!("adapter config in {}", p.display()))
+    let net = crate::join::NetworkFile::read(data_dir)?;
+    serde_json::from_value(net.adapter_config).with_context(|| {
+        format!(
+            "adapter config in {}",
+            data_dir.join(crate::join::NETWORK_FILE).display()
+        )
+    })
 }
 
 /// `hive-node contribute`: hands an adapter dir to the running node.

@@ -44,23 +44,18 @@ struct Api {
 
 impl Api {
     fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().unwrap_or(Value::Null))
+        Self::json(self.http.get(format!("{}{path}", self.base)))
     }
 
     fn post(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .send()
-            .unwrap();
+        Self::json(self.http.post(format!("{}{path}", self.base)))
+    }
+
+    /// Status and JSON body (Null for a body that is not JSON, e.g. a download).
+    fn json(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+        let r = req.send().unwrap();
         let code = r.status().as_u16();
-        (code, r.json().unwrap())
+        (code, r.json().unwrap_or(Value::Null))
     }
 
     fn upload(&self, file: Option<(&str, Vec<u8>)>, fields: &[(&str, &str)]) -> (u16, Value) {
