@@ -13,10 +13,10 @@
 //!   Baseline: one hop of the same bytes over a plain tokio TCP connection (p50).
 //! * `transfer`: a 64 MiB blob fetched with `fetch_blob` (verified and stored by the
 //!   `BlobWriter`). Baseline: a plain tokio TCP copy of the same bytes into memory.
-//!   Diagnostics split the cost, each with the cores the process kept busy: chunk
-//!   requests alone (data dropped; from the store and from memory; pipeline depths 1, 8,
-//!   32), `fetch_blob` from a memory source, a prototype fetch that writes on its own
-//!   thread while requests stay in flight, the store sink alone (writes vs fsync), blake3.
+//!   Diagnostics split the cost, each with the cores the process kept busy: the blob
+//!   stream alone (data dropped; from the store and from memory), `fetch_blob` from a
+//!   memory source, a plain TCP copy into the same `BlobWriter` (the store's share without
+//!   libp2p), the store sink alone (writes vs fsync), blake3.
 //! * `commit`: 5 full nodes (network + round driver), one tiny adapter each. Measured: the
 //!   time from the earliest window end to the last commit. Baseline: the configured grace
 //!   period, the protocol's designed quiet time before a commit.
@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, TargetModules};
 use hivemind_model::aggregate::{AggregationRule, FedAvg, WeightedAdapter};
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
 use hivemind_node::blob_protocol::{
-    fetch_blob, BlobRequest, BlobResponse, BlobSource, SharedSource, MAX_CHUNK_BYTES,
+    decode_header, encode_request, fetch_blob, BlobHeader, BlobRequest, BlobSource, OpenBlob,
+    SharedSource, FRAME_BYTES,
 };
 use hivemind_node::driver::{now_ms, round_metadata, Driver, DriverConfig, Local, NetSpec};
 use hivemind_node::identity::keypair_of;
@@ -205,6 +206,7 @@ fn net_config(bootstrap: Vec<Multiaddr>, topics: Vec<String>) -> Result<NetConfi
         mdns: false,
         // What `join` uses for short rounds.
         heartbeat: Duration::from_millis(200),
+        serve_limit: hivemind_node::blob_protocol::DEFAULT_SERVE_LIMIT,
     })
 }
 
@@ -512,18 +514,29 @@ struct MemSource {
     bytes: Arc<Vec<u8>>,
 }
 
+/// Reads an `Arc<Vec<u8>>` from an offset.
+struct ArcReader(Arc<Vec<u8>>, usize);
+
+impl std::io::Read for ArcReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.0[self.1.min(self.0.len())..];
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.1 += n;
+        Ok(n)
+    }
+}
+
 impl BlobSource for MemSource {
-    fn serve(&self, req: &BlobRequest) -> BlobResponse {
-        let total = self.bytes.len() as u64;
-        if req.hash != self.hash || req.offset > total {
-            return BlobResponse::NotFound;
+    fn open(&self, hash: &Hash, offset: u64) -> std::io::Result<Option<OpenBlob>> {
+        let total_len = self.bytes.len() as u64;
+        if *hash != self.hash || offset > total_len {
+            return Ok(None);
         }
-        let start = req.offset as usize;
-        let end = (req.offset + u64::from(req.len.min(MAX_CHUNK_BYTES))).min(total) as usize;
-        BlobResponse::Chunk {
-            total_len: total,
-            data: self.bytes[start..end].to_vec(),
-        }
+        Ok(Some(OpenBlob {
+            total_len,
+            reader: Box::new(ArcReader(self.bytes.clone(), offset as usize)),
+        }))
     }
 }
 
@@ -619,15 +632,12 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
             json!({ "mb_s": r3(mb / wall.as_secs_f64()), "cores_busy": busy }),
         );
     };
-    // The wire alone (chunks requested and dropped), from the store and from memory, at
-    // the pipeline depth fetch_blob uses and deeper.
-    for (name, peer, depth) in [
-        ("wire_only_store_source_pipeline_8", peer_a, 8),
-        ("wire_only_store_source_pipeline_32", peer_a, 32),
-        ("wire_only_memory_source_pipeline_8", peer_c, 8),
-        ("wire_only_memory_source_pipeline_1", peer_c, 1),
+    // The wire alone (the blob streamed and dropped), from the store and from memory.
+    for (name, peer) in [
+        ("wire_only_store_source", peer_a),
+        ("wire_only_memory_source", peer_c),
     ] {
-        let (r, wall, busy) = timed(wire_only(&b.client, peer, hash, len as u64, depth)).await;
+        let (r, wall, busy) = timed(wire_only(&b.client, peer, hash, len as u64)).await;
         r?;
         note(name, wall, busy);
     }
@@ -640,14 +650,9 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
         "fetch_blob from the memory source failed"
     );
     note("fetch_blob_memory_source", wall, busy);
-    // The prototype that overlaps wire and store (see fetch_overlapped), from A's store.
-    let sb = store_b.clone();
-    tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
-    let (r, _, busy) = timed(fetch_overlapped(
-        &b.client, &store_b, hash, peer_a, len as u64, 8,
-    ))
-    .await;
-    note("fetch_overlapped_prototype_pipeline_8", r?, busy);
+    // A plain TCP copy into the same BlobWriter: the store's share without libp2p.
+    let (r, _, busy) = timed(tcp_copy_into_store(bytes.clone(), &store_b, hash)).await;
+    note("tcp_copy_into_blob_writer", r?, busy);
     // The receiving store alone (BlobWriter: write_at per chunk, hash, fsync, rename).
     let sb = store_b.clone();
     let b3 = bytes.clone();
@@ -734,108 +739,91 @@ async fn tcp_copy(bytes: Arc<Vec<u8>>) -> Result<Duration> {
     Ok(t)
 }
 
-/// Requests every chunk of `hash` from `peer` with `depth` requests in flight and drops
-/// the data: the cost of the wire and of the serving side alone.
-async fn wire_only(
-    client: &Client,
-    peer: PeerId,
-    hash: Hash,
-    total: u64,
-    depth: usize,
-) -> Result<Duration> {
+/// Streams all of blob `hash` from `peer` over the blob protocol and drops the bytes: the
+/// cost of the wire and of the serving side alone.
+async fn wire_only(client: &Client, peer: PeerId, hash: Hash, total: u64) -> Result<Duration> {
     let t0 = Instant::now();
-    let mut next = 0u64;
-    let mut received = 0u64;
-    let mut inflight = FuturesUnordered::new();
-    loop {
-        while inflight.len() < depth && next < total {
-            let len = (total - next).min(u64::from(MAX_CHUNK_BYTES)) as u32;
-            let req = BlobRequest {
-                hash,
-                offset: next,
-                len,
-            };
-            let c = client.clone();
-            inflight.push(async move { c.request_chunk(peer, req).await });
-            next += u64::from(len);
-        }
-        let Some(res) = inflight.next().await else {
-            break;
-        };
-        match res.map_err(anyhow::Error::msg)? {
-            BlobResponse::Chunk { data, .. } => received += data.len() as u64,
-            BlobResponse::NotFound => bail!("chunk not found"),
-        }
+    let mut stream = client
+        .open_blob_stream(peer)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let req = BlobRequest {
+        hash,
+        offset: 0,
+        len: u64::MAX,
+    };
+    stream.write_all(&encode_request(&req)).await?;
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await?;
+    ensure!(
+        decode_header(&head)? == BlobHeader::Found { total_len: total },
+        "unexpected answer"
+    );
+    let mut frame = vec![0u8; FRAME_BYTES];
+    let mut got = 0u64;
+    while got < total {
+        let n = stream.read(&mut frame).await?;
+        ensure!(n > 0, "stream ended after {got} of {total} bytes");
+        got += n as u64;
     }
-    ensure!(received == total, "received {received} of {total} bytes");
     Ok(t0.elapsed())
 }
 
-/// A prototype of a fetch that overlaps the wire with the store: chunk requests stay in
-/// flight while a dedicated blocking thread writes (and hashes) the chunks already received,
-/// instead of awaiting each `write_at` in the request loop as `fetch_blob` does. The blob is
-/// verified by `BlobWriter::finish` exactly as in `fetch_blob`. Not a replacement (no peer
-/// fallback, no penalties): it measures what the overlap would gain.
-async fn fetch_overlapped(
-    client: &Client,
-    store: &Store,
-    hash: Hash,
-    peer: PeerId,
-    total: u64,
-    depth: usize,
-) -> Result<Duration> {
+/// A plain TCP copy of `bytes` written frame by frame into a `BlobWriter` on a blocking
+/// thread and finished (hash check, fsync, install): `fetch_blob` without libp2p.
+async fn tcp_copy_into_store(bytes: Arc<Vec<u8>>, store: &Store, hash: Hash) -> Result<Duration> {
+    let sb = store.clone();
+    tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
+    let len = bytes.len();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &bytes).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut s).await
+    });
     let t0 = Instant::now();
-    let mut writer = store.blob_writer(hash, total)?;
-    let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(depth);
+    let mut c = TcpStream::connect(addr).await?;
+    let mut writer = store.blob_writer(hash, len as u64)?;
+    // Four reused frames, as fetch_blob has.
+    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, usize)>(4);
+    let (back_tx, mut back_rx) = mpsc::channel::<Vec<u8>>(4);
+    for _ in 0..4 {
+        back_tx.send(vec![0u8; FRAME_BYTES]).await?;
+    }
     let sink = tokio::task::spawn_blocking(move || -> Result<Hash> {
-        while let Some((off, data)) = rx.blocking_recv() {
-            writer.write_at(off, &data)?;
+        let mut off = 0u64;
+        while let Some((frame, n)) = rx.blocking_recv() {
+            writer.write_at(off, &frame[..n])?;
+            off += n as u64;
+            let _ = back_tx.blocking_send(frame);
         }
         Ok(writer.finish()?)
     });
-    let mut next = 0u64;
-    let mut inflight = futures::stream::FuturesOrdered::new();
-    loop {
-        while inflight.len() < depth && next < total {
-            let len = (total - next).min(u64::from(MAX_CHUNK_BYTES)) as u32;
-            let req = BlobRequest {
-                hash,
-                offset: next,
-                len,
-            };
-            let c = client.clone();
-            // Spawned, so the request goes out now and not when the stream is next polled.
-            inflight.push_back(tokio::spawn(async move {
-                (req.offset, c.request_chunk(peer, req).await)
-            }));
-            next += u64::from(len);
-        }
-        let Some(done) = inflight.next().await else {
-            break;
-        };
-        let (off, res) = done?;
-        match res.map_err(anyhow::Error::msg)? {
-            BlobResponse::Chunk { data, .. } => tx
-                .send((off, data))
-                .await
-                .map_err(|_| anyhow::anyhow!("the writer stopped"))?,
-            BlobResponse::NotFound => bail!("chunk not found"),
-        }
+    let mut got = 0;
+    while got < len {
+        let n = (len - got).min(FRAME_BYTES);
+        let mut frame = back_rx.recv().await.context("the writer stopped")?;
+        tokio::io::AsyncReadExt::read_exact(&mut c, &mut frame[..n]).await?;
+        got += n;
+        tx.send((frame, n)).await?;
     }
     drop(tx);
     ensure!(sink.await?? == hash, "stored another hash");
-    Ok(t0.elapsed())
+    let t = t0.elapsed();
+    server.await??;
+    Ok(t)
 }
 
-/// Writes `bytes` into a fresh `BlobWriter` in chunks of `MAX_CHUNK_BYTES` and finishes
+/// Writes `bytes` into a fresh `BlobWriter` in frames of `FRAME_BYTES` and finishes
 /// it, as `fetch_blob` does, without the network. Returns the time of the writes (with
 /// the in-order hashing) and of `finish` (hash check, fsync, rename, index flush).
 fn local_sink(store: &Store, bytes: &[u8], hash: Hash) -> Result<(Duration, Duration)> {
     store.remove_blob(&hash)?;
     let t0 = Instant::now();
     let mut w = store.blob_writer(hash, bytes.len() as u64)?;
-    for (i, chunk) in bytes.chunks(MAX_CHUNK_BYTES as usize).enumerate() {
-        w.write_at(i as u64 * u64::from(MAX_CHUNK_BYTES), chunk)?;
+    for (i, chunk) in bytes.chunks(FRAME_BYTES).enumerate() {
+        w.write_at((i * FRAME_BYTES) as u64, chunk)?;
     }
     let t1 = Instant::now();
     ensure!(w.finish()? == hash, "local sink stored another hash");

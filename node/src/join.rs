@@ -208,6 +208,7 @@ async fn run_async(args: JoinArgs, gateway: Option<ServeArgs>) -> Result<()> {
         topics: vec![announce_topic(&model), digest_topic(&model)],
         mdns: args.mdns,
         heartbeat: Duration::from_millis(if window_ms < 60_000 { 200 } else { 1000 }),
+        serve_limit: crate::blob_protocol::DEFAULT_SERVE_LIMIT,
     };
     let net = Network::spawn(
         keypair_of(&key)?,

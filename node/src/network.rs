@@ -6,8 +6,9 @@
 //!   driver / fetchers ──Client (mpsc Command + oneshot)──▶ EventLoop ──▶ Swarm
 //!          ▲                                                  │          gossipsub, kad,
 //!          └──────────────── NetEvent (mpsc) ─────────────────┘          identify, ping,
-//!                                                                        blob (req-resp), mdns
-//!   inbound blob requests: EventLoop ─spawn_blocking(BlobSource::serve)─▶ back to EventLoop
+//!                                                                        blob streams, mdns
+//!   blob streams: Client::open_blob_stream ──libp2p-stream Control──▶ a stream per transfer
+//!                 serve_incoming task ◀── inbound blob streams (answered off the event loop)
 //! ```
 //!
 //! Gossipsub runs with strict signing, a content-hash message id (blake3 of the data, which
@@ -17,7 +18,8 @@
 //! [`Client::penalise`] lowers it further through the application-specific score and bans
 //! the peer.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,13 +27,14 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::blob_protocol::{self, BlobCodec, BlobRequest, BlobResponse, SharedSource};
+use crate::blob_protocol::{self, SharedSource};
 
 /// Kademlia protocol id of HiveMind networks.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/hivemind/kad/1.0.0");
@@ -90,6 +93,9 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Gossipsub heartbeat (mesh maintenance and gossip emission).
     pub heartbeat: Duration,
+    /// Blob streams served at once; more are answered "busy"
+    /// ([`blob_protocol::DEFAULT_SERVE_LIMIT`] for nodes).
+    pub serve_limit: usize,
 }
 
 /// Something the network saw, for the driver.
@@ -137,11 +143,6 @@ enum Command {
         source: PeerId,
         acceptance: MessageAcceptance,
     },
-    RequestChunk {
-        peer: PeerId,
-        req: BlobRequest,
-        reply: oneshot::Sender<Result<BlobResponse, String>>,
-    },
     Penalise {
         peer: PeerId,
         reason: String,
@@ -155,11 +156,38 @@ enum Command {
     },
 }
 
+/// Peers banned for misbehaviour: shared by the event loop (which bans), the blob server
+/// (which refuses their streams) and clients (which do not open streams to them).
+#[derive(Clone, Debug, Default)]
+struct Banned(Arc<Mutex<BTreeSet<PeerId>>>);
+
+impl Banned {
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.0.lock().map(|s| s.contains(peer)).unwrap_or(true)
+    }
+
+    fn insert(&self, peer: PeerId) {
+        if let Ok(mut s) = self.0.lock() {
+            s.insert(peer);
+        }
+    }
+}
+
 /// The handle everyone but the event loop uses. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    streams: libp2p_stream::Control,
+    banned: Banned,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("local", &self.local)
+            .finish()
+    }
 }
 
 impl Client {
@@ -195,17 +223,24 @@ impl Client {
             .await;
     }
 
-    /// Asks `peer` for one chunk of a blob.
-    pub async fn request_chunk(
-        &self,
-        peer: PeerId,
-        req: BlobRequest,
-    ) -> Result<BlobResponse, String> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::RequestChunk { peer, req, reply })
+    /// Opens a blob protocol stream to `peer` (dialling it if needed). The stream does
+    /// not pass through the event loop: its bytes never wait behind gossip.
+    pub async fn open_blob_stream(&self, peer: PeerId) -> std::io::Result<Stream> {
+        use std::io::{Error, ErrorKind};
+        if self.banned.contains(&peer) {
+            return Err(Error::new(ErrorKind::PermissionDenied, "peer is banned"));
+        }
+        self.streams
+            .clone()
+            .open_stream(peer, blob_protocol::PROTOCOL)
             .await
-            .map_err(|e| e.to_string())?;
-        rx.await.map_err(|_| NetError::Stopped.to_string())?
+            .map_err(|e| match e {
+                libp2p_stream::OpenStreamError::Io(e) => e,
+                e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
+                    Error::new(ErrorKind::Unsupported, e.to_string())
+                }
+                e => Error::other(e.to_string()),
+            })
     }
 
     /// Lowers `peer`'s score and bans it: it provably misbehaved.
@@ -236,7 +271,7 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    blob: request_response::Behaviour<BlobCodec>,
+    blob: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -306,13 +341,7 @@ fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
                 key.public(),
             ));
             let ping = ping::Behaviour::new(ping::Config::new());
-            let blob = request_response::Behaviour::with_codec(
-                BlobCodec,
-                [(blob_protocol::PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(30))
-                    .with_max_concurrent_streams(256),
-            );
+            let blob = libp2p_stream::Behaviour::new();
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
             } else {
@@ -382,20 +411,31 @@ impl Network {
                 tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
             }
         }
+        let streams = swarm.behaviour().blob.new_control();
+        let incoming = streams
+            .clone()
+            .accept(blob_protocol::PROTOCOL)
+            .map_err(|e| NetError::Build {
+                detail: format!("blob protocol: {e}"),
+            })?;
+        let banned = Banned::default();
+        let refused = banned.clone();
+        tokio::spawn(blob_protocol::serve_incoming(
+            incoming,
+            source,
+            cfg.serve_limit,
+            move |peer| refused.contains(peer),
+            cancel.clone(),
+        ));
         let (tx, rx) = mpsc::channel(256);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
-        let (served_tx, served_rx) = mpsc::channel(256);
         let mut lp = EventLoop {
             swarm,
             commands: rx,
             events: ev_tx,
-            source,
-            served_tx,
-            served_rx,
-            pending_chunks: HashMap::new(),
             listen_addrs: BTreeSet::new(),
             penalties: BTreeMap::new(),
-            banned: BTreeSet::new(),
+            banned: banned.clone(),
             dialled: BTreeSet::new(),
             bootstrapped: false,
         };
@@ -410,26 +450,25 @@ impl Network {
         }
         let task = tokio::spawn(lp.run(cancel));
         Ok(Network {
-            client: Client { tx, local },
+            client: Client {
+                tx,
+                local,
+                streams,
+                banned,
+            },
             events: ev_rx,
             task,
         })
     }
 }
 
-type Served = (ResponseChannel<BlobResponse>, BlobResponse);
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
-    source: SharedSource,
-    served_tx: mpsc::Sender<Served>,
-    served_rx: mpsc::Receiver<Served>,
-    pending_chunks: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, String>>>,
     listen_addrs: BTreeSet<Multiaddr>,
     penalties: BTreeMap<PeerId, u32>,
-    banned: BTreeSet<PeerId>,
+    banned: Banned,
     dialled: BTreeSet<PeerId>,
     bootstrapped: bool,
 }
@@ -444,9 +483,6 @@ impl EventLoop {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
-                Some((channel, res)) = self.served_rx.recv() => {
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, res);
-                }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
             }
         }
@@ -471,14 +507,6 @@ impl EventLoop {
             } => {
                 b.gossipsub
                     .report_message_validation_result(&id, &source, acceptance);
-            }
-            Command::RequestChunk { peer, req, reply } => {
-                if self.banned.contains(&peer) {
-                    let _ = reply.send(Err("peer is banned".into()));
-                    return;
-                }
-                let id = b.blob.send_request(&peer, req);
-                self.pending_chunks.insert(id, reply);
             }
             Command::Penalise { peer, reason } => {
                 let n = self.penalties.entry(peer).or_insert(0);
@@ -592,44 +620,6 @@ impl EventLoop {
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Blob(ev)) => self.on_blob_event(ev),
-            _ => {}
-        }
-    }
-
-    fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobResponse>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    if self.banned.contains(&peer) {
-                        return;
-                    }
-                    let source = self.source.clone();
-                    let tx = self.served_tx.clone();
-                    // Disk reads run off the network task.
-                    tokio::task::spawn_blocking(move || {
-                        let res = source.serve(&request);
-                        let _ = tx.blocking_send((channel, res));
-                    });
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending_chunks.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_chunks.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
                 }
             }
             _ => {}

@@ -24,7 +24,7 @@ use hivemind_protocol::Hash;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{create_temp, remove_prefixed, sync_dir};
+use crate::fsutil::{create_temp, remove_prefixed, sync_dir, Writeback};
 use crate::records::{decode, encode, hash_from_key};
 use crate::{Recovery, Store};
 
@@ -152,6 +152,7 @@ impl Store {
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut len = 0u64;
+        let mut writeback = Writeback::default();
         loop {
             let n = match src.read(&mut buf) {
                 Ok(0) => break,
@@ -163,6 +164,7 @@ impl Store {
             hasher.update(chunk);
             file.write_all(chunk).at(&temp.path)?;
             len += n as u64;
+            writeback.wrote(&file, len);
         }
         let hash = Hash::from(hasher.finalize());
         if self.already_stored(&hash, len)? {
@@ -316,6 +318,7 @@ impl Store {
             received: RangeSet::default(),
             hasher: blake3::Hasher::new(),
             hashed_upto: 0,
+            writeback: Writeback::default(),
         })
     }
 
@@ -408,6 +411,7 @@ pub struct BlobWriter {
     /// hashed on the fly so `finish` reads back only what came out of order.
     hasher: blake3::Hasher,
     hashed_upto: u64,
+    writeback: Writeback,
 }
 
 impl fmt::Debug for BlobWriter {
@@ -458,6 +462,7 @@ impl BlobWriter {
         if offset == self.hashed_upto {
             self.hasher.update(data);
             self.hashed_upto = end;
+            self.writeback.wrote(&self.file, end);
         }
         self.received.insert(offset, end);
         Ok(())
@@ -571,6 +576,7 @@ impl RangeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::WRITEBACK_BYTES;
     use rand::{Rng, SeedableRng};
 
     fn random_bytes(rng: &mut impl Rng, n: usize) -> Vec<u8> {
@@ -732,6 +738,29 @@ mod tests {
             }) => assert_eq!((offset, blob_len), (n + 1, n)),
             other => panic!("expected RangeOutOfBounds, got {other:?}"),
         }
+        Ok(())
+    }
+
+    #[test]
+    fn blobs_larger_than_the_writeback_step_arrive_whole() -> anyhow::Result<()> {
+        // Several writeback kicks (every WRITEBACK_BYTES) and a tail that is not a multiple
+        // of the chunk size, through both streaming writers.
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let bytes = random_bytes(&mut rng, 2 * WRITEBACK_BYTES as usize + 300_001);
+        let hash = Hash::of(&bytes);
+        let mut w = store.blob_writer(hash, bytes.len() as u64)?;
+        for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
+            w.write_at((i << 20) as u64, chunk)?;
+        }
+        assert_eq!(w.finish()?, hash);
+        assert_eq!(store.get_blob(&hash)?.as_deref(), Some(&bytes[..]));
+        assert!(store.remove_blob(&hash)?);
+        let src = dir.path().join("source.bin");
+        fs::write(&src, &bytes)?;
+        assert_eq!(store.put_blob_file(&src)?, hash);
+        assert!(store.verify_blob(&hash)?);
         Ok(())
     }
 
