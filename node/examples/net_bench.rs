@@ -12,11 +12,12 @@
 //!   Measured: per message, the time until all other nodes had it (p50/p99/max).
 //!   Baseline: one hop of the same bytes over a plain tokio TCP connection (p50).
 //! * `transfer`: a 64 MiB blob fetched with `fetch_blob` (verified and stored by the
-//!   `BlobWriter`). Baseline: a plain tokio TCP copy of the same bytes into memory.
-//!   Diagnostics split the cost, each with the cores the process kept busy: the blob
-//!   stream alone (data dropped; from the store and from memory), `fetch_blob` from a
-//!   memory source, a plain TCP copy into the same `BlobWriter` (the store's share without
-//!   libp2p), the store sink alone (writes vs fsync), blake3.
+//!   `BlobWriter`). Baseline: a plain tokio TCP copy of the same bytes into memory. Two
+//!   like-for-like pairs are measured in the same reps: the blob stream into memory (the
+//!   transport alone) vs that TCP copy, and `fetch_blob` vs a plain TCP copy into the same
+//!   `BlobWriter` (hash check, fsync, install). Diagnostics split the cost, each with the
+//!   cores the process kept busy: the blob stream from the store, `fetch_blob` from a
+//!   memory source, the store sink alone (writes vs fsync), blake3.
 //! * `commit`: 5 full nodes (network + round driver), one tiny adapter each. Measured: the
 //!   time from the earliest window end to the last commit. Baseline: the configured grace
 //!   period, the protocol's designed quiet time before a commit.
@@ -82,7 +83,7 @@ struct Args {
     #[arg(long, env = "BENCH_BLOB_MIB", default_value_t = 64)]
     blob_mib: usize,
     /// Repetitions of the transfer (and of its TCP baseline).
-    #[arg(long, env = "BENCH_REPS", default_value_t = 3)]
+    #[arg(long, env = "BENCH_REPS", default_value_t = 5)]
     reps: usize,
     /// Full nodes of the commit benchmark.
     #[arg(long, env = "BENCH_COMMIT_NODES", default_value_t = 5)]
@@ -592,14 +593,20 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
     let peer_a = a.client.local_peer_id();
     let peer_c = c.client.local_peer_id();
 
-    let mut ours = Vec::new();
-    let mut ours_busy = Vec::new();
-    let mut tcp = Vec::new();
-    let mut tcp_busy = Vec::new();
+    // Each rep, interleaved so load drifts hit all alike: the baseline (TCP into memory),
+    // the blob stream into memory (the transport alone), a TCP copy into the same
+    // BlobWriter (the store's work without libp2p), and fetch_blob (stream + store).
+    let mut tcp = Series::default();
+    let mut stream_mem = Series::default();
+    let mut tcp_store = Series::default();
+    let mut ours = Series::default();
     for rep in 0..args.reps {
         let (t, _, busy) = timed(tcp_copy(bytes.clone())).await;
-        tcp.push(mb / t?.as_secs_f64());
-        tcp_busy.extend(busy);
+        tcp.push(mb / t?.as_secs_f64(), busy);
+        let (t, _, busy) = timed(wire_only(&b.client, peer_c, hash, len as u64)).await;
+        stream_mem.push(mb / t?.as_secs_f64(), busy);
+        let (t, _, busy) = timed(tcp_copy_into_store(bytes.clone(), &store_b, hash)).await;
+        tcp_store.push(mb / t?.as_secs_f64(), busy);
         let sb = store_b.clone();
         tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
         let (got, t, busy) = timed(fetch_blob(&b.client, &store_b, hash, &[peer_a])).await;
@@ -608,11 +615,10 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
             store_b.has_blob(&hash)?,
             "the fetched blob is not in the store"
         );
-        ours.push(mb / t.as_secs_f64());
-        ours_busy.extend(busy);
+        ours.push(mb / t.as_secs_f64(), busy);
         eprintln!(
-            "transfer rep {rep}: fetch_blob {:.1} MB/s, tcp {:.1} MB/s",
-            ours[rep], tcp[rep]
+            "transfer rep {rep}: fetch_blob {:.1} MB/s, tcp {:.1}, blob stream into memory {:.1}, tcp into the store {:.1}",
+            ours.values[rep], tcp.values[rep], stream_mem.values[rep], tcp_store.values[rep]
         );
     }
     // The fetched bytes are the sent bytes (the writer checked the hash; check once more).
@@ -632,15 +638,10 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
             json!({ "mb_s": r3(mb / wall.as_secs_f64()), "cores_busy": busy }),
         );
     };
-    // The wire alone (the blob streamed and dropped), from the store and from memory.
-    for (name, peer) in [
-        ("wire_only_store_source", peer_a),
-        ("wire_only_memory_source", peer_c),
-    ] {
-        let (r, wall, busy) = timed(wire_only(&b.client, peer, hash, len as u64)).await;
-        r?;
-        note(name, wall, busy);
-    }
+    // The blob stream alone (streamed and dropped) from A's store.
+    let (r, wall, busy) = timed(wire_only(&b.client, peer_a, hash, len as u64)).await;
+    r?;
+    note("blob_stream_from_store_into_memory", wall, busy);
     // fetch_blob from the memory source: everything but the serving side's disk reads.
     let sb = store_b.clone();
     tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
@@ -650,9 +651,6 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
         "fetch_blob from the memory source failed"
     );
     note("fetch_blob_memory_source", wall, busy);
-    // A plain TCP copy into the same BlobWriter: the store's share without libp2p.
-    let (r, _, busy) = timed(tcp_copy_into_store(bytes.clone(), &store_b, hash)).await;
-    note("tcp_copy_into_blob_writer", r?, busy);
     // The receiving store alone (BlobWriter: write_at per chunk, hash, fsync, rename).
     let sb = store_b.clone();
     let b3 = bytes.clone();
@@ -676,41 +674,66 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
         let _ = n.task.await;
     }
 
-    let ours = sorted(ours);
-    let tcp = sorted(tcp);
-    let (ours_med, tcp_med) = (percentile(&ours, 0.5), percentile(&tcp, 0.5));
-    let (ours_best, tcp_best) = (
-        ours.last().copied().unwrap_or(f64::NAN),
-        tcp.last().copied().unwrap_or(f64::NAN),
-    );
-    let all = |v: &[f64]| v.iter().map(|x| r3(*x)).collect::<Vec<_>>();
     Ok(json!({
         "bench": "transfer",
         "blob_bytes": len,
         "reps": args.reps,
         "unit": "MB/s (1e6 bytes per second)",
-        "fetch_blob_mb_s": {
-            "best": r3(ours_best),
-            "median": r3(ours_med),
-            "all": all(&ours),
-            "cores_busy": ours_busy,
-        },
+        "fetch_blob_mb_s": ours.summary(),
         "baseline": {
             "what": "plain tokio TCP copy of the same bytes on loopback into memory",
-            "tcp_mb_s": {
-                "best": r3(tcp_best),
-                "median": r3(tcp_med),
-                "all": all(&tcp),
-                "cores_busy": tcp_busy,
+            "tcp_mb_s": tcp.summary(),
+        },
+        "ratio_median": r3(ours.median() / tcp.median()),
+        "ratio_best": r3(ours.best() / tcp.best()),
+        "target_ratio": 0.5,
+        "like_for_like": {
+            "transport": {
+                "what": "the blob stream from memory into memory (noise + yamux, no disk) vs the TCP copy into memory",
+                "blob_stream_mb_s": stream_mem.summary(),
+                "ratio_median": r3(stream_mem.median() / tcp.median()),
+            },
+            "into_the_store": {
+                "what": "fetch_blob vs a plain TCP copy into the same BlobWriter (blake3 check, fsync, install)",
+                "tcp_into_store_mb_s": tcp_store.summary(),
+                "ratio_median": r3(ours.median() / tcp_store.median()),
             },
         },
-        "ratio_median": r3(ours_med / tcp_med),
-        "ratio_best": r3(ours_best / tcp_best),
-        "target_ratio": 0.5,
         "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "diagnostics": diag,
         "store_sink_split_ms": sink_split,
     }))
+}
+
+/// Repeated throughput measurements and the cores busy during each.
+#[derive(Default)]
+struct Series {
+    values: Vec<f64>,
+    busy: Vec<f64>,
+}
+
+impl Series {
+    fn push(&mut self, value: f64, busy: Option<f64>) {
+        self.values.push(value);
+        self.busy.extend(busy);
+    }
+
+    fn median(&self) -> f64 {
+        percentile(&sorted(self.values.clone()), 0.5)
+    }
+
+    fn best(&self) -> f64 {
+        self.values.iter().copied().fold(f64::NAN, f64::max)
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        json!({
+            "best": r3(self.best()),
+            "median": r3(self.median()),
+            "all": self.values.iter().map(|x| r3(*x)).collect::<Vec<_>>(),
+            "cores_busy": self.busy,
+        })
+    }
 }
 
 /// Time to copy `bytes` over a plain TCP connection on loopback into a buffer allocated
