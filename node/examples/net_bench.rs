@@ -609,7 +609,8 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
         tcp_store.push(mb / t?.as_secs_f64(), busy);
         let sb = store_b.clone();
         tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
-        let (got, t, busy) = timed(fetch_blob(&b.client, &store_b, hash, &[peer_a])).await;
+        let (got, t, busy) =
+            timed(fetch_blob(&b.client, &store_b, hash, &[peer_a], len as u64)).await;
         ensure!(got == Some(peer_a), "fetch_blob failed (rep {rep})");
         ensure!(
             store_b.has_blob(&hash)?,
@@ -645,7 +646,8 @@ async fn transfer(args: &Args) -> Result<serde_json::Value> {
     // fetch_blob from the memory source: everything but the serving side's disk reads.
     let sb = store_b.clone();
     tokio::task::spawn_blocking(move || sb.remove_blob(&hash)).await??;
-    let (got, wall, busy) = timed(fetch_blob(&b.client, &store_b, hash, &[peer_c])).await;
+    let (got, wall, busy) =
+        timed(fetch_blob(&b.client, &store_b, hash, &[peer_c], len as u64)).await;
     ensure!(
         got == Some(peer_c),
         "fetch_blob from the memory source failed"

@@ -2,8 +2,8 @@
 //! libp2p stream. The request names a blob by its blake3 hash and a byte range; the
 //! response is a 9-byte header (found with the blob's total length, not found, or busy)
 //! followed by the bytes of the range, streamed in frames of [`FRAME_BYTES`] and never
-//! held whole in memory, so adapters of hundreds of MB move with a few frames of memory
-//! per transfer.
+//! held whole in memory: adapters of hundreds of MB move with a few frames of our memory
+//! per transfer (plus what yamux buffers within its stream receive window).
 //!
 //! Wire format (fixed, little-endian, no serde so byte fields are raw bytes):
 //!
@@ -23,26 +23,28 @@
 //!
 //! [`fetch_blob`] is the receiving side: it fetches a blob from a list of peers, writes it
 //! through a [`hivemind_store::BlobWriter`] (which verifies blake3 before the blob enters
-//! the store), and on a failure or a hash mismatch penalises that peer and tries the next.
-//! [`serve_incoming`] is the serving side, spawned by the network next to its event loop.
+//! the store), penalises a peer whose bytes do not hash to the name, and tries the next
+//! peer on any failure. [`serve_incoming`] is the serving side, spawned by the network next
+//! to its event loop.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use hivemind_protocol::Hash;
 use hivemind_store::{BlobWriter, Store};
 use libp2p::{PeerId, Stream, StreamProtocol};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::network::Client;
 
 /// The protocol id; the version changes with any wire change.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hivemind/blob/2.0.0");
-/// Largest blob a node accepts (bigger announcements are never fetched).
+/// Largest blob a node fetches, whatever the caller allows.
 pub const MAX_BLOB_BYTES: u64 = 4 << 30;
 /// Bytes moved between the stream and the disk at a time.
 pub const FRAME_BYTES: usize = 256 << 10;
@@ -51,12 +53,16 @@ const FRAMES: usize = 4;
 /// Request length on the wire.
 pub const REQUEST_BYTES: usize = 32 + 8 + 8;
 const HEADER_BYTES: usize = 1 + 8;
-/// A transfer whose next read or write makes no progress for this long fails.
+/// Every read or write of a transfer (a header, one frame, a close) must complete within
+/// this long, or the transfer fails.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// A server drops a stream whose 48-byte request has not arrived after this long (so idle
-/// streams cannot hold serving slots for long).
+/// Opening a stream (dialling the peer if needed) must succeed within this long.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A server drops a stream whose 48-byte request has not arrived after this long. Such
+/// streams hold no serving slot: slots are taken once the request is in.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Blob streams a node serves at once unless configured otherwise; more are answered "busy".
+/// Blob streams a node serves at once unless configured otherwise; more are answered
+/// "busy". One peer gets at most a quarter of them (at least one).
 pub const DEFAULT_SERVE_LIMIT: usize = 32;
 /// Tries at opening a stream and reading its answer's header before a peer counts as
 /// unavailable. A server keeps one inbound stream waiting for its accept loop and drops
@@ -218,9 +224,10 @@ fn frame_pool() -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
 // Serving
 // ---------------------------------------------------------------------------------------
 
-/// Accepts inbound blob streams until `cancel` fires and answers each on its own task,
-/// at most `limit` at once (beyond that: "busy"). Streams from peers `refuse` names are
-/// dropped unanswered.
+/// Accepts inbound blob streams until `cancel` fires and answers each on its own task.
+/// At most `limit` requests are served at once, and at most a quarter of them (at least
+/// one) for one peer; beyond that the answer is "busy". Streams from peers `refuse` names
+/// are dropped unanswered.
 pub async fn serve_incoming(
     mut incoming: libp2p_stream::IncomingStreams,
     source: SharedSource,
@@ -228,7 +235,7 @@ pub async fn serve_incoming(
     refuse: impl Fn(&PeerId) -> bool + Send + 'static,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(limit));
+    let slots = Slots::new(limit);
     loop {
         let (peer, mut stream) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -240,39 +247,84 @@ pub async fn serve_incoming(
         if refuse(&peer) {
             continue;
         }
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let source = source.clone();
-                tokio::spawn(async move {
-                    match serve_stream(&mut stream, source).await {
-                        Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
-                        Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
-                    }
-                    drop(slot);
-                });
+        let (source, slots) = (source.clone(), slots.clone());
+        tokio::spawn(async move {
+            match serve_stream(&mut stream, peer, source, &slots).await {
+                Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
+                Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
             }
-            Err(_) => {
-                tokio::spawn(async move {
-                    let _ = timed(
-                        "busy answer",
-                        stream.write_all(&encode_header(BlobHeader::Busy)),
-                    )
-                    .await;
-                    let _ = stream.close().await;
-                });
+        });
+    }
+}
+
+/// Serving slots: a global semaphore plus a count per peer.
+#[derive(Clone)]
+struct Slots {
+    global: Arc<Semaphore>,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+    per_peer_max: usize,
+}
+
+/// A taken slot; dropping it frees it.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    peer: PeerId,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl Slots {
+    fn new(limit: usize) -> Slots {
+        Slots {
+            global: Arc::new(Semaphore::new(limit)),
+            per_peer: Arc::default(),
+            per_peer_max: limit.div_ceil(4).max(1),
+        }
+    }
+
+    fn try_take(&self, peer: PeerId) -> Option<Slot> {
+        let mut counts = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(peer).or_insert(0);
+        if *n >= self.per_peer_max {
+            return None;
+        }
+        let permit = self.global.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(Slot {
+            _permit: permit,
+            peer,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.peer);
             }
         }
     }
 }
 
-/// Answers one inbound stream: reads the request, sends the header and the range, closes.
-/// Returns the number of blob bytes sent.
-pub async fn serve_stream(stream: &mut Stream, source: SharedSource) -> io::Result<u64> {
+/// Answers one inbound stream: reads the request, takes a slot (or answers "busy"), sends
+/// the header and the range, closes. Returns the number of blob bytes sent.
+async fn serve_stream(
+    stream: &mut Stream,
+    peer: PeerId,
+    source: SharedSource,
+    slots: &Slots,
+) -> io::Result<u64> {
     let mut buf = [0u8; REQUEST_BYTES];
     tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut buf))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
     let req = decode_request(&buf);
+    let Some(_slot) = slots.try_take(peer) else {
+        return answer_only(stream, BlobHeader::Busy).await;
+    };
     let opened = tokio::task::spawn_blocking(move || source.open(&req.hash, req.offset))
         .await
         .map_err(join_error)?
@@ -281,13 +333,7 @@ pub async fn serve_stream(stream: &mut Stream, source: SharedSource) -> io::Resu
             None
         });
     let Some(blob) = opened else {
-        timed(
-            "writing",
-            stream.write_all(&encode_header(BlobHeader::NotFound)),
-        )
-        .await?;
-        stream.close().await?;
-        return Ok(0);
+        return answer_only(stream, BlobHeader::NotFound).await;
     };
     let total_len = blob.total_len;
     timed(
@@ -298,6 +344,13 @@ pub async fn serve_stream(stream: &mut Stream, source: SharedSource) -> io::Resu
     let sent = send_range(blob.reader, req.answer_len(total_len), stream).await?;
     timed("closing", stream.close()).await?;
     Ok(sent)
+}
+
+/// Answers with a header and no data.
+async fn answer_only(stream: &mut Stream, header: BlobHeader) -> io::Result<u64> {
+    timed("writing", stream.write_all(&encode_header(header))).await?;
+    timed("closing", stream.close()).await?;
+    Ok(0)
 }
 
 /// Streams `n` bytes of `reader` to `stream`: a blocking thread fills frames from the disk
@@ -356,26 +409,30 @@ enum PeerFailure {
     Unavailable(String),
     /// It holds the blob but serves as many streams as it will: try again later.
     Busy,
-    /// It served bytes that do not hash to the name, or an impossible length.
+    /// It served bytes that do not hash to the name.
     Lied(String),
     /// Our own store failed: stop.
     Local(String),
 }
 
 /// Fetches blob `hash` from `peers` (in order), verifies it against its hash and stores
-/// it. A peer that serves wrong bytes is penalised and the next one is tried. When every
-/// peer failed and some only because they were busy, those are asked again after a
-/// backoff (at most [`BUSY_PASSES`] times). Returns the peer that delivered, or `None`
+/// it. A peer that serves wrong bytes is penalised and the next one is tried; a peer that
+/// says the blob is longer than `max_len` (or [`MAX_BLOB_BYTES`]) is skipped before
+/// anything is written. When every peer failed and some only because they were busy,
+/// those are asked again after a backoff (at most [`BUSY_PASSES`] times). Returns the
+/// peer that delivered (this node's own id when the blob was already stored), or `None`
 /// when no peer could.
 pub async fn fetch_blob(
     client: &Client,
     store: &Store,
     hash: Hash,
     peers: &[PeerId],
+    max_len: u64,
 ) -> Option<PeerId> {
     if matches!(store.has_blob(&hash), Ok(true)) {
-        return peers.first().copied().or(Some(client.local_peer_id()));
+        return Some(client.local_peer_id());
     }
+    let max_len = max_len.min(MAX_BLOB_BYTES);
     let mut ask = peers.to_vec();
     for pass in 0..BUSY_PASSES {
         if pass > 0 {
@@ -383,7 +440,7 @@ pub async fn fetch_blob(
             tracing::debug!(hash = %hash.short(), busy = ask.len(), ?wait, "every peer busy; waiting");
             tokio::time::sleep(wait).await;
         }
-        match fetch_pass(client, store, hash, &ask).await {
+        match fetch_pass(client, store, hash, &ask, max_len).await {
             Pass::Done(peer) => return Some(peer),
             Pass::Failed => return None,
             Pass::Busy(busy) => ask = busy,
@@ -406,10 +463,16 @@ enum Pass {
     Busy(Vec<PeerId>),
 }
 
-async fn fetch_pass(client: &Client, store: &Store, hash: Hash, peers: &[PeerId]) -> Pass {
+async fn fetch_pass(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peers: &[PeerId],
+    max_len: u64,
+) -> Pass {
     let mut busy = Vec::new();
     for peer in peers {
-        match fetch_from(client, store, hash, *peer).await {
+        match fetch_from(client, store, hash, *peer, max_len).await {
             Ok(()) => return Pass::Done(*peer),
             Err(PeerFailure::Busy) => busy.push(*peer),
             Err(PeerFailure::Unavailable(why)) => {
@@ -439,23 +502,29 @@ async fn fetch_from(
     store: &Store,
     hash: Hash,
     peer: PeerId,
+    max_len: u64,
 ) -> Result<(), PeerFailure> {
     let req = BlobRequest {
         hash,
         offset: 0,
         len: u64::MAX,
     };
-    let (mut stream, header) = request_blob(client, peer, req)
-        .await
-        .map_err(|e| PeerFailure::Unavailable(e.to_string()))?;
+    let (mut stream, header) = match request_blob(client, peer, req).await {
+        Ok(answer) => answer,
+        // Reset on every try: most likely a burst at the server; ask again later.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(PeerFailure::Busy),
+        Err(e) => return Err(PeerFailure::Unavailable(e.to_string())),
+    };
     let total = match header {
         BlobHeader::NotFound => return Err(PeerFailure::Unavailable("not found".into())),
         BlobHeader::Busy => return Err(PeerFailure::Busy),
         BlobHeader::Found { total_len } => total_len,
     };
-    if total > MAX_BLOB_BYTES {
-        return Err(PeerFailure::Lied(format!(
-            "blob of {total} bytes over the cap"
+    if total > max_len {
+        // A liar, or a blob this network cannot use: either way nothing is written.
+        let _ = timed("closing", stream.close()).await;
+        return Err(PeerFailure::Unavailable(format!(
+            "it announces {total} bytes; at most {max_len} are expected"
         )));
     }
     let st = store.clone();
@@ -464,13 +533,15 @@ async fn fetch_from(
         .map_err(|e| PeerFailure::Local(e.to_string()))?
         .map_err(|e| PeerFailure::Local(e.to_string()))?;
     let result = receive_range(&mut stream, writer, total).await;
-    let _ = stream.close().await;
+    let _ = timed("closing", stream.close()).await;
     result
 }
 
 /// Sends `req` to `peer` on a new stream and reads the answer's header; the range (if
-/// found) follows on the returned stream. Resets before the header are retried a few
-/// times (see [`REQUEST_TRIES`]).
+/// found) follows on the returned stream. A stream that opened but broke off before the
+/// header (other than by a timeout or a protocol error) is retried a few times with
+/// jittered backoff (see [`REQUEST_TRIES`]); when every try broke off that way the error
+/// is [`io::ErrorKind::ConnectionReset`]. Failing to open a stream is not retried.
 pub async fn request_blob(
     client: &Client,
     peer: PeerId,
@@ -479,31 +550,31 @@ pub async fn request_blob(
     let mut tries = 0;
     loop {
         tries += 1;
-        let e = match try_request(client, peer, req).await {
-            Ok(answer) => return Ok(answer),
+        let mut stream = client.open_blob_stream(peer).await?;
+        let e = match request_on(&mut stream, req).await {
+            Ok(header) => return Ok((stream, header)),
             Err(e) => e,
         };
-        let lasting = matches!(
+        if matches!(
             e.kind(),
-            io::ErrorKind::TimedOut
-                | io::ErrorKind::Unsupported
-                | io::ErrorKind::PermissionDenied
-                | io::ErrorKind::InvalidData
-        );
-        if lasting || tries >= REQUEST_TRIES {
+            io::ErrorKind::TimedOut | io::ErrorKind::InvalidData
+        ) {
             return Err(e);
         }
-        tracing::debug!(%peer, error = %e, tries, "blob request failed; retrying");
-        tokio::time::sleep(Duration::from_millis(20 << tries)).await;
+        if tries >= REQUEST_TRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("cut off {tries} times, last: {e}"),
+            ));
+        }
+        let base = 20u64 << tries;
+        let wait = Duration::from_millis(base + jitter(base));
+        tracing::debug!(%peer, error = %e, tries, ?wait, "blob request cut off; retrying");
+        tokio::time::sleep(wait).await;
     }
 }
 
-async fn try_request(
-    client: &Client,
-    peer: PeerId,
-    req: BlobRequest,
-) -> io::Result<(Stream, BlobHeader)> {
-    let mut stream = client.open_blob_stream(peer).await?;
+async fn request_on(stream: &mut Stream, req: BlobRequest) -> io::Result<BlobHeader> {
     timed(
         "sending the request",
         stream.write_all(&encode_request(&req)),
@@ -511,7 +582,21 @@ async fn try_request(
     .await?;
     let mut head = [0u8; HEADER_BYTES];
     timed("reading the answer", stream.read_exact(&mut head)).await?;
-    Ok((stream, decode_header(&head)?))
+    decode_header(&head)
+}
+
+/// A pseudo-random number in `0..below` (so that fetchers cut off together do not retry
+/// together); std's per-process random hasher keys are its entropy.
+fn jitter(below: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() % below.max(1)
 }
 
 /// How the network half of [`receive_range`] ended early.

@@ -612,8 +612,16 @@ impl Driver {
         let tx = self.done_tx.clone();
         let model = self.cfg.model;
         let spec = self.cfg.spec.clone();
+        // A peer that claims more bytes than the blob can have is skipped unread.
+        let max_len = if announcement {
+            hivemind_protocol::MAX_MESSAGE_BYTES as u64
+        } else {
+            spec.max_adapter_bytes()
+        };
         tokio::spawn(async move {
-            let got = fetch_blob(&client, &store, hash, &peers).await.is_some();
+            let got = fetch_blob(&client, &store, hash, &peers, max_len)
+                .await
+                .is_some();
             let ev = if !got {
                 Event::FetchFailed {
                     hash,
@@ -916,6 +924,19 @@ impl NetSpec {
         adapter.check_shape(&self.shape).map_err(|e| e.to_string())
     }
 
+    /// The most bytes an adapter of this network can take as safetensors: every tensor in
+    /// F32 (the widest dtype adapters may use) plus the largest header
+    /// [`Limits::DEFAULT`] accepts and its 8-byte length prefix.
+    pub fn max_adapter_bytes(&self) -> u64 {
+        let per_layer: u64 = self
+            .shape
+            .modules
+            .values()
+            .map(|d| (self.shape.rank * (d.in_features + d.out_features)) as u64)
+            .sum();
+        per_layer * self.shape.num_layers as u64 * 4 + Limits::DEFAULT.max_header_bytes + 8
+    }
+
     /// Parses untrusted safetensors bytes as an adapter of this network.
     pub fn parse(&self, bytes: &[u8], limits: &Limits) -> Result<LoraAdapter, String> {
         let adapter = LoraAdapter::from_safetensors_bytes(self.config.clone(), bytes, limits)
@@ -969,4 +990,41 @@ pub fn round_metadata(job: &hivemind_protocol::AggregationJob) -> BTreeMap<Strin
         ("hivemind.rule".to_string(), FedAvg::ID.to_string()),
         ("hivemind.version".to_string(), version_name(job.round)),
     ])
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use hivemind_model::config::Arch;
+    use hivemind_model::testing::{random_adapter, TinyModel};
+
+    #[test]
+    fn max_adapter_bytes_bounds_real_adapters_tightly() {
+        let names = ["q_proj".to_string(), "down_proj".to_string()];
+        let shape = TinyModel::new(Arch::Llama, 1)
+            .unwrap()
+            .cfg
+            .adapter_shape(8, &names)
+            .unwrap();
+        let config = AdapterConfig::new(8, 16.0, TargetModules::from_names(names.clone()));
+        let spec = NetSpec {
+            config,
+            shape: shape.clone(),
+        };
+        let adapter = random_adapter(&shape, 16.0, 3).unwrap();
+        let meta = BTreeMap::from([
+            ("hivemind.round".to_string(), "7".to_string()),
+            (
+                "hivemind.parent".to_string(),
+                Hash::of(b"parent").to_string(),
+            ),
+        ]);
+        let bytes = adapter.to_safetensors_bytes_with_metadata(&meta).unwrap();
+        let bound = spec.max_adapter_bytes();
+        assert!(bytes.len() as u64 <= bound, "{} > {bound}", bytes.len());
+        // The bound is the F32 payload plus the header allowance, nothing more.
+        let payload: usize = adapter.tensors.values().map(|t| t.data.len() * 4).sum();
+        assert_eq!(bound, payload as u64 + Limits::DEFAULT.max_header_bytes + 8);
+    }
 }

@@ -163,13 +163,17 @@ struct Banned(Arc<Mutex<BTreeSet<PeerId>>>);
 
 impl Banned {
     fn contains(&self, peer: &PeerId) -> bool {
-        self.0.lock().map(|s| s.contains(peer)).unwrap_or(true)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(peer)
     }
 
     fn insert(&self, peer: PeerId) {
-        if let Ok(mut s) = self.0.lock() {
-            s.insert(peer);
-        }
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer);
     }
 }
 
@@ -230,10 +234,11 @@ impl Client {
         if self.banned.contains(&peer) {
             return Err(Error::new(ErrorKind::PermissionDenied, "peer is banned"));
         }
-        self.streams
-            .clone()
-            .open_stream(peer, blob_protocol::PROTOCOL)
+        let mut streams = self.streams.clone();
+        let open = streams.open_stream(peer, blob_protocol::PROTOCOL);
+        tokio::time::timeout(blob_protocol::OPEN_TIMEOUT, open)
             .await
+            .map_err(|_| Error::new(ErrorKind::TimedOut, "opening a blob stream timed out"))?
             .map_err(|e| match e {
                 libp2p_stream::OpenStreamError::Io(e) => e,
                 e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
