@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
@@ -33,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 use crate::blob_protocol::fetch_blob;
 use crate::identity::peer_id_of;
 use crate::network::{with_peer, Client, NetEvent};
+
+/// Blob fetches a node runs at once; more wait for a free one (the round machine's fetch
+/// deadline covers the wait).
+pub const MAX_CONCURRENT_FETCHES: usize = 8;
 
 /// Name of the status file a running node keeps in its data dir.
 pub const STATUS_FILE: &str = "status.json";
@@ -201,6 +206,8 @@ pub struct Driver {
     done_rx: mpsc::Receiver<Event>,
     pending: BTreeMap<Hash, PendingMsg>,
     fetching: BTreeSet<Hash>,
+    /// Bounds the blob transfers in flight (each holds a few MiB of frames and two threads).
+    fetch_slots: Arc<tokio::sync::Semaphore>,
     announced: BTreeMap<u64, BTreeSet<Hash>>,
     unpublished: Vec<(String, Vec<u8>)>,
     rounds: Vec<RoundView>,
@@ -244,6 +251,7 @@ impl Driver {
             done_rx,
             pending: BTreeMap::new(),
             fetching: BTreeSet::new(),
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
             announced: BTreeMap::new(),
             unpublished: Vec::new(),
             deferred: BTreeMap::new(),
@@ -618,10 +626,13 @@ impl Driver {
         } else {
             spec.max_adapter_bytes()
         };
+        let slots = self.fetch_slots.clone();
         tokio::spawn(async move {
+            let slot = slots.acquire_owned().await;
             let got = fetch_blob(&client, &store, hash, &peers, max_len)
                 .await
                 .is_some();
+            drop(slot);
             let ev = if !got {
                 Event::FetchFailed {
                     hash,
@@ -715,7 +726,11 @@ impl Driver {
         let store = self.store.clone();
         let s2 = stored.clone();
         let committed = tokio::task::spawn_blocking(move || -> hivemind_store::Result<()> {
-            store.put_round(&s2)?;
+            // The new tip: rounds above it (orphaned by a rewind) leave the store too.
+            let orphaned = store.commit_round(&s2)?;
+            if !orphaned.is_empty() {
+                tracing::info!(?orphaned, "dropped rounds orphaned by the commit");
+            }
             // Gateway uploads that made it into this round are no longer pending.
             for u in store.list_uploads()? {
                 if s2.contributors.contains(&u.blob) && u.round != Some(s2.number) {

@@ -169,18 +169,17 @@ async fn root() -> Json<Value> {
 
 async fn status(State(gw): State<Gateway>) -> ApiResult<Json<Value>> {
     let store = gw.store.clone();
-    let (uploads, pending) = blocking(move || {
-        let all = store.list_uploads().map_err(ApiError::internal)?;
+    // One index entry per user, not every upload (see Store::upload_stats).
+    let (stats, pending) = blocking(move || {
+        let stats = store.upload_stats().map_err(ApiError::internal)?;
         let pending = store.pending_uploads().map_err(ApiError::internal)?;
-        Ok((all, pending.len()))
+        Ok((stats, pending.len()))
     })
     .await?;
-    let users: std::collections::BTreeSet<&str> =
-        uploads.iter().map(|u| u.user_id.as_str()).collect();
     let latest = gw.view.borrow().latest.as_ref().map(|r| r.version.clone());
     Ok(Json(json!({
-        "total_adapters": uploads.len(),
-        "total_users": users.len(),
+        "total_adapters": stats.uploads,
+        "total_users": stats.users,
         "latest_aggregated_version": latest,
         "pending_for_aggregation": pending,
     })))

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 pub use blobs::BlobWriter;
 pub use error::{Error, Result};
 pub use identity::{load_or_create_identity, IDENTITY_FILE};
-pub use records::{PeerRecord, RoundRecord, UploadRecord};
+pub use records::{PeerRecord, RoundRecord, UploadRecord, UploadStats};
 
 /// Directory, under the data dir, that holds the blob files.
 pub const BLOBS_DIR: &str = "blobs";
@@ -84,6 +84,9 @@ pub struct Store {
     peers: sled::Tree,
     /// upload id (UTF-8) -> upload record with its insertion sequence number.
     uploads: sled::Tree,
+    /// user id (UTF-8) -> the user's upload count and newest upload (kept in the same
+    /// transaction as `uploads`).
+    upload_users: sled::Tree,
     recovery: Recovery,
 }
 
@@ -118,12 +121,14 @@ impl Store {
             rounds: db.open_tree("rounds")?,
             peers: db.open_tree("peers")?,
             uploads: db.open_tree("uploads")?,
+            upload_users: db.open_tree("upload_users")?,
             db,
             root,
             blobs_dir,
             recovery: Recovery::default(),
         };
         store.recovery = store.recover()?;
+        store.index_uploads_if_missing()?;
         Ok(store)
     }
 

@@ -130,6 +130,25 @@ struct StoredUpload {
     record: UploadRecord,
 }
 
+/// The `upload_users` index entry of one user.
+#[derive(Serialize, Deserialize, Default)]
+struct UserUploads {
+    /// Uploads of this user.
+    count: u64,
+    /// Insertion number and id of the newest one.
+    newest_seq: u64,
+    newest_id: String,
+}
+
+/// Counts over the gateway's upload registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Uploads registered.
+    pub uploads: u64,
+    /// Distinct users who uploaded.
+    pub users: u64,
+}
+
 impl Store {
     // ---- announcements -------------------------------------------------------
 
@@ -174,6 +193,28 @@ impl Store {
         self.rounds
             .insert(record.number.to_be_bytes(), encode("rounds", record)?)?;
         self.flush()
+    }
+
+    /// Records `record` as the tip of this node's chain: inserts it (replacing any record
+    /// with its number) and removes every round numbered above it, which a fork choice that
+    /// rewinds to an earlier round has orphaned, in one atomic batch. Returns the numbers
+    /// removed. A restart then resumes from `record`, not from an orphan.
+    pub fn commit_round(&self, record: &RoundRecord) -> Result<Vec<u64>> {
+        let mut batch = sled::Batch::default();
+        batch.insert(&record.number.to_be_bytes(), encode("rounds", record)?);
+        let mut removed = Vec::new();
+        if let Some(next) = record.number.checked_add(1) {
+            for item in self.rounds.range(next.to_be_bytes()..) {
+                let (key, _) = item?;
+                if let Ok(n) = <[u8; 8]>::try_from(key.as_ref()) {
+                    removed.push(u64::from_be_bytes(n));
+                }
+                batch.remove(key);
+            }
+        }
+        self.rounds.apply_batch(batch)?;
+        self.flush()?;
+        Ok(removed)
     }
 
     /// The committed round `number`.
@@ -257,21 +298,71 @@ impl Store {
     // ---- gateway uploads -----------------------------------------------------
 
     /// Registers a new upload. Fails with [`Error::UploadExists`] if its id is taken.
+    /// The record and its user's index entry are written in one transaction.
     pub fn insert_upload(&self, record: &UploadRecord) -> Result<()> {
+        use sled::transaction::{ConflictableTransactionError as Conflict, TransactionError};
+        use sled::Transactional;
         let stored = StoredUpload {
             seq: self.db.generate_id()?,
             record: record.clone(),
         };
-        let swapped = self.uploads.compare_and_swap(
-            record.id.as_bytes(),
-            None as Option<&[u8]>,
-            Some(encode("uploads", &stored)?),
-        )?;
-        if swapped.is_err() {
-            return Err(Error::UploadExists {
-                id: record.id.clone(),
-            });
+        let value = encode("uploads", &stored)?;
+        let id = record.id.as_bytes();
+        let user = record.user_id.as_bytes();
+        let done = (&self.uploads, &self.upload_users).transaction(|(uploads, users)| {
+            if uploads.get(id)?.is_some() {
+                return Err(Conflict::Abort(Error::UploadExists {
+                    id: record.id.clone(),
+                }));
+            }
+            uploads.insert(id, value.as_slice())?;
+            let mut entry: UserUploads = match users.get(user)? {
+                Some(v) => decode("upload_users", user, &v).map_err(Conflict::Abort)?,
+                None => UserUploads::default(),
+            };
+            note_upload(&mut entry, stored.seq, &record.id);
+            users.insert(
+                user,
+                encode("upload_users", &entry).map_err(Conflict::Abort)?,
+            )?;
+            Ok(())
+        });
+        match done {
+            Ok(()) => self.flush(),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    /// How many uploads and distinct uploaders there are. Reads one index entry per
+    /// user, not every upload.
+    pub fn upload_stats(&self) -> Result<UploadStats> {
+        let mut stats = UploadStats::default();
+        for item in self.upload_users.iter() {
+            let (k, v) = item?;
+            let entry: UserUploads = decode("upload_users", &k, &v)?;
+            stats.users += 1;
+            stats.uploads += entry.count;
+        }
+        Ok(stats)
+    }
+
+    /// Builds the per-user upload index from the uploads when it is missing (a data dir
+    /// written before the index existed). Called by `open`.
+    pub(crate) fn index_uploads_if_missing(&self) -> Result<()> {
+        if !self.upload_users.is_empty() || self.uploads.is_empty() {
+            return Ok(());
+        }
+        let mut users: BTreeMap<String, UserUploads> = BTreeMap::new();
+        for stored in self.stored_uploads()? {
+            let entry = users.entry(stored.record.user_id.clone()).or_default();
+            note_upload(entry, stored.seq, &stored.record.id);
+        }
+        let mut batch = sled::Batch::default();
+        for (user, entry) in &users {
+            batch.insert(user.as_bytes(), encode("upload_users", entry)?);
+        }
+        self.upload_users.apply_batch(batch)?;
         self.flush()
     }
 
@@ -332,13 +423,18 @@ impl Store {
     /// committed is still pending. A user's older uploads are superseded by the
     /// newest one and are never pending.
     pub fn pending_uploads(&self) -> Result<Vec<UploadRecord>> {
-        let mut newest: BTreeMap<String, UploadRecord> = BTreeMap::new();
-        // stored_uploads is in insertion order, so later entries are newer.
-        for stored in self.stored_uploads()? {
-            newest.insert(stored.record.user_id.clone(), stored.record);
-        }
         let mut out = Vec::new();
-        for record in newest.into_values() {
+        // The index is keyed by user id, so this is sorted by user id.
+        for item in self.upload_users.iter() {
+            let (k, v) = item?;
+            let entry: UserUploads = decode("upload_users", &k, &v)?;
+            let Some(record) = self.get_upload(&entry.newest_id)? else {
+                return Err(Error::CorruptRecord {
+                    tree: "upload_users",
+                    key: hex::encode(&k),
+                    detail: format!("names upload {} that does not exist", entry.newest_id),
+                });
+            };
             let committed = match record.round {
                 Some(r) => self.rounds.contains_key(r.to_be_bytes())?,
                 None => false,
@@ -361,6 +457,15 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         all.sort_by_key(|s| s.seq);
         Ok(all)
+    }
+}
+
+/// Counts an upload with insertion number `seq` into a user's index entry.
+fn note_upload(entry: &mut UserUploads, seq: u64, id: &str) {
+    entry.count += 1;
+    if entry.count == 1 || seq >= entry.newest_seq {
+        entry.newest_seq = seq;
+        entry.newest_id = id.to_string();
     }
 }
 
@@ -452,6 +557,71 @@ mod tests {
         let store = Store::open(dir.path())?;
         assert_eq!(store.get_round(2)?, Some(round(2, "v2-fork-winner")));
         assert_eq!(store.latest_round()?.map(|r| r.number), Some(256));
+        Ok(())
+    }
+
+    #[test]
+    fn commit_round_drops_the_rounds_a_rewind_orphans() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        for n in 1..=4 {
+            assert!(store.commit_round(&round(n, &format!("v{n}")))?.is_empty());
+        }
+        // A fork choice switches to another round 2: rounds 3 and 4 built on the old one.
+        assert_eq!(store.commit_round(&round(2, "v2-other"))?, vec![3, 4]);
+        let numbers: Vec<u64> = store.list_rounds()?.iter().map(|r| r.number).collect();
+        assert_eq!(numbers, vec![1, 2]);
+        assert_eq!(store.latest_round()?, Some(round(2, "v2-other")));
+        drop(store);
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.latest_round()?, Some(round(2, "v2-other")));
+        assert_eq!(store.list_rounds()?.len(), 2);
+        // The chain goes on from there.
+        assert!(store.commit_round(&round(3, "v3-new"))?.is_empty());
+        assert_eq!(store.latest_round()?, Some(round(3, "v3-new")));
+        Ok(())
+    }
+
+    #[test]
+    fn upload_index_counts_and_finds_the_newest_per_user() -> anyhow::Result<()> {
+        let ids = |v: Vec<UploadRecord>| v.into_iter().map(|u| u.id).collect::<Vec<_>>();
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.upload_stats()?, UploadStats::default());
+        let uploads = [
+            ("u1", "bob"),
+            ("u2", "amy"),
+            ("u3", "bob"),
+            ("u4", "cat"),
+            ("u5", "bob"),
+        ];
+        for (id, user) in uploads {
+            store.insert_upload(&upload(id, user))?;
+        }
+        // A refused duplicate id changes nothing.
+        assert!(store.insert_upload(&upload("u2", "dan")).is_err());
+        let expected = UploadStats {
+            uploads: 5,
+            users: 3,
+        };
+        assert_eq!(store.upload_stats()?, expected);
+        // Against a naive computation over every record.
+        let all = store.list_uploads()?;
+        let users: std::collections::BTreeSet<&str> =
+            all.iter().map(|u| u.user_id.as_str()).collect();
+        assert_eq!((all.len() as u64, users.len() as u64), (5, 3));
+        assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
+
+        // A data dir from before the index: rebuilt on open, same answers.
+        store.upload_users.clear()?;
+        store.flush()?;
+        drop(store);
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.upload_stats()?, expected);
+        assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
+        store.insert_upload(&upload("u6", "amy"))?;
+        assert_eq!(ids(store.pending_uploads()?), ["u6", "u5", "u4"]);
+        assert_eq!(store.upload_stats()?.uploads, 6);
         Ok(())
     }
 
