@@ -833,13 +833,27 @@ impl<'m> Trainer<'m> {
             let s = &saved[l];
             let lp = &layers[l];
             let idx = index[l];
-            // Each slot is borrowed mutably by one module at a time.
-            macro_rules! slot {
-                ($m:expr) => {
-                    match idx[$m] {
-                        Some(i) => Some(&mut slots[i]),
-                        None => None,
-                    }
+            // The backward of module `m` of this layer: input `x`, output gradient `gy`, input
+            // gradient into `gx` (added to it when `acc`, skipped unless `need`). Each LoRA
+            // slot is borrowed mutably by one module at a time.
+            macro_rules! back {
+                ($m:expr, $x:expr, $gy:expr, $gx:expr, $acc:expr, $need:expr) => {
+                    pass.linear_backward(
+                        l,
+                        $m,
+                        match idx[$m] {
+                            Some(i) => Some(&mut slots[i]),
+                            None => None,
+                        },
+                        $x,
+                        &s.u[$m],
+                        s.masks[$m].as_ref(),
+                        $gy,
+                        $gx,
+                        $acc,
+                        $need,
+                        w,
+                    )?
                 };
             }
             // MLP: recompute its input and activation.
@@ -850,19 +864,7 @@ impl<'m> Trainer<'m> {
             ops::silu_mul_forward(&s.gate, &s.up, &mut w.act);
             let act = std::mem::take(&mut w.act);
             let mut g_act = std::mem::take(&mut w.g_act);
-            pass.linear_backward(
-                l,
-                6,
-                slot!(6),
-                &act,
-                &s.u[6],
-                s.masks[6].as_ref(),
-                &gx,
-                &mut g_act,
-                false,
-                true,
-                w,
-            )?;
+            back!(6, &act, &gx, &mut g_act, false, true);
             w.act = act;
             resize(&mut w.gg, g_act.len());
             resize(&mut w.gup, g_act.len());
@@ -871,49 +873,13 @@ impl<'m> Trainer<'m> {
             let hbuf = std::mem::take(&mut w.h);
             let (gg, gup) = (std::mem::take(&mut w.gg), std::mem::take(&mut w.gup));
             let mut gh = std::mem::take(&mut w.gh);
-            pass.linear_backward(
-                l,
-                4,
-                slot!(4),
-                &hbuf,
-                &s.u[4],
-                s.masks[4].as_ref(),
-                &gg,
-                &mut gh,
-                false,
-                true,
-                w,
-            )?;
-            pass.linear_backward(
-                l,
-                5,
-                slot!(5),
-                &hbuf,
-                &s.u[5],
-                s.masks[5].as_ref(),
-                &gup,
-                &mut gh,
-                true,
-                true,
-                w,
-            )?;
+            back!(4, &hbuf, &gg, &mut gh, false, true);
+            back!(5, &hbuf, &gup, &mut gh, true, true);
             (w.gg, w.gup) = (gg, gup);
             ops::rms_norm_backward(&s.x_mid, &lp.mlp_norm, &s.inv2, &gh, &mut gx, true);
             // Attention.
             let mut go = std::mem::take(&mut w.go);
-            pass.linear_backward(
-                l,
-                3,
-                slot!(3),
-                &s.o,
-                &s.u[3],
-                s.masks[3].as_ref(),
-                &gx,
-                &mut go,
-                false,
-                true,
-                w,
-            )?;
+            back!(3, &s.o, &gx, &mut go, false, true);
             resize(&mut w.dq, s.q.len());
             resize(&mut w.dk, s.k.len());
             resize(&mut w.dv, s.v.len());
@@ -935,45 +901,9 @@ impl<'m> Trainer<'m> {
                 std::mem::take(&mut w.dk),
                 std::mem::take(&mut w.dv),
             );
-            pass.linear_backward(
-                l,
-                0,
-                slot!(0),
-                &hbuf,
-                &s.u[0],
-                s.masks[0].as_ref(),
-                &dq,
-                &mut gh,
-                false,
-                need,
-                w,
-            )?;
-            pass.linear_backward(
-                l,
-                1,
-                slot!(1),
-                &hbuf,
-                &s.u[1],
-                s.masks[1].as_ref(),
-                &dk,
-                &mut gh,
-                true,
-                need,
-                w,
-            )?;
-            pass.linear_backward(
-                l,
-                2,
-                slot!(2),
-                &hbuf,
-                &s.u[2],
-                s.masks[2].as_ref(),
-                &dv,
-                &mut gh,
-                true,
-                need,
-                w,
-            )?;
+            back!(0, &hbuf, &dq, &mut gh, false, need);
+            back!(1, &hbuf, &dk, &mut gh, true, need);
+            back!(2, &hbuf, &dv, &mut gh, true, need);
             (w.dq, w.dk, w.dv) = (dq, dk, dv);
             if need {
                 ops::rms_norm_backward(&s.x_in, &lp.attn_norm, &s.inv1, &gh, &mut gx, true);

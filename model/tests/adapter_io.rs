@@ -571,7 +571,9 @@ fn malformed_files_are_refused() {
         Err(AdapterError::Truncated { needed: 10_008, .. })
     ));
 
-    let cases: Vec<(&str, Vec<u8>, fn(&AdapterError) -> bool)> = vec![
+    /// A named malformed file and the check its parse error must pass.
+    type Case = (&'static str, Vec<u8>, fn(&AdapterError) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "trailing bytes",
             raw_file(
