@@ -628,11 +628,17 @@ impl Driver {
         };
         let slots = self.fetch_slots.clone();
         tokio::spawn(async move {
-            let slot = slots.acquire_owned().await;
+            // Adapter transfers (and their validation, which loads the adapter) take a slot;
+            // announcements (a few KiB) and blobs already held do not wait behind them.
+            let held = matches!(store.has_blob(&hash), Ok(true));
+            let _slot = if announcement || held {
+                None
+            } else {
+                slots.acquire_owned().await.ok()
+            };
             let got = fetch_blob(&client, &store, hash, &peers, max_len)
                 .await
                 .is_some();
-            drop(slot);
             let ev = if !got {
                 Event::FetchFailed {
                     hash,

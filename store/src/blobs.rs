@@ -905,6 +905,7 @@ mod tests {
                 entries_dropped: 2,
                 files_adopted: 1,
                 files_removed: 2, // e, and b once its entry was dropped
+                uploads_reindexed: false,
             }
         );
         assert!(!store.has_blob(&a)?);

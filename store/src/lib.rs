@@ -63,6 +63,10 @@ pub struct Recovery {
     pub files_adopted: usize,
     /// Unindexed files named like a blob whose bytes did not match the name, deleted.
     pub files_removed: usize,
+    /// The per-user upload index did not count every upload (a data dir from before it,
+    /// or written by an older binary) and was rebuilt. Never set by a crash: the index is
+    /// written in the same transaction as the uploads.
+    pub uploads_reindexed: bool,
 }
 
 /// A node's store: blobs on disk, indexed in sled, and records in sled trees.
@@ -128,7 +132,7 @@ impl Store {
             recovery: Recovery::default(),
         };
         store.recovery = store.recover()?;
-        store.index_uploads_if_missing()?;
+        store.recovery.uploads_reindexed = store.reindex_uploads_if_stale()?;
         Ok(store)
     }
 

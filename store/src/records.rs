@@ -187,8 +187,9 @@ impl Store {
 
     // ---- rounds --------------------------------------------------------------
 
-    /// Records a committed round, replacing any earlier record with the same
-    /// number (a fork resolved in favour of another result).
+    /// Records a committed round, replacing any earlier record with the same number and
+    /// keeping every other round. A node committing its new tip uses
+    /// [`Store::commit_round`], which also drops the rounds above it.
     pub fn put_round(&self, record: &RoundRecord) -> Result<()> {
         self.rounds
             .insert(record.number.to_be_bytes(), encode("rounds", record)?)?;
@@ -347,23 +348,31 @@ impl Store {
         Ok(stats)
     }
 
-    /// Builds the per-user upload index from the uploads when it is missing (a data dir
-    /// written before the index existed). Called by `open`.
-    pub(crate) fn index_uploads_if_missing(&self) -> Result<()> {
-        if !self.upload_users.is_empty() || self.uploads.is_empty() {
-            return Ok(());
+    /// Rebuilds the per-user upload index when it does not count every upload: a data dir
+    /// written before the index existed, or one an older binary added uploads to. Called by
+    /// `open`; returns whether it rebuilt.
+    pub(crate) fn reindex_uploads_if_stale(&self) -> Result<bool> {
+        let indexed = self.upload_stats().map(|s| s.uploads).ok();
+        if indexed == Some(self.uploads.len() as u64) {
+            return Ok(false);
         }
         let mut users: BTreeMap<String, UserUploads> = BTreeMap::new();
         for stored in self.stored_uploads()? {
             let entry = users.entry(stored.record.user_id.clone()).or_default();
             note_upload(entry, stored.seq, &stored.record.id);
         }
+        // One batch: the old entries go and the new ones come atomically.
         let mut batch = sled::Batch::default();
+        for item in self.upload_users.iter() {
+            let (k, _) = item?;
+            batch.remove(k);
+        }
         for (user, entry) in &users {
             batch.insert(user.as_bytes(), encode("upload_users", entry)?);
         }
         self.upload_users.apply_batch(batch)?;
-        self.flush()
+        self.flush()?;
+        Ok(true)
     }
 
     /// The upload with this id.
@@ -435,15 +444,22 @@ impl Store {
                     detail: format!("names upload {} that does not exist", entry.newest_id),
                 });
             };
-            let committed = match record.round {
-                Some(r) => self.rounds.contains_key(r.to_be_bytes())?,
-                None => false,
-            };
-            if !committed {
+            if !self.includes(&record)? {
                 out.push(record);
             }
         }
         Ok(out)
+    }
+
+    /// Whether `upload` is in a committed round: its mark names a round whose stored record
+    /// lists its adapter (after a rewind, the round of that number may be another one).
+    fn includes(&self, upload: &UploadRecord) -> Result<bool> {
+        Ok(match upload.round {
+            Some(r) => self
+                .get_round(r)?
+                .is_some_and(|round| round.contributors.contains(&upload.blob)),
+            None => false,
+        })
     }
 
     fn stored_uploads(&self) -> Result<Vec<StoredUpload>> {
@@ -586,7 +602,7 @@ mod tests {
     fn upload_index_counts_and_finds_the_newest_per_user() -> anyhow::Result<()> {
         let ids = |v: Vec<UploadRecord>| v.into_iter().map(|u| u.id).collect::<Vec<_>>();
         let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
+        let mut store = Store::open(dir.path())?;
         assert_eq!(store.upload_stats()?, UploadStats::default());
         let uploads = [
             ("u1", "bob"),
@@ -599,7 +615,10 @@ mod tests {
             store.insert_upload(&upload(id, user))?;
         }
         // A refused duplicate id changes nothing.
-        assert!(store.insert_upload(&upload("u2", "dan")).is_err());
+        assert!(matches!(
+            store.insert_upload(&upload("u2", "dan")),
+            Err(Error::UploadExists { id }) if id == "u2"
+        ));
         let expected = UploadStats {
             uploads: 5,
             users: 3,
@@ -612,13 +631,21 @@ mod tests {
         assert_eq!((all.len() as u64, users.len() as u64), (5, 3));
         assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
 
-        // A data dir from before the index: rebuilt on open, same answers.
-        store.upload_users.clear()?;
-        store.flush()?;
-        drop(store);
-        let store = Store::open(dir.path())?;
-        assert_eq!(store.upload_stats()?, expected);
-        assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
+        // A data dir from before the index (none at all), and one where an older binary
+        // added uploads without indexing them (bob's entry gone): rebuilt on open.
+        for stale in [None, Some("bob")] {
+            match stale {
+                None => store.upload_users.clear()?,
+                Some(user) => drop(store.upload_users.remove(user.as_bytes())?),
+            }
+            store.flush()?;
+            assert_ne!(store.upload_stats()?, expected);
+            drop(store);
+            store = Store::open(dir.path())?;
+            assert!(store.recovery().uploads_reindexed);
+            assert_eq!(store.upload_stats()?, expected);
+            assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
+        }
         store.insert_upload(&upload("u6", "amy"))?;
         assert_eq!(ids(store.pending_uploads()?), ["u6", "u5", "u4"]);
         assert_eq!(store.upload_stats()?.uploads, 6);
@@ -685,8 +712,12 @@ mod tests {
             Err(Error::UnknownUpload { id }) if id == "ghost"
         ));
 
-        // Round 1 is committed; round 5 is not (yet).
-        store.put_round(&round(1, "v1"))?;
+        // Round 1 is committed with bob_1, amy_1 and dan_2; round 5 is not (yet).
+        let with = |mut r: RoundRecord, ids: &[&str]| {
+            r.contributors = ids.iter().map(|id| upload(id, "").blob).collect();
+            r
+        };
+        store.put_round(&with(round(1, "v1"), &["bob_1", "amy_1", "dan_2"]))?;
         store.mark_upload_included("bob_1", 1)?; // aggregated: not pending
         store.mark_upload_included("cat_1", 5)?; // round 5 not committed: pending
         store.mark_upload_included("amy_1", 1)?; // old one aggregated, newest still pending
@@ -694,7 +725,11 @@ mod tests {
         assert_eq!(store.get_upload("cat_1")?.and_then(|u| u.round), Some(5));
         assert_eq!(ids(store.pending_uploads()?), ["amy_2", "cat_1", "zed_1"]);
 
-        store.put_round(&round(5, "v5"))?;
+        // A round 5 that does not hold cat_1 (another history's round 5, after a rewind)
+        // leaves it pending; the round 5 that holds it does not.
+        store.put_round(&with(round(5, "v5-other"), &["zed_1"]))?;
+        assert_eq!(ids(store.pending_uploads()?), ["amy_2", "cat_1", "zed_1"]);
+        store.put_round(&with(round(5, "v5"), &["cat_1"]))?;
         assert_eq!(ids(store.pending_uploads()?), ["amy_2", "zed_1"]);
         drop(store);
         let store = Store::open(dir.path())?;

@@ -241,11 +241,27 @@ fn check_store(dir: &Path, acked: &Acked) -> anyhow::Result<Recovery> {
     for id in acked.peers.keys() {
         ensure!(store.get_peer(id)?.is_some(), "acknowledged peer {id} lost");
     }
-    for upload in store.list_uploads()? {
+    let uploads = store.list_uploads()?;
+    for upload in &uploads {
         let mut expected = expected_upload(&upload.id);
         expected.round = upload.round;
-        ensure!(upload == expected, "upload {} damaged", upload.id);
+        ensure!(*upload == expected, "upload {} damaged", upload.id);
     }
+    // The per-user index agrees with the records it indexes (same transaction): open
+    // never had to rebuild it.
+    ensure!(
+        !store.recovery().uploads_reindexed,
+        "a crash left the upload index stale"
+    );
+    let users: std::collections::BTreeSet<&str> =
+        uploads.iter().map(|u| u.user_id.as_str()).collect();
+    let stats = store.upload_stats()?;
+    ensure!(
+        (stats.uploads, stats.users) == (uploads.len() as u64, users.len() as u64),
+        "upload index {stats:?} disagrees with {} uploads of {} users",
+        uploads.len(),
+        users.len()
+    );
     for id in &acked.uploads {
         ensure!(
             store.get_upload(id)?.is_some(),
