@@ -197,13 +197,23 @@ impl BlobSource for Store {
 /// Shared handle to a [`BlobSource`].
 pub type SharedSource = Arc<dyn BlobSource>;
 
+/// `fut`, failing with [`io::ErrorKind::TimedOut`] ("`what` timed out") after `limit`.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out")))?
+}
+
+/// One step of a transfer, within [`IO_TIMEOUT`].
 async fn timed<T>(
     what: &str,
     fut: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    tokio::time::timeout(IO_TIMEOUT, fut)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out")))?
+    within(IO_TIMEOUT, what, fut).await
 }
 
 fn join_error(e: tokio::task::JoinError) -> io::Error {
@@ -318,9 +328,12 @@ async fn serve_stream(
     slots: &Slots,
 ) -> io::Result<u64> {
     let mut buf = [0u8; REQUEST_BYTES];
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut buf))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    within(
+        REQUEST_TIMEOUT,
+        "waiting for the request",
+        stream.read_exact(&mut buf),
+    )
+    .await?;
     let req = decode_request(&buf);
     let Some(_slot) = slots.try_take(peer) else {
         return answer_only(stream, BlobHeader::Busy).await;

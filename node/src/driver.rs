@@ -35,8 +35,8 @@ use crate::blob_protocol::fetch_blob;
 use crate::identity::peer_id_of;
 use crate::network::{with_peer, Client, NetEvent};
 
-/// Blob fetches a node runs at once; more wait for a free one (the round machine's fetch
-/// deadline covers the wait).
+/// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
+/// (the round machine's fetch deadline covers the wait). Announcements do not count.
 pub const MAX_CONCURRENT_FETCHES: usize = 8;
 
 /// Name of the status file a running node keeps in its data dir.
@@ -636,9 +636,10 @@ impl Driver {
             } else {
                 slots.acquire_owned().await.ok()
             };
-            let got = fetch_blob(&client, &store, hash, &peers, max_len)
-                .await
-                .is_some();
+            let got = held
+                || fetch_blob(&client, &store, hash, &peers, max_len)
+                    .await
+                    .is_some();
             let ev = if !got {
                 Event::FetchFailed {
                     hash,

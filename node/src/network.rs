@@ -162,18 +162,19 @@ enum Command {
 struct Banned(Arc<Mutex<BTreeSet<PeerId>>>);
 
 impl Banned {
-    fn contains(&self, peer: &PeerId) -> bool {
+    /// The set (a panic elsewhere while it was held cannot leave it half-changed).
+    fn set(&self) -> std::sync::MutexGuard<'_, BTreeSet<PeerId>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(peer)
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.set().contains(peer)
     }
 
     fn insert(&self, peer: PeerId) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(peer);
+        self.set().insert(peer);
     }
 }
 
@@ -235,17 +236,19 @@ impl Client {
             return Err(Error::new(ErrorKind::PermissionDenied, "peer is banned"));
         }
         let mut streams = self.streams.clone();
-        let open = streams.open_stream(peer, blob_protocol::PROTOCOL);
-        tokio::time::timeout(blob_protocol::OPEN_TIMEOUT, open)
-            .await
-            .map_err(|_| Error::new(ErrorKind::TimedOut, "opening a blob stream timed out"))?
-            .map_err(|e| match e {
-                libp2p_stream::OpenStreamError::Io(e) => e,
-                e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
-                    Error::new(ErrorKind::Unsupported, e.to_string())
-                }
-                e => Error::other(e.to_string()),
-            })
+        let open = async {
+            streams
+                .open_stream(peer, blob_protocol::PROTOCOL)
+                .await
+                .map_err(|e| match e {
+                    libp2p_stream::OpenStreamError::Io(e) => e,
+                    e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => {
+                        Error::new(ErrorKind::Unsupported, e.to_string())
+                    }
+                    e => Error::other(e.to_string()),
+                })
+        };
+        blob_protocol::within(blob_protocol::OPEN_TIMEOUT, "opening a blob stream", open).await
     }
 
     /// Lowers `peer`'s score and bans it: it provably misbehaved.

@@ -5,7 +5,8 @@
 //! told apart from this one. Keys are chosen so that sled's byte order is the order
 //! callers want: numbers big-endian, hashes raw.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hivemind_protocol::Hash;
 use serde::de::DeserializeOwned;
@@ -433,6 +434,8 @@ impl Store {
     /// newest one and are never pending.
     pub fn pending_uploads(&self) -> Result<Vec<UploadRecord>> {
         let mut out = Vec::new();
+        // Many users' newest uploads share a round: read each round's contributors once.
+        let mut rounds: BTreeMap<u64, Option<BTreeSet<Hash>>> = BTreeMap::new();
         // The index is keyed by user id, so this is sorted by user id.
         for item in self.upload_users.iter() {
             let (k, v) = item?;
@@ -444,22 +447,28 @@ impl Store {
                     detail: format!("names upload {} that does not exist", entry.newest_id),
                 });
             };
-            if !self.includes(&record)? {
+            // Aggregated only if its mark names a round whose stored record lists its
+            // adapter (after a rewind, the round of that number may be another one).
+            let aggregated = match record.round {
+                Some(r) => {
+                    let contributors = match rounds.entry(r) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(
+                            self.get_round(r)?
+                                .map(|round| round.contributors.into_iter().collect()),
+                        ),
+                    };
+                    contributors
+                        .as_ref()
+                        .is_some_and(|c| c.contains(&record.blob))
+                }
+                None => false,
+            };
+            if !aggregated {
                 out.push(record);
             }
         }
         Ok(out)
-    }
-
-    /// Whether `upload` is in a committed round: its mark names a round whose stored record
-    /// lists its adapter (after a rewind, the round of that number may be another one).
-    fn includes(&self, upload: &UploadRecord) -> Result<bool> {
-        Ok(match upload.round {
-            Some(r) => self
-                .get_round(r)?
-                .is_some_and(|round| round.contributors.contains(&upload.blob)),
-            None => false,
-        })
     }
 
     fn stored_uploads(&self) -> Result<Vec<StoredUpload>> {
