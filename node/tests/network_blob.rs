@@ -15,16 +15,22 @@ use hivemind_node::blob_protocol::{
     fetch_blob, request_blob, BlobHeader, BlobRequest, BlobSource, OpenBlob, FRAME_BYTES,
     MAX_BLOB_BYTES,
 };
-use hivemind_node::network::with_peer;
 use hivemind_protocol::Hash;
 use hivemind_store::Store;
 use tokio_util::sync::CancellationToken;
 
 mod blob_net;
-use blob_net::{node, node_on, pair, pattern, wait_until, SERVE_LIMIT};
+use blob_net::{connect, node, node_on, pair, pattern, SERVE_LIMIT};
 
-/// Serves the store's bytes with one bit flipped in the last byte.
-struct Corrupt(Store);
+/// Serves a store's blobs through `tamper` (given the opened blob and the requested
+/// offset), to play a peer that misbehaves.
+struct Tampered<F>(Store, F);
+
+impl<F: Fn(OpenBlob, u64) -> OpenBlob + Send + Sync + 'static> BlobSource for Tampered<F> {
+    fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>> {
+        Ok(self.0.open(hash, offset)?.map(|b| (self.1)(b, offset)))
+    }
+}
 
 /// Flips the lowest bit of byte `at` of what `inner` reads.
 struct FlipAt<R> {
@@ -44,19 +50,6 @@ impl<R: Read> Read for FlipAt<R> {
     }
 }
 
-impl BlobSource for Corrupt {
-    fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>> {
-        Ok(self.0.open(hash, offset)?.map(|b| OpenBlob {
-            total_len: b.total_len,
-            reader: Box::new(FlipAt {
-                inner: b.reader,
-                pos: offset,
-                at: b.total_len - 1,
-            }),
-        }))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_transfer_verifies_and_penalises_liars() {
     let cancel = CancellationToken::new();
@@ -65,26 +58,24 @@ async fn blob_transfer_verifies_and_penalises_liars() {
     let liar_store = Store::open(dirs[1].path()).unwrap();
     let fetcher_store = Store::open(dirs[2].path()).unwrap();
     // 10.5 frames: more than the frames a transfer has in flight, so they are reused.
-    let bytes: Vec<u8> = (0..(FRAME_BYTES * 21 / 2))
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let bytes = pattern(FRAME_BYTES * 21 / 2, 0);
     let hash = honest_store.put_blob(&bytes).unwrap();
     assert_eq!(liar_store.put_blob(&bytes).unwrap(), hash);
 
     let honest = node(1, Arc::new(honest_store), &cancel).await;
-    let liar = node(2, Arc::new(Corrupt(liar_store)), &cancel).await;
+    // Its bytes with the last one's lowest bit flipped.
+    let flip_last = |b: OpenBlob, offset: u64| OpenBlob {
+        total_len: b.total_len,
+        reader: Box::new(FlipAt {
+            inner: b.reader,
+            pos: offset,
+            at: b.total_len - 1,
+        }),
+    };
+    let liar = node(2, Arc::new(Tampered(liar_store, flip_last)), &cancel).await;
     let fetcher = node(3, Arc::new(fetcher_store.clone()), &cancel).await;
-    for n in [&honest, &liar] {
-        let info = n.client.info().await.unwrap();
-        let addr = with_peer(&info.listen_addrs[0], n.client.local_peer_id());
-        fetcher.client.dial(addr).await.unwrap();
-    }
-    let c = fetcher.client.clone();
-    wait_until("connections", || {
-        let c = c.clone();
-        async move { c.info().await.unwrap().connected.len() == 2 }
-    })
-    .await;
+    connect(&fetcher, &honest).await;
+    connect(&fetcher, &liar).await;
 
     let liar_id = liar.client.local_peer_id();
     let honest_id = honest.client.local_peer_id();
@@ -126,23 +117,14 @@ async fn blob_transfer_works_over_quic() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let server_store = Store::open(dirs[0].path()).unwrap();
     let fetcher_store = Store::open(dirs[1].path()).unwrap();
-    let bytes: Vec<u8> = (0..(FRAME_BYTES * 5 + 12345))
-        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
-        .collect();
+    let bytes = pattern(FRAME_BYTES * 5 + 12345, 7);
     let hash = server_store.put_blob(&bytes).unwrap();
     let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
     let server = node_on(4, Arc::new(server_store), &cancel, quic).await;
     let fetcher = node_on(5, Arc::new(fetcher_store.clone()), &cancel, quic).await;
-    let info = server.client.info().await.unwrap();
-    let addr = with_peer(&info.listen_addrs[0], server.client.local_peer_id());
-    assert!(addr.to_string().contains("/quic-v1/"), "{addr}");
-    fetcher.client.dial(addr).await.unwrap();
-    let c = fetcher.client.clone();
-    wait_until("a QUIC connection", || {
-        let c = c.clone();
-        async move { c.info().await.unwrap().connected.len() == 1 }
-    })
-    .await;
+    let addr = server.client.info().await.unwrap().listen_addrs[0].clone();
+    assert!(addr.to_string().contains("/quic-v1"), "{addr}");
+    connect(&fetcher, &server).await;
     let server_id = server.client.local_peer_id();
     let got = fetch_blob(
         &fetcher.client,
@@ -157,18 +139,6 @@ async fn blob_transfer_works_over_quic() {
     cancel.cancel();
 }
 
-/// Serves the store's bytes but stops after half of them, as a peer that crashes mid-way.
-struct Truncated(Store);
-
-impl BlobSource for Truncated {
-    fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>> {
-        Ok(self.0.open(hash, offset)?.map(|b| OpenBlob {
-            total_len: b.total_len,
-            reader: Box::new(b.reader.take(b.total_len / 2)),
-        }))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_mid_blob_is_not_penalised_and_nothing_is_stored() {
     let cancel = CancellationToken::new();
@@ -176,7 +146,13 @@ async fn a_peer_that_stops_mid_blob_is_not_penalised_and_nothing_is_stored() {
     let store = Store::open(dir.path()).unwrap();
     let bytes = pattern(FRAME_BYTES * 6, 1);
     let hash = store.put_blob(&bytes).unwrap();
-    let (server, fetcher, fetcher_store, _d) = pair(20, Arc::new(Truncated(store)), &cancel).await;
+    // It stops after half of the bytes, as a peer that crashes mid-way.
+    let half = |b: OpenBlob, _| OpenBlob {
+        total_len: b.total_len,
+        reader: Box::new(b.reader.take(b.total_len / 2)),
+    };
+    let (server, fetcher, fetcher_store, _d) =
+        pair(20, Arc::new(Tampered(store, half)), &cancel).await;
     let server_id = server.client.local_peer_id();
     let got = fetch_blob(
         &fetcher.client,
@@ -277,12 +253,7 @@ async fn the_server_answers_byte_ranges_and_refuses_streams_beyond_its_limit() {
     let other_dir = tempfile::tempdir().unwrap();
     let other_store = Store::open(other_dir.path()).unwrap();
     let other = node(32, Arc::new(other_store.clone()), &cancel).await;
-    let info = server.client.info().await.unwrap();
-    other
-        .client
-        .dial(with_peer(&info.listen_addrs[0], server_id))
-        .await
-        .unwrap();
+    connect(&other, &server).await;
     let got = fetch_blob(
         &other.client,
         &other_store,
@@ -314,18 +285,6 @@ async fn the_server_answers_byte_ranges_and_refuses_streams_beyond_its_limit() {
     cancel.cancel();
 }
 
-/// Serves the store's bytes but announces a total length ten times the real one.
-struct Inflated(Store);
-
-impl BlobSource for Inflated {
-    fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>> {
-        Ok(self.0.open(hash, offset)?.map(|b| OpenBlob {
-            total_len: b.total_len * 10,
-            reader: b.reader,
-        }))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_claiming_an_oversized_blob_is_skipped_before_anything_is_written() {
     let cancel = CancellationToken::new();
@@ -333,8 +292,13 @@ async fn a_peer_claiming_an_oversized_blob_is_skipped_before_anything_is_written
     let store = Store::open(dir.path()).unwrap();
     let bytes = pattern(FRAME_BYTES + 99, 5);
     let hash = store.put_blob(&bytes).unwrap();
+    // It announces a total length ten times the real one.
+    let inflate = |b: OpenBlob, _| OpenBlob {
+        total_len: b.total_len * 10,
+        reader: b.reader,
+    };
     let (server, fetcher, fetcher_store, fetcher_dir) =
-        pair(60, Arc::new(Inflated(store)), &cancel).await;
+        pair(60, Arc::new(Tampered(store, inflate)), &cancel).await;
     let server_id = server.client.local_peer_id();
     let got = fetch_blob(
         &fetcher.client,
@@ -398,21 +362,14 @@ async fn concurrent_fetches_from_one_server_all_arrive() {
     let hash = store.put_blob(&bytes).unwrap();
     let server = node(40, Arc::new(store), &cancel).await;
     let server_id = server.client.local_peer_id();
-    let info = server.client.info().await.unwrap();
-    let addr = with_peer(&info.listen_addrs[0], server_id);
     let mut fetchers = Vec::new();
     for seed in 41..47 {
         let dir = tempfile::tempdir().unwrap();
         let st = Store::open(dir.path()).unwrap();
         let n = node(seed, Arc::new(st.clone()), &cancel).await;
-        n.client.dial(addr.clone()).await.unwrap();
+        connect(&n, &server).await;
         fetchers.push((n, st, dir));
     }
-    wait_until("connections", || {
-        let c = server.client.clone();
-        async move { c.info().await.unwrap().connected.len() == 6 }
-    })
-    .await;
     // Six requests at once against a server that answers four at a time and lets one
     // stream wait for its accept loop: retries and "busy" answers are absorbed, every
     // fetcher ends with the blob.

@@ -58,6 +58,22 @@ where
     }
 }
 
+/// Dials `to` from `from` (its first listen address) and waits until they are connected.
+pub(crate) async fn connect(from: &Network, to: &Network) {
+    let info = to.client.info().await.unwrap();
+    let to_id = to.client.local_peer_id();
+    from.client
+        .dial(with_peer(&info.listen_addrs[0], to_id))
+        .await
+        .unwrap();
+    let c = from.client.clone();
+    wait_until("a connection", || {
+        let c = c.clone();
+        async move { c.info().await.unwrap().connected.contains(&to_id) }
+    })
+    .await;
+}
+
 /// Two connected nodes: a server with `source` and a fetcher with its own store.
 pub(crate) async fn pair(
     seed: u8,
@@ -68,15 +84,7 @@ pub(crate) async fn pair(
     let fetcher_store = Store::open(dir.path()).unwrap();
     let server = node(seed, source, cancel).await;
     let fetcher = node(seed + 1, Arc::new(fetcher_store.clone()), cancel).await;
-    let info = server.client.info().await.unwrap();
-    let addr = with_peer(&info.listen_addrs[0], server.client.local_peer_id());
-    fetcher.client.dial(addr).await.unwrap();
-    let c = fetcher.client.clone();
-    wait_until("a connection", || {
-        let c = c.clone();
-        async move { c.info().await.unwrap().connected.len() == 1 }
-    })
-    .await;
+    connect(&fetcher, &server).await;
     (server, fetcher, fetcher_store, dir)
 }
 
