@@ -2,39 +2,17 @@
 //! printed; see `hivemind_store::load_or_create_identity`). The same key signs protocol messages
 //! (as a [`NodeKey`]) and is the libp2p key, so the libp2p `PeerId` derives from it.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{Context, Result};
-use clap::Args;
 use hivemind_protocol::{NodeId, NodeKey};
 use libp2p_identity::{Keypair, PeerId};
 
-/// Where a node keeps its key, database and blobs.
-#[derive(Debug, Clone, Args)]
-pub struct DataDirArgs {
-    /// Data directory (identity key, database, blobs).
-    #[arg(long, env = "HIVE_DATA_DIR", default_value_os_t = default_data_dir())]
-    pub data_dir: PathBuf,
-}
-
-/// The user's data dir + `hivemind`.
-pub fn default_data_dir() -> PathBuf {
-    dirs::data_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("hivemind")
-}
-
-/// Loads the node key from `data_dir`, creating it on first start.
-pub fn load_node_key(data_dir: &Path) -> Result<NodeKey> {
-    let key = hivemind_store::load_or_create_identity(data_dir)
-        .with_context(|| format!("identity key in {}", data_dir.display()))?;
-    Ok(NodeKey::from(key))
-}
+use crate::error::{Error, Result};
 
 /// The libp2p key pair of a node key: the same ed25519 secret.
 pub fn keypair_of(key: &NodeKey) -> Result<Keypair> {
     let mut secret = key.to_secret_bytes();
-    Keypair::ed25519_from_bytes(&mut secret).context("node key is not a valid ed25519 secret")
+    Keypair::ed25519_from_bytes(&mut secret).map_err(|e| Error::Identity {
+        detail: format!("the node key is not a valid ed25519 secret: {e}"),
+    })
 }
 
 /// The PeerId of a node id (an ed25519 public key), `None` for bytes that are not one.
@@ -43,27 +21,24 @@ pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
     Some(libp2p_identity::PublicKey::from(pk).to_peer_id())
 }
 
-/// `hive-node identity`: prints the node's PeerId (creating the key on first use).
-pub fn run(args: DataDirArgs) -> Result<()> {
-    let key = load_node_key(&args.data_dir)?;
-    let peer = keypair_of(&key)?.public().to_peer_id();
-    println!("{peer}");
-    Ok(())
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    use anyhow::Context;
+
     use super::*;
+    use crate::data_dir::DataDir;
 
     #[test]
-    fn peer_id_derives_from_the_stored_key() -> Result<()> {
+    fn peer_id_derives_from_the_stored_key() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let key = load_node_key(dir.path())?;
+        let dd = DataDir::new(dir.path());
+        let key = dd.node_key()?;
         let from_keypair = keypair_of(&key)?.public().to_peer_id();
         let from_node_id = peer_id_of(&key.node_id()).context("node id is a public key")?;
         assert_eq!(from_keypair, from_node_id);
         // Reloading gives the same identity.
-        let again = load_node_key(dir.path())?;
+        let again = dd.node_key()?;
         assert_eq!(keypair_of(&again)?.public().to_peer_id(), from_keypair);
         // The PeerId embeds exactly the node's ed25519 public key.
         let pk = libp2p_identity::PublicKey::try_decode_protobuf(&from_keypair.to_bytes()[2..])

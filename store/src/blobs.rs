@@ -180,19 +180,33 @@ impl Store {
         let Some(expected_len) = self.indexed_len(hash)? else {
             return Ok(None);
         };
-        let path = self.final_path(hash);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).at(&path),
+        let Some((bytes, actual)) = read_hashed(&self.final_path(hash))? else {
+            return Ok(None);
         };
-        let actual = Hash::of(&bytes);
         if actual != *hash {
             return Err(Error::Corrupt {
                 hash: *hash,
                 actual,
                 len: bytes.len() as u64,
                 expected_len,
+            });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Reads blob `hash` of the store in data dir `dir` without opening its database,
+    /// which a running node holds locked (`hive-node export` and `chat` read committed
+    /// round adapters this way while the node runs). The bytes are verified against
+    /// `hash`; `Ok(None)` when the blob's file is absent.
+    pub fn read_blob_unlocked(dir: &Path, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        let path = dir.join(crate::BLOBS_DIR).join(hash.to_hex());
+        let Some((bytes, actual)) = read_hashed(&path)? else {
+            return Ok(None);
+        };
+        if actual != *hash {
+            return Err(Error::HashMismatch {
+                expected: *hash,
+                actual,
             });
         }
         Ok(Some(bytes))
@@ -573,6 +587,18 @@ impl RangeSet {
     }
 }
 
+/// The bytes of the file at `path` and their blake3; `None` when there is no file.
+fn read_hashed(path: &Path) -> Result<Option<(Vec<u8>, Hash)>> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let hash = Hash::of(&bytes);
+            Ok(Some((bytes, hash)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at(path),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +609,33 @@ mod tests {
         let mut v = vec![0u8; n];
         rng.fill(&mut v[..]);
         v
+    }
+
+    #[test]
+    fn read_blob_unlocked_reads_while_the_store_is_open_and_checks_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bytes = b"a round adapter".to_vec();
+        let hash = store.put_blob(&bytes).unwrap();
+        // The database is locked by `store`; the blob is still readable.
+        assert_eq!(
+            Store::read_blob_unlocked(dir.path(), &hash).unwrap(),
+            Some(bytes)
+        );
+        let absent = Hash::of(b"never stored");
+        assert_eq!(
+            Store::read_blob_unlocked(dir.path(), &absent).unwrap(),
+            None
+        );
+        // A damaged file is refused, naming both hashes.
+        fs::write(store.final_path(&hash), b"tampered").unwrap();
+        match Store::read_blob_unlocked(dir.path(), &hash) {
+            Err(Error::HashMismatch { expected, actual }) => {
+                assert_eq!(expected, hash);
+                assert_eq!(actual, Hash::of(b"tampered"));
+            }
+            other => panic!("expected a hash mismatch, got {other:?}"),
+        }
     }
 
     /// Names of all entries in the blobs directory, sorted.

@@ -32,7 +32,7 @@ against the base model, or on a PEFT-made one that leaves any answer unchanged (
 Run from the repository root (CPU only, a few minutes on 2 cores; the venv of
 tools/reference/requirements-hf.txt, which pins peft; a built `hive-node`):
 
-    cargo build -p hivemind-node
+    cargo build --bin hive-node
     HF_HUB_OFFLINE=1 /tmp/hfvenv/bin/python tools/reference/peft_interop.py \\
         --model ~/.cache/hivemind/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -348,7 +348,7 @@ def main() -> int:
     args.model = args.model.expanduser().resolve()
     args.hive_node = args.hive_node.expanduser().resolve()
     if not args.hive_node.exists():
-        log(f"error: {args.hive_node} not found; run `cargo build -p hivemind-node`")
+        log(f"error: {args.hive_node} not found; run `cargo build --bin hive-node`")
         return 2
     digest = sha256_file(args.model)
     if args.expect_sha256 and digest != args.expect_sha256:

@@ -1,0 +1,202 @@
+//! Argument types shared by commands (flattened into each), and the helpers that go with
+//! them. Commands import these and the library, never each other.
+
+use std::path::PathBuf;
+
+use crate::data_dir::DataDir;
+use crate::node::{round_config, GatewaySettings, LoraSettings, Node, NodeConfig};
+use anyhow::{Context, Result};
+use clap::Args;
+use hivemind_protocol::RoundConfig;
+use libp2p::Multiaddr;
+
+/// Options shared by every command that loads a model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Base model: `default`, a GGUF file, a Hugging Face model dir, or a hub id in the local HF cache.
+    #[arg(long, env = "HIVE_MODEL", default_value = "default")]
+    pub model: String,
+    /// Keep safetensors weights in f32 instead of quantizing them to 4 bits at load.
+    #[arg(long)]
+    pub no_4bit: bool,
+    /// Compute threads (default: 1 on machines with 2 or fewer cores, else half the cores).
+    #[arg(long, env = "HIVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Sets the compute thread count; must run before any tensor work.
+    pub fn apply_threads(&self) {
+        let n = self.threads.unwrap_or_else(default_threads).max(1);
+        // candle's CPU kernels read the same variable as rayon.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon_global(n);
+    }
+}
+
+fn rayon_global(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Token-by-token decoding is memory-bound and synchronisation-heavy: on small VMs extra threads
+/// slow it down, so use one thread there and half the cores on bigger machines.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cores <= 2 {
+        1
+    } else {
+        cores / 2
+    }
+}
+
+/// Progress lines for long work, on stderr.
+pub fn progress(msg: &str) {
+    eprintln!("hive-node: {msg}");
+}
+
+/// Resolves and loads the base model named by `args`.
+pub fn load_model(args: &ModelArgs) -> Result<hivemind_model::BaseModel> {
+    let spec = Some(args.model.as_str());
+    let path: PathBuf = hivemind_model::pull::resolve_model(spec, &mut progress)?;
+    let opts = hivemind_model::LoadOptions {
+        no_4bit: args.no_4bit,
+    };
+    let model = hivemind_model::BaseModel::load(&path, &opts)?;
+    Ok(model)
+}
+
+/// Where `train` writes by default and `chat --use personal` reads: the personal adapter.
+pub const PERSONAL_ADAPTER: &str = "./adapters/my_adapter";
+
+/// `--data-dir`: the node's data dir (identity key, store, status file, inbox).
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArg {
+    /// Data directory of the node (identity key, store, status file, inbox).
+    #[arg(long, env = "HIVE_DATA_DIR", default_value_os_t = DataDir::default_path())]
+    pub data_dir: PathBuf,
+}
+
+impl DataDirArg {
+    /// The data dir.
+    pub fn dir(&self) -> DataDir {
+        DataDir::new(&self.data_dir)
+    }
+}
+
+/// The options of a node (`join`, and `serve` beside its gateway options).
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Bootstrap peers (multiaddrs ending in /p2p/PEERID). None: this node is a bootstrap node.
+    #[arg(long, env = "HIVE_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Listen addresses (port 0 picks a free port).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/0,/ip4/0.0.0.0/udp/0/quic-v1"
+    )]
+    pub listen: Vec<Multiaddr>,
+    /// Data directory.
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+    /// Collection window of a round, in seconds.
+    #[arg(long, env = "HIVE_ROUND_SECS", default_value_t = 3600.0)]
+    pub round_secs: f64,
+    /// Quiet period after a round closes before it commits, in seconds (default: a third
+    /// of the window, at most 300).
+    #[arg(long, env = "HIVE_GRACE_SECS")]
+    pub grace_secs: Option<f64>,
+    /// Base model whose network to join: `default`, or a local GGUF file / HF model dir.
+    #[arg(long, env = "HIVE_MODEL", default_value = "default")]
+    pub model: String,
+    /// A PEFT adapter dir to announce in the current round.
+    #[arg(long)]
+    pub contribute: Option<PathBuf>,
+    /// Training samples behind the contributed adapter (its FedAvg weight).
+    #[arg(long, default_value_t = 1)]
+    pub samples: u64,
+    /// LoRA rank of this network's adapters.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha of this network's adapters.
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Adapted modules, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub target_modules: Vec<String>,
+    /// Discover peers on the LAN with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+}
+
+impl NodeArgs {
+    /// The LoRA shape of `--rank`, `--alpha`, `--target-modules`.
+    pub fn lora(&self) -> LoraSettings {
+        LoraSettings {
+            rank: self.rank,
+            alpha: self.alpha,
+            target_modules: self.target_modules.clone(),
+        }
+    }
+
+    /// The round timing of `--round-secs` and `--grace-secs`.
+    pub fn round(&self) -> RoundConfig {
+        round_config(self.round_secs, self.grace_secs)
+    }
+
+    /// Starts a node from the command line's options (and a gateway, for `serve`), prints its
+    /// addresses, contributes `--contribute`, and runs until Ctrl-C or SIGTERM.
+    pub async fn run_node(self, gateway: Option<GatewaySettings>) -> Result<()> {
+        let args = self;
+        let spec = args.model.clone();
+        let model = tokio::task::spawn_blocking(move || {
+            hivemind_model::pull::resolve_model(Some(&spec), &mut progress)
+        })
+        .await??;
+        let node = Node::start(NodeConfig {
+            data_dir: args.data_dir.dir(),
+            model,
+            lora: args.lora(),
+            listen: args.listen.clone(),
+            bootstrap: args.bootstrap.clone(),
+            round: args.round(),
+            mdns: args.mdns,
+            serve_limit: crate::net::blob::DEFAULT_SERVE_LIMIT,
+            gateway,
+        })
+        .await
+        .context("starting the node")?;
+        for a in node.listen_addrs() {
+            println!("listening on {a}");
+        }
+        println!("model id {}", node.model_id().to_hex());
+        if let Some(addr) = node.gateway_addr() {
+            println!("gateway on http://{addr}");
+        }
+        if let Some(dir) = args.contribute.clone() {
+            match node.contribute(dir, args.samples).await {
+                Ok(h) => println!("contributed {}", h.to_hex()),
+                Err(e) => {
+                    node.shutdown().await;
+                    return Err(e).context("--contribute");
+                }
+            }
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        node.shutdown().await;
+        Ok(())
+    }
+}

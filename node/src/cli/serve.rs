@@ -1,0 +1,54 @@
+//! `hive-node serve`: a node with the legacy REST gateway.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::args::NodeArgs;
+use crate::gateway::GatewayConfig;
+use crate::node::GatewaySettings;
+
+/// Arguments of `hive-node serve`: a node with the legacy REST gateway.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Node options (as for `join`; without --bootstrap this is a bootstrap node).
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Address the HTTP gateway binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port of the HTTP gateway (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Largest upload in MiB (request body, and the inflated content of a zip).
+    #[arg(long, default_value_t = 512)]
+    pub max_upload_mb: u64,
+    /// Longest a request may take, upload included, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// How long POST /api/v1/aggregate waits for the round to commit, in seconds.
+    #[arg(long, default_value_t = 240)]
+    pub aggregate_wait_secs: u64,
+    /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
+    /// code to reload.
+    #[arg(long)]
+    pub reload: bool,
+}
+
+/// Runs `hive-node serve`.
+pub(super) fn run(args: ServeArgs) -> Result<()> {
+    let gateway = GatewaySettings {
+        bind: if args.host.contains(':') {
+            format!("[{}]:{}", args.host, args.port)
+        } else {
+            format!("{}:{}", args.host, args.port)
+        },
+        config: GatewayConfig {
+            max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+            request_timeout: Duration::from_secs(args.request_timeout_secs),
+            aggregate_wait: Duration::from_secs(args.aggregate_wait_secs),
+        },
+    };
+    super::runtime()?.block_on(args.node.run_node(Some(gateway)))
+}

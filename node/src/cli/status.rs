@@ -1,0 +1,65 @@
+//! `hive-node status`: a running node's peer id, addresses, peers and rounds, read from the
+//! status file it keeps in its data dir.
+
+use anyhow::Result;
+use clap::Args;
+
+use super::args::DataDirArg;
+
+/// Arguments of `hive-node status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Data directory of the node.
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `hive-node status`.
+pub(super) fn run(args: StatusArgs) -> Result<()> {
+    let s = args.data_dir.dir().running_status()?;
+    if args.json {
+        let v = serde_json::json!({
+            "peer_id": s.peer_id,
+            "listen_addrs": s.listen_addrs,
+            "connected_peers": s.connected_peers,
+            "current_round": s.current_round,
+            "current_contributors": s.current_contributors,
+            "latest_round": s.latest_round,
+            "model_id": s.model_id,
+            "penalties": s.penalties,
+            "inbox_waiting": s.inbox_waiting,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("peer id:         {}", s.peer_id);
+    for a in &s.listen_addrs {
+        println!("listening on:    {a}");
+    }
+    println!("connected peers: {}", s.connected_peers);
+    println!(
+        "current round:   {} ({} contributors so far)",
+        s.current_round,
+        s.current_contributors.len()
+    );
+    if !s.inbox_waiting.is_empty() {
+        println!(
+            "waiting:         {} handed-over adapters wait for the next round",
+            s.inbox_waiting.len()
+        );
+    }
+    match &s.latest_round {
+        Some(r) => println!(
+            "latest round:    {} {} {} ({} contributors)",
+            r.number,
+            r.version,
+            r.hash,
+            r.contributors.len()
+        ),
+        None => println!("latest round:    none yet"),
+    }
+    Ok(())
+}

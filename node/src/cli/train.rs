@@ -1,0 +1,442 @@
+//! `hive-node train`: train a LoRA adapter on local data and write it as a PEFT adapter dir, or
+//! write the sample dataset with `--create-sample`.
+//!
+//! ```text
+//!  --data FILE ──dataset::load_file──▶ conversations (bad data: error, nothing written)
+//!  --model ──load_model──▶ BaseModel ──encode_conversations──▶ examples
+//!  examples ──model::train::train (progress bar, Ctrl-C flag)──▶ --output DIR
+//!            (adapter_config.json, adapter_model.safetensors, training_info.json)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hivemind_model::adapter::LoraAdapter;
+use hivemind_model::dataset;
+use hivemind_model::train::{self, LoraSpec, Progress, TrainConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::args::{load_model, progress, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
+
+/// Where `--create-sample` writes the sample dataset.
+const SAMPLE_PATH: &str = "./data/sample_dataset.json";
+
+/// Options of `hive-node train` (defaults as in the legacy tool).
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Base model options.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data: a JSON array or JSONL of Alpaca (instruction/input/output) or ShareGPT
+    /// (conversations of from/value) items.
+    #[arg(long, required_unless_present = "create_sample")]
+    pub data: Option<PathBuf>,
+    /// Write the sample dataset to ./data/sample_dataset.json and exit.
+    #[arg(long)]
+    pub create_sample: bool,
+    /// Output adapter directory.
+    #[arg(long, default_value = PERSONAL_ADAPTER)]
+    pub output: PathBuf,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f64,
+    /// Modules to adapt, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub target_modules: Vec<String>,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    /// Fraction of the steps spent warming up the learning rate.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Cut longer examples to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Seed of the LoRA init, shuffling and dropout (same data + seed: same adapter bytes).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Continue from this adapter dir (e.g. a round adapter); its rank, alpha and target modules
+    /// replace --rank, --alpha and --target-modules.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Continue from the latest round adapter of the node in --data-dir.
+    #[arg(long, conflicts_with = "init_adapter")]
+    pub from_round: bool,
+    /// When done, hand the adapter to the node running in --data-dir, which announces it in
+    /// its current round (weighted by the number of training examples).
+    #[arg(long)]
+    pub announce: bool,
+    /// The node's data dir (for --from-round and --announce).
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+    /// Print training_info.json on stdout when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// First Ctrl-C: finish the current step and write the adapter so far. Second: exit now.
+fn install_ctrlc() {
+    let result = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nhive-node: stopped without writing the adapter");
+            std::process::exit(130);
+        }
+        eprintln!("\nhive-node: stopping after the current step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot install the Ctrl-C handler: {e}");
+    }
+}
+
+/// Writes the six sample examples to `path` (directories created).
+fn write_sample(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut json = serde_json::to_vec_pretty(&dataset::sample_items())?;
+    json.push(b'\n');
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn config(args: &TrainArgs, init: Option<&LoraAdapter>) -> Result<TrainConfig> {
+    let lora = match init {
+        Some(a) => LoraSpec::from_adapter(a)?,
+        None => LoraSpec {
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            target_modules: args
+                .target_modules
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        },
+    };
+    Ok(TrainConfig {
+        lora: LoraSpec {
+            dropout: args.dropout,
+            ..lora
+        },
+        lr: args.lr,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        warmup_ratio: args.warmup_ratio,
+        max_seq_len: args.max_seq_len,
+        max_steps: args.max_steps,
+        seed: args.seed,
+        ..TrainConfig::default()
+    })
+}
+
+fn bar(total: usize) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} step {pos}/{len} {msg} ETA {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.enable_steady_tick(Duration::from_millis(250));
+    pb
+}
+
+/// Runs the train command.
+pub(super) fn run(args: TrainArgs) -> Result<()> {
+    if args.create_sample {
+        let path = Path::new(SAMPLE_PATH);
+        write_sample(path)?;
+        println!("Wrote {} (6 examples).", path.display());
+        println!("Train on it with:");
+        println!(
+            "  hive-node train --data {} --epochs 10 --grad-accum 1 --lr 1e-3",
+            path.display()
+        );
+        println!("then chat with the result:");
+        println!("  hive-node chat --adapter ./adapters/my_adapter --temperature 0");
+        return Ok(());
+    }
+    let Some(data) = &args.data else {
+        bail!("--data FILE is required (or --create-sample to write a sample dataset)");
+    };
+    // Check everything cheap before loading the model; nothing is written on bad input.
+    let convs = dataset::load_file(data)?;
+    let data_dir = args.data_dir.dir();
+    if args.announce {
+        data_dir
+            .running_status()
+            .context("--announce needs a running node")?;
+    }
+    let round_dir = if args.from_round {
+        let (round, dir) = data_dir.latest_round_adapter()?.with_context(|| {
+            format!(
+                "--from-round: no committed round in {}",
+                data_dir.path().display()
+            )
+        })?;
+        progress(&format!(
+            "starting from round adapter {} ({})",
+            round.version,
+            &round.hash[..16]
+        ));
+        Some(dir)
+    } else {
+        None
+    };
+    let init_dir = round_dir.as_ref().or(args.init_adapter.as_ref());
+    let init = match init_dir {
+        Some(dir) => Some(
+            LoraAdapter::read_dir(dir)
+                .with_context(|| format!("reading initial adapter {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let cfg = config(&args, init.as_ref())?;
+    if init.is_some() {
+        progress(&format!(
+            "continuing {} (r {}, alpha {}, modules {})",
+            init_dir
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.lora.target_modules.join(",")
+        ));
+    }
+
+    // Training is compute-bound: use every core unless told otherwise.
+    let mut margs = args.model.clone();
+    if margs.threads.is_none() {
+        margs.threads = Some(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        );
+    }
+    margs.apply_threads();
+    let model = load_model(&margs)?;
+    if args.from_round && !data_dir.network_runs(&model.hash) {
+        bail!(
+            "--from-round: the node in {} is on a network of another base model than {}",
+            data_dir.path().display(),
+            model.name
+        );
+    }
+    // Examples longer than the model's context are truncated like those over --max-seq-len.
+    let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);
+    let (examples, stats) = dataset::encode_conversations(&model, data, &convs, max_len)?;
+    if examples.is_empty() {
+        bail!(
+            "{}: no example has an assistant token within {} tokens",
+            data.display(),
+            max_len
+        );
+    }
+    let tokens: usize = examples.iter().map(|e| e.len()).sum();
+    progress(&format!(
+        "{} examples ({} tokens, {} truncated to {}, {} skipped) on {}",
+        examples.len(),
+        tokens,
+        stats.truncated,
+        max_len,
+        stats.skipped,
+        model.name
+    ));
+
+    install_ctrlc();
+    let total = train::planned_steps(examples.len(), &cfg);
+    let pb = bar(total);
+    let mut on_progress = |p: &Progress| {
+        pb.set_position(p.step as u64);
+        pb.set_message(format!(
+            "epoch {}/{} loss {:.4} {:.0} tok/s",
+            p.epoch, p.epochs, p.loss, p.tokens_per_s
+        ));
+    };
+    let outcome = train::train(
+        &model,
+        &examples,
+        &cfg,
+        init.as_ref(),
+        &STOP,
+        &mut on_progress,
+    );
+    pb.finish_and_clear();
+    let outcome = outcome?;
+    outcome
+        .write_dir(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let info = &outcome.info;
+    if info.interrupted {
+        progress(&format!(
+            "stopped after {} of {} steps; wrote the adapter trained so far",
+            info.steps, info.total_steps
+        ));
+    }
+    progress(&format!(
+        "{} steps in {:.1} s ({:.0} tokens/s, peak {:.0} MiB), loss {:.4} -> {:.4}",
+        info.steps,
+        info.seconds,
+        info.tokens_per_second,
+        info.peak_memory_mib.unwrap_or(0.0),
+        info.first_loss.unwrap_or(f64::NAN),
+        info.final_loss.unwrap_or(f64::NAN),
+    ));
+    progress(&format!(
+        "adapter written to {}; try: hive-node chat --adapter {}",
+        args.output.display(),
+        args.output.display()
+    ));
+    if args.announce {
+        data_dir.hand_over(&args.output, examples.len() as u64)?;
+        progress(&format!(
+            "handed to the node in {}: it announces the adapter in its current round",
+            data_dir.path().display()
+        ));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(info)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    #[test]
+    fn defaults_are_the_legacy_ones() -> Result<()> {
+        let cli = Cli::try_parse_from(["x", "--data", "d.json"])?;
+        let a = cli.train;
+        assert_eq!(a.output, PathBuf::from("./adapters/my_adapter"));
+        assert_eq!((a.epochs, a.batch_size, a.grad_accum), (3, 4, 4));
+        assert_eq!((a.rank, a.alpha, a.dropout, a.lr), (16, 32.0, 0.05, 2e-4));
+        assert_eq!(a.target_modules.len(), 7);
+        assert_eq!(a.warmup_ratio, 0.03);
+        assert!(!a.model.no_4bit);
+        let cfg = config(&a, None)?;
+        assert_eq!(cfg.lora.target_modules[6], "down_proj");
+        assert!(Cli::try_parse_from(["x"]).is_err(), "--data is required");
+        assert!(Cli::try_parse_from(["x", "--create-sample"]).is_ok());
+        let b = Cli::try_parse_from([
+            "x",
+            "--data",
+            "d",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--max-steps",
+            "5",
+            "--init-adapter",
+            "a",
+            "--no-4bit",
+        ])?
+        .train;
+        assert_eq!(b.target_modules, vec!["q_proj", "v_proj"]);
+        assert_eq!(b.max_steps, Some(5));
+        assert!(b.model.no_4bit);
+        Ok(())
+    }
+
+    /// The whole command on a tiny generated model: it writes the three output files, and bad
+    /// data is refused before anything is written.
+    #[test]
+    fn trains_a_tiny_model_end_to_end_and_refuses_bad_data() -> Result<()> {
+        use hivemind_model::adapter::LoraAdapter;
+        use hivemind_model::config::Arch;
+        use hivemind_model::testing::TinyModel;
+        let dir = tempfile::tempdir()?;
+        let model = dir.path().join("tiny.gguf");
+        TinyModel::new(Arch::Llama, 1)?.write_gguf(&model)?;
+        let data = dir.path().join("data.jsonl");
+        std::fs::write(
+            &data,
+            "{\"instruction\": \"Who are you?\", \"output\": \"HiveMind\"}\n\
+             {\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"hello\"}]}\n",
+        )?;
+        let out = dir.path().join("adapter");
+        let args = |data: &Path, out: &Path| -> Result<TrainArgs> {
+            Ok(Cli::try_parse_from([
+                "x".as_ref(),
+                "--model".as_ref(),
+                model.as_os_str(),
+                "--data".as_ref(),
+                data.as_os_str(),
+                "--output".as_ref(),
+                out.as_os_str(),
+                "--epochs".as_ref(),
+                "2".as_ref(),
+                "--rank".as_ref(),
+                "4".as_ref(),
+                "--threads".as_ref(),
+                "1".as_ref(),
+            ] as [&std::ffi::OsStr; 13])?
+            .train)
+        };
+        run(args(&data, &out)?)?;
+        let adapter = LoraAdapter::read_dir(&out)?;
+        assert_eq!(adapter.config.r, 4);
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("training_info.json"))?)?;
+        assert_eq!(info["samples"], 2);
+        assert_eq!(info["steps"], 2);
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"[{"instruction": "a"}]"#)?;
+        let bad_out = dir.path().join("never");
+        let err = match run(args(&bad, &bad_out)?) {
+            Err(e) => e.to_string(),
+            Ok(()) => anyhow::bail!("bad data was accepted"),
+        };
+        assert!(err.contains("bad.json") && err.contains("item 0"), "{err}");
+        assert!(!bad_out.exists(), "nothing is written on bad data");
+        Ok(())
+    }
+
+    #[test]
+    fn sample_file_holds_six_parsable_examples() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("data").join("sample_dataset.json");
+        write_sample(&p)?;
+        let convs = dataset::load_file(&p)?;
+        assert_eq!(convs.len(), 6);
+        assert!(convs[0].messages[1].content.contains("HiveMind"));
+        Ok(())
+    }
+}

@@ -1,0 +1,76 @@
+//! The JSON files of a data dir: their schemas, which scripts may rely on.
+
+use std::collections::BTreeMap;
+
+use hivemind_protocol::Hash;
+use serde::{Deserialize, Serialize};
+
+/// A committed round as `status.json`, `status` and `rounds` show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoundView {
+    /// Round number.
+    pub number: u64,
+    /// Version name.
+    pub version: String,
+    /// blake3 of the round adapter, hex.
+    pub hash: String,
+    /// Input adapter hashes, hex, sorted.
+    pub contributors: Vec<String>,
+}
+
+impl RoundView {
+    /// The view of a stored round.
+    pub fn of(r: &hivemind_store::RoundRecord) -> Self {
+        RoundView {
+            number: r.number,
+            version: r.version.clone(),
+            hash: r.hash.to_hex(),
+            contributors: r.contributors.iter().map(Hash::to_hex).collect(),
+        }
+    }
+}
+
+/// `status.json`: what the running node last wrote about itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusFile {
+    /// Process id of the node.
+    pub pid: u32,
+    /// Peer id.
+    pub peer_id: String,
+    /// Listen addrs with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// Number of connected peers.
+    pub connected_peers: usize,
+    /// The round being collected.
+    pub current_round: u64,
+    /// Adapters announced for the current round so far (hex).
+    pub current_contributors: Vec<String>,
+    /// The last committed round.
+    pub latest_round: Option<RoundView>,
+    /// Model id (hex).
+    pub model_id: String,
+    /// The network's LoRA config (for `export`).
+    pub adapter_config: serde_json::Value,
+    /// Penalties given, by peer id.
+    pub penalties: BTreeMap<String, u32>,
+    /// Inbox hand-overs waiting for the next round (this round has the node's adapter).
+    #[serde(default)]
+    pub inbox_waiting: Vec<String>,
+    /// Gossipsub scores of connected peers.
+    pub scores: BTreeMap<String, f64>,
+    /// All committed rounds, oldest first.
+    pub rounds: Vec<RoundView>,
+    /// When this file was written (unix ms).
+    pub updated_ms: u64,
+}
+
+/// `network.json`: the network the node last joined (for `chat` and `export`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkFile {
+    /// The network's model id, hex.
+    pub model_id: String,
+    /// blake3 identity of the base model ([`hivemind_model::model_hash`]), hex.
+    pub base_model_hash: String,
+    /// The LoRA config every adapter of the network has.
+    pub adapter_config: serde_json::Value,
+}

@@ -1,0 +1,83 @@
+//! Committed rounds as the data dir shows them: from the running node's status file, or
+//! from the store when no node runs; exported as PEFT dirs after a hash check.
+
+use std::path::{Path, PathBuf};
+
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE};
+use hivemind_protocol::Hash;
+
+use super::{DataDir, RoundView};
+use crate::error::{Error, Result};
+
+impl DataDir {
+    /// Committed rounds, oldest first, and the network's adapter config when a running
+    /// node reported it.
+    pub fn rounds(&self) -> Result<(Vec<RoundView>, Option<AdapterConfig>)> {
+        if let Ok(s) = self.running_status() {
+            let cfg = serde_json::from_value(s.adapter_config).ok();
+            return Ok((s.rounds, cfg));
+        }
+        let store = self.open_store()?;
+        let rounds = store.list_rounds()?.iter().map(RoundView::of).collect();
+        Ok((rounds, None))
+    }
+
+    /// Committed round `number` (default: the latest), if any.
+    pub fn find_round(&self, number: Option<u64>) -> Result<Option<RoundView>> {
+        let (rounds, _) = self.rounds()?;
+        Ok(match number {
+            Some(n) => rounds.into_iter().find(|r| r.number == n),
+            None => rounds.into_iter().last(),
+        })
+    }
+
+    /// Writes committed round `number` (default: the latest) as a PEFT dir at `output`,
+    /// after checking its bytes against the committed hash.
+    pub fn export_round(&self, number: Option<u64>, output: &Path) -> Result<RoundView> {
+        let (rounds, cfg) = self.rounds()?;
+        let round = match number {
+            Some(n) => rounds
+                .iter()
+                .find(|r| r.number == n)
+                .ok_or_else(|| Error::NoSuchRound {
+                    number: n,
+                    dir: self.path().to_path_buf(),
+                })?,
+            None => rounds.last().ok_or_else(|| Error::NoRounds {
+                dir: self.path().to_path_buf(),
+            })?,
+        };
+        let hash: Hash = round
+            .hash
+            .parse()
+            .map_err(|_| hivemind_store::Error::CorruptRecord {
+                tree: "rounds",
+                key: round.number.to_string(),
+                detail: format!("round hash {:?} is not hex blake3", round.hash),
+            })?;
+        let bytes = self.read_blob(&hash)?;
+        let cfg = match cfg {
+            Some(c) => c,
+            None => self.network_config()?,
+        };
+        let adapter = LoraAdapter::from_safetensors_bytes(cfg, &bytes, &Limits::DEFAULT)?;
+        adapter.write_dir(output)?;
+        Ok(round.clone())
+    }
+
+    /// The latest round adapter as a PEFT dir (exported once under `round-adapters/`),
+    /// or `None` before the first commit.
+    pub fn latest_round_adapter(&self) -> Result<Option<(RoundView, PathBuf)>> {
+        if !self.has_store() {
+            return Ok(None);
+        }
+        let Some(round) = self.find_round(None)? else {
+            return Ok(None);
+        };
+        let dir = self.round_adapter_dir(&round);
+        if !dir.join(WEIGHTS_FILE).exists() {
+            self.export_round(Some(round.number), &dir)?;
+        }
+        Ok(Some((round, dir)))
+    }
+}

@@ -1,0 +1,798 @@
+//! The round driver: glue between the sans-I/O [`RoundMachine`], the [`Store`], the
+//! aggregator and the network [`Client`].
+//!
+//! ```text
+//!   NetEvent (gossip) ──decode+verify──▶ ┌──────────┐ ──Verdict──▶ Client::validate
+//!   fetch / aggregate results ─────────▶ │  Driver  │ ──FetchBlob/FetchAnnouncement──▶ fetch tasks
+//!   timer (next_deadline) ─────────────▶ │ (1 task) │ ──Aggregate──▶ spawn_blocking(FedAvg)
+//!   Local (contribute) ────────────────▶ └──────────┘ ──Publish*──▶ Client::publish
+//!                                                      ──Commit──▶ Store + status.json
+//! ```
+//!
+//! Everything CPU- or disk-heavy (aggregation, hashing, store writes) runs on blocking
+//! threads; results come back as [`Event`]s on an internal channel. Shutdown: the
+//! cancellation token is checked first in a `biased` select.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hivemind_model::adapter::LoraAdapter;
+use hivemind_model::aggregate::FedAvg;
+use hivemind_protocol::{
+    announce_topic, digest_topic, Action, Event, FetchFailure, Hash, ModelId, NodeKey, RoundConfig,
+    RoundDigest, RoundMachine, Signed, SignedAnnouncement, SignedDigest, Verdict,
+};
+use hivemind_store::Store;
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use libp2p::PeerId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::data_dir::{DataDir, RoundView, StatusFile};
+use crate::error::{Error, Result};
+use crate::identity::peer_id_of;
+use crate::net::blob::fetch_blob;
+use crate::net::{with_peer, Client, NetEvent};
+
+mod aggregate;
+mod spec;
+
+pub use aggregate::{aggregate, round_metadata, version_name};
+pub use spec::{check_adapter_blob, NetSpec};
+
+/// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
+/// (the round machine's fetch deadline covers the wait). Announcements do not count.
+pub const MAX_CONCURRENT_FETCHES: usize = 8;
+
+/// What the driver needs to know about its network.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The network's model id.
+    pub model: ModelId,
+    /// Round timing.
+    pub round: RoundConfig,
+    /// What every adapter of this network is.
+    pub spec: NetSpec,
+    /// The data dir (status file, inbox).
+    pub data_dir: DataDir,
+}
+
+/// Requests to the driver from the local node.
+#[derive(Debug)]
+pub enum Local {
+    /// Announce an adapter dir in the current round.
+    Contribute {
+        /// PEFT adapter dir.
+        dir: PathBuf,
+        /// Training samples (the FedAvg weight).
+        samples: u64,
+        /// The adapter's hash, once announced.
+        reply: oneshot::Sender<Result<Hash>>,
+    },
+    /// Announce a gateway upload (its canonical bytes already in the store) for `user_id`.
+    Upload {
+        /// blake3 of the adapter blob.
+        hash: Hash,
+        /// Its length.
+        byte_len: u64,
+        /// Training samples the user reported (the FedAvg weight).
+        samples: u64,
+        /// The uploading user.
+        user_id: String,
+        /// Where it went.
+        reply: oneshot::Sender<Result<Placement>>,
+    },
+    /// Close the current round's window now (the gateway's aggregate request).
+    CloseNow,
+}
+
+/// Where an upload was announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In the current round, this one.
+    Round(u64),
+    /// The user already has an adapter in the current round (one per user and round):
+    /// this one is announced when the next round opens.
+    Deferred(u64),
+}
+
+/// What the gateway reads of the driver's state (a `watch` channel).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverView {
+    /// The round being collected.
+    pub current_round: u64,
+    /// Contributors announced for it so far.
+    pub current_contributors: usize,
+    /// The last committed round.
+    pub latest: Option<RoundView>,
+}
+
+struct DeferredUpload {
+    hash: Hash,
+    byte_len: u64,
+    samples: u64,
+    after_round: u64,
+}
+
+struct PendingMsg {
+    id: MessageId,
+    source: PeerId,
+    data: Vec<u8>,
+    announcement: Option<(u64, Hash)>,
+}
+
+/// A round as shown by `status` and `rounds`.
+
+/// The round driver task.
+pub struct Driver {
+    cfg: DriverConfig,
+    key: NodeKey,
+    store: Store,
+    client: Client,
+    machine: RoundMachine,
+    net_events: mpsc::Receiver<NetEvent>,
+    local: mpsc::Receiver<Local>,
+    done_tx: mpsc::Sender<Event>,
+    done_rx: mpsc::Receiver<Event>,
+    pending: BTreeMap<Hash, PendingMsg>,
+    fetching: BTreeSet<Hash>,
+    /// Bounds the blob transfers in flight (each holds a few MiB of frames and two threads).
+    fetch_slots: Arc<tokio::sync::Semaphore>,
+    announced: BTreeMap<u64, BTreeSet<Hash>>,
+    unpublished: Vec<(String, Vec<u8>)>,
+    rounds: Vec<RoundView>,
+    /// Gateway uploads waiting for the next round, by user id.
+    deferred: BTreeMap<String, DeferredUpload>,
+    /// Actions produced outside `act` (by `announce`), run next.
+    queued: Vec<Action>,
+    /// Inbox dirs refused because their round already had our adapter, with that round.
+    inbox_waiting: BTreeMap<PathBuf, u64>,
+    view: tokio::sync::watch::Sender<DriverView>,
+}
+
+impl Driver {
+    /// A driver resuming after the store's latest committed round.
+    pub fn new(
+        cfg: DriverConfig,
+        key: NodeKey,
+        store: Store,
+        client: Client,
+        net_events: mpsc::Receiver<NetEvent>,
+        local: mpsc::Receiver<Local>,
+    ) -> Result<Driver> {
+        let stored = store.list_rounds()?;
+        let tip = match stored.last() {
+            Some(r) => Some(SignedDigest::decode(&r.digest)?.payload().record.clone()),
+            None => None,
+        };
+        let machine =
+            RoundMachine::new(cfg.round.clone(), cfg.model, key.node_id(), tip, now_ms())?;
+        let (done_tx, done_rx) = mpsc::channel(1024);
+        Ok(Driver {
+            rounds: stored.iter().map(RoundView::of).collect(),
+            cfg,
+            key,
+            store,
+            client,
+            machine,
+            net_events,
+            local,
+            done_tx,
+            done_rx,
+            pending: BTreeMap::new(),
+            fetching: BTreeSet::new(),
+            fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
+            announced: BTreeMap::new(),
+            unpublished: Vec::new(),
+            deferred: BTreeMap::new(),
+            queued: Vec::new(),
+            inbox_waiting: BTreeMap::new(),
+            view: tokio::sync::watch::Sender::new(DriverView::default()),
+        })
+    }
+
+    /// A live view of the round state (current round, contributors, latest commit).
+    pub fn view(&self) -> tokio::sync::watch::Receiver<DriverView> {
+        self.view.subscribe()
+    }
+
+    fn publish_view(&self) {
+        let v = DriverView {
+            current_round: self.machine.current_round(),
+            current_contributors: self
+                .announced
+                .get(&self.machine.current_round())
+                .map_or(0, BTreeSet::len),
+            latest: self.rounds.last().cloned(),
+        };
+        self.view.send_if_modified(|old| {
+            let changed = *old != v;
+            *old = v;
+            changed
+        });
+    }
+
+    /// Announces gateway uploads that were waiting when the node stopped: each user's newest
+    /// upload not in a committed round. One we had announced in this very round is handed
+    /// back as its stored envelope (the same message, so peers see no second announcement).
+    async fn resume_uploads(&mut self) {
+        let store = self.store.clone();
+        let round = self.machine.current_round();
+        let found = tokio::task::spawn_blocking(move || -> hivemind_store::Result<Vec<_>> {
+            let mut out = Vec::new();
+            for u in store.pending_uploads()? {
+                let envelope = store.get_announcement(round, &u.blob)?;
+                let len = store.blob_len(&u.blob)?;
+                out.push((u, envelope, len));
+            }
+            Ok(out)
+        })
+        .await;
+        let Ok(Ok(found)) = found else {
+            tracing::error!("cannot read pending uploads from the store");
+            return;
+        };
+        for (u, envelope, len) in found {
+            let Some(len) = len else {
+                continue;
+            };
+            let mine = envelope
+                .and_then(|b| SignedAnnouncement::decode_for(&b, &self.cfg.model).ok())
+                .filter(|a| a.payload().contributor == self.key.node_id());
+            match mine {
+                Some(a) => {
+                    let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
+                    self.act(actions).await;
+                }
+                None => {
+                    let r = self
+                        .announce_upload(u.blob, len, u.training_samples, u.user_id.clone())
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(upload = %u.id, error = %e, "cannot announce a pending upload");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs until `cancel` fires.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        self.resume_uploads().await;
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(300));
+        loop {
+            let now = now_ms();
+            let wait = self
+                .machine
+                .next_deadline()
+                .map_or(1000, |d| d.saturating_sub(now).min(1000));
+            let timer = tokio::time::sleep(Duration::from_millis(wait));
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(ev) = self.done_rx.recv() => {
+                    if let Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } = &ev {
+                        self.fetching.remove(hash);
+                    }
+                    let actions = self.machine.handle(now_ms(), ev);
+                    self.act(actions).await;
+                }
+                Some(ev) = self.net_events.recv() => self.on_net_event(ev).await,
+                Some(req) = self.local.recv() => self.on_local(req).await,
+                _ = housekeeping.tick() => self.housekeeping().await,
+                _ = timer => {
+                    let actions = self.machine.tick(now_ms());
+                    self.act(actions).await;
+                }
+            }
+        }
+        tracing::debug!("driver stopped");
+    }
+
+    async fn on_net_event(&mut self, ev: NetEvent) {
+        let NetEvent::Gossip {
+            topic,
+            id,
+            source,
+            data,
+        } = ev
+        else {
+            return;
+        };
+        let model = self.cfg.model;
+        let event = if topic == announce_topic(&model) {
+            SignedAnnouncement::decode_for(&data, &model).map(|m| {
+                let p = m.payload();
+                (Some((p.round, p.adapter)), m.id(), Event::Announcement(m))
+            })
+        } else if topic == digest_topic(&model) {
+            SignedDigest::decode_for(&data, &model).map(|m| (None, m.id(), Event::Digest(m)))
+        } else {
+            self.client
+                .validate(id, source, MessageAcceptance::Ignore)
+                .await;
+            return;
+        };
+        match event {
+            Ok((announcement, hash, event)) => {
+                self.pending.insert(
+                    hash,
+                    PendingMsg {
+                        id,
+                        source,
+                        data,
+                        announcement,
+                    },
+                );
+                let actions = self.machine.handle(now_ms(), event);
+                self.act(actions).await;
+                // A message the machine gave no verdict for is not propagated.
+                if let Some(p) = self.pending.remove(&hash) {
+                    self.client
+                        .validate(p.id, p.source, MessageAcceptance::Ignore)
+                        .await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%source, error = %e, %topic, "invalid gossip message; rejecting");
+                self.client
+                    .validate(id, source, MessageAcceptance::Reject)
+                    .await;
+            }
+        }
+    }
+
+    async fn on_local(&mut self, req: Local) {
+        match req {
+            Local::Contribute {
+                dir,
+                samples,
+                reply,
+            } => {
+                let round = self.machine.current_round();
+                let r = match self.contribute(&dir, samples).await {
+                    Ok(Some(hash)) => Ok(hash),
+                    Ok(None) => Err(Error::Refused {
+                        detail: format!(
+                            "round {round} already has this node's adapter (one per node and \
+                             round); offer it in the next round"
+                        ),
+                    }),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Local::Upload {
+                hash,
+                byte_len,
+                samples,
+                user_id,
+                reply,
+            } => {
+                let r = self.announce_upload(hash, byte_len, samples, user_id).await;
+                let _ = reply.send(r);
+                self.publish_view();
+            }
+            Local::CloseNow => {
+                let actions = self.machine.handle(now_ms(), Event::CloseNow);
+                self.act(actions).await;
+            }
+        }
+    }
+
+    /// Announces a stored gateway upload for `user_id` in the current round, or defers it to
+    /// the next round when that user already has one in this round.
+    async fn announce_upload(
+        &mut self,
+        hash: Hash,
+        byte_len: u64,
+        samples: u64,
+        user_id: String,
+    ) -> Result<Placement> {
+        let round = self.machine.current_round();
+        let accepted = self.announce(hash, byte_len, samples, Some(user_id.clone()))?;
+        self.flush_queued().await;
+        if accepted {
+            Ok(Placement::Round(round))
+        } else {
+            // The newest upload of a user is the one that waits.
+            self.deferred.insert(
+                user_id,
+                DeferredUpload {
+                    hash,
+                    byte_len,
+                    samples,
+                    after_round: round,
+                },
+            );
+            Ok(Placement::Deferred(round + 1))
+        }
+    }
+
+    /// Signs and hands one of our adapters to the round machine; `true` when it was
+    /// accepted for the current round (and is being published).
+    fn announce(
+        &mut self,
+        hash: Hash,
+        byte_len: u64,
+        samples: u64,
+        user_id: Option<String>,
+    ) -> Result<bool> {
+        let now = now_ms();
+        let draft = self
+            .machine
+            .draft_announcement(hash, byte_len, samples, user_id, now);
+        let signed = Signed::sign(draft, &self.key)?;
+        let id = signed.id();
+        tracing::info!(adapter = %hash.short(), round = self.machine.current_round(), "contributing");
+        let actions = self.machine.handle(now, Event::LocalContribution(signed));
+        let accepted = actions
+            .iter()
+            .any(|a| matches!(a, Action::PublishAnnouncement(s) if s.id() == id));
+        self.queued.extend(actions);
+        Ok(accepted)
+    }
+
+    /// Reads, checks and stores an adapter dir, then announces it in the current round;
+    /// `None` when this round already has this node's adapter (one per node and round).
+    pub async fn contribute(&mut self, dir: &Path, samples: u64) -> Result<Option<Hash>> {
+        let dir = dir.to_path_buf();
+        let store = self.store.clone();
+        let spec = self.cfg.spec.clone();
+        let (hash, len) = tokio::task::spawn_blocking(move || -> Result<(Hash, u64)> {
+            let adapter = LoraAdapter::read_dir(&dir)?;
+            spec.check(&adapter)?;
+            let bytes = adapter.to_safetensors_bytes()?;
+            let hash = store.put_blob(&bytes)?;
+            Ok((hash, bytes.len() as u64))
+        })
+        .await??;
+        let accepted = self.announce(hash, len, samples, None)?;
+        self.flush_queued().await;
+        Ok(accepted.then_some(hash))
+    }
+
+    async fn flush_queued(&mut self) {
+        let actions = std::mem::take(&mut self.queued);
+        self.act(actions).await;
+    }
+
+    async fn act(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            self.act_one(a).await;
+        }
+    }
+
+    async fn act_one(&mut self, action: Action) {
+        match action {
+            Action::Verdict { id, verdict } => {
+                let Some(p) = self.pending.remove(&id) else {
+                    return;
+                };
+                let acceptance = match &verdict {
+                    Verdict::Accept => MessageAcceptance::Accept,
+                    Verdict::Ignore(_) => MessageAcceptance::Ignore,
+                    Verdict::Reject(why) => {
+                        tracing::warn!(source = %p.source, ?why, "message rejected by the round machine");
+                        MessageAcceptance::Reject
+                    }
+                };
+                if verdict == Verdict::Accept {
+                    if let Some((round, adapter)) = p.announcement {
+                        self.announced.entry(round).or_default().insert(adapter);
+                        self.keep_announcement(round, adapter, p.data.clone());
+                    }
+                }
+                self.client.validate(p.id, p.source, acceptance).await;
+            }
+            Action::FetchBlob { hash, from } => self.spawn_fetch(hash, from, false).await,
+            Action::FetchAnnouncement { id, from } => self.spawn_fetch(id, from, true).await,
+            Action::Aggregate(job) => {
+                let store = self.store.clone();
+                let config = self.cfg.spec.config.clone();
+                let tx = self.done_tx.clone();
+                tokio::task::spawn_blocking(move || match aggregate(&store, &config, &job) {
+                    Ok(result) => {
+                        let _ = tx.blocking_send(Event::AggregationFinished { job, result });
+                    }
+                    Err(e) => tracing::error!(round = job.round, error = %e, "aggregation failed"),
+                });
+            }
+            Action::PublishAnnouncement(s) => {
+                let p = s.payload();
+                self.announced.entry(p.round).or_default().insert(p.adapter);
+                self.keep_announcement(p.round, p.adapter, s.as_bytes().to_vec());
+                self.publish(announce_topic(&self.cfg.model), s.encode())
+                    .await;
+            }
+            Action::PublishDigest(d) => match Signed::sign(d, &self.key) {
+                Ok(s) => {
+                    self.publish(digest_topic(&self.cfg.model), s.encode())
+                        .await
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign digest"),
+            },
+            Action::Commit { record, replaces } => self.commit(record, replaces).await,
+            Action::Penalise { peer, reason } => {
+                if peer == self.key.node_id() {
+                    // Our own refused contribution (e.g. a second one in a round).
+                    return;
+                }
+                if let Some(p) = peer_id_of(&peer) {
+                    self.client.penalise(p, format!("{reason:?}")).await;
+                }
+            }
+        }
+    }
+
+    /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
+    /// reports the outcome as an event.
+    async fn spawn_fetch(
+        &mut self,
+        hash: Hash,
+        from: Vec<hivemind_protocol::NodeId>,
+        announcement: bool,
+    ) {
+        if !self.fetching.insert(hash) {
+            return;
+        }
+        let mut peers: Vec<PeerId> = from.iter().filter_map(peer_id_of).collect();
+        if let Ok(info) = self.client.info().await {
+            for p in info.connected {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| *p != me);
+        let client = self.client.clone();
+        let store = self.store.clone();
+        let tx = self.done_tx.clone();
+        let model = self.cfg.model;
+        let spec = self.cfg.spec.clone();
+        // A peer that claims more bytes than the blob can have is skipped unread.
+        let max_len = if announcement {
+            hivemind_protocol::MAX_MESSAGE_BYTES as u64
+        } else {
+            spec.max_adapter_bytes()
+        };
+        let slots = self.fetch_slots.clone();
+        tokio::spawn(async move {
+            // Adapter transfers (and their validation, which loads the adapter) take a slot;
+            // announcements (a few KiB) and blobs already held do not wait behind them.
+            let held = matches!(store.has_blob(&hash), Ok(true));
+            let _slot = if announcement || held {
+                None
+            } else {
+                slots.acquire_owned().await.ok()
+            };
+            let got = held
+                || fetch_blob(&client, &store, hash, &peers, max_len)
+                    .await
+                    .is_some();
+            let ev = if !got {
+                Event::FetchFailed {
+                    hash,
+                    reason: FetchFailure::Unavailable,
+                }
+            } else if announcement {
+                let st = store.clone();
+                let bytes = tokio::task::spawn_blocking(move || st.get_blob(&hash))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten();
+                match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
+                    Some(Ok(a)) => Event::Announcement(a),
+                    Some(Err(_)) => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Invalid,
+                    },
+                    None => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Unavailable,
+                    },
+                }
+            } else {
+                // An adapter blob: its hash is right, but its content must be an adapter
+                // of this network's shape, or aggregation could not use it.
+                let st = store.clone();
+                let valid =
+                    tokio::task::spawn_blocking(move || check_adapter_blob(&st, &spec, &hash))
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Task(e)));
+                match valid {
+                    Ok(()) => Event::BlobAvailable { hash },
+                    Err(why) => {
+                        tracing::warn!(adapter = %hash.short(), %why, "fetched adapter is not usable; dropped");
+                        Event::FetchFailed {
+                            hash,
+                            reason: FetchFailure::Invalid,
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(ev).await;
+        });
+    }
+
+    fn keep_announcement(&self, round: u64, adapter: Hash, envelope: Vec<u8>) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store
+                .put_blob(&envelope)
+                .and_then(|_| store.put_announcement(round, &adapter, &envelope))
+            {
+                tracing::error!(error = %e, "cannot store announcement");
+            }
+        });
+    }
+
+    async fn publish(&mut self, topic: String, data: Vec<u8>) {
+        if let Err(e) = self.client.publish(topic.clone(), data.clone()).await {
+            tracing::debug!(error = %e, "publish failed; will retry");
+            self.unpublished.push((topic, data));
+        }
+    }
+
+    async fn commit(&mut self, record: hivemind_protocol::RoundRecord, replaces: Option<Hash>) {
+        let digest = RoundDigest {
+            record: record.clone(),
+            signer: self.key.node_id(),
+            committed: true,
+            time_ms: now_ms(),
+        };
+        let digest = match Signed::sign(digest, &self.key) {
+            Ok(d) => d.encode(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign the committed digest");
+                return;
+            }
+        };
+        let stored = hivemind_store::RoundRecord {
+            number: record.round,
+            hash: record.result,
+            version: version_name(record.round),
+            parent: record.parent,
+            contributors: record.inputs.iter().map(|i| i.adapter).collect(),
+            rule: FedAvg::ID.to_string(),
+            digest,
+            committed_at_ms: now_ms(),
+        };
+        tracing::info!(round = record.round, hash = %record.result.short(), contributors = record.inputs.len(), ?replaces, "round committed");
+        let store = self.store.clone();
+        let s2 = stored.clone();
+        let committed = tokio::task::spawn_blocking(move || -> hivemind_store::Result<()> {
+            // The new tip: rounds above it (orphaned by a rewind) leave the store too.
+            let orphaned = store.commit_round(&s2)?;
+            if !orphaned.is_empty() {
+                tracing::info!(?orphaned, "dropped rounds orphaned by the commit");
+            }
+            // Gateway uploads that made it into this round are no longer pending.
+            for u in store.list_uploads()? {
+                if s2.contributors.contains(&u.blob) && u.round != Some(s2.number) {
+                    store.mark_upload_included(&u.id, s2.number)?;
+                }
+            }
+            Ok(())
+        });
+        match committed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot store the committed round"),
+            Err(e) => tracing::error!(error = %e, "commit task failed"),
+        }
+        // Our records of later rounds are orphaned by a commit of an earlier one.
+        self.rounds.retain(|r| r.number < stored.number);
+        self.rounds.push(RoundView::of(&stored));
+        self.rounds.sort_by_key(|r| r.number);
+        self.announced.retain(|r, _| *r > record.round);
+        self.publish_view();
+        self.write_status().await;
+    }
+
+    async fn housekeeping(&mut self) {
+        let round = self.machine.current_round();
+        let due: Vec<String> = self
+            .deferred
+            .iter()
+            .filter(|(_, d)| d.after_round < round)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in due {
+            if let Some(d) = self.deferred.remove(&user) {
+                match self
+                    .announce_upload(d.hash, d.byte_len, d.samples, user)
+                    .await
+                {
+                    Ok(p) => {
+                        tracing::info!(adapter = %d.hash.short(), placement = ?p, "deferred upload announced")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot announce a deferred upload"),
+                }
+            }
+        }
+        self.publish_view();
+        let retry = std::mem::take(&mut self.unpublished);
+        for (topic, data) in retry {
+            self.publish(topic, data).await;
+        }
+        self.poll_inbox().await;
+        self.write_status().await;
+    }
+
+    async fn poll_inbox(&mut self) {
+        let ready = self.cfg.data_dir.inbox_ready();
+        let round = self.machine.current_round();
+        self.inbox_waiting.retain(|_, r| *r >= round);
+        for dir in ready {
+            if self.inbox_waiting.contains_key(&dir) {
+                continue;
+            }
+            let samples = DataDir::inbox_samples(&dir);
+            match self.contribute(&dir, samples).await {
+                Ok(Some(h)) => tracing::info!(adapter = %h.short(), "contributed from the inbox"),
+                Ok(None) => {
+                    // This round has our adapter already: the dir waits for the next round.
+                    tracing::info!(dir = %dir.display(), round, "inbox adapter waits for the next round");
+                    self.inbox_waiting.insert(dir, round);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %dir.display(), "inbox contribution refused")
+                }
+            }
+            DataDir::inbox_done(&dir);
+        }
+    }
+
+    async fn write_status(&self) {
+        let Ok(info) = self.client.info().await else {
+            return;
+        };
+        let peer = self.client.local_peer_id();
+        let round = self.machine.current_round();
+        let status = StatusFile {
+            pid: std::process::id(),
+            peer_id: peer.to_string(),
+            listen_addrs: info
+                .listen_addrs
+                .iter()
+                .map(|a| with_peer(a, peer).to_string())
+                .collect(),
+            connected_peers: info.connected.len(),
+            current_round: round,
+            current_contributors: self
+                .announced
+                .get(&round)
+                .map(|s| s.iter().map(Hash::to_hex).collect())
+                .unwrap_or_default(),
+            latest_round: self.rounds.last().cloned(),
+            model_id: self.cfg.model.to_hex(),
+            adapter_config: serde_json::to_value(&self.cfg.spec.config)
+                .unwrap_or(serde_json::Value::Null),
+            inbox_waiting: self
+                .inbox_waiting
+                .keys()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
+            penalties: info
+                .penalties
+                .iter()
+                .map(|(p, n)| (p.to_string(), *n))
+                .collect(),
+            scores: info
+                .scores
+                .iter()
+                .map(|(p, s)| (p.to_string(), *s))
+                .collect(),
+            rounds: self.rounds.clone(),
+            updated_ms: now_ms(),
+        };
+        let dir = self.cfg.data_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || dir.write_status(&status)).await;
+    }
+}

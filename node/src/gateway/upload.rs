@@ -1,0 +1,431 @@
+//! `POST /api/v1/adapter/upload`: the multipart form, the user id, the file (a
+//! `.safetensors`, or a `.zip` of a PEFT dir read with caps on entries and inflated
+//! bytes), the adapter checked against the network, then stored and handed to the driver.
+
+use std::io::{Cursor, Read};
+
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter};
+use hivemind_protocol::MAX_USER_ID_BYTES;
+use hivemind_store::UploadRecord;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::error::{ApiError, ApiResult};
+use super::{blocking, Gateway, DEFAULT_BASE_MODEL};
+use crate::driver::{version_name, Local, NetSpec, Placement};
+
+/// Most entries a zip upload may hold.
+/// Why an upload was refused (the gateway answers 400 with it).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Rejected(String);
+
+impl From<String> for Rejected {
+    fn from(s: String) -> Self {
+        Rejected(s)
+    }
+}
+
+impl From<&str> for Rejected {
+    fn from(s: &str) -> Self {
+        Rejected(s.to_string())
+    }
+}
+
+const MAX_ZIP_ENTRIES: usize = 64;
+
+/// Checks a user id: 1 to 128 bytes, no path separators, no `..`, no control characters.
+pub fn check_user_id(user_id: &str) -> Result<(), Rejected> {
+    if user_id.trim().is_empty() {
+        return Err(Rejected::from("user_id must not be empty"));
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(Rejected::from(format!(
+            "user_id is {} bytes long; at most {MAX_USER_ID_BYTES} are allowed",
+            user_id.len()
+        )));
+    }
+    if user_id.contains(['/', '\\']) || user_id.contains("..") {
+        return Err(Rejected::from(
+            "user_id must not contain path separators or '..'",
+        ));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(Rejected::from(
+            "user_id must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The multipart fields of an upload.
+struct UploadForm {
+    file: Option<(String, Vec<u8>)>,
+    user_id: Option<String>,
+    base_model: String,
+    training_samples: u64,
+    epochs: u64,
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("upload exceeds the limit of {max} bytes"),
+    )
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, "upload exceeds the size limit of this gateway");
+    }
+    ApiError::new(
+        status,
+        format!("malformed multipart body: {}", e.body_text()),
+    )
+}
+
+fn int_field(name: &str, text: &str) -> ApiResult<u64> {
+    let t = text.trim();
+    match t.parse::<i64>() {
+        Ok(v) if v >= 0 => Ok(v as u64),
+        Ok(_) => Err(ApiError::unprocessable(
+            "greater_than_equal",
+            name,
+            "Input should be greater than or equal to 0",
+            json!(t),
+        )),
+        Err(_) => Err(ApiError::unprocessable(
+            "int_parsing",
+            name,
+            "Input should be a valid integer, unable to parse string as an integer",
+            json!(t),
+        )),
+    }
+}
+
+async fn read_form(mut mp: Multipart, max_file: u64) -> ApiResult<UploadForm> {
+    let mut form = UploadForm {
+        file: None,
+        user_id: None,
+        base_model: DEFAULT_BASE_MODEL.to_string(),
+        training_samples: 0,
+        epochs: 0,
+    };
+    while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "file" => {
+                let filename = field.file_name().unwrap_or_default().to_string();
+                let mut data = Vec::new();
+                let mut seen = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    seen += chunk.len() as u64;
+                    // Past the limit the rest is read and dropped (up to the body limit), so
+                    // that clients still sending get the 413 instead of a reset connection.
+                    if seen <= max_file {
+                        data.extend_from_slice(&chunk);
+                    }
+                }
+                if seen > max_file {
+                    return Err(too_large(max_file));
+                }
+                form.file = Some((filename, data));
+            }
+            "user_id" | "base_model" | "training_samples" | "epochs" => {
+                let text = field.text().await.map_err(multipart_error)?;
+                if text.len() > 4096 {
+                    return Err(ApiError::bad(format!("field {name} is too long")));
+                }
+                match name.as_str() {
+                    "user_id" => form.user_id = Some(text),
+                    "base_model" => form.base_model = text,
+                    "training_samples" => form.training_samples = int_field(&name, &text)?,
+                    _ => form.epochs = int_field(&name, &text)?,
+                }
+            }
+            // Unknown fields are ignored, as FastAPI does.
+            _ => while field.chunk().await.map_err(multipart_error)?.is_some() {},
+        }
+    }
+    Ok(form)
+}
+
+/// What an uploaded file held: the safetensors bytes and, from a zip, its adapter config.
+struct Extracted {
+    weights: Vec<u8>,
+    config: Option<AdapterConfig>,
+}
+
+/// Reads `adapter_model.safetensors` (and `adapter_config.json`) out of a zip, refusing
+/// unsafe entry names, too many entries and more than `max` inflated bytes.
+fn extract_zip(bytes: &[u8], max: u64) -> Result<Extracted, Rejected> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format!("not a readable zip file: {e}"))?;
+    if zip.len() > MAX_ZIP_ENTRIES {
+        return Err(Rejected::from(format!(
+            "zip holds {} entries; at most {MAX_ZIP_ENTRIES} are allowed",
+            zip.len()
+        )));
+    }
+    let mut weights = None;
+    let mut config = None;
+    let mut inflated = 0u64;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| format!("zip entry {i}: {e}"))?;
+        let name = entry.name().to_string();
+        let unsafe_name = name.starts_with('/')
+            || name.starts_with('\\')
+            || name.contains(':')
+            || name.split(['/', '\\']).any(|c| c == "..")
+            || entry.enclosed_name().is_none();
+        if unsafe_name {
+            return Err(Rejected::from(format!(
+                "zip entry {name:?} has an absolute path or '..'; refused"
+            )));
+        }
+        if entry.is_dir() {
+            continue;
+        }
+        let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+        let wanted = base == hivemind_model::adapter::WEIGHTS_FILE
+            || base == hivemind_model::adapter::CONFIG_FILE;
+        if !wanted {
+            continue;
+        }
+        // Read at most what is left of the budget plus one byte: a header that lies about
+        // the inflated size cannot make us inflate more.
+        let left = max.saturating_sub(inflated);
+        let mut data = Vec::new();
+        (&mut entry)
+            .take(left + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("zip entry {name:?}: {e}"))?;
+        inflated += data.len() as u64;
+        if inflated > max {
+            return Err(Rejected::from(format!(
+                "zip content inflates past the upload limit of {max} bytes (zip bomb?)"
+            )));
+        }
+        if base == hivemind_model::adapter::WEIGHTS_FILE {
+            if weights.is_some() {
+                return Err(Rejected::from(format!(
+                    "zip holds more than one {}",
+                    hivemind_model::adapter::WEIGHTS_FILE
+                )));
+            }
+            weights = Some(data);
+        } else {
+            if config.is_some() {
+                return Err(Rejected::from(format!(
+                    "zip holds more than one {}",
+                    hivemind_model::adapter::CONFIG_FILE
+                )));
+            }
+            config = Some(AdapterConfig::from_json(&data).map_err(|e| format!("{name}: {e}"))?);
+        }
+    }
+    let weights = weights.ok_or_else(|| {
+        format!(
+            "zip holds no {} (zip the PEFT adapter dir)",
+            hivemind_model::adapter::WEIGHTS_FILE
+        )
+    })?;
+    Ok(Extracted { weights, config })
+}
+
+/// Checks an uploaded file and returns the adapter's canonical bytes.
+pub fn validate_upload(
+    spec: &NetSpec,
+    filename: &str,
+    bytes: &[u8],
+    max: u64,
+) -> Result<Vec<u8>, Rejected> {
+    if bytes.is_empty() {
+        return Err(Rejected::from("the file is empty"));
+    }
+    let is_zip = bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06");
+    let lower = filename.to_ascii_lowercase();
+    let extracted = if is_zip {
+        extract_zip(bytes, max)?
+    } else if lower.ends_with(".zip") {
+        return Err(Rejected::from(format!(
+            "{filename} is not a readable zip file"
+        )));
+    } else if lower.ends_with(".safetensors") || bytes.len() >= 9 && bytes[8] == b'{' {
+        Extracted {
+            weights: bytes.to_vec(),
+            config: None,
+        }
+    } else {
+        return Err(Rejected::from(format!(
+            "{filename}: expected a .safetensors file or a .zip of a PEFT adapter dir"
+        )));
+    };
+    if let Some(c) = &extracted.config {
+        let want = &spec.config;
+        if c.r != want.r
+            || c.lora_alpha != want.lora_alpha
+            || c.target_modules != want.target_modules
+        {
+            return Err(Rejected::from(format!(
+                "adapter_config.json (r={}, lora_alpha={}, target_modules={}) does not fit this \
+                 network (r={}, lora_alpha={}, target_modules={})",
+                c.r, c.lora_alpha, c.target_modules, want.r, want.lora_alpha, want.target_modules
+            )));
+        }
+    }
+    let limits = Limits {
+        max_bytes: max,
+        ..Limits::DEFAULT
+    };
+    let adapter: LoraAdapter = spec
+        .parse(&extracted.weights, &limits)
+        .map_err(|e| Rejected(e.to_string()))?;
+    adapter
+        .to_safetensors_bytes()
+        .map_err(|e| Rejected(e.to_string()))
+}
+
+pub(super) async fn upload(
+    State(gw): State<Gateway>,
+    mp: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Json<Value>> {
+    let mp = mp.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let form = read_form(mp, gw.cfg.max_upload_bytes).await?;
+    let Some((filename, bytes)) = form.file else {
+        return Err(ApiError::unprocessable(
+            "missing",
+            "file",
+            "Field required",
+            Value::Null,
+        ));
+    };
+    let Some(user_id) = form.user_id else {
+        return Err(ApiError::unprocessable(
+            "missing",
+            "user_id",
+            "Field required",
+            Value::Null,
+        ));
+    };
+    check_user_id(&user_id).map_err(|e| ApiError::bad(e.to_string()))?;
+    if form.base_model.len() > 256 {
+        return Err(ApiError::bad("base_model is longer than 256 bytes"));
+    }
+    let spec = gw.spec.clone();
+    let max = gw.cfg.max_upload_bytes;
+    let store = gw.store.clone();
+    let current = gw.view.borrow().current_round;
+    let (user, samples, epochs, base_model) = (
+        user_id.clone(),
+        form.training_samples,
+        form.epochs,
+        form.base_model,
+    );
+    let (record, len) = blocking(move || {
+        let canonical = validate_upload(&spec, &filename, &bytes, max)
+            .map_err(|e| ApiError::bad(format!("invalid adapter: {e}")))?;
+        let hash = store.put_blob(&canonical).map_err(ApiError::internal)?;
+        let now = crate::clock::now_ms();
+        let stamp = utc(now);
+        let base_id = format!("{user}_{}", stamp.compact());
+        let mut n = 1;
+        loop {
+            let id = if n == 1 {
+                base_id.clone()
+            } else {
+                format!("{base_id}_{n}")
+            };
+            let record = UploadRecord {
+                id,
+                user_id: user.clone(),
+                blob: hash,
+                base_model: base_model.clone(),
+                version: version_name(current),
+                uploaded_at: stamp.iso(),
+                training_samples: samples,
+                epochs,
+                round: None,
+            };
+            match store.insert_upload(&record) {
+                Ok(()) => return Ok((record, canonical.len() as u64)),
+                Err(hivemind_store::Error::UploadExists { .. }) if n < 1000 => n += 1,
+                Err(e) => return Err(ApiError::internal(e)),
+            }
+        }
+    })
+    .await?;
+    let (reply, rx) = oneshot::channel();
+    gw.local
+        .send(Local::Upload {
+            hash: record.blob,
+            byte_len: len,
+            samples: record.training_samples,
+            user_id: record.user_id.clone(),
+            reply,
+        })
+        .await
+        .map_err(|_| ApiError::internal("the node is shutting down"))?;
+    let placement = rx
+        .await
+        .map_err(|_| ApiError::internal("the node is shutting down"))?
+        .map_err(ApiError::internal)?;
+    let message = match placement {
+        Placement::Round(r) => format!(
+            "Adapter uploaded successfully; announced in round {r} (blake3 {})",
+            record.blob
+        ),
+        Placement::Deferred(r) => format!(
+            "Adapter uploaded successfully; {} already has an adapter in this round (one per user \
+             and round), so this one waits for round {r}, where the user's newest upload is \
+             announced (blake3 {})",
+            record.user_id, record.blob
+        ),
+    };
+    tracing::info!(upload = %record.id, adapter = %record.blob.short(), ?placement, "gateway upload");
+    Ok(Json(json!({
+        "success": true,
+        "adapter_id": record.id,
+        "message": message,
+    })))
+}
+
+/// A UTC calendar time, as the legacy server stamps uploads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Utc(time::OffsetDateTime);
+
+impl Utc {
+    /// `YYYYmmdd_HHMMSS`, the legacy adapter id suffix.
+    pub fn compact(&self) -> String {
+        self.format("", "_", "")
+    }
+
+    /// `YYYY-mm-ddTHH:MM:SS`.
+    pub fn iso(&self) -> String {
+        self.format("-", "T", ":")
+    }
+
+    fn format(&self, date: &str, mid: &str, time: &str) -> String {
+        let t = self.0;
+        format!(
+            "{:04}{date}{:02}{date}{:02}{mid}{:02}{time}{:02}{time}{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+}
+
+/// Unix milliseconds to a UTC calendar time (the epoch for times `time` cannot hold).
+pub fn utc(ms: u64) -> Utc {
+    let secs = i64::try_from(ms / 1000).unwrap_or(0);
+    Utc(time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+}

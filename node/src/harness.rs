@@ -1,0 +1,280 @@
+//! One harness for every program that runs several nodes: `hive-node demo`, the end-to-end
+//! tests, the examples and the benchmarks. It starts nodes (in this process through
+//! [`Node::start`], or as `hive-node` child processes where a test must kill one), and
+//! waits for a condition with a deadline, polling; never a bare sleep.
+//!
+//! ```text
+//!   Cluster::start(n, config_of) ─▶ node 0 (bootstrap) ─▶ nodes 1..n (bootstrap = node 0)
+//!   Cluster::wait_committed(round) ─▶ every node's DriverView shows the same round
+//!   NodeProcess::start(bin, args) ─▶ child process, stdout lines on a channel, status.json
+//!   wait_until / wait_until_blocking ─▶ poll f() until Some, or fail naming what timed out
+//! ```
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::data_dir::{DataDir, RoundView, StatusFile};
+use crate::error::Result;
+use crate::node::{Node, NodeConfig};
+
+/// How often a wait polls.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A wait ran past its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out after {:.1} s waiting for {what}", after.as_secs_f64())]
+pub struct TimedOut {
+    /// What was awaited.
+    pub what: String,
+    /// How long the wait took.
+    pub after: Duration,
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<T, TimedOut>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let t0 = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if t0.elapsed() > limit {
+            return Err(TimedOut {
+                what: what.to_string(),
+                after: t0.elapsed(),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`wait_until`] for code without a runtime (process tests, `demo`).
+pub fn wait_until_blocking<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, TimedOut> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if t0.elapsed() > limit {
+            return Err(TimedOut {
+                what: what.to_string(),
+                after: t0.elapsed(),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Nodes running in this process, node 0 the bootstrap node of the others.
+#[derive(Debug)]
+pub struct Cluster {
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes: node 0 with `config_of(0)`, then each other node `i` with
+    /// `config_of(i)` bootstrapping from node 0 (unless its config names bootstrap peers).
+    pub async fn start(n: usize, mut config_of: impl FnMut(usize) -> NodeConfig) -> Result<Self> {
+        let mut nodes: Vec<Node> = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut cfg = config_of(i);
+            if let Some(first) = nodes.first() {
+                if cfg.bootstrap.is_empty() {
+                    cfg.bootstrap = first.listen_addrs().to_vec();
+                }
+            }
+            match Node::start(cfg).await {
+                Ok(node) => nodes.push(node),
+                Err(e) => {
+                    Cluster { nodes }.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Cluster { nodes })
+    }
+
+    /// The nodes, node 0 first.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// Waits until every node has committed round `round` or later, and returns what
+    /// each committed last (equal on every node when they agree).
+    pub async fn wait_committed(
+        &self,
+        round: u64,
+        limit: Duration,
+    ) -> Result<Vec<RoundView>, TimedOut> {
+        let views: Vec<_> = self.nodes.iter().map(Node::view).collect();
+        wait_until(
+            &format!("every node to commit round {round}"),
+            limit,
+            || {
+                let got: Option<Vec<RoundView>> = views
+                    .iter()
+                    .map(|v| v.borrow().latest.clone().filter(|r| r.number >= round))
+                    .collect();
+                async move { got }
+            },
+        )
+        .await
+    }
+
+    /// Waits until every node has at least `min` connected peers.
+    pub async fn wait_connected(&self, min: usize, limit: Duration) -> Result<(), TimedOut> {
+        wait_until(
+            &format!("every node to have {min} peers"),
+            limit,
+            || async {
+                for n in &self.nodes {
+                    let peers = n
+                        .client()
+                        .info()
+                        .await
+                        .map(|i| i.connected.len())
+                        .unwrap_or(0);
+                    if peers < min {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await
+    }
+
+    /// Stops every node and waits for their tasks.
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// A `hive-node` child process (for tests that kill a node or check what the binary
+/// prints); killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    data_dir: DataDir,
+}
+
+impl NodeProcess {
+    /// Runs `bin <args> --data-dir <data_dir>` with stdout piped (its lines arrive on a
+    /// channel) and stderr inherited.
+    pub fn start(bin: &Path, args: &[String], data_dir: &Path) -> std::io::Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("child stdout is not piped"))?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(NodeProcess {
+            child,
+            lines,
+            data_dir: DataDir::new(data_dir),
+        })
+    }
+
+    /// The process's data dir.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
+    /// The process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// The rest of the next stdout line that starts with `prefix`, waiting at most `limit`.
+    pub fn line(&self, prefix: &str, limit: Duration) -> Result<String, TimedOut> {
+        let t0 = Instant::now();
+        loop {
+            let left = limit.saturating_sub(t0.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(prefix) {
+                        return Ok(rest.to_string());
+                    }
+                }
+                Err(_) => {
+                    return Err(TimedOut {
+                        what: format!(
+                            "a line {prefix:?} from the node in {}",
+                            self.data_dir.path().display()
+                        ),
+                        after: t0.elapsed(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The node's status file as last written.
+    pub fn status(&self) -> Option<StatusFile> {
+        self.data_dir.last_status()
+    }
+
+    /// The latest committed round, once it is `round` or later.
+    pub fn committed(&self, round: u64) -> Option<RoundView> {
+        self.status()?.latest_round.filter(|r| r.number >= round)
+    }
+
+    /// Asks the node to stop (SIGTERM: it shuts down cleanly) and waits up to `limit`;
+    /// kills it after that.
+    pub fn stop(&mut self, limit: Duration) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let exited = wait_until_blocking("the node to exit", limit, || {
+            matches!(self.child.try_wait(), Ok(Some(_))).then_some(())
+        });
+        if exited.is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Data dirs `<root>/node-0 .. node-{n-1}`.
+pub fn node_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
+    (0..n).map(|i| root.join(format!("node-{i}"))).collect()
+}

@@ -1,0 +1,263 @@
+//! The fetching side of the blob protocol: ask peers in turn, wait out busy ones, stream
+//! the range into a verifying [`BlobWriter`], penalise a peer whose bytes are wrong.
+
+use std::io;
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use hivemind_store::{BlobWriter, Store};
+use libp2p::{PeerId, Stream};
+
+use super::*;
+use crate::net::Client;
+
+/// Why one peer could not deliver a blob.
+#[derive(Debug)]
+enum PeerFailure {
+    /// Not found, unreachable, or the stream broke: try the next peer, no penalty.
+    Unavailable(String),
+    /// It holds the blob but serves as many streams as it will: try again later.
+    Busy,
+    /// It served bytes that do not hash to the name.
+    Lied(String),
+    /// Our own store failed: stop.
+    Local(String),
+}
+
+/// Fetches blob `hash` from `peers` (in order), verifies it against its hash and stores
+/// it. A peer that serves wrong bytes is penalised and the next one is tried; a peer that
+/// says the blob is longer than `max_len` (or [`MAX_BLOB_BYTES`]) is skipped before
+/// anything is written. When every peer failed and some only because they were busy,
+/// those are asked again after a backoff (at most [`BUSY_PASSES`] times). Returns the
+/// peer that delivered (this node's own id when the blob was already stored), or `None`
+/// when no peer could.
+pub async fn fetch_blob(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peers: &[PeerId],
+    max_len: u64,
+) -> Option<PeerId> {
+    if matches!(store.has_blob(&hash), Ok(true)) {
+        return Some(client.local_peer_id());
+    }
+    let max_len = max_len.min(MAX_BLOB_BYTES);
+    let mut ask = peers.to_vec();
+    for pass in 0..BUSY_PASSES {
+        if pass > 0 {
+            let wait = BUSY_BACKOFF * 2u32.pow(pass - 1);
+            tracing::debug!(hash = %hash.short(), busy = ask.len(), ?wait, "every peer busy; waiting");
+            tokio::time::sleep(wait).await;
+        }
+        match fetch_pass(client, store, hash, &ask, max_len).await {
+            Pass::Done(peer) => return Some(peer),
+            Pass::Failed => return None,
+            Pass::Busy(busy) => ask = busy,
+        }
+    }
+    None
+}
+
+/// The first wait after a pass in which every peer that holds the blob was busy; doubled
+/// after each further such pass.
+const BUSY_BACKOFF: Duration = Duration::from_millis(250);
+
+enum Pass {
+    Done(PeerId),
+    /// No peer delivered and none was busy (or our store failed).
+    Failed,
+    /// No peer delivered; these were busy.
+    Busy(Vec<PeerId>),
+}
+
+async fn fetch_pass(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peers: &[PeerId],
+    max_len: u64,
+) -> Pass {
+    let mut busy = Vec::new();
+    for peer in peers {
+        match fetch_from(client, store, hash, *peer, max_len).await {
+            Ok(()) => return Pass::Done(*peer),
+            Err(PeerFailure::Busy) => busy.push(*peer),
+            Err(PeerFailure::Unavailable(why)) => {
+                tracing::debug!(%peer, hash = %hash.short(), %why, "blob fetch failed; trying the next peer")
+            }
+            Err(PeerFailure::Lied(why)) => {
+                tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad blob; penalising");
+                client
+                    .penalise(*peer, format!("bad blob {}: {why}", hash.short()))
+                    .await;
+            }
+            Err(PeerFailure::Local(why)) => {
+                tracing::error!(hash = %hash.short(), %why, "store failure while fetching");
+                return Pass::Failed;
+            }
+        }
+    }
+    if busy.is_empty() {
+        Pass::Failed
+    } else {
+        Pass::Busy(busy)
+    }
+}
+
+async fn fetch_from(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peer: PeerId,
+    max_len: u64,
+) -> Result<(), PeerFailure> {
+    let req = BlobRequest {
+        hash,
+        offset: 0,
+        len: u64::MAX,
+    };
+    let (mut stream, header) = match request_blob(client, peer, req).await {
+        Ok(answer) => answer,
+        // Reset on every try: most likely a burst at the server; ask again later.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(PeerFailure::Busy),
+        Err(e) => return Err(PeerFailure::Unavailable(e.to_string())),
+    };
+    let total = match header {
+        BlobHeader::NotFound => return Err(PeerFailure::Unavailable("not found".into())),
+        BlobHeader::Busy => return Err(PeerFailure::Busy),
+        BlobHeader::Found { total_len } => total_len,
+    };
+    if total > max_len {
+        // A liar, or a blob this network cannot use: either way nothing is written.
+        let _ = timed("closing", stream.close()).await;
+        return Err(PeerFailure::Unavailable(format!(
+            "it announces {total} bytes; at most {max_len} are expected"
+        )));
+    }
+    let st = store.clone();
+    let writer = tokio::task::spawn_blocking(move || st.blob_writer(hash, total))
+        .await
+        .map_err(|e| PeerFailure::Local(e.to_string()))?
+        .map_err(|e| PeerFailure::Local(e.to_string()))?;
+    let result = receive_range(&mut stream, writer, total).await;
+    let _ = timed("closing", stream.close()).await;
+    result
+}
+
+/// Sends `req` to `peer` on a new stream and reads the answer's header; the range (if
+/// found) follows on the returned stream. A stream that opened but broke off before the
+/// header (other than by a timeout or a protocol error) is retried a few times with
+/// jittered backoff (see [`REQUEST_TRIES`]); when every try broke off that way the error
+/// is [`io::ErrorKind::ConnectionReset`]. Failing to open a stream is not retried.
+pub async fn request_blob(
+    client: &Client,
+    peer: PeerId,
+    req: BlobRequest,
+) -> io::Result<(Stream, BlobHeader)> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut stream = client.open_blob_stream(peer).await?;
+        let e = match request_on(&mut stream, req).await {
+            Ok(header) => return Ok((stream, header)),
+            Err(e) => e,
+        };
+        if matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::InvalidData
+        ) {
+            return Err(e);
+        }
+        if tries >= REQUEST_TRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("cut off {tries} times, last: {e}"),
+            ));
+        }
+        let base = 20u64 << tries;
+        let wait = Duration::from_millis(base + jitter(base));
+        tracing::debug!(%peer, error = %e, tries, ?wait, "blob request cut off; retrying");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn request_on(stream: &mut Stream, req: BlobRequest) -> io::Result<BlobHeader> {
+    timed(
+        "sending the request",
+        stream.write_all(&encode_request(&req)),
+    )
+    .await?;
+    let mut head = [0u8; HEADER_BYTES];
+    timed("reading the answer", stream.read_exact(&mut head)).await?;
+    decode_header(&head)
+}
+
+/// A pseudo-random number in `0..below` (so that fetchers cut off together do not retry
+/// together); std's per-process random hasher keys are its entropy.
+fn jitter(below: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() % below.max(1)
+}
+
+/// How the network half of [`receive_range`] ended early.
+enum NetStop {
+    Stream(String),
+    WriterGone,
+}
+
+/// Reads `total` bytes from `stream` into `writer` and finishes it (hash check, fsync,
+/// install): this task reads frames while a blocking thread writes and hashes the
+/// previous ones.
+async fn receive_range(
+    stream: &mut Stream,
+    mut writer: BlobWriter,
+    total: u64,
+) -> Result<(), PeerFailure> {
+    let (empty_tx, mut empty_rx) = frame_pool();
+    let (full_tx, mut full_rx) = mpsc::channel::<(Vec<u8>, usize)>(FRAMES);
+    let disk = tokio::task::spawn_blocking(move || -> hivemind_store::Result<Hash> {
+        let mut offset = 0u64;
+        while let Some((frame, len)) = full_rx.blocking_recv() {
+            writer.write_at(offset, &frame[..len])?;
+            offset += len as u64;
+            let _ = empty_tx.blocking_send(frame);
+        }
+        // Incomplete if the network side stopped early (then its error is reported).
+        writer.finish()
+    });
+    let net = async {
+        let mut got = 0u64;
+        while got < total {
+            let Some(mut frame) = empty_rx.recv().await else {
+                return Err(NetStop::WriterGone);
+            };
+            let len = (total - got).min(FRAME_BYTES as u64) as usize;
+            timed("reading", stream.read_exact(&mut frame[..len]))
+                .await
+                .map_err(|e| NetStop::Stream(format!("after {got} of {total} bytes: {e}")))?;
+            got += len as u64;
+            full_tx
+                .send((frame, len))
+                .await
+                .map_err(|_| NetStop::WriterGone)?;
+        }
+        Ok(())
+    }
+    .await;
+    drop(full_tx);
+    let stored = disk.await.map_err(|e| PeerFailure::Local(e.to_string()))?;
+    match (net, stored) {
+        (Err(NetStop::Stream(why)), _) => Err(PeerFailure::Unavailable(why)),
+        (_, Ok(_)) => Ok(()),
+        (_, Err(e @ hivemind_store::Error::HashMismatch { .. })) => {
+            Err(PeerFailure::Lied(e.to_string()))
+        }
+        (_, Err(e)) => Err(PeerFailure::Local(e.to_string())),
+    }
+}

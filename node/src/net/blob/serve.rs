@@ -1,0 +1,189 @@
+//! The serving side of the blob protocol: inbound streams, fair slots, ranges read from
+//! the store on a blocking thread and sent in reused frames.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+/// Accepts inbound blob streams until `cancel` fires and answers each on its own task.
+/// At most `limit` requests are served at once, and at most a quarter of them (at least
+/// one) for one peer; beyond that the answer is "busy". Streams from peers `refuse` names
+/// are dropped unanswered.
+pub async fn serve_incoming(
+    mut incoming: libp2p_stream::IncomingStreams,
+    source: SharedSource,
+    limit: usize,
+    refuse: impl Fn(&PeerId) -> bool + Send + 'static,
+    cancel: CancellationToken,
+) {
+    let slots = Slots::new(limit);
+    loop {
+        let (peer, mut stream) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            next = incoming.next() => match next {
+                Some(x) => x,
+                None => break,
+            },
+        };
+        if refuse(&peer) {
+            continue;
+        }
+        let (source, slots) = (source.clone(), slots.clone());
+        tokio::spawn(async move {
+            match serve_stream(&mut stream, peer, source, &slots).await {
+                Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
+                Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
+            }
+        });
+    }
+}
+
+/// Serving slots: a global semaphore plus a count per peer.
+#[derive(Clone)]
+struct Slots {
+    global: Arc<Semaphore>,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+    per_peer_max: usize,
+}
+
+/// A taken slot; dropping it frees it.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    peer: PeerId,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl Slots {
+    fn new(limit: usize) -> Slots {
+        Slots {
+            global: Arc::new(Semaphore::new(limit)),
+            per_peer: Arc::default(),
+            per_peer_max: limit.div_ceil(4).max(1),
+        }
+    }
+
+    fn try_take(&self, peer: PeerId) -> Option<Slot> {
+        let mut counts = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(peer).or_insert(0);
+        if *n >= self.per_peer_max {
+            return None;
+        }
+        let permit = self.global.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(Slot {
+            _permit: permit,
+            peer,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Answers one inbound stream: reads the request, takes a slot (or answers "busy"), sends
+/// the header and the range, closes. Returns the number of blob bytes sent.
+async fn serve_stream(
+    stream: &mut Stream,
+    peer: PeerId,
+    source: SharedSource,
+    slots: &Slots,
+) -> io::Result<u64> {
+    let mut buf = [0u8; REQUEST_BYTES];
+    within(
+        REQUEST_TIMEOUT,
+        "waiting for the request",
+        stream.read_exact(&mut buf),
+    )
+    .await?;
+    let req = decode_request(&buf);
+    let Some(_slot) = slots.try_take(peer) else {
+        return answer_only(stream, BlobHeader::Busy).await;
+    };
+    let opened = tokio::task::spawn_blocking(move || source.open(&req.hash, req.offset))
+        .await
+        .map_err(join_error)?
+        .unwrap_or_else(|e| {
+            tracing::warn!(hash = %req.hash.short(), error = %e, "cannot open a blob to serve");
+            None
+        });
+    let Some(blob) = opened else {
+        return answer_only(stream, BlobHeader::NotFound).await;
+    };
+    let total_len = blob.total_len;
+    timed(
+        "writing",
+        stream.write_all(&encode_header(BlobHeader::Found { total_len })),
+    )
+    .await?;
+    let sent = send_range(blob.reader, req.answer_len(total_len), stream).await?;
+    timed("closing", stream.close()).await?;
+    Ok(sent)
+}
+
+/// Answers with a header and no data.
+async fn answer_only(stream: &mut Stream, header: BlobHeader) -> io::Result<u64> {
+    timed("writing", stream.write_all(&encode_header(header))).await?;
+    timed("closing", stream.close()).await?;
+    Ok(0)
+}
+
+/// Streams `n` bytes of `reader` to `stream`: a blocking thread fills frames from the disk
+/// while this task writes the previous ones.
+async fn send_range(
+    mut reader: Box<dyn Read + Send>,
+    n: u64,
+    stream: &mut Stream,
+) -> io::Result<u64> {
+    let (empty_tx, mut empty_rx) = frame_pool();
+    let (full_tx, mut full_rx) = mpsc::channel::<io::Result<(Vec<u8>, usize)>>(FRAMES);
+    let disk = tokio::task::spawn_blocking(move || {
+        let mut left = n;
+        while left > 0 {
+            let Some(mut frame) = empty_rx.blocking_recv() else {
+                return; // the network side stopped
+            };
+            let len = left.min(FRAME_BYTES as u64) as usize;
+            let read = reader.read_exact(&mut frame[..len]).map(|()| (frame, len));
+            let failed = read.is_err();
+            if full_tx.blocking_send(read).is_err() || failed {
+                return;
+            }
+            left -= len as u64;
+        }
+    });
+    let mut sent = 0u64;
+    while sent < n {
+        let Some(next) = full_rx.recv().await else {
+            break;
+        };
+        let (frame, len) = next?;
+        timed("writing", stream.write_all(&frame[..len])).await?;
+        sent += len as u64;
+        let _ = empty_tx.send(frame).await;
+    }
+    drop(full_rx);
+    disk.await.map_err(join_error)?;
+    if sent != n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the blob ended after {sent} of {n} bytes"),
+        ));
+    }
+    Ok(sent)
+}

@@ -1,0 +1,102 @@
+//! The libp2p behaviour of a node and how its swarm is built: transports, noise, yamux,
+//! identify, ping, Kademlia, gossipsub (scoring, strict signing, manual validation), the
+//! blob stream protocol and mDNS.
+
+use super::*;
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    pub(super) gossipsub: gossipsub::Behaviour,
+    pub(super) kad: kad::Behaviour<MemoryStore>,
+    pub(super) identify: identify::Behaviour,
+    pub(super) ping: ping::Behaviour,
+    pub(super) blob: libp2p_stream::Behaviour,
+    pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn score_params(topics: &[String]) -> gossipsub::PeerScoreParams {
+    let mut p = gossipsub::PeerScoreParams {
+        // Tests and local demos put every node on 127.0.0.1.
+        ip_colocation_factor_weight: 0.0,
+        ..Default::default()
+    };
+    for t in topics {
+        let tp = gossipsub::TopicScoreParams {
+            topic_weight: 1.0,
+            // Rounds are sparse: neither mesh time nor delivery rates say much about a peer.
+            time_in_mesh_weight: 0.0,
+            first_message_deliveries_weight: 0.1,
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            invalid_message_deliveries_weight: -10.0,
+            invalid_message_deliveries_decay: 0.9,
+            ..Default::default()
+        };
+        p.topics.insert(IdentTopic::new(t.clone()).hash(), tp);
+    }
+    p
+}
+
+pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let err = |e: &dyn std::fmt::Display| NetError::Build {
+        detail: e.to_string(),
+    };
+    let gcfg = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+        })
+        .max_transmit_size(MAX_TRANSMIT_BYTES)
+        .validate_messages()
+        .heartbeat_interval(cfg.heartbeat)
+        .build()
+        .map_err(|e| err(&e))?;
+    let mdns_on = cfg.mdns;
+    let topics = cfg.topics.clone();
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| err(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| err(&e))?
+        .with_behaviour(|key| {
+            let peer = key.public().to_peer_id();
+            let mut gossipsub =
+                gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gcfg)?;
+            gossipsub.with_peer_score(
+                score_params(&topics),
+                gossipsub::PeerScoreThresholds::default(),
+            )?;
+            let mut kcfg = kad::Config::new(KAD_PROTOCOL);
+            kcfg.set_query_timeout(Duration::from_secs(30));
+            let kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kcfg);
+            let identify = identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_string(),
+                key.public(),
+            ));
+            let ping = ping::Behaviour::new(ping::Config::new());
+            let blob = libp2p_stream::Behaviour::new();
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gossipsub,
+                kad,
+                identify,
+                ping,
+                blob,
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,349 @@
+//! [`Node`]: the one way a node starts and stops. `join`, `serve`, `demo`, the tests, the
+//! examples and the benchmarks all build a [`NodeConfig`] and call [`Node::start`].
+//!
+//! ```text
+//!   Node::start ─▶ DataDir (key, store, network.json)
+//!               ├▶ Network::spawn ─▶ event loop task (owns the Swarm) + blob server task
+//!               ├▶ Driver::run task (owns the RoundMachine; status.json, inbox/)
+//!               └▶ gateway task (axum), when configured
+//!   Node::contribute / gateway ──Local (mpsc)──▶ Driver
+//!   Node::shutdown ─▶ CancellationToken ─▶ every task ends and is joined; status.json goes
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hivemind_protocol::{
+    announce_topic, digest_topic, BaseModel, Hash, LoraShape, ModelId, RoundConfig,
+};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::data_dir::{DataDir, NetworkFile};
+use crate::driver::{Driver, DriverConfig, DriverView, Local, NetSpec};
+use crate::error::{Error, Result};
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::identity::keypair_of;
+use crate::net::blob::DEFAULT_SERVE_LIMIT;
+use crate::net::{with_peer, Client, NetConfig, Network};
+
+/// The LoRA shape of a network's adapters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSettings {
+    /// Rank.
+    pub rank: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// Adapted modules (PEFT names).
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    /// r16, alpha 32, all seven linear modules (the legacy training defaults).
+    fn default() -> Self {
+        LoraSettings {
+            rank: 16,
+            alpha: 32.0,
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// Where the gateway listens, and its limits.
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    /// Address to bind (port 0 picks a free one).
+    pub bind: String,
+    /// Limits and timing.
+    pub config: GatewayConfig,
+}
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Its data dir (key, store, status file, inbox).
+    pub data_dir: DataDir,
+    /// The base model file or dir (already resolved; see `hivemind_model::pull`).
+    pub model: PathBuf,
+    /// The network's LoRA shape.
+    pub lora: LoraSettings,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers; none makes this a bootstrap node.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Round timing.
+    pub round: RoundConfig,
+    /// LAN discovery by mDNS.
+    pub mdns: bool,
+    /// Blob streams served at once.
+    pub serve_limit: usize,
+    /// The legacy REST gateway, when this node serves one.
+    pub gateway: Option<GatewaySettings>,
+}
+
+impl NodeConfig {
+    /// A node on loopback (one free TCP port) with the default LoRA shape and rounds of
+    /// `round_secs`; change fields for anything else.
+    pub fn new(data_dir: impl Into<PathBuf>, model: impl Into<PathBuf>, round_secs: f64) -> Self {
+        NodeConfig {
+            data_dir: DataDir::new(data_dir),
+            model: model.into(),
+            lora: LoraSettings::default(),
+            listen: vec![loopback_tcp()],
+            bootstrap: Vec::new(),
+            round: round_config(round_secs, None),
+            mdns: false,
+            serve_limit: DEFAULT_SERVE_LIMIT,
+            gateway: None,
+        }
+    }
+}
+
+fn loopback_tcp() -> Multiaddr {
+    Multiaddr::from(std::net::Ipv4Addr::LOCALHOST).with(libp2p::multiaddr::Protocol::Tcp(0))
+}
+
+/// The round timing of a window of `round_secs` and a grace of `grace_secs`: production
+/// defaults, with the grace, fetch and heartbeat timers scaled down for short rounds
+/// (tests, demos).
+pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
+    let window_ms = (round_secs * 1000.0).max(100.0) as u64;
+    let mut round = RoundConfig::default();
+    round.window_ms = window_ms;
+    round.grace_ms = match grace_secs {
+        Some(g) => (g * 1000.0).max(100.0) as u64,
+        None => round.grace_ms.min((window_ms / 3).max(300)),
+    };
+    round.fetch_timeout_ms = round.fetch_timeout_ms.min((window_ms / 2).max(1000));
+    round.heartbeat_ms = round.heartbeat_ms.min((window_ms / 3).max(500));
+    round.max_clock_skew_ms = round.max_clock_skew_ms.max(5000);
+    round
+}
+
+/// The network's model id: the base model's content hash ([`hivemind_model::model_hash`],
+/// the same hash `BaseModel::load` computes) plus the LoRA shape. Reads the whole model:
+/// call it on a blocking thread.
+pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
+    let hash = hivemind_model::model_hash(model)?;
+    let rank = u32::try_from(lora.rank).map_err(|_| Error::Config {
+        option: "rank",
+        detail: format!("{} is too large", lora.rank),
+    })?;
+    let shape = LoraShape {
+        rank,
+        alpha: lora.alpha as f32,
+        target_modules: lora.target_modules.clone(),
+    };
+    Ok((ModelId::derive(&BaseModel::File(hash), &shape), hash))
+}
+
+/// A running node. Drop without [`Node::shutdown`] only when the process ends anyway.
+pub struct Node {
+    peer_id: PeerId,
+    model_id: ModelId,
+    listen_addrs: Vec<Multiaddr>,
+    gateway_addr: Option<SocketAddr>,
+    data_dir: DataDir,
+    client: Client,
+    local: mpsc::Sender<Local>,
+    view: watch::Receiver<DriverView>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.peer_id)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens the data dir, starts the network, the round driver and (if configured) the
+    /// gateway. Returns once the node listens.
+    pub async fn start(cfg: NodeConfig) -> Result<Node> {
+        let data_dir = cfg.data_dir.clone();
+        let (model_path, lora) = (cfg.model.clone(), cfg.lora.clone());
+        let dd = data_dir.clone();
+        let (model, base_hash, store, key, spec) = tokio::task::spawn_blocking(move || {
+            let (model, base_hash) = model_id(&model_path, &lora)?;
+            dd.create()?;
+            let store = dd.open_store()?;
+            let key = dd.node_key()?;
+            let spec =
+                NetSpec::for_model(&model_path, lora.rank, lora.alpha, &lora.target_modules)?;
+            Ok::<_, Error>((model, base_hash, store, key, spec))
+        })
+        .await??;
+        data_dir.write_network(&NetworkFile {
+            model_id: model.to_hex(),
+            base_model_hash: base_hash.to_hex(),
+            adapter_config: serde_json::to_value(&spec.config).map_err(|source| Error::Json {
+                what: "adapter config",
+                path: data_dir.path().to_path_buf(),
+                source,
+            })?,
+        })?;
+        let cancel = CancellationToken::new();
+        let net = Network::spawn(
+            keypair_of(&key)?,
+            NetConfig {
+                listen: cfg.listen.clone(),
+                bootstrap: cfg.bootstrap.clone(),
+                topics: vec![announce_topic(&model), digest_topic(&model)],
+                mdns: cfg.mdns,
+                heartbeat: Duration::from_millis(if cfg.round.window_ms < 60_000 {
+                    200
+                } else {
+                    1000
+                }),
+                serve_limit: cfg.serve_limit,
+            },
+            Arc::new(store.clone()),
+            cancel.clone(),
+        )
+        .await?;
+        let Network {
+            client,
+            events,
+            tasks: mut all,
+        } = net;
+        let peer_id = client.local_peer_id();
+        let listen_addrs = client
+            .info()
+            .await?
+            .listen_addrs
+            .iter()
+            .map(|a| with_peer(a, peer_id))
+            .collect();
+        let (local, local_rx) = mpsc::channel(16);
+        let driver = Driver::new(
+            DriverConfig {
+                model,
+                round: cfg.round.clone(),
+                spec: spec.clone(),
+                data_dir: data_dir.clone(),
+            },
+            key,
+            store.clone(),
+            client.clone(),
+            events,
+            local_rx,
+        )?;
+        let view = driver.view();
+        all.push(tokio::spawn(driver.run(cancel.clone())));
+        let mut gateway_addr = None;
+        if let Some(g) = cfg.gateway {
+            let gw = Gateway::new(store, spec, local.clone(), view.clone(), g.config);
+            let listener = tokio::net::TcpListener::bind(g.bind.as_str())
+                .await
+                .map_err(|source| Error::Bind {
+                    addr: g.bind.clone(),
+                    source,
+                })?;
+            gateway_addr = Some(listener.local_addr().map_err(|source| Error::Bind {
+                addr: g.bind.clone(),
+                source,
+            })?);
+            let stop = cancel.clone();
+            all.push(tokio::spawn(async move {
+                let r = axum::serve(listener, crate::gateway::router(gw))
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "gateway stopped");
+                }
+            }));
+        }
+        Ok(Node {
+            peer_id,
+            model_id: model,
+            listen_addrs,
+            gateway_addr,
+            data_dir,
+            client,
+            local,
+            view,
+            cancel,
+            tasks: all,
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The network's model id.
+    pub fn model_id(&self) -> ModelId {
+        self.model_id
+    }
+
+    /// Where the node listens, each address ending in `/p2p/<peer id>` (dialable as a
+    /// bootstrap address).
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// Where the gateway listens, when there is one.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway_addr
+    }
+
+    /// The node's data dir.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
+    /// The network client (peers, dials, penalties).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A live view of the rounds (current round, its contributors, the latest commit).
+    pub fn view(&self) -> watch::Receiver<DriverView> {
+        self.view.clone()
+    }
+
+    /// Reads, checks and announces a PEFT adapter dir in the current round; `samples` is
+    /// its FedAvg weight. Refused when this round already has this node's adapter.
+    pub async fn contribute(&self, dir: PathBuf, samples: u64) -> Result<Hash> {
+        let (reply, rx) = oneshot::channel();
+        self.local
+            .send(Local::Contribute {
+                dir,
+                samples,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::DriverStopped)?;
+        rx.await.map_err(|_| Error::DriverStopped)?
+    }
+
+    /// Stops every task of the node and waits for each to end; removes the status file.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "a node task failed");
+            }
+        }
+        self.data_dir.remove_status();
+    }
+}
