@@ -8,8 +8,8 @@
 //! | [`NodeKey`], [`NodeId`] | ed25519 identity; secret keys never print |
 //! | [`ModelId`], [`announce_topic`], [`digest_topic`] | the network partition: base model identity plus LoRA shape |
 //! | [`Signed`], [`Announcement`], [`RoundDigest`], [`RoundRecord`] | versioned signed envelopes (postcard, domain-separated ed25519, `verify_strict`, 64 KiB cap checked first) |
-//! | [`round`] | the sans-I/O [`RoundMachine`]: events and time in, actions out |
-//! | [`sim`] | a deterministic simulator running hundreds of machines |
+//! | [`round`] | the sans-I/O [`RoundMachine`]: events and time in, actions out (`round/`: one file per concern: config, events, actions, announcements, digests, fetch, current, fork_choice, heartbeat) |
+//! | [`sim`] | a deterministic simulator running hundreds of machines (`sim/`: event loop, config, report, driver, byzantine, checks) |
 //!
 //! ```text
 //!  libp2p gossip ──bytes──▶ Signed::decode ──▶ Event ──▶ RoundMachine ──▶ Action ──▶ driver

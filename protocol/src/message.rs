@@ -14,8 +14,9 @@
 //! read or allocated), header length, version, kind (the domain), payload decode with no
 //! trailing bytes, canonical re-encoding (so one signed content has exactly one byte
 //! string and one id), field caps, signer key validity, then `verify_strict` over the
-//! domain prefix plus the exact payload bytes. A message's id is the blake3 [`Hash`] of
-//! its whole envelope; the `store` crate keeps announcements as these bytes under that id.
+//! domain prefix plus the exact payload bytes. A message's id is the blake3
+//! [`Hash`](struct@Hash) of its whole envelope; the `store` crate keeps announcements as
+//! these bytes under that id.
 
 use std::fmt;
 use std::ops::Deref;
@@ -89,7 +90,7 @@ pub struct Announcement {
     /// For gateway uploads: the legacy user id (at most [`MAX_USER_ID_BYTES`]).
     pub user_id: Option<String>,
     /// The round adapter this one was trained from (`None`: the base model). Advisory:
-    /// inputs of a round are not filtered by parent (see `round.rs`).
+    /// inputs of a round are not filtered by parent (see [`crate::round`]).
     pub parent: Option<Hash>,
     /// Creation time, unix milliseconds.
     pub time_ms: u64,

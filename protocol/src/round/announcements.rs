@@ -1,0 +1,166 @@
+//! Intake of announcements: from gossip, fetched for a digest or a candidate, or this
+//! node's own ([`Event::LocalContribution`](super::Event::LocalContribution)).
+
+use std::collections::BTreeSet;
+
+use super::fetch::{Blob, BlobState};
+use super::{Action, Ignored, Misbehaviour, RoundMachine, Verdict, MAX_ANNOUNCEMENTS_PER_ROUND};
+use crate::{Hash, SignedAnnouncement};
+
+impl RoundMachine {
+    pub(super) fn ann(&self, id: &Hash) -> Option<&SignedAnnouncement> {
+        let round = self.ann_round.get(id)?;
+        self.anns.get(&(*round, *id))
+    }
+
+    pub(super) fn round_anns(
+        &self,
+        round: u64,
+    ) -> impl Iterator<Item = (&Hash, &SignedAnnouncement)> {
+        self.anns
+            .range((round, Hash([0; 32]))..=(round, Hash([0xff; 32])))
+            .map(|((_, id), a)| (id, a))
+    }
+
+    pub(super) fn on_announcement(
+        &mut self,
+        now: u64,
+        msg: SignedAnnouncement,
+        local: bool,
+        out: &mut Vec<Action>,
+    ) {
+        let id = msg.id();
+        let verdict =
+            |v: Verdict, out: &mut Vec<Action>| out.push(Action::Verdict { id, verdict: v });
+        if self.ann_round.contains_key(&id) {
+            return verdict(Verdict::Ignore(Ignored::Duplicate), out);
+        }
+        let mut request = self.requests.remove(&id);
+        if request.is_some() {
+            self.dirty = true;
+        } else if self.seen.contains_key(&id) {
+            return verdict(Verdict::Ignore(Ignored::Duplicate), out);
+        }
+        let a = msg.payload();
+        if a.model != self.model {
+            self.seen.insert(id, a.round);
+            let round = request.as_ref().map_or(a.round, |r| r.round);
+            self.invalid.insert(id, round);
+            let why = Misbehaviour::WrongModel { got: a.model };
+            self.penalise(a.contributor, why.clone(), out);
+            if let Some(req) = request {
+                for namer in req.claims.keys() {
+                    self.penalise(*namer, Misbehaviour::NamedInvalidAnnouncement { id }, out);
+                }
+            }
+            return verdict(Verdict::Reject(why), out);
+        }
+        if let Some(req) = &request {
+            let mut liars = Vec::new();
+            for (namer, (round, adapter)) in &req.claims {
+                if *round != a.round || *adapter != a.adapter {
+                    liars.push(*namer);
+                }
+            }
+            for l in liars {
+                self.penalise(l, Misbehaviour::NamedMismatchedAnnouncement { id }, out);
+            }
+        }
+        if a.time_ms > now.saturating_add(self.config.max_clock_skew_ms) {
+            return verdict(
+                Verdict::Ignore(Ignored::FromTheFuture {
+                    time_ms: a.time_ms,
+                    now_ms: now,
+                }),
+                out,
+            );
+        }
+        let current = self.cur.round;
+        // A fetched announcement is wanted for its claimed round even when that round is
+        // not the current one (candidate verification of the tip round or a later one).
+        let wanted = request
+            .as_ref()
+            .is_some_and(|r| r.claims.values().any(|(round, _)| *round == a.round));
+        if !wanted {
+            request = None;
+            if a.round < current {
+                self.seen.insert(id, a.round);
+                return verdict(
+                    Verdict::Ignore(Ignored::Late {
+                        round: a.round,
+                        current,
+                    }),
+                    out,
+                );
+            }
+            if a.round > current.saturating_add(self.config.lookahead_rounds) {
+                return verdict(
+                    Verdict::Ignore(Ignored::TooFarAhead {
+                        round: a.round,
+                        current,
+                    }),
+                    out,
+                );
+            }
+        }
+        let in_round = self.round_anns(a.round).count();
+        if in_round >= MAX_ANNOUNCEMENTS_PER_ROUND {
+            return verdict(Verdict::Ignore(Ignored::RoundFull { round: a.round }), out);
+        }
+        self.seen.insert(id, a.round);
+        let key = a.contributor_key();
+        let mut equivocated = None;
+        for (_, o) in self.round_anns(a.round) {
+            if o.contributor_key() == key && o.adapter != a.adapter {
+                equivocated = Some(o.adapter);
+                break;
+            }
+        }
+        let (adapter, contributor, round) = (a.adapter, a.contributor, a.round);
+        if let (true, Some(first)) = (local, equivocated) {
+            // Never announce a second adapter for one (node, user) in one round: others
+            // would penalise us. The driver should offer it for the next round.
+            return verdict(
+                Verdict::Reject(Misbehaviour::Equivocation {
+                    round,
+                    first,
+                    second: adapter,
+                }),
+                out,
+            );
+        }
+        self.anns.insert((round, id), msg.clone());
+        self.ann_round.insert(id, round);
+        self.dirty = true;
+        if local {
+            self.blobs.insert(
+                adapter,
+                Blob {
+                    state: BlobState::Held,
+                    sources: BTreeSet::new(),
+                },
+            );
+        } else {
+            let mut sources = vec![contributor];
+            if let Some(req) = &request {
+                sources.extend(req.claims.keys().copied());
+            }
+            self.want_blob(now, adapter, &sources, out);
+        }
+        match equivocated {
+            Some(first) => {
+                let why = Misbehaviour::Equivocation {
+                    round,
+                    first,
+                    second: adapter,
+                };
+                self.penalise(contributor, why.clone(), out);
+                verdict(Verdict::Reject(why), out);
+            }
+            None => verdict(Verdict::Accept, out),
+        }
+        if local {
+            out.push(Action::PublishAnnouncement(msg));
+        }
+    }
+}

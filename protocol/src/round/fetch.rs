@@ -1,0 +1,257 @@
+//! Fetches of adapter blobs and announcements: who to ask, timeouts and retries, and
+//! what a failure means (an invalid announcement penalises whoever named it).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Action, FetchFailure, Misbehaviour, RoundMachine, MAX_REQUESTS};
+use crate::{Hash, NodeId, RoundInput};
+
+/// Where an adapter blob is in the local store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum BlobState {
+    Held,
+    Fetching { deadline: u64, attempts: u32 },
+    Failed,
+}
+
+/// An adapter blob the machine wants, with the peers to fetch it from.
+#[derive(Clone, Debug)]
+pub(super) struct Blob {
+    pub(super) state: BlobState,
+    pub(super) sources: BTreeSet<NodeId>,
+}
+
+/// An announcement fetch in flight, asked for because digests or candidates named it.
+#[derive(Clone, Debug)]
+pub(super) struct AnnRequest {
+    /// What each namer claimed the announcement is: (round, adapter).
+    pub(super) claims: BTreeMap<NodeId, (u64, Hash)>,
+    /// Round used for pruning and for "pending" (the first claim's round).
+    pub(super) round: u64,
+    pub(super) deadline: u64,
+    pub(super) attempts: u32,
+}
+
+impl RoundMachine {
+    /// A current-round digest from `namer` lists `input`.
+    pub(super) fn want_input(
+        &mut self,
+        now: u64,
+        input: RoundInput,
+        round: u64,
+        namer: NodeId,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(a) = self.ann(&input.announcement) {
+            if a.round != round || a.adapter != input.adapter {
+                self.penalise(
+                    namer,
+                    Misbehaviour::NamedMismatchedAnnouncement {
+                        id: input.announcement,
+                    },
+                    out,
+                );
+                return;
+            }
+            let contributor = a.contributor;
+            self.want_blob(now, input.adapter, &[namer, contributor], out);
+            return;
+        }
+        if self.invalid.contains_key(&input.announcement) {
+            self.penalise(
+                namer,
+                Misbehaviour::NamedInvalidAnnouncement {
+                    id: input.announcement,
+                },
+                out,
+            );
+            return;
+        }
+        self.request_announcement(now, input.announcement, round, input.adapter, namer, out);
+    }
+
+    pub(super) fn request_announcement(
+        &mut self,
+        now: u64,
+        id: Hash,
+        round: u64,
+        adapter: Hash,
+        namer: NodeId,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(req) = self.requests.get_mut(&id) {
+            req.claims.entry(namer).or_insert((round, adapter));
+            return;
+        }
+        if self.requests.len() >= MAX_REQUESTS {
+            return;
+        }
+        let mut claims = BTreeMap::new();
+        claims.insert(namer, (round, adapter));
+        self.requests.insert(
+            id,
+            AnnRequest {
+                claims,
+                round,
+                deadline: now.saturating_add(self.config.fetch_timeout_ms),
+                attempts: 1,
+            },
+        );
+        self.dirty = true;
+        out.push(Action::FetchAnnouncement {
+            id,
+            from: vec![namer],
+        });
+    }
+
+    pub(super) fn want_blob(
+        &mut self,
+        now: u64,
+        hash: Hash,
+        sources: &[NodeId],
+        out: &mut Vec<Action>,
+    ) {
+        let timeout = self.config.fetch_timeout_ms;
+        let me = self.me;
+        let b = self.blobs.entry(hash).or_insert_with(|| Blob {
+            state: BlobState::Fetching {
+                deadline: 0,
+                attempts: 0,
+            },
+            sources: BTreeSet::new(),
+        });
+        let mut added = false;
+        for s in sources {
+            if *s != me {
+                added |= b.sources.insert(*s);
+            }
+        }
+        let start = match b.state {
+            BlobState::Held => false,
+            BlobState::Fetching { attempts, .. } => attempts == 0,
+            BlobState::Failed => added,
+        };
+        if start {
+            b.state = BlobState::Fetching {
+                deadline: now.saturating_add(timeout),
+                attempts: 1,
+            };
+            self.dirty = true;
+            out.push(Action::FetchBlob {
+                hash,
+                from: b.sources.iter().copied().collect(),
+            });
+        }
+    }
+
+    pub(super) fn on_fetch_failed(
+        &mut self,
+        now: u64,
+        hash: Hash,
+        reason: FetchFailure,
+        out: &mut Vec<Action>,
+    ) {
+        let max = self.config.fetch_attempts;
+        let timeout = self.config.fetch_timeout_ms;
+        if let Some(req) = self.requests.get_mut(&hash) {
+            if reason == FetchFailure::Invalid || req.attempts >= max {
+                let req = self.requests.remove(&hash);
+                self.dirty = true;
+                if reason == FetchFailure::Invalid {
+                    if let Some(req) = req {
+                        self.invalid.insert(hash, req.round);
+                        for namer in req.claims.keys() {
+                            self.penalise(
+                                *namer,
+                                Misbehaviour::NamedInvalidAnnouncement { id: hash },
+                                out,
+                            );
+                        }
+                    }
+                }
+            } else {
+                req.attempts += 1;
+                req.deadline = now.saturating_add(timeout);
+                out.push(Action::FetchAnnouncement {
+                    id: hash,
+                    from: req.claims.keys().copied().collect(),
+                });
+            }
+            return;
+        }
+        if let Some(b) = self.blobs.get_mut(&hash) {
+            if let BlobState::Fetching { attempts, .. } = b.state {
+                if attempts >= max {
+                    b.state = BlobState::Failed;
+                    self.dirty = true;
+                } else {
+                    b.state = BlobState::Fetching {
+                        deadline: now.saturating_add(timeout),
+                        attempts: attempts + 1,
+                    };
+                    out.push(Action::FetchBlob {
+                        hash,
+                        from: b.sources.iter().copied().collect(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// [`Event::BlobAvailable`](super::Event::BlobAvailable): the blob is in the local
+    /// store.
+    pub(super) fn on_blob_available(&mut self, hash: Hash) {
+        let b = self.blobs.entry(hash).or_insert_with(|| Blob {
+            state: BlobState::Failed,
+            sources: BTreeSet::new(),
+        });
+        if b.state != BlobState::Held {
+            b.state = BlobState::Held;
+            self.dirty = true;
+        }
+    }
+
+    /// Retries fetches whose attempt timed out, and gives up after `fetch_attempts`.
+    pub(super) fn retry_fetches(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let timeout = self.config.fetch_timeout_ms;
+        let max = self.config.fetch_attempts;
+        for (hash, b) in self.blobs.iter_mut() {
+            if let BlobState::Fetching { deadline, attempts } = b.state {
+                if now_ms >= deadline {
+                    if attempts >= max {
+                        b.state = BlobState::Failed;
+                        self.dirty = true;
+                    } else {
+                        b.state = BlobState::Fetching {
+                            deadline: now_ms.saturating_add(timeout),
+                            attempts: attempts + 1,
+                        };
+                        out.push(Action::FetchBlob {
+                            hash: *hash,
+                            from: b.sources.iter().copied().collect(),
+                        });
+                    }
+                }
+            }
+        }
+        let mut expired = Vec::new();
+        for (id, r) in self.requests.iter_mut() {
+            if now_ms >= r.deadline {
+                if r.attempts >= max {
+                    expired.push(*id);
+                } else {
+                    r.attempts += 1;
+                    r.deadline = now_ms.saturating_add(timeout);
+                    out.push(Action::FetchAnnouncement {
+                        id: *id,
+                        from: r.claims.keys().copied().collect(),
+                    });
+                }
+            }
+        }
+        for id in expired {
+            self.requests.remove(&id);
+            self.dirty = true;
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Fork choice: committed records that beat our tip become candidates, are verified in
+//! full (announcements, contributors, weight, recomputed result) and adopted as a
+//! switch, a catch-up or a rewind. Also our chain's memory of results and weights.
+
+use std::collections::BTreeSet;
+
+use super::fetch::BlobState;
+use super::{
+    Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY,
+    MAX_CANDIDATES,
+};
+use crate::{Hash, NodeId, RoundRecord};
+
+/// A committed foreign record that beats our tip, with who signed it.
+#[derive(Clone, Debug)]
+pub(super) struct Candidate {
+    pub(super) record: RoundRecord,
+    signers: BTreeSet<NodeId>,
+    /// Passed the quorum/history gate: keeps its signers as fetch sources.
+    verifying: bool,
+    job: Option<AggregationJob>,
+}
+
+impl RoundMachine {
+    /// `signer` published the committed record `record`, which beats our tip (or our
+    /// tip is lonely).
+    pub(super) fn add_candidate(&mut self, signer: NodeId, record: RoundRecord) {
+        let key = record.id();
+        if let Some(c) = self.candidates.get_mut(&key) {
+            c.signers.insert(signer);
+            self.dirty = true;
+            return;
+        }
+        // A signer backs at most one candidate that is still waiting for its quorum.
+        for c in self.candidates.values_mut() {
+            if !c.verifying {
+                c.signers.remove(&signer);
+            }
+        }
+        self.candidates
+            .retain(|_, c| c.verifying || !c.signers.is_empty());
+        if self.candidates.len() >= MAX_CANDIDATES {
+            return;
+        }
+        let mut signers = BTreeSet::new();
+        signers.insert(signer);
+        self.candidates.insert(
+            key,
+            Candidate {
+                record,
+                signers,
+                verifying: false,
+                job: None,
+            },
+        );
+        self.dirty = true;
+    }
+
+    /// The weight `record` must have if its parent is a round of our own chain, or
+    /// `None` when it comes from another history (then it needs a quorum).
+    fn expected_weight(&self, record: &RoundRecord) -> Option<u64> {
+        let n = record.inputs.len() as u64;
+        if record.round == 1 {
+            return record.parent.is_none().then_some(n);
+        }
+        let (result, weight) = self.chain.get(&(record.round - 1))?;
+        (record.parent == Some(*result)).then(|| weight.saturating_add(n))
+    }
+
+    pub(super) fn progress_candidates(&mut self, now: u64, out: &mut Vec<Action>) {
+        let keys: Vec<Hash> = self.candidates.keys().copied().collect();
+        for key in keys {
+            let Some(c) = self.candidates.get(&key) else {
+                continue;
+            };
+            if self.tip.as_ref().is_some_and(|t| !c.record.beats(t)) {
+                if !self.lonely(now) {
+                    self.candidates.remove(&key);
+                    continue;
+                }
+                if c.signers.len() < self.config.catch_up_quorum {
+                    continue;
+                }
+            }
+            let expected = self.expected_weight(&c.record);
+            if !c.verifying && expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
+                continue;
+            }
+            let record = c.record.clone();
+            let signers: Vec<NodeId> = c.signers.iter().copied().collect();
+            let had_job = c.job.clone();
+            if let Some(c) = self.candidates.get_mut(&key) {
+                c.verifying = true;
+            }
+            let mut failure =
+                expected
+                    .filter(|w| *w != record.weight)
+                    .map(|w| Misbehaviour::WrongWeight {
+                        round: record.round,
+                        claimed: record.weight,
+                        expected: w,
+                    });
+            let mut unverifiable = false;
+            let mut missing = false;
+            let mut keys_seen = BTreeSet::new();
+            let mut job_inputs = Vec::with_capacity(record.inputs.len());
+            for input in &record.inputs {
+                if failure.is_some() {
+                    break;
+                }
+                if self.invalid.contains_key(&input.announcement) {
+                    failure = Some(Misbehaviour::NamedInvalidAnnouncement {
+                        id: input.announcement,
+                    });
+                    break;
+                }
+                let Some(a) = self.ann(&input.announcement) else {
+                    for s in &signers {
+                        self.request_announcement(
+                            now,
+                            input.announcement,
+                            record.round,
+                            input.adapter,
+                            *s,
+                            out,
+                        );
+                    }
+                    missing = true;
+                    continue;
+                };
+                if a.round != record.round || a.adapter != input.adapter || a.model != self.model {
+                    failure = Some(Misbehaviour::NamedMismatchedAnnouncement {
+                        id: input.announcement,
+                    });
+                    break;
+                }
+                let ck = (a.contributor, a.user_id.clone());
+                if !keys_seen.insert(ck) {
+                    failure = Some(Misbehaviour::DuplicateContributor {
+                        round: record.round,
+                    });
+                    break;
+                }
+                let samples = a.samples;
+                let contributor = a.contributor;
+                let state = self.blobs.get(&input.adapter).map(|b| b.state.clone());
+                match state {
+                    Some(BlobState::Held) => job_inputs.push(AggregateInput {
+                        adapter: input.adapter,
+                        samples,
+                    }),
+                    Some(BlobState::Fetching { .. }) => {
+                        let mut srcs = signers.clone();
+                        srcs.push(contributor);
+                        self.want_blob(now, input.adapter, &srcs, out);
+                        missing = true;
+                    }
+                    Some(BlobState::Failed) | None => {
+                        let mut srcs = signers.clone();
+                        srcs.push(contributor);
+                        let before = self.blobs.get(&input.adapter).map(|b| b.sources.len());
+                        self.want_blob(now, input.adapter, &srcs, out);
+                        let after = self.blobs.get(&input.adapter).map(|b| b.sources.len());
+                        if state.is_some() && before == after {
+                            unverifiable = true;
+                        }
+                        missing = true;
+                    }
+                }
+            }
+            if let Some(why) = failure {
+                self.candidates.remove(&key);
+                for s in &signers {
+                    self.penalise(*s, why.clone(), out);
+                }
+                continue;
+            }
+            if unverifiable {
+                self.candidates.remove(&key);
+                continue;
+            }
+            if missing {
+                continue;
+            }
+            let job = AggregationJob {
+                round: record.round,
+                parent: record.parent,
+                rule: record.rule,
+                inputs: job_inputs,
+            };
+            if had_job.as_ref() != Some(&job) {
+                if let Some(c) = self.candidates.get_mut(&key) {
+                    c.job = Some(job.clone());
+                }
+                out.push(Action::Aggregate(job));
+            }
+        }
+    }
+
+    /// Makes a verified foreign record our tip: a switch within the tip's round, a
+    /// catch-up to a later round, or a rewind to an earlier one (our later records are
+    /// then orphaned).
+    fn adopt(&mut self, now: u64, record: RoundRecord, out: &mut Vec<Action>) {
+        if self.tip.as_ref().is_some_and(|t| !record.beats(t)) && !self.lonely(now) {
+            return;
+        }
+        let replaces = self
+            .chain
+            .get(&record.round)
+            .map(|(h, _)| *h)
+            .filter(|h| *h != record.result);
+        out.push(Action::Commit {
+            record: record.clone(),
+            replaces,
+        });
+        let same_round = self.tip.as_ref().is_some_and(|t| t.round == record.round);
+        let (round, result) = (record.round, record.result);
+        self.extend_chain(&record);
+        self.tip = Some(record);
+        if same_round {
+            // Same round number collecting on: only the parent changes.
+            self.cur.parent = Some(result);
+            self.cur.requested = None;
+            self.cur.computed = None;
+            self.cur.published = false;
+            self.cur.publish_at = None;
+            self.cur.last_change = now;
+            self.dirty = true;
+        } else {
+            self.open_round(now, round + 1, Some(result));
+        }
+        // Our endorsement of the adopted record goes out with the next heartbeat
+        // (unless enough identical copies are heard first).
+        self.reset_heartbeat(now);
+    }
+
+    /// Records `record` as the newest round of our chain, dropping anything at or
+    /// above its round and any remembered history it does not descend from.
+    pub(super) fn extend_chain(&mut self, record: &RoundRecord) {
+        let _orphans = self.chain.split_off(&record.round);
+        let parent_known = record.round > 1
+            && self
+                .chain
+                .get(&(record.round - 1))
+                .is_some_and(|(h, _)| Some(*h) == record.parent);
+        if !parent_known {
+            self.chain.clear();
+            if let Some(p) = record.parent {
+                self.chain
+                    .insert(record.round - 1, (p, record.parent_weight()));
+            }
+        }
+        self.chain
+            .insert(record.round, (record.result, record.weight));
+        while self.chain.len() > CHAIN_MEMORY {
+            self.chain.pop_first();
+        }
+    }
+
+    /// Our tip has been ours alone (no other signer's committed digest matched it) for
+    /// two heartbeat periods.
+    pub(super) fn lonely(&self, now: u64) -> bool {
+        self.tip.is_some()
+            && now >= self.tip_since.saturating_add(2 * self.config.heartbeat_ms)
+            && self.tip_support.len() + 1 < self.config.catch_up_quorum
+    }
+
+    /// [`Event::AggregationFinished`](super::Event::AggregationFinished) for a
+    /// candidate's job: adopt it when the result matches, penalise its signers otherwise.
+    pub(super) fn on_candidate_aggregated(
+        &mut self,
+        now: u64,
+        job: &AggregationJob,
+        result: Hash,
+        out: &mut Vec<Action>,
+    ) {
+        let key = self
+            .candidates
+            .iter()
+            .find(|(_, c)| c.job.as_ref() == Some(job))
+            .map(|(k, _)| *k);
+        let Some(key) = key else { return };
+        let Some(c) = self.candidates.remove(&key) else {
+            return;
+        };
+        if c.record.result == result {
+            self.adopt(now, c.record, out);
+        } else {
+            for s in &c.signers {
+                self.penalise(
+                    *s,
+                    Misbehaviour::WrongResult {
+                        round: c.record.round,
+                        claimed: c.record.result,
+                        computed: result,
+                    },
+                    out,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The Byzantine senders: bad signatures, wrong model ids, digests naming invalid
+//! announcements, forged results and weights, replays.
+
+use std::rc::Rc;
+
+use super::{Sim, Wire};
+use crate::{Announcement, Hash, RoundDigest, RoundInput, RoundRecord, RuleId, Signed};
+
+impl Sim<'_> {
+    pub(super) fn byzantine(&mut self, b: usize) {
+        let honest_up: Vec<usize> = (0..self.cfg.nodes)
+            .filter(|&j| self.nodes[j].up && self.reachable(b, j))
+            .collect();
+        if honest_up.is_empty() {
+            return;
+        }
+        let oracle = honest_up[self.rng.below(honest_up.len())];
+        let Some(m) = self.nodes[oracle].machine.as_ref() else {
+            return;
+        };
+        let (round, parent, tip) = (m.current_round(), m.current_parent(), m.tip().cloned());
+        let id = self.nodes[b].id;
+        let now = self.now;
+        let fresh = self.rng.hash();
+        let base = Announcement {
+            model: self.model,
+            round,
+            adapter: fresh,
+            byte_len: 1000,
+            samples: 10,
+            contributor: id,
+            user_id: None,
+            parent,
+            time_ms: now,
+        };
+        match self.rng.below(6) {
+            0 => {
+                // A bad signature.
+                let Ok(s) = Signed::sign(base, &self.nodes[b].key) else {
+                    return;
+                };
+                let mut bytes = s.encode();
+                bytes[10] ^= 0x40;
+                let bad = Hash::of(&bytes);
+                self.invalid_anns.insert(bad);
+                self.invalid_adapters.insert(fresh);
+                self.broadcast(b, Wire::Announcement(bad, Rc::new(bytes)));
+            }
+            1 => {
+                // A validly signed announcement for another network.
+                let mut a = base;
+                a.model = self.other_model;
+                let Ok(s) = Signed::sign(a, &self.nodes[b].key) else {
+                    return;
+                };
+                self.invalid_anns.insert(s.id());
+                self.invalid_adapters.insert(fresh);
+                self.nodes[b].blobs.insert(fresh);
+                self.broadcast(b, Wire::Announcement(s.id(), Rc::new(s.encode())));
+            }
+            2 => {
+                // A digest for the current round naming real inputs plus one adapter whose
+                // announcement is invalid (bad signature or wrong model), served on request.
+                let bytes = if self.rng.chance(500) {
+                    let Ok(s) = Signed::sign(base, &self.nodes[b].key) else {
+                        return;
+                    };
+                    let mut bytes = s.encode();
+                    bytes[20] ^= 0x01;
+                    bytes
+                } else {
+                    let mut a = base;
+                    a.model = self.other_model;
+                    let Ok(s) = Signed::sign(a, &self.nodes[b].key) else {
+                        return;
+                    };
+                    s.encode()
+                };
+                let bad = Hash::of(&bytes);
+                self.invalid_anns.insert(bad);
+                self.invalid_adapters.insert(fresh);
+                self.nodes[b].blobs.insert(fresh);
+                self.nodes[b].anns.insert(bad, Rc::new(bytes));
+                let mut inputs = vec![RoundInput {
+                    adapter: fresh,
+                    announcement: bad,
+                }];
+                let known: Vec<(Hash, Rc<Vec<u8>>)> = self.nodes[oracle]
+                    .anns
+                    .iter()
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect();
+                for (aid, bytes) in known {
+                    if let Some(s) = self.decode_ann(aid, &bytes) {
+                        if s.round == round && s.model == self.model {
+                            self.nodes[b].anns.insert(aid, bytes.clone());
+                            inputs.push(RoundInput {
+                                adapter: s.adapter,
+                                announcement: aid,
+                            });
+                        }
+                    }
+                }
+                inputs.sort();
+                inputs.dedup_by_key(|x| x.adapter);
+                inputs.truncate(crate::MAX_ROUND_INPUTS);
+                let weight = tip.as_ref().map_or(0, |t| t.weight) + inputs.len() as u64;
+                let record = RoundRecord {
+                    model: self.model,
+                    round,
+                    parent,
+                    inputs,
+                    weight,
+                    rule: RuleId::FEDAVG,
+                    result: fresh,
+                };
+                let committed = self.rng.chance(500);
+                self.publish_byzantine_digest(b, record, committed);
+            }
+            3 => {
+                // A replay of an old honest message.
+                if !self.replay_pool.is_empty() {
+                    let k = self.rng.below(self.replay_pool.len());
+                    let msg = self.replay_pool[k].clone();
+                    self.broadcast(b, msg);
+                }
+            }
+            4 => {
+                // The tip's inputs with a forged, lowest-possible result: wins fork choice
+                // on paper, fails recomputation.
+                if let Some(mut t) = tip {
+                    t.result = Hash([0; 32]);
+                    t.result.0[31] = b as u8;
+                    self.publish_byzantine_digest(b, t, true);
+                }
+            }
+            _ => {
+                // The tip with an inflated chain weight: heavier on paper, but its parent
+                // is known, so the weight is checked.
+                if let Some(mut t) = tip {
+                    // Senders act independently (no coalition): each forges its own
+                    // weight, so no two forgeries form a quorum by accident.
+                    t.weight += 1_000 + b as u64;
+                    self.publish_byzantine_digest(b, t, true);
+                }
+            }
+        }
+    }
+
+    fn publish_byzantine_digest(&mut self, b: usize, record: RoundRecord, committed: bool) {
+        let d = RoundDigest {
+            record,
+            signer: self.nodes[b].id,
+            committed,
+            time_ms: self.now,
+        };
+        if let Ok(s) = Signed::sign(d, &self.nodes[b].key) {
+            let w = Wire::Digest(s.id(), Rc::new(s.encode()));
+            self.broadcast(b, w);
+        }
+    }
+}

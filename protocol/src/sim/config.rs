@@ -1,0 +1,83 @@
+//! [`SimConfig`] and [`PartitionSpec`]: the simulated scenario.
+
+use crate::round::RoundConfig;
+
+/// A partition of the honest nodes into two sides, healed later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionSpec {
+    /// When the partition starts (virtual ms).
+    pub start_ms: u64,
+    /// When it heals.
+    pub heal_ms: u64,
+    /// Share of honest nodes on the minority side, per mille.
+    pub minority_per_mille: u32,
+}
+
+/// Simulation parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Honest nodes.
+    pub nodes: usize,
+    /// Byzantine senders, on top of the honest nodes.
+    pub byzantine: usize,
+    /// Virtual run time.
+    pub duration_ms: u64,
+    /// No node starts training in the last `quiet_ms`, so the run can settle.
+    pub quiet_ms: u64,
+    /// Round machine configuration (all nodes).
+    pub round: RoundConfig,
+    /// Gossip delay range (min, max).
+    pub delay_ms: (u64, u64),
+    /// Gossip messages dropped, per mille per receiver.
+    pub drop_per_mille: u32,
+    /// Chance a node trains in a round, per mille.
+    pub contribute_per_mille: u32,
+    /// Training time range.
+    pub train_ms: (u64, u64),
+    /// Fetch time range.
+    pub fetch_ms: (u64, u64),
+    /// Aggregation time range.
+    pub aggregate_ms: (u64, u64),
+    /// Honest nodes that crash.
+    pub crashes: usize,
+    /// How many of the crashed nodes restart later.
+    pub restarts: usize,
+    /// The partition, if any.
+    pub partition: Option<PartitionSpec>,
+    /// Timer tick period of every node.
+    pub tick_ms: u64,
+    /// Period of each Byzantine sender's misbehaviour.
+    pub byzantine_every_ms: u64,
+    /// Record every action of this honest node in [`SimReport::trace`] (for replays).
+    ///
+    /// [`SimReport::trace`]: super::SimReport::trace
+    pub trace_node: Option<usize>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 100,
+            byzantine: 4,
+            duration_ms: 60_000,
+            quiet_ms: 16_000,
+            round: RoundConfig::testing(),
+            delay_ms: (10, 250),
+            drop_per_mille: 30,
+            contribute_per_mille: 300,
+            train_ms: (100, 2_800),
+            fetch_ms: (20, 300),
+            aggregate_ms: (20, 200),
+            crashes: 6,
+            restarts: 3,
+            partition: Some(PartitionSpec {
+                start_ms: 10_000,
+                heal_ms: 24_000,
+                minority_per_mille: 400,
+            }),
+            tick_ms: 100,
+            byzantine_every_ms: 700,
+            trace_node: None,
+        }
+    }
+}
