@@ -124,8 +124,6 @@ struct PendingMsg {
     announcement: Option<(u64, Hash)>,
 }
 
-/// A round as shown by `status` and `rounds`.
-
 /// The round driver task.
 pub struct Driver {
     cfg: DriverConfig,

@@ -51,7 +51,6 @@ impl Banned {
 }
 
 /// The handle everyone but the event loop uses. Cheap to clone.
-
 #[derive(Clone)]
 pub struct Client {
     pub(super) tx: mpsc::Sender<Command>,
