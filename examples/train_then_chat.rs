@@ -72,7 +72,10 @@ fn main() -> Result<()> {
     let convs = vec![item.to_conversation()];
     let (examples, _) =
         dataset::encode_conversations(&model, &path, &convs, model.decoder.cfg.max_seq_len)?;
-    ensure!(!examples.is_empty(), "the fact does not fit the model's context");
+    ensure!(
+        !examples.is_empty(),
+        "the fact does not fit the model's context"
+    );
 
     // 2. Train: rank 8 on the seven projections, one example per step.
     let cfg = TrainConfig {

@@ -41,7 +41,10 @@ fn zip_adapter(dir: &Path) -> Result<Vec<u8>> {
 /// The JSON body of an answer, or an error with the gateway's `detail`.
 async fn json(what: &str, r: reqwest::Response) -> Result<Value> {
     let status = r.status();
-    let v: Value = r.json().await.with_context(|| format!("{what}: not JSON"))?;
+    let v: Value = r
+        .json()
+        .await
+        .with_context(|| format!("{what}: not JSON"))?;
     if !status.is_success() {
         bail!("{what}: HTTP {status}: {}", v["detail"]);
     }
@@ -85,7 +88,10 @@ async fn main() -> Result<()> {
 
 async fn run(cluster: &Cluster, work: &Path, tiny: &TinyModel, lora: &LoraSettings) -> Result<()> {
     cluster.wait_connected(1, Duration::from_secs(30)).await?;
-    let addr = cluster.node(0).gateway_addr().context("node 0 has no gateway")?;
+    let addr = cluster
+        .node(0)
+        .gateway_addr()
+        .context("node 0 has no gateway")?;
     let base = format!("http://{addr}");
     let http = reqwest::Client::new();
     println!("gateway at {base}");
@@ -96,7 +102,10 @@ async fn run(cluster: &Cluster, work: &Path, tiny: &TinyModel, lora: &LoraSettin
         let dir = work.join(format!("adapter-{user}"));
         random_adapter(&shape, lora.alpha, seed)?.write_dir(&dir)?;
         let form = Form::new()
-            .part("file", Part::bytes(zip_adapter(&dir)?).file_name(format!("{user}.zip")))
+            .part(
+                "file",
+                Part::bytes(zip_adapter(&dir)?).file_name(format!("{user}.zip")),
+            )
             .text("user_id", user)
             .text("training_samples", "100")
             .text("epochs", "3");

@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use hivemind_model::dataset::Example;
-use hivemind_model::decoder::MODULES;
 use hivemind_model::train::{peak_rss_bytes, LoraSpec, Trainer};
+use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions};
 use serde_json::{json, Value};
 
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
         rank: 16,
         alpha: 32.0,
         dropout: 0.05,
-        target_modules: MODULES.iter().map(|s| s.to_string()).collect(),
+        target_modules: Module::ALL.to_vec(),
     };
     let mut trainer = Trainer::new(&model.decoder, &spec, None, 0)?;
     // PEFT's job uses torch's AdamW without clipping.

@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use hivemind_model::decoder::{Weight, MODULES};
+use hivemind_model::decoder::Weight;
+use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions};
 
 fn main() -> Result<()> {
@@ -19,8 +20,8 @@ fn main() -> Result<()> {
     // Matmuls only, on raw slices.
     let mut blocks = Vec::new();
     for l in &d.layers {
-        for name in MODULES {
-            if let Some(Weight::Blocks(b)) = l.module(name).map(|x| &x.weight) {
+        for m in Module::ALL {
+            if let Weight::Blocks(b) = &l.module(m).weight {
                 blocks.push(b.clone());
             }
         }

@@ -76,26 +76,15 @@ impl ModelConfig {
         rank: usize,
         target_modules: &[String],
     ) -> Result<crate::adapter::AdapterShape> {
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
-        let (h, i) = (self.hidden_size, self.intermediate_size);
         let mut modules = std::collections::BTreeMap::new();
         for m in target_modules {
-            let (out_features, in_features) = match m.as_str() {
-                "q_proj" => (q, h),
-                "k_proj" | "v_proj" => (kv, h),
-                "o_proj" => (h, q),
-                "gate_proj" | "up_proj" => (i, h),
-                "down_proj" => (h, i),
-                other => {
-                    return Err(ModelError::AdapterMismatch {
-                        reason: format!(
-                            "unknown LoRA target module {other} (expected q_proj, k_proj, \
-                             v_proj, o_proj, gate_proj, up_proj or down_proj)"
-                        ),
-                    })
-                }
-            };
+            let module: crate::module::Module =
+                m.parse().map_err(|e: crate::module::UnknownModule| {
+                    ModelError::AdapterMismatch {
+                        reason: format!("LoRA target: {e}"),
+                    }
+                })?;
+            let (out_features, in_features) = module.dims(self);
             modules.insert(
                 m.clone(),
                 crate::adapter::ModuleDims {

@@ -8,11 +8,12 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module as _, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::module::Module;
 use crate::qweight::BlockWeight;
 
 /// A frozen base weight `[out, in]`.
@@ -124,17 +125,6 @@ impl Linear {
     }
 }
 
-/// The projection modules of a decoder layer, by their Hugging Face names.
-pub const MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -159,32 +149,30 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// The linear module named `name` (one of [`MODULES`]).
-    pub fn module(&self, name: &str) -> Option<&Linear> {
-        Some(match name {
-            "q_proj" => &self.q_proj,
-            "k_proj" => &self.k_proj,
-            "v_proj" => &self.v_proj,
-            "o_proj" => &self.o_proj,
-            "gate_proj" => &self.gate_proj,
-            "up_proj" => &self.up_proj,
-            "down_proj" => &self.down_proj,
-            _ => return None,
-        })
+    /// The linear layer of module `m`.
+    pub fn module(&self, m: Module) -> &Linear {
+        match m {
+            Module::QProj => &self.q_proj,
+            Module::KProj => &self.k_proj,
+            Module::VProj => &self.v_proj,
+            Module::OProj => &self.o_proj,
+            Module::GateProj => &self.gate_proj,
+            Module::UpProj => &self.up_proj,
+            Module::DownProj => &self.down_proj,
+        }
     }
 
-    /// Mutable access to the module named `name`.
-    pub fn module_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        Some(match name {
-            "q_proj" => &mut self.q_proj,
-            "k_proj" => &mut self.k_proj,
-            "v_proj" => &mut self.v_proj,
-            "o_proj" => &mut self.o_proj,
-            "gate_proj" => &mut self.gate_proj,
-            "up_proj" => &mut self.up_proj,
-            "down_proj" => &mut self.down_proj,
-            _ => return None,
-        })
+    /// Mutable access to the linear layer of module `m`.
+    pub fn module_mut(&mut self, m: Module) -> &mut Linear {
+        match m {
+            Module::QProj => &mut self.q_proj,
+            Module::KProj => &mut self.k_proj,
+            Module::VProj => &mut self.v_proj,
+            Module::OProj => &mut self.o_proj,
+            Module::GateProj => &mut self.gate_proj,
+            Module::UpProj => &mut self.up_proj,
+            Module::DownProj => &mut self.down_proj,
+        }
     }
 }
 

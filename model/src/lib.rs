@@ -22,6 +22,7 @@ pub mod generate;
 pub mod kernels;
 pub mod loader;
 pub mod lora;
+mod module;
 pub mod pull;
 pub mod qweight;
 #[doc(hidden)]
@@ -33,3 +34,4 @@ pub mod train_ops;
 pub use error::{ModelError, Result};
 pub use hivemind_protocol::Hash;
 pub use loader::{model_hash, read_config, BaseModel, LoadOptions};
+pub use module::{Module, UnknownModule};

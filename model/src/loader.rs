@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Arch, ModelConfig};
 use crate::decoder::{Decoder, Layer, Linear, Weight};
 use crate::error::{ModelError, Result};
+use crate::module::Module;
 use crate::tokenizer::Tokenizer;
 use crate::Hash;
 
@@ -261,20 +262,7 @@ pub fn permute_rows_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 fn check_shapes(path: &Path, cfg: &ModelConfig, embed: &Weight, layers: &[Layer]) -> Result<()> {
-    let (h, kvd, qd) = (
-        cfg.hidden_size,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.num_heads * cfg.head_dim,
-    );
-    let want = [
-        ("q_proj", (qd, h)),
-        ("k_proj", (kvd, h)),
-        ("v_proj", (kvd, h)),
-        ("o_proj", (h, qd)),
-        ("gate_proj", (cfg.intermediate_size, h)),
-        ("up_proj", (cfg.intermediate_size, h)),
-        ("down_proj", (h, cfg.intermediate_size)),
-    ];
+    let h = cfg.hidden_size;
     let (ev, eh) = embed.dims()?;
     if eh != h || ev != cfg.vocab_size {
         return Err(ModelError::bad(
@@ -286,16 +274,13 @@ fn check_shapes(path: &Path, cfg: &ModelConfig, embed: &Weight, layers: &[Layer]
         ));
     }
     for (i, layer) in layers.iter().enumerate() {
-        for (name, dims) in want {
-            let got = layer
-                .module(name)
-                .map(|m| m.weight.dims())
-                .transpose()?
-                .unwrap_or((0, 0));
+        for m in Module::ALL {
+            let got = layer.module(m).weight.dims()?;
+            let dims = m.dims(cfg);
             if got != dims {
                 return Err(ModelError::bad(
                     path,
-                    format!("layer {i} {name} is {got:?}, expected {dims:?}"),
+                    format!("layer {i} {m} is {got:?}, expected {dims:?}"),
                 ));
             }
         }

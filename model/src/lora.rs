@@ -9,29 +9,27 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 
 use crate::adapter::LoraAdapter;
-use crate::decoder::{Decoder, LoraPair, Weight, MODULES};
+use crate::decoder::{Decoder, LoraPair, Weight};
 use crate::error::{ModelError, Result};
+use crate::module::Module;
 
 /// The PEFT name of a LoRA tensor: `which` is `"A"` or `"B"`.
-pub fn peft_name(layer: usize, module: &str, which: &str) -> String {
-    let group = match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
-    };
-    format!("base_model.model.model.layers.{layer}.{group}.{module}.lora_{which}.weight")
+pub fn peft_name(layer: usize, module: Module, which: &str) -> String {
+    let block = module.block();
+    format!("base_model.model.model.layers.{layer}.{block}.{module}.lora_{which}.weight")
 }
 
-/// Splits a PEFT name into `(layer, module, "A" | "B")`.
-pub fn parse_peft_name(name: &str) -> Option<(usize, &str, &str)> {
+/// Splits a PEFT name into `(layer, module, "A" | "B")`; `None` unless the module sits in its
+/// own block (`self_attn.q_proj`, `mlp.up_proj`).
+pub fn parse_peft_name(name: &str) -> Option<(usize, Module, &str)> {
     let rest = name.strip_prefix("base_model.model.model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let rest = rest
-        .strip_prefix("self_attn.")
-        .or_else(|| rest.strip_prefix("mlp."))?;
+    let (block, rest) = rest.split_once('.')?;
     let (module, rest) = rest.split_once('.')?;
+    let module: Module = module.parse().ok()?;
     let which = rest.strip_prefix("lora_")?.strip_suffix(".weight")?;
-    if !MODULES.contains(&module) || !(which == "A" || which == "B") {
+    if block != module.block() || !(which == "A" || which == "B") {
         return None;
     }
     Some((layer, module, which))
@@ -42,7 +40,7 @@ impl Decoder {
     /// name a layer and module of this model with matching shapes.
     pub fn apply_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
         let scale = adapter.config.scaling();
-        let mut pairs: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> =
+        let mut pairs: BTreeMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> =
             BTreeMap::new();
         for (name, t) in &adapter.tensors {
             let (layer, module, which) =
@@ -50,7 +48,7 @@ impl Decoder {
                     reason: format!("tensor {name} is not a LoRA weight of a decoder layer"),
                 })?;
             let tensor = Tensor::from_slice(&t.data, t.shape.as_slice(), &Device::Cpu)?;
-            let e = pairs.entry((layer, module.to_string())).or_default();
+            let e = pairs.entry((layer, module)).or_default();
             if which == "A" {
                 e.0 = Some(tensor);
             } else {
@@ -67,7 +65,7 @@ impl Decoder {
             let lin = self
                 .layers
                 .get(layer)
-                .and_then(|l| l.module(&module))
+                .map(|l| l.module(module))
                 .ok_or_else(|| ModelError::AdapterMismatch {
                     reason: format!(
                         "layer {layer} {module} does not exist (model has {} layers)",
@@ -88,9 +86,7 @@ impl Decoder {
         }
         self.remove_adapter();
         for (layer, module, pair) in staged {
-            if let Some(lin) = self.layers[layer].module_mut(&module) {
-                lin.lora = Some(pair);
-            }
+            self.layers[layer].module_mut(module).lora = Some(pair);
         }
         Ok(())
     }
@@ -98,10 +94,8 @@ impl Decoder {
     /// Removes every LoRA pair.
     pub fn remove_adapter(&mut self) {
         for layer in &mut self.layers {
-            for m in MODULES {
-                if let Some(lin) = layer.module_mut(m) {
-                    lin.lora = None;
-                }
+            for m in Module::ALL {
+                layer.module_mut(m).lora = None;
             }
         }
     }
@@ -110,14 +104,13 @@ impl Decoder {
     pub fn merged_dense(&self) -> Result<Decoder> {
         let mut out = self.clone();
         for layer in &mut out.layers {
-            for m in MODULES {
-                if let Some(lin) = layer.module_mut(m) {
-                    let mut w = lin.weight.dequantize()?;
-                    if let Some(l) = lin.lora.take() {
-                        w = (w + (l.b.matmul(&l.a)? * l.scale)?)?;
-                    }
-                    lin.weight = Weight::Dense(w);
+            for m in Module::ALL {
+                let lin = layer.module_mut(m);
+                let mut w = lin.weight.dequantize()?;
+                if let Some(l) = lin.lora.take() {
+                    w = (w + (l.b.matmul(&l.a)? * l.scale)?)?;
                 }
+                lin.weight = Weight::Dense(w);
             }
         }
         Ok(out)
@@ -130,7 +123,7 @@ mod tests {
 
     #[test]
     fn peft_names_round_trip() {
-        for m in MODULES {
+        for m in Module::ALL {
             for w in ["A", "B"] {
                 let n = peft_name(3, m, w);
                 assert_eq!(parse_peft_name(&n), Some((3, m, w)));
@@ -142,6 +135,10 @@ mod tests {
         );
         assert_eq!(
             parse_peft_name("base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight"),
+            None
+        );
+        assert_eq!(
+            parse_peft_name("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),
             None
         );
     }

@@ -270,7 +270,12 @@ pub fn random_adapter(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for layer in 0..shape.num_layers {
-        for (module, dims) in &shape.modules {
+        for (name, dims) in &shape.modules {
+            let module: crate::Module =
+                name.parse()
+                    .map_err(|e: crate::UnknownModule| ModelError::AdapterMismatch {
+                        reason: e.to_string(),
+                    })?;
             for side in [LoraSide::A, LoraSide::B] {
                 let dims_of = shape.expected_shape(*dims, side);
                 let data = (0..dims_of[0] * dims_of[1])

@@ -36,10 +36,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterConfig, LoraAdapter, LoraTensor, TargetModules};
 use crate::dataset::{length_grouped_batches, Example};
-use crate::decoder::{Decoder, Layer, Linear, MODULES};
+use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::loader::BaseModel;
 use crate::lora::peft_name;
+use crate::module::Module;
 use crate::train_ops::{self as ops, AttnShape, DropoutMask, LoraDims, RopeTable};
 
 /// AdamW's `(beta1, beta2)` (PyTorch's and Hugging Face's defaults).
@@ -56,8 +57,8 @@ pub struct LoraSpec {
     pub alpha: f64,
     /// Dropout on the LoRA input during training.
     pub dropout: f64,
-    /// Adapted modules (names from [`MODULES`]).
-    pub target_modules: Vec<String>,
+    /// Adapted modules.
+    pub target_modules: Vec<Module>,
 }
 
 impl Default for LoraSpec {
@@ -66,7 +67,7 @@ impl Default for LoraSpec {
             rank: 16,
             alpha: 32.0,
             dropout: 0.05,
-            target_modules: MODULES.iter().map(|s| s.to_string()).collect(),
+            target_modules: Module::ALL.to_vec(),
         }
     }
 }
@@ -81,27 +82,25 @@ impl LoraSpec {
             .ok_or_else(|| ModelError::Training {
                 reason: "an adapter whose target_modules is a pattern cannot be continued".into(),
             })?;
+        let target_modules = names
+            .iter()
+            .map(|n| n.parse::<Module>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| ModelError::Training {
+                reason: format!("the adapter cannot be continued: {e}"),
+            })?;
         Ok(LoraSpec {
             rank: a.config.r,
             alpha: a.config.scaling() * a.config.r as f64,
             dropout: a.config.lora_dropout,
-            target_modules: names.to_vec(),
+            target_modules,
         })
     }
 
-    fn module_mask(&self) -> Result<[bool; 7]> {
-        let mut mask = [false; 7];
-        for name in &self.target_modules {
-            let i = MODULES
-                .iter()
-                .position(|m| m == name)
-                .ok_or_else(|| ModelError::Training {
-                    reason: format!(
-                        "unknown target module {name:?} (known: {})",
-                        MODULES.join(", ")
-                    ),
-                })?;
-            mask[i] = true;
+    fn module_mask(&self) -> Result<[bool; Module::COUNT]> {
+        let mut mask = [false; Module::COUNT];
+        for m in &self.target_modules {
+            mask[m.index()] = true;
         }
         if !mask.iter().any(|&m| m) {
             return Err(ModelError::Training {
@@ -183,7 +182,7 @@ pub fn lr_at(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
 #[derive(Debug, Clone)]
 struct Slot {
     layer: usize,
-    module: usize,
+    module: Module,
     dims: LoraDims,
     a: Vec<f32>,
     b: Vec<f32>,
@@ -200,7 +199,7 @@ struct Slot {
 struct LayerParams {
     attn_norm: Vec<f32>,
     mlp_norm: Vec<f32>,
-    bias: [Option<Vec<f32>>; 7],
+    bias: [Option<Vec<f32>>; Module::COUNT],
 }
 
 /// What the backward of one layer needs from its forward.
@@ -217,8 +216,8 @@ struct Saved {
     inv2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    u: [Vec<f32>; 7],
-    masks: [Option<DropoutMask>; 7],
+    u: [Vec<f32>; Module::COUNT],
+    masks: [Option<DropoutMask>; Module::COUNT],
 }
 
 /// Scratch buffers, reused from step to step.
@@ -275,18 +274,6 @@ impl BatchLoss {
     }
 }
 
-fn module(layer: &Layer, m: usize) -> &Linear {
-    match m {
-        0 => &layer.q_proj,
-        1 => &layer.k_proj,
-        2 => &layer.v_proj,
-        3 => &layer.o_proj,
-        4 => &layer.gate_proj,
-        5 => &layer.up_proj,
-        _ => &layer.down_proj,
-    }
-}
-
 fn tensor_vec(t: &candle_core::Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?
         .flatten_all()?
@@ -327,7 +314,7 @@ impl Pass<'_> {
     fn linear_forward(
         &self,
         l: usize,
-        m: usize,
+        m: Module,
         slot: Option<&Slot>,
         drop: Option<(f32, u64)>,
         x: &[f32],
@@ -337,11 +324,11 @@ impl Pass<'_> {
         work_xd: &mut Vec<f32>,
         panel: &mut Vec<f32>,
     ) -> Result<()> {
-        let lin = module(&self.dec.layers[l], m);
+        let lin = self.dec.layers[l].module(m);
         let (out, _) = lin.weight.dims()?;
         resize(y, self.t * out);
         ops::frozen_forward(&lin.weight, x, self.t, y, panel)?;
-        if let Some(b) = &self.layers[l].bias[m] {
+        if let Some(b) = &self.layers[l].bias[m.index()] {
             y.par_chunks_mut(out)
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
         }
@@ -369,7 +356,7 @@ impl Pass<'_> {
     fn linear_backward(
         &self,
         l: usize,
-        m: usize,
+        m: Module,
         slot: Option<&mut Slot>,
         x: &[f32],
         u: &[f32],
@@ -380,7 +367,7 @@ impl Pass<'_> {
         need_gx: bool,
         w: &mut Work,
     ) -> Result<()> {
-        let lin = module(&self.dec.layers[l], m);
+        let lin = self.dec.layers[l].module(m);
         let (_, inp) = lin.weight.dims()?;
         if need_gx {
             resize(gx, self.t * inp);
@@ -416,7 +403,7 @@ pub struct Trainer<'m> {
     dec: &'m Decoder,
     spec: LoraSpec,
     slots: Vec<Slot>,
-    index: Vec<[Option<usize>; 7]>,
+    index: Vec<[Option<usize>; Module::COUNT]>,
     layers: Vec<LayerParams>,
     final_norm: Vec<f32>,
     rope: RopeTable,
@@ -448,19 +435,19 @@ impl<'m> Trainer<'m> {
         let scale = (spec.alpha / spec.rank as f64) as f32;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut slots = Vec::new();
-        let mut index = vec![[None; 7]; dec.layers.len()];
+        let mut index = vec![[None; Module::COUNT]; dec.layers.len()];
         let mut init_used = 0usize;
         for (l, layer) in dec.layers.iter().enumerate() {
-            for (m, &on) in mask.iter().enumerate() {
-                if !on {
+            for m in Module::ALL {
+                if !mask[m.index()] {
                     continue;
                 }
-                let (out, inp) = module(layer, m).weight.dims()?;
+                let (out, inp) = layer.module(m).weight.dims()?;
                 let r = spec.rank;
                 let (a, b) = match init {
                     Some(ad) => {
                         let get = |which: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
-                            let name = peft_name(l, MODULES[m], which);
+                            let name = peft_name(l, m, which);
                             let t = ad.tensors.get(&name).ok_or_else(|| {
                                 ModelError::AdapterMismatch {
                                     reason: format!("initial adapter lacks {name}"),
@@ -486,7 +473,7 @@ impl<'m> Trainer<'m> {
                         (a, vec![0f32; out * r])
                     }
                 };
-                index[l][m] = Some(slots.len());
+                index[l][m.index()] = Some(slots.len());
                 slots.push(Slot {
                     layer: l,
                     module: m,
@@ -517,9 +504,9 @@ impl<'m> Trainer<'m> {
             .iter()
             .map(|layer| {
                 let mut bias: [Option<Vec<f32>>; 7] = Default::default();
-                for (m, b) in bias.iter_mut().enumerate() {
-                    if let Some(t) = &module(layer, m).bias {
-                        *b = Some(tensor_vec(t)?);
+                for m in Module::ALL {
+                    if let Some(t) = &layer.module(m).bias {
+                        bias[m.index()] = Some(tensor_vec(t)?);
                     }
                 }
                 Ok(LayerParams {
@@ -644,10 +631,12 @@ impl<'m> Trainer<'m> {
         let mut x = tensor_vec(&dec.embed.rows(&p.ids)?)?;
         for (l, s) in saved.iter_mut().enumerate() {
             let lp = &layers[l];
-            let slot = |m: usize| index[l][m].map(|i| &slots[i]);
-            let drop = |m: usize| {
-                (train && dropout > 0.0)
-                    .then(|| (dropout, ops::mix_seed(&[seed, micro, l as u64, m as u64])))
+            let slot = |m: Module| index[l][m.index()].map(|i| &slots[i]);
+            let drop = |m: Module| {
+                (train && dropout > 0.0).then(|| {
+                    let words = [seed, micro, l as u64, m.index() as u64];
+                    (dropout, ops::mix_seed(&words))
+                })
             };
             s.x_in.clear();
             s.x_in.extend_from_slice(&x);
@@ -658,9 +647,9 @@ impl<'m> Trainer<'m> {
             let [mq, mk, mv, mo, mg, mu, md] = &mut s.masks;
             pass.linear_forward(
                 l,
-                0,
-                slot(0),
-                drop(0),
+                Module::QProj,
+                slot(Module::QProj),
+                drop(Module::QProj),
                 &work.h,
                 &mut s.q,
                 uq,
@@ -670,9 +659,9 @@ impl<'m> Trainer<'m> {
             )?;
             pass.linear_forward(
                 l,
-                1,
-                slot(1),
-                drop(1),
+                Module::KProj,
+                slot(Module::KProj),
+                drop(Module::KProj),
                 &work.h,
                 &mut s.k,
                 uk,
@@ -682,9 +671,9 @@ impl<'m> Trainer<'m> {
             )?;
             pass.linear_forward(
                 l,
-                2,
-                slot(2),
-                drop(2),
+                Module::VProj,
+                slot(Module::VProj),
+                drop(Module::VProj),
                 &work.h,
                 &mut s.v,
                 uv,
@@ -699,9 +688,9 @@ impl<'m> Trainer<'m> {
             ops::attention_forward(&s.q, &s.k, &s.v, &p.segs, shape, &mut s.o, &mut s.lse)?;
             pass.linear_forward(
                 l,
-                3,
-                slot(3),
-                drop(3),
+                Module::OProj,
+                slot(Module::OProj),
+                drop(Module::OProj),
                 &s.o,
                 &mut work.tmp,
                 uo,
@@ -716,9 +705,9 @@ impl<'m> Trainer<'m> {
             ops::rms_norm_forward(&x, &lp.mlp_norm, eps, &mut work.h, &mut s.inv2);
             pass.linear_forward(
                 l,
-                4,
-                slot(4),
-                drop(4),
+                Module::GateProj,
+                slot(Module::GateProj),
+                drop(Module::GateProj),
                 &work.h,
                 &mut s.gate,
                 ug,
@@ -728,9 +717,9 @@ impl<'m> Trainer<'m> {
             )?;
             pass.linear_forward(
                 l,
-                5,
-                slot(5),
-                drop(5),
+                Module::UpProj,
+                slot(Module::UpProj),
+                drop(Module::UpProj),
                 &work.h,
                 &mut s.up,
                 uu,
@@ -742,9 +731,9 @@ impl<'m> Trainer<'m> {
             ops::silu_mul_forward(&s.gate, &s.up, &mut work.act);
             pass.linear_forward(
                 l,
-                6,
-                slot(6),
-                drop(6),
+                Module::DownProj,
+                slot(Module::DownProj),
+                drop(Module::DownProj),
                 &work.act,
                 &mut work.tmp,
                 ud,
@@ -841,13 +830,13 @@ impl<'m> Trainer<'m> {
                     pass.linear_backward(
                         l,
                         $m,
-                        match idx[$m] {
+                        match idx[$m.index()] {
                             Some(i) => Some(&mut slots[i]),
                             None => None,
                         },
                         $x,
-                        &s.u[$m],
-                        s.masks[$m].as_ref(),
+                        &s.u[$m.index()],
+                        s.masks[$m.index()].as_ref(),
                         $gy,
                         $gx,
                         $acc,
@@ -864,7 +853,7 @@ impl<'m> Trainer<'m> {
             ops::silu_mul_forward(&s.gate, &s.up, &mut w.act);
             let act = std::mem::take(&mut w.act);
             let mut g_act = std::mem::take(&mut w.g_act);
-            back!(6, &act, &gx, &mut g_act, false, true);
+            back!(Module::DownProj, &act, &gx, &mut g_act, false, true);
             w.act = act;
             resize(&mut w.gg, g_act.len());
             resize(&mut w.gup, g_act.len());
@@ -873,13 +862,13 @@ impl<'m> Trainer<'m> {
             let hbuf = std::mem::take(&mut w.h);
             let (gg, gup) = (std::mem::take(&mut w.gg), std::mem::take(&mut w.gup));
             let mut gh = std::mem::take(&mut w.gh);
-            back!(4, &hbuf, &gg, &mut gh, false, true);
-            back!(5, &hbuf, &gup, &mut gh, true, true);
+            back!(Module::GateProj, &hbuf, &gg, &mut gh, false, true);
+            back!(Module::UpProj, &hbuf, &gup, &mut gh, true, true);
             (w.gg, w.gup) = (gg, gup);
             ops::rms_norm_backward(&s.x_mid, &lp.mlp_norm, &s.inv2, &gh, &mut gx, true);
             // Attention.
             let mut go = std::mem::take(&mut w.go);
-            back!(3, &s.o, &gx, &mut go, false, true);
+            back!(Module::OProj, &s.o, &gx, &mut go, false, true);
             resize(&mut w.dq, s.q.len());
             resize(&mut w.dk, s.k.len());
             resize(&mut w.dv, s.v.len());
@@ -901,9 +890,9 @@ impl<'m> Trainer<'m> {
                 std::mem::take(&mut w.dk),
                 std::mem::take(&mut w.dv),
             );
-            back!(0, &hbuf, &dq, &mut gh, false, need);
-            back!(1, &hbuf, &dk, &mut gh, true, need);
-            back!(2, &hbuf, &dv, &mut gh, true, need);
+            back!(Module::QProj, &hbuf, &dq, &mut gh, false, need);
+            back!(Module::KProj, &hbuf, &dk, &mut gh, true, need);
+            back!(Module::VProj, &hbuf, &dv, &mut gh, true, need);
             (w.dq, w.dk, w.dv) = (dq, dk, dv);
             if need {
                 ops::rms_norm_backward(&s.x_in, &lp.attn_norm, &s.inv1, &gh, &mut gx, true);
@@ -938,7 +927,7 @@ impl<'m> Trainer<'m> {
     pub fn gradients(&self) -> BTreeMap<String, Vec<f32>> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
-            let m = MODULES[s.module];
+            let m = s.module;
             out.insert(peft_name(s.layer, m, "A"), s.ga.clone());
             out.insert(peft_name(s.layer, m, "B"), s.gb.clone());
         }
@@ -998,13 +987,13 @@ impl<'m> Trainer<'m> {
         let mut config = AdapterConfig::new(
             self.spec.rank,
             self.spec.alpha,
-            TargetModules::from_names(self.spec.target_modules.iter().cloned()),
+            TargetModules::from_names(self.spec.target_modules.iter().map(|m| m.as_str())),
         );
         config.lora_dropout = self.spec.dropout;
         config.base_model_name_or_path = base_model.map(str::to_string);
         let mut tensors = BTreeMap::new();
         for s in &self.slots {
-            let m = MODULES[s.module];
+            let m = s.module;
             tensors.insert(
                 peft_name(s.layer, m, "A"),
                 LoraTensor {

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraTensor, TargetModules};
 use hivemind_model::config::{Arch, ModelConfig};
-use hivemind_model::decoder::{Decoder, MODULES};
+use hivemind_model::decoder::Decoder;
 use hivemind_model::lora::peft_name;
 use hivemind_model::testing::TinyModel;
+use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions};
 
 use common::reference::{self, decoder_weights, mat, Weights};
@@ -175,8 +176,8 @@ fn random_adapter(cfg: &ModelConfig, r: usize, seed: u64) -> LoraAdapter {
         }
     };
     for l in 0..cfg.num_layers {
-        for m in MODULES {
-            let (out, inp) = dims(m);
+        for m in Module::ALL {
+            let (out, inp) = dims(m.as_str());
             let mut t = |rows: usize, cols: usize| LoraTensor {
                 shape: vec![rows, cols],
                 data: (0..rows * cols)
@@ -187,7 +188,11 @@ fn random_adapter(cfg: &ModelConfig, r: usize, seed: u64) -> LoraAdapter {
             tensors.insert(peft_name(l, m, "B"), t(out, r));
         }
     }
-    let config = AdapterConfig::new(r, 2.0 * r as f64, TargetModules::from_names(MODULES));
+    let config = AdapterConfig::new(
+        r,
+        2.0 * r as f64,
+        TargetModules::from_names(Module::ALL.map(Module::as_str)),
+    );
     LoraAdapter::new(config, tensors).expect("valid adapter")
 }
 
@@ -235,7 +240,7 @@ fn adapter_that_does_not_fit_is_refused_by_name() -> Result<()> {
     tiny.write_gguf(&path)?;
     let mut m = BaseModel::load(&path, &LoadOptions::default())?;
     let mut adapter = random_adapter(&m.decoder.cfg, 4, 1);
-    let name = peft_name(1, "up_proj", "A");
+    let name = peft_name(1, Module::UpProj, "A");
     adapter.tensors.get_mut(&name).expect("tensor").shape = vec![4, 32];
     adapter
         .tensors

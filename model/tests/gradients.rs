@@ -497,10 +497,11 @@ mod model_level {
     use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraTensor, TargetModules};
     use hivemind_model::config::{Arch, ModelConfig};
     use hivemind_model::dataset::Example;
-    use hivemind_model::decoder::{Decoder, MODULES};
+    use hivemind_model::decoder::Decoder;
     use hivemind_model::lora::peft_name;
     use hivemind_model::testing::TinyModel;
     use hivemind_model::train::{LoraSpec, Trainer};
+    use hivemind_model::Module;
     use hivemind_model::{BaseModel, LoadOptions};
 
     use crate::common::reference::{self, Weights};
@@ -531,6 +532,7 @@ mod model_level {
         batch: &[Example],
     ) -> f64 {
         let add_lora = |l: usize, m: &str, x: &[f64], y: &mut [f64]| {
+            let m: Module = m.parse().expect("a decoder module");
             if let (Some((a, r, c)), Some((b, o, _))) = (
                 lora.get(p, &peft_name(l, m, "A")),
                 lora.get(p, &peft_name(l, m, "B")),
@@ -570,8 +572,8 @@ mod model_level {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
         for (l, layer) in d.layers.iter().enumerate() {
-            for m in MODULES {
-                let (out, inp) = layer.module(m).expect("module").weight.dims()?;
+            for m in Module::ALL {
+                let (out, inp) = layer.module(m).weight.dims()?;
                 for (which, shape) in [("A", [r, inp]), ("B", [out, r])] {
                     tensors.insert(
                         peft_name(l, m, which),
@@ -583,7 +585,11 @@ mod model_level {
                 }
             }
         }
-        let cfg = AdapterConfig::new(r, 2.0 * r as f64, TargetModules::from_names(MODULES));
+        let cfg = AdapterConfig::new(
+            r,
+            2.0 * r as f64,
+            TargetModules::from_names(Module::ALL.map(Module::as_str)),
+        );
         Ok(LoraAdapter::new(cfg, tensors)?)
     }
 
@@ -604,15 +610,15 @@ mod model_level {
             rank: r,
             alpha: 2.0 * r as f64,
             dropout: 0.0,
-            target_modules: MODULES.iter().map(|s| s.to_string()).collect(),
+            target_modules: Module::ALL.to_vec(),
         }
     }
 
     fn dense_copy(d: &Decoder) -> Result<Decoder> {
         let mut out = d.clone();
         for layer in &mut out.layers {
-            for m in MODULES {
-                let lin = layer.module_mut(m).expect("module");
+            for m in Module::ALL {
+                let lin = layer.module_mut(m);
                 lin.weight = Weight::Dense(lin.weight.dequantize()?);
             }
         }
@@ -704,7 +710,7 @@ mod model_level {
         }
 
         // Gradients reach the first layer through every frozen quantized layer after it.
-        for m in MODULES {
+        for m in Module::ALL {
             for which in ["A", "B"] {
                 let g = &grads[&peft_name(0, m, which)];
                 assert!(

@@ -11,9 +11,9 @@ use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::chat::Role;
 use hivemind_model::config::Arch;
 use hivemind_model::dataset::{self, Example};
-use hivemind_model::decoder::MODULES;
 use hivemind_model::testing::TinyModel;
 use hivemind_model::train::{self, LoraSpec, TrainConfig, Trainer};
+use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions, ModelError};
 
 fn tiny(arch: Arch, dir: &Path) -> Result<BaseModel> {
@@ -42,7 +42,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
             rank: 8,
             alpha: 16.0,
             dropout: 0.05,
-            target_modules: MODULES.iter().map(|s| s.to_string()).collect(),
+            target_modules: Module::ALL.to_vec(),
         },
         lr: 1e-2,
         epochs,
@@ -142,7 +142,7 @@ fn output_dir_is_a_peft_adapter_the_decoder_applies() -> Result<()> {
         .map(|v| v.as_str().expect("str").to_string())
         .collect();
     targets.sort();
-    let mut want: Vec<String> = MODULES.iter().map(|s| s.to_string()).collect();
+    let mut want: Vec<String> = Module::ALL.iter().map(|m| m.to_string()).collect();
     want.sort();
     assert_eq!(targets, want);
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hivemind_model::Module;
 use hivemind_protocol::{
     announce_topic, digest_topic, BaseModel, Hash, LoraShape, ModelId, RoundConfig,
 };
@@ -48,17 +49,7 @@ impl Default for LoraSettings {
         LoraSettings {
             rank: 16,
             alpha: 32.0,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: Module::ALL.iter().map(|m| m.to_string()).collect(),
         }
     }
 }

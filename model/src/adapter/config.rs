@@ -5,7 +5,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-
 use super::error::{AdapterError, Result};
 
 /// The modules a LoRA adapter targets, as PEFT writes them in `adapter_config.json`.

@@ -39,7 +39,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
 
-
 use hivemind_protocol::Hash;
 
 /// File name of the PEFT adapter configuration inside an adapter directory.

@@ -2,8 +2,6 @@
 
 use std::collections::BTreeMap;
 
-
-
 use super::error::{AdapterError, Result};
 use super::{MAX_NAME_LEN, NAME_PREFIX};
 
@@ -101,7 +99,9 @@ pub(super) fn locate_module(path: &str) -> Option<(usize, &str)> {
 
 /// Checks a set of canonical tensors: names, 2-D shapes, data lengths, finite values,
 /// complete A/B pairs of equal rank. Returns the rank of each pair by module path.
-pub(super) fn check_tensors(tensors: &BTreeMap<String, LoraTensor>) -> Result<BTreeMap<&str, usize>> {
+pub(super) fn check_tensors(
+    tensors: &BTreeMap<String, LoraTensor>,
+) -> Result<BTreeMap<&str, usize>> {
     if tensors.is_empty() {
         return Err(AdapterError::NoTensors);
     }

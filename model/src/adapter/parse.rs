@@ -7,7 +7,6 @@ use std::fmt;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-
 use super::error::{AdapterError, Result};
 use super::names::{check_tensors, normalise_name, LoraTensor};
 

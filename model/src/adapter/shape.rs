@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-
 use super::names::LoraSide;
 
 /// Dimensions of one adapted linear layer in the Hugging Face layout (weight `[out, in]`).

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use hivemind_model::config::ModelConfig;
-use hivemind_model::decoder::{Decoder, MODULES};
+use hivemind_model::decoder::Decoder;
+use hivemind_model::Module;
 
 /// A matrix as (rows, cols, row-major f64); a vector is one row.
 pub(crate) type Mat = (usize, usize, Vec<f64>);
@@ -92,9 +93,9 @@ pub(crate) fn decoder_weights(d: &Decoder) -> Result<Weights> {
     }
     for (l, layer) in d.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
-        for m in MODULES {
-            let lin = layer.module(m).expect("module");
-            let name = format!("{p}.{}.{m}", group(m));
+        for m in Module::ALL {
+            let lin = layer.module(m);
+            let name = format!("{p}.{}.{m}", group(m.as_str()));
             w.insert(format!("{name}.weight"), mat(&lin.weight.dequantize()?)?);
             if let Some(b) = &lin.bias {
                 w.insert(format!("{name}.bias"), mat(b)?);

@@ -17,6 +17,7 @@ use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::dataset;
 use hivemind_model::train::{self, LoraSpec, Progress, TrainConfig};
+use hivemind_model::Module;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::{load_model, progress, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
@@ -136,9 +137,10 @@ fn config(args: &TrainArgs, init: Option<&LoraAdapter>) -> Result<TrainConfig> {
             target_modules: args
                 .target_modules
                 .iter()
-                .map(|s| s.trim().to_string())
+                .map(|s| s.trim())
                 .filter(|s| !s.is_empty())
-                .collect(),
+                .map(|s| s.parse::<Module>().context("--target-modules"))
+                .collect::<Result<_>>()?,
         },
     };
     Ok(TrainConfig {
@@ -229,7 +231,12 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
                 .unwrap_or_default(),
             cfg.lora.rank,
             cfg.lora.alpha,
-            cfg.lora.target_modules.join(",")
+            cfg.lora
+                .target_modules
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         ));
     }
 
@@ -352,7 +359,7 @@ mod tests {
         assert_eq!(a.warmup_ratio, 0.03);
         assert!(!a.model.no_4bit);
         let cfg = config(&a, None)?;
-        assert_eq!(cfg.lora.target_modules[6], "down_proj");
+        assert_eq!(cfg.lora.target_modules[6], Module::DownProj);
         assert!(Cli::try_parse_from(["x"]).is_err(), "--data is required");
         assert!(Cli::try_parse_from(["x", "--create-sample"]).is_ok());
         let b = Cli::try_parse_from([
