@@ -29,7 +29,6 @@ pub mod qweight;
 pub mod testing;
 pub mod tokenizer;
 pub mod train;
-pub mod train_ops;
 
 pub use error::{ModelError, Result};
 pub use hivemind_protocol::Hash;

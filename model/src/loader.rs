@@ -251,7 +251,7 @@ fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
     Ok(QTensor::new(storage, (rows, cols))?)
 }
 
-/// The inverse of [`unpermute_rows`] on a dense `[rows, cols]` tensor: HF layout to GGUF layout.
+/// The inverse of `unpermute_rows` on a dense `[rows, cols]` tensor: HF layout to GGUF layout.
 /// Used by tests that write GGUF files from HF-layout weights.
 pub fn permute_rows_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;

@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use anyhow::Result;
 use hivemind_model::decoder::Weight;
-use hivemind_model::train_ops::*;
+use hivemind_model::train::ops::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

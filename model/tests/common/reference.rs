@@ -3,7 +3,7 @@
 //!
 //! Written from the Hugging Face modelling code's equations (RMSNorm, rotate-half RoPE, GQA
 //! attention with a causal mask, SiLU-gated MLP, optional q/k/v bias), with plain loops instead of
-//! tensor ops. It shares no code with the candle decoder or with `train_ops`. Weights are matrices
+//! tensor ops. It shares no code with the candle decoder or with `train::ops`. Weights are matrices
 //! under their Hugging Face names; a caller-supplied `extra` term (LoRA in the gradient tests) is
 //! added to every linear module's output.
 

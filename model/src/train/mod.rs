@@ -1,0 +1,398 @@
+//! LoRA training on CPU (QLoRA when the base is quantized): the trainer, AdamW, the learning-rate
+//! schedule and the training loop that turns examples into a PEFT adapter.
+//!
+//! ```text
+//!  Example batches ──Trainer::accumulate──▶ forward: embed → layers → final norm → fused CE
+//!                                           (saves per layer: x, q, k, v, attn out, x_mid, gate, up)
+//!                                           backward: CE → layers in reverse → LoRA grads
+//!  grads ──Trainer::optimizer_step(lr)──▶ clip, AdamW on the LoRA A/B only
+//!  train(): epochs of length-grouped batches, gradient accumulation, warmup + linear decay,
+//!           progress callback, stop flag ──▶ TrainOutcome { adapter (PEFT), info }
+//! ```
+//!
+//! Only LoRA A (`[r, in]`) and B (`[out, r]`) in f32 are parameters. Base weights stay in their
+//! GGUF blocks; each frozen matmul dequantizes one weight at a time into a scratch panel (see
+//! [`crate::train::ops`]) and never computes the weight's gradient, while the input gradient flows
+//! through every frozen layer to the LoRA weights of earlier layers.
+//!
+//! Sequences of a batch are packed back to back with no padding: every token-wise op runs on all
+//! tokens at once and attention stays within each sequence. The loss is the mean cross-entropy over
+//! the target (assistant) tokens of an accumulation window, like Hugging Face's Trainer.
+//!
+//! Files: this module holds the run (spec, config, schedule, the loop); `trainer/` the
+//! [`Trainer`] (`forward.rs`, `backward.rs`, and `pass.rs` for the linear layer both use);
+//! `ops/` one file per differentiable op.
+//!
+//! Same examples, config, seed and thread count give the same adapter bytes: shuffles and LoRA
+//! init come from seeded generators, dropout masks from counters, and every reduction has a fixed
+//! order.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::LoraAdapter;
+use crate::dataset::{length_grouped_batches, Example};
+use crate::error::{ModelError, Result};
+use crate::loader::BaseModel;
+use crate::module::Module;
+
+pub mod ops;
+mod trainer;
+
+pub use trainer::{BatchLoss, Trainer};
+
+/// AdamW's `(beta1, beta2)` (PyTorch's and Hugging Face's defaults).
+pub const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
+/// AdamW's epsilon.
+pub const ADAM_EPS: f32 = 1e-8;
+
+/// The LoRA adapter to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// Rank `r`.
+    pub rank: usize,
+    /// `lora_alpha`; the update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training.
+    pub dropout: f64,
+    /// Adapted modules.
+    pub target_modules: Vec<Module>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: Module::ALL.to_vec(),
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The spec of an existing adapter (to continue training it).
+    pub fn from_adapter(a: &LoraAdapter) -> Result<Self> {
+        let names = a
+            .config
+            .target_modules
+            .names()
+            .ok_or_else(|| ModelError::Training {
+                reason: "an adapter whose target_modules is a pattern cannot be continued".into(),
+            })?;
+        let target_modules = names
+            .iter()
+            .map(|n| n.parse::<Module>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| ModelError::Training {
+                reason: format!("the adapter cannot be continued: {e}"),
+            })?;
+        Ok(LoraSpec {
+            rank: a.config.r,
+            alpha: a.config.scaling() * a.config.r as f64,
+            dropout: a.config.lora_dropout,
+            target_modules,
+        })
+    }
+
+    fn module_mask(&self) -> Result<[bool; Module::COUNT]> {
+        let mut mask = [false; Module::COUNT];
+        for m in &self.target_modules {
+            mask[m.index()] = true;
+        }
+        if !mask.iter().any(|&m| m) {
+            return Err(ModelError::Training {
+                reason: "no target modules".into(),
+            });
+        }
+        if self.rank == 0 {
+            return Err(ModelError::Training {
+                reason: "LoRA rank must be at least 1".into(),
+            });
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::Training {
+                reason: format!("dropout {} is not in [0, 1)", self.dropout),
+            });
+        }
+        Ok(mask)
+    }
+}
+
+/// Everything a training run needs besides the model and the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// The adapter.
+    pub lora: LoraSpec,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Passes over the data (unless `max_steps` says otherwise).
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Fraction of the steps spent warming the learning rate up from 0.
+    pub warmup_ratio: f64,
+    /// Longer examples are cut to this many tokens.
+    pub max_seq_len: usize,
+    /// Stop after this many optimizer steps (running more epochs if needed).
+    pub max_steps: Option<usize>,
+    /// Seed of the LoRA init, the shuffles and dropout.
+    pub seed: u64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (Hugging Face's default is 1.0).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    /// The legacy tool's defaults.
+    fn default() -> Self {
+        TrainConfig {
+            lora: LoraSpec::default(),
+            lr: 2e-4,
+            epochs: 3,
+            batch_size: 4,
+            grad_accum: 4,
+            warmup_ratio: 0.03,
+            max_seq_len: 512,
+            max_steps: None,
+            seed: 42,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+/// Learning rate of optimizer step `step` (0-based) of `total`: linear warmup over `warmup` steps
+/// from 0, then linear decay to 0 (Hugging Face's `get_linear_schedule_with_warmup`).
+pub fn lr_at(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        lr * step as f64 / warmup.max(1) as f64
+    } else {
+        lr * ((total.saturating_sub(step)) as f64 / total.saturating_sub(warmup).max(1) as f64)
+            .max(0.0)
+    }
+}
+
+/// Where a training run stands, for progress display.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Optimizer steps planned.
+    pub total_steps: usize,
+    /// Current epoch, from 1.
+    pub epoch: usize,
+    /// Epochs planned.
+    pub epochs: usize,
+    /// Mean loss of the last step.
+    pub loss: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Tokens processed per second so far.
+    pub tokens_per_s: f64,
+    /// Seconds since training started.
+    pub elapsed_s: f64,
+}
+
+/// `training_info.json`: what was trained, on what, how long, how well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// Examples trained on.
+    pub samples: usize,
+    /// Epochs planned.
+    pub epochs: usize,
+    /// Epochs started (the last may be partial).
+    pub epochs_run: usize,
+    /// Optimizer steps done.
+    pub steps: usize,
+    /// Optimizer steps planned.
+    pub total_steps: usize,
+    /// Mean loss of the first step.
+    pub first_loss: Option<f64>,
+    /// Mean loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Base model id (file stem or directory name).
+    pub base_model: String,
+    /// blake3 of the base model's files.
+    pub base_model_hash: String,
+    /// Training wall time (model loading excluded).
+    pub seconds: f64,
+    /// Tokens processed.
+    pub tokens: u64,
+    /// Tokens processed per second.
+    pub tokens_per_second: f64,
+    /// Peak resident memory of the process, MiB (Linux).
+    pub peak_memory_mib: Option<f64>,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Examples were cut to this many tokens.
+    pub max_seq_len: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Whether training was stopped early (Ctrl-C): the adapter is the one after `steps` steps.
+    pub interrupted: bool,
+}
+
+/// A finished (or stopped) run.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The trained adapter.
+    pub adapter: LoraAdapter,
+    /// Its training record.
+    pub info: TrainingInfo,
+}
+
+impl TrainOutcome {
+    /// Writes the PEFT adapter dir (`adapter_config.json`, `adapter_model.safetensors`) and
+    /// `training_info.json` into `dir`.
+    pub fn write_dir(&self, dir: &Path) -> Result<()> {
+        self.adapter.write_dir(dir)?;
+        let p = dir.join("training_info.json");
+        let mut json = serde_json::to_vec_pretty(&self.info).map_err(|e| ModelError::Training {
+            reason: format!("cannot serialise training info: {e}"),
+        })?;
+        json.push(b'\n');
+        std::fs::write(&p, json).map_err(|e| ModelError::Io {
+            path: p.clone(),
+            source: e,
+        })
+    }
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM` of `/proc/self/status`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Optimizer steps of a run: `ceil(batches / grad_accum)` per epoch times epochs, or `max_steps`.
+pub fn planned_steps(num_examples: usize, cfg: &TrainConfig) -> usize {
+    let batches = num_examples.div_ceil(cfg.batch_size.max(1));
+    let per_epoch = batches.div_ceil(cfg.grad_accum.max(1));
+    cfg.max_steps.unwrap_or(per_epoch * cfg.epochs)
+}
+
+/// Trains a LoRA adapter for `model` on `examples`. Each epoch visits the examples in
+/// [`length_grouped_batches`]; `grad_accum` micro-batches make one optimizer step (the last of an
+/// epoch may have fewer); the learning rate follows [`lr_at`]. `on_progress` runs after each
+/// step. When `stop` becomes true, the run ends before the next micro-batch and returns the
+/// adapter as of the last completed step.
+pub fn train(
+    model: &BaseModel,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    init: Option<&LoraAdapter>,
+    stop: &AtomicBool,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainOutcome> {
+    if examples.is_empty() {
+        return Err(ModelError::Training {
+            reason: "no examples to train on".into(),
+        });
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || (cfg.epochs == 0 && cfg.max_steps.is_none()) {
+        return Err(ModelError::Training {
+            reason: "batch size, gradient accumulation and epochs must be at least 1".into(),
+        });
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        return Err(ModelError::Training {
+            reason: format!("learning rate {} must be positive", cfg.lr),
+        });
+    }
+    let mut trainer = Trainer::new(&model.decoder, &cfg.lora, init, cfg.seed)?;
+    trainer.set_optimizer(cfg.weight_decay, cfg.max_grad_norm);
+    let total = planned_steps(examples.len(), cfg);
+    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+    let lens: Vec<usize> = examples.iter().map(Example::len).collect();
+    let t0 = Instant::now();
+    let mut tokens = 0u64;
+    let (mut step, mut epoch) = (0usize, 0usize);
+    let (mut first_loss, mut final_loss) = (None, None);
+    let mut interrupted = false;
+    'outer: while step < total {
+        epoch += 1;
+        let batches = length_grouped_batches(&lens, cfg.batch_size, cfg.seed, epoch as u64 - 1);
+        for window in batches.chunks(cfg.grad_accum) {
+            if step >= total {
+                break 'outer;
+            }
+            let targets: usize = window
+                .iter()
+                .flatten()
+                .map(|&i| examples[i].num_targets())
+                .sum();
+            let weight = 1.0 / targets.max(1) as f32;
+            let mut loss = BatchLoss::default();
+            for b in window {
+                if stop.load(Ordering::Relaxed) {
+                    interrupted = true;
+                    break 'outer;
+                }
+                let batch: Vec<&Example> = b.iter().map(|&i| &examples[i]).collect();
+                let l = trainer.accumulate(&batch, weight)?;
+                loss.loss_sum += l.loss_sum;
+                loss.targets += l.targets;
+                tokens += l.tokens as u64;
+            }
+            let lr = lr_at(cfg.lr, step, warmup, total);
+            trainer.optimizer_step(lr);
+            step += 1;
+            let mean = loss.mean();
+            first_loss.get_or_insert(mean);
+            final_loss = Some(mean);
+            let elapsed = t0.elapsed().as_secs_f64();
+            on_progress(&Progress {
+                step,
+                total_steps: total,
+                epoch,
+                epochs: cfg.epochs.max(epoch),
+                loss: mean,
+                lr,
+                tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+                elapsed_s: elapsed,
+            });
+        }
+        if cfg.max_steps.is_none() && epoch >= cfg.epochs {
+            break;
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let adapter = trainer.adapter(Some(&model.name))?;
+    Ok(TrainOutcome {
+        adapter,
+        info: TrainingInfo {
+            samples: examples.len(),
+            epochs: cfg.epochs,
+            epochs_run: epoch,
+            steps: step,
+            total_steps: total,
+            first_loss,
+            final_loss,
+            base_model: model.name.clone(),
+            base_model_hash: model.hash.to_hex(),
+            seconds,
+            tokens,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            peak_memory_mib: peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+            learning_rate: cfg.lr,
+            batch_size: cfg.batch_size,
+            grad_accum: cfg.grad_accum,
+            max_seq_len: cfg.max_seq_len,
+            seed: cfg.seed,
+            interrupted,
+        },
+    })
+}
