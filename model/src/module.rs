@@ -109,6 +109,7 @@ impl fmt::Display for Module {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -22,6 +22,15 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
+    /// The attention shape of a model with config `cfg`.
+    pub fn of(cfg: &crate::config::ModelConfig) -> Self {
+        AttnShape {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+
     fn check(&self, t: usize, q: usize, k: usize, v: usize) -> Result<()> {
         check_len("attention q", q, t * self.heads * self.head_dim)?;
         check_len("attention k", k, t * self.kv_heads * self.head_dim)?;

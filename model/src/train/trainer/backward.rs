@@ -14,11 +14,7 @@ impl Trainer<'_> {
         let cfg = &self.dec.cfg;
         let t = p.ids.len();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let shape = AttnShape {
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
-            head_dim: hd,
-        };
+        let shape = AttnShape::of(cfg);
         let eps = cfg.rms_norm_eps as f32;
         let Trainer {
             dec,

@@ -15,11 +15,7 @@ impl Trainer<'_> {
         let cfg = &self.dec.cfg;
         let t = p.ids.len();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let shape = AttnShape {
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
-            head_dim: hd,
-        };
+        let shape = AttnShape::of(cfg);
         let eps = cfg.rms_norm_eps as f32;
         let dropout = self.spec.dropout as f32;
         let micro = self.micro;
