@@ -28,6 +28,7 @@ use hivemind_store::Store;
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
@@ -149,6 +150,8 @@ pub struct Driver {
     /// Inbox dirs refused because their round already had our adapter, with that round.
     inbox_waiting: BTreeMap<PathBuf, u64>,
     view: tokio::sync::watch::Sender<DriverView>,
+    /// Fetches, aggregations and announcement writes in flight; joined when the driver stops.
+    tasks: JoinSet<()>,
 }
 
 impl Driver {
@@ -188,6 +191,7 @@ impl Driver {
             deferred: BTreeMap::new(),
             queued: Vec::new(),
             inbox_waiting: BTreeMap::new(),
+            tasks: JoinSet::new(),
             view: tokio::sync::watch::Sender::new(DriverView::default()),
         })
     }
@@ -281,12 +285,22 @@ impl Driver {
                 Some(ev) = self.net_events.recv() => self.on_net_event(ev).await,
                 Some(req) = self.local.recv() => self.on_local(req).await,
                 _ = housekeeping.tick() => self.housekeeping().await,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "driver task failed");
+                    }
+                }
                 _ = timer => {
                     let actions = self.machine.tick(now_ms());
                     self.act(actions).await;
                 }
             }
         }
+        // Fetches stop at their next await; a blocking write or aggregation already running
+        // finishes (abort cannot stop it), so nothing is left half-written when `run` returns.
+        self.done_rx.close();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
         tracing::debug!("driver stopped");
     }
 
@@ -492,12 +506,15 @@ impl Driver {
                 let store = self.store.clone();
                 let config = self.cfg.spec.config.clone();
                 let tx = self.done_tx.clone();
-                tokio::task::spawn_blocking(move || match aggregate(&store, &config, &job) {
-                    Ok(result) => {
-                        let _ = tx.blocking_send(Event::AggregationFinished { job, result });
-                    }
-                    Err(e) => tracing::error!(round = job.round, error = %e, "aggregation failed"),
-                });
+                self.tasks
+                    .spawn_blocking(move || match aggregate(&store, &config, &job) {
+                        Ok(result) => {
+                            let _ = tx.blocking_send(Event::AggregationFinished { job, result });
+                        }
+                        Err(e) => {
+                            tracing::error!(round = job.round, error = %e, "aggregation failed")
+                        }
+                    });
             }
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();
@@ -559,7 +576,7 @@ impl Driver {
             spec.max_adapter_bytes()
         };
         let slots = self.fetch_slots.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // Adapter transfers (and their validation, which loads the adapter) take a slot;
             // announcements (a few KiB) and blobs already held do not wait behind them.
             let held = matches!(store.has_blob(&hash), Ok(true));
@@ -618,9 +635,9 @@ impl Driver {
         });
     }
 
-    fn keep_announcement(&self, round: u64, adapter: Hash, envelope: Vec<u8>) {
+    fn keep_announcement(&mut self, round: u64, adapter: Hash, envelope: Vec<u8>) {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        self.tasks.spawn_blocking(move || {
             if let Err(e) = store
                 .put_blob(&envelope)
                 .and_then(|_| store.put_announcement(round, &adapter, &envelope))

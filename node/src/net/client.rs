@@ -8,7 +8,7 @@ pub(super) enum Command {
     Publish {
         topic: String,
         data: Vec<u8>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), NetError>>,
     },
     Validate {
         id: MessageId,
@@ -24,7 +24,7 @@ pub(super) enum Command {
     },
     Dial {
         addr: Multiaddr,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), NetError>>,
     },
 }
 
@@ -81,12 +81,7 @@ impl Client {
     pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Publish { topic, data, reply }).await?;
-        rx.await
-            .map_err(|_| NetError::Stopped)?
-            .map_err(|detail| NetError::Command {
-                op: "publish",
-                detail,
-            })
+        rx.await.map_err(|_| NetError::Stopped)?
     }
 
     /// Reports the verdict on a gossip message received as [`NetEvent::Gossip`].
@@ -139,8 +134,6 @@ impl Client {
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Dial { addr, reply }).await?;
-        rx.await
-            .map_err(|_| NetError::Stopped)?
-            .map_err(|detail| NetError::Command { op: "dial", detail })
+        rx.await.map_err(|_| NetError::Stopped)?
     }
 }

@@ -36,9 +36,9 @@ impl EventLoop {
             Command::Publish { topic, data, reply } => {
                 let r = b
                     .gossipsub
-                    .publish(IdentTopic::new(topic), data)
+                    .publish(IdentTopic::new(topic.clone()), data)
                     .map(|_| ())
-                    .map_err(|e| e.to_string());
+                    .map_err(|source| NetError::Publish { topic, source });
                 let _ = reply.send(r);
             }
             Command::Validate {
@@ -79,7 +79,11 @@ impl EventLoop {
                 });
             }
             Command::Dial { addr, reply } => {
-                let _ = reply.send(self.swarm.dial(addr).map_err(|e| e.to_string()));
+                let r = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|source| NetError::Dial { addr, source });
+                let _ = reply.send(r);
             }
         }
     }

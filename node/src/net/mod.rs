@@ -79,13 +79,23 @@ pub enum NetError {
     /// The event loop has stopped.
     #[error("the network task has stopped")]
     Stopped,
-    /// A command failed.
-    #[error("{op}: {detail}")]
-    Command {
-        /// Which command.
-        op: &'static str,
+    /// Gossipsub refused to publish (no peers on the topic, duplicate, too large...).
+    #[error("publishing on {topic}: {source}")]
+    Publish {
+        /// The topic.
+        topic: String,
         /// Why.
-        detail: String,
+        #[source]
+        source: gossipsub::PublishError,
+    },
+    /// The swarm refused to dial an address.
+    #[error("dialling {addr}: {source}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        #[source]
+        source: libp2p::swarm::DialError,
     },
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -23,9 +24,11 @@ pub async fn serve_incoming(
     cancel: CancellationToken,
 ) {
     let slots = Slots::new(limit);
+    let mut streams = JoinSet::new();
     loop {
         let (peer, mut stream) = tokio::select! {
             _ = cancel.cancelled() => break,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
             next = incoming.next() => match next {
                 Some(x) => x,
                 None => break,
@@ -35,13 +38,16 @@ pub async fn serve_incoming(
             continue;
         }
         let (source, slots) = (source.clone(), slots.clone());
-        tokio::spawn(async move {
+        streams.spawn(async move {
             match serve_stream(&mut stream, peer, source, &slots).await {
                 Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
                 Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
             }
         });
     }
+    // Streams being served stop with the node: they are dropped (reset) and joined.
+    streams.abort_all();
+    while streams.join_next().await.is_some() {}
 }
 
 /// Serving slots: a global semaphore plus a count per peer.
