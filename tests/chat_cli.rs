@@ -1,4 +1,5 @@
-//! `hive-node chat` as a user runs it: a real process on a tiny generated GGUF model.
+//! `hive-node chat` and `hive-node eval` as a user runs them: real processes on a tiny
+//! generated GGUF model.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -147,5 +148,81 @@ fn adapter_that_is_not_an_adapter_is_refused() -> Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr)?;
     assert!(err.contains("adapter"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn eval_scores_a_dataset_with_the_chosen_adapter_and_names_bad_items() -> Result<()> {
+    use hivemind_model::testing::random_adapter;
+    let dir = tempfile::tempdir()?;
+    let model = tiny_gguf(dir.path(), Arch::Llama)?;
+    let data = dir.path().join("facts.json");
+    std::fs::write(
+        &data,
+        r#"[{"instruction": "Where does Ana work?", "output": "Ana works at Brixova Labs."},
+            {"instruction": "Say hi", "output": "hi"}]"#,
+    )?;
+    let cfg = TinyModel::new(Arch::Llama, 1)?.cfg;
+    let shape = cfg.adapter_shape(4, &["q_proj".to_string(), "v_proj".to_string()])?;
+    let personal = dir.path().join("adapters").join("my_adapter");
+    random_adapter(&shape, 8.0, 3)?.write_dir(&personal)?;
+    let eval = |extra: &[&str]| -> Result<std::process::Output> {
+        Ok(hive()
+            .current_dir(dir.path())
+            .args(["eval", "--max-new-tokens", "6", "--json", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--data-dir")
+            .arg(dir.path().join("no-node"))
+            .args(extra)
+            .output()?)
+    };
+    let by_dir = eval(&["--adapter", "adapters/my_adapter"])?;
+    assert!(
+        by_dir.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_dir.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&by_dir.stdout)?;
+    assert_eq!(report["items"], 2);
+    assert_eq!(report["scores"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        report["scores"][0]["expected"],
+        "Ana works at Brixova Labs."
+    );
+    let loss = report["mean_loss"].as_f64().unwrap_or(f64::NAN);
+    let ppl = report["perplexity"].as_f64().unwrap_or(f64::NAN);
+    assert!(loss.is_finite() && loss > 0.0, "{report}");
+    assert!((ppl - loss.exp()).abs() < 1e-6 * ppl);
+    // `--use personal` reads the same adapter; the base model scores differently.
+    let by_choice = eval(&["--use", "personal"])?;
+    assert!(
+        by_choice.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_choice.stderr)
+    );
+    assert_eq!(by_choice.stdout, by_dir.stdout);
+    let base = eval(&["--use", "none"])?;
+    assert!(base.status.success());
+    assert_ne!(base.stdout, by_dir.stdout);
+    // round+personal needs a node that runs this model.
+    let both = eval(&["--use", "round+personal"])?;
+    assert!(!both.status.success());
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains("not on a network of this base model"), "{err}");
+    // An item without an answer is named.
+    std::fs::write(
+        &data,
+        r#"[{"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]},
+            {"conversations": [{"from": "human", "value": "no answer"}]}]"#,
+    )?;
+    let bad = eval(&["--use", "none"])?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("facts.json") && err.contains("item 1"),
+        "{err}"
+    );
     Ok(())
 }

@@ -18,6 +18,8 @@ pub mod config;
 pub mod dataset;
 pub mod decoder;
 mod error;
+pub mod eval;
+pub mod facts;
 pub mod generate;
 pub mod kernels;
 pub mod loader;

@@ -49,6 +49,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
         batch_size: 2,
         grad_accum: 1,
         warmup_ratio: 0.03,
+        schedule: train::LrSchedule::Linear,
         max_seq_len: 256,
         max_steps: None,
         seed,
@@ -244,16 +245,38 @@ fn a_stop_request_ends_after_the_current_step_with_the_adapter_so_far() -> Resul
 }
 
 #[test]
-fn schedule_is_linear_warmup_then_linear_decay() {
-    // Hugging Face get_linear_schedule_with_warmup(num_warmup_steps=2, num_training_steps=10).
-    let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125];
+fn schedule_warms_up_from_the_first_step_then_follows_its_shape() -> Result<()> {
+    use train::LrSchedule::{Constant, Cosine, Linear};
+    // After the warmup, Hugging Face's get_linear_schedule_with_warmup(num_warmup_steps=2,
+    // num_training_steps=10); the warmup starts at lr/2, not at 0.
+    let want = [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125];
     for (s, w) in want.iter().enumerate() {
-        assert!((train::lr_at(1.0, s, 2, 10) - w).abs() < 1e-12, "step {s}");
+        assert!(
+            (train::lr_at(1.0, s, 2, 10, Linear) - w).abs() < 1e-12,
+            "step {s}"
+        );
     }
-    assert_eq!(train::lr_at(2e-4, 0, 0, 5), 2e-4);
+    // get_cosine_schedule_with_warmup: 0.5 * (1 + cos(pi * progress)) after the warmup.
+    let cosine = [
+        0.5, 1.0, 1.0, 0.96194, 0.85355, 0.69134, 0.5, 0.30866, 0.14645, 0.03806,
+    ];
+    for (s, w) in cosine.iter().enumerate() {
+        assert!(
+            (train::lr_at(1.0, s, 2, 10, Cosine) - w).abs() < 1e-5,
+            "step {s}"
+        );
+    }
+    for s in 0..10 {
+        let w = if s == 0 { 0.5 } else { 1.0 };
+        assert_eq!(train::lr_at(1.0, s, 2, 10, Constant), w, "step {s}");
+    }
+    assert_eq!(train::lr_at(2e-4, 0, 0, 5, Linear), 2e-4);
+    assert_eq!("cosine".parse::<train::LrSchedule>()?, Cosine);
+    assert!("step".parse::<train::LrSchedule>().is_err());
     let cfg = TrainConfig::default();
     // The legacy defaults on six examples: two micro-batches an epoch, one step an epoch.
     assert_eq!(train::planned_steps(6, &cfg), 3);
+    Ok(())
 }
 
 /// AdamW against a naive f64 transcription of PyTorch's update (decoupled decay, bias
@@ -476,5 +499,105 @@ fn hf_directories_train_quantized_and_dense() -> Result<()> {
         (finals[0] - finals[1]).abs() < 0.05 * finals[1],
         "quantized vs dense first loss {finals:?}"
     );
+    Ok(())
+}
+
+/// Training on top of an adapter already applied to the decoder (a round adapter of another
+/// rank): the applied pairs are frozen, the loss is the one inference sees with both applied
+/// (`stack`), and the trained pairs' gradients are the matching part of the gradients of the
+/// stacked adapter trained as a whole (B's times its scaling, as the stack folds it in).
+#[test]
+fn training_on_top_of_an_applied_adapter_sees_both_and_learns_only_its_own() -> Result<()> {
+    use hivemind_model::aggregate::stack;
+    use hivemind_model::eval::{evaluate, EvalOptions};
+    use hivemind_model::testing::random_adapter;
+    let dir = tempfile::tempdir()?;
+    let mut model = tiny(Arch::Llama, dir.path())?;
+    let ex = examples(&model)?;
+    let refs: Vec<&Example> = ex.iter().collect();
+    let all: Vec<String> = Module::ALL.iter().map(|m| m.as_str().into()).collect();
+    let small = |mut a: hivemind_model::adapter::LoraAdapter, by: f32| {
+        a.tensors
+            .values_mut()
+            .for_each(|t| t.data.iter_mut().for_each(|v| *v *= by));
+        a
+    };
+    // The frozen one: rank 6 on every module; the trained one: rank 4 on q and v.
+    let frozen = small(
+        random_adapter(&model.decoder.cfg.adapter_shape(6, &all)?, 12.0, 1)?,
+        0.2,
+    );
+    let qv: Vec<String> = vec!["q_proj".into(), "v_proj".into()];
+    let trained = small(
+        random_adapter(&model.decoder.cfg.adapter_shape(4, &qv)?, 8.0, 2)?,
+        0.2,
+    );
+    let mut spec = LoraSpec::from_adapter(&trained)?;
+    spec.dropout = 0.0;
+
+    model.decoder.apply_adapter(&frozen)?;
+    let mut on_top = Trainer::new(&model.decoder, &spec, Some(&trained), 0)?;
+    let loss = on_top.accumulate(&refs, 1.0)?;
+    let grads = on_top.gradients();
+    drop(on_top);
+
+    // Reference 1: the inference decoder with both applied.
+    let both = stack(&[&frozen, &trained])?;
+    model.decoder.apply_adapter(&both)?;
+    let convs = dataset::parse(Path::new("data.json"), DATA)?;
+    let report = evaluate(
+        &model,
+        Path::new("data.json"),
+        &convs,
+        &EvalOptions::default(),
+        |_, _| {},
+    )?;
+    let want = report.mean_loss * report.targets as f64;
+    assert!(
+        (loss.loss_sum - want).abs() < 1e-3 * want,
+        "trainer on top {} vs inference with both {want}",
+        loss.loss_sum
+    );
+
+    // Reference 2: the stacked adapter trained as a whole on the clean decoder.
+    model.decoder.remove_adapter();
+    let mut whole_spec = LoraSpec::from_adapter(&both)?;
+    whole_spec.dropout = 0.0;
+    let mut whole = Trainer::new(&model.decoder, &whole_spec, Some(&both), 0)?;
+    whole.accumulate(&refs, 1.0)?;
+    let whole_grads = whole.gradients();
+    let s = trained.config.scaling() as f32;
+    let (r0, r1) = (frozen.config.r, trained.config.r);
+    let mut checked = 0;
+    for (name, g) in &grads {
+        let w = &whole_grads[name];
+        let t = &trained.tensors[name];
+        let part: Vec<f32> = if name.contains("lora_A") {
+            // Rows r0..r0+r1 of the stacked A.
+            let inp = t.shape[1];
+            w[r0 * inp..(r0 + r1) * inp].to_vec()
+        } else {
+            // Columns r0..r0+r1 of the stacked B, times the trained adapter's scaling.
+            let out = t.shape[0];
+            let rr = r0 + r1;
+            (0..out)
+                .flat_map(|i| (r0..rr).map(move |k| (i, k)))
+                .map(|(i, k)| w[i * rr + k] * s)
+                .collect()
+        };
+        let norm = part.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let err = g
+            .iter()
+            .zip(&part)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            err <= 1e-3 * norm + 1e-6,
+            "{name}: error {err} of norm {norm}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, trained.tensors.len());
     Ok(())
 }

@@ -231,6 +231,12 @@ pub enum AdapterError {
         /// Module kind.
         module: String,
     },
+    /// Adapters that cannot be applied together (see `aggregate::stack`).
+    #[error("cannot stack adapters: {reason}")]
+    Stack {
+        /// Why.
+        reason: String,
+    },
     /// Aggregation over zero inputs.
     #[error("aggregation needs at least one input adapter")]
     NoInputs,

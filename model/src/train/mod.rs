@@ -135,8 +135,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
-    /// Fraction of the steps spent warming the learning rate up from 0.
+    /// Fraction of the steps spent warming the learning rate up.
     pub warmup_ratio: f64,
+    /// How the learning rate moves after the warmup.
+    pub schedule: LrSchedule,
     /// Longer examples are cut to this many tokens.
     pub max_seq_len: usize,
     /// Stop after this many optimizer steps (running more epochs if needed).
@@ -159,6 +161,7 @@ impl Default for TrainConfig {
             batch_size: 4,
             grad_accum: 4,
             warmup_ratio: 0.03,
+            schedule: LrSchedule::Constant,
             max_seq_len: 512,
             max_steps: None,
             seed: 42,
@@ -168,14 +171,49 @@ impl Default for TrainConfig {
     }
 }
 
-/// Learning rate of optimizer step `step` (0-based) of `total`: linear warmup over `warmup` steps
-/// from 0, then linear decay to 0 (Hugging Face's `get_linear_schedule_with_warmup`).
-pub fn lr_at(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+/// How the learning rate moves after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The peak rate until the end. Short runs on a few personal examples learn far more with
+    /// it than with a decay (a decay halves the mean rate; see `examples/learning_bench.rs`).
+    #[default]
+    Constant,
+    /// Linear decay towards 0 (Hugging Face's `get_linear_schedule_with_warmup`).
+    Linear,
+    /// Half a cosine towards 0 (`get_cosine_schedule_with_warmup`).
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            "cosine" => Ok(LrSchedule::Cosine),
+            _ => Err(ModelError::Training {
+                reason: format!("unknown learning rate schedule {s:?} (constant, linear, cosine)"),
+            }),
+        }
+    }
+}
+
+/// Learning rate of optimizer step `step` (0-based) of `total`: a linear warmup over `warmup`
+/// steps that starts at `lr / warmup` (not at 0: a step at rate 0 is a step lost), then
+/// `schedule` from `lr` at step `warmup` towards 0 after the last step.
+pub fn lr_at(lr: f64, step: usize, warmup: usize, total: usize, schedule: LrSchedule) -> f64 {
     if step < warmup {
-        lr * step as f64 / warmup.max(1) as f64
-    } else {
-        lr * ((total.saturating_sub(step)) as f64 / total.saturating_sub(warmup).max(1) as f64)
-            .max(0.0)
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let done = (step - warmup) as f64 / span;
+    let left = (1.0 - done).clamp(0.0, 1.0);
+    match schedule {
+        LrSchedule::Constant => lr,
+        LrSchedule::Linear => lr * left,
+        LrSchedule::Cosine => lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos()),
     }
 }
 
@@ -231,6 +269,9 @@ pub struct TrainingInfo {
     pub peak_memory_mib: Option<f64>,
     /// Peak learning rate.
     pub learning_rate: f64,
+    /// The schedule after the warmup.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per step.
@@ -347,7 +388,7 @@ pub fn train(
                 loss.targets += l.targets;
                 tokens += l.tokens as u64;
             }
-            let lr = lr_at(cfg.lr, step, warmup, total);
+            let lr = lr_at(cfg.lr, step, warmup, total, cfg.schedule);
             trainer.optimizer_step(lr);
             step += 1;
             let mean = loss.mean();
@@ -388,6 +429,7 @@ pub fn train(
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             peak_memory_mib: peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
             learning_rate: cfg.lr,
+            lr_schedule: cfg.schedule,
             batch_size: cfg.batch_size,
             grad_accum: cfg.grad_accum,
             max_seq_len: cfg.max_seq_len,

@@ -7,6 +7,7 @@ use crate::data_dir::DataDir;
 use crate::node::{round_config, GatewaySettings, LoraSettings, Node, NodeConfig};
 use anyhow::{Context, Result};
 use clap::Args;
+use hivemind_model::adapter::LoraAdapter;
 use hivemind_protocol::RoundConfig;
 use libp2p::Multiaddr;
 
@@ -57,6 +58,20 @@ pub fn default_threads() -> usize {
 /// Progress lines for long work, on stderr.
 pub fn progress(msg: &str) {
     eprintln!("hive-node: {msg}");
+}
+
+/// A progress bar on stderr for `total` units of `unit` ("step", "item"), with the bar's
+/// message after the count and an ETA.
+pub fn progress_bar(total: usize, unit: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    let template =
+        format!("{{spinner}} [{{elapsed_precise}}] {{bar:30.cyan/blue}} {unit} {{pos}}/{{len}} {{msg}} ETA {{eta}}");
+    let style = indicatif::ProgressStyle::with_template(&template)
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.enable_steady_tick(std::time::Duration::from_millis(250));
+    pb
 }
 
 /// Resolves and loads the base model named by `args`.
@@ -198,5 +213,133 @@ impl NodeArgs {
         }
         node.shutdown().await;
         Ok(())
+    }
+}
+
+/// `--adapter`, `--use` and `--data-dir`: which adapters a command that runs the model applies.
+#[derive(Debug, Clone, Args)]
+pub struct AdapterArgs {
+    /// A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors); wins over --use.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Which adapter to use when --adapter is not given: `round` (the latest round adapter of
+    /// the node in --data-dir), `personal` (./adapters/my_adapter, what `train` writes by
+    /// default), `round+personal` (both at once: their updates add up), `none` (the base
+    /// model), or `auto` (the round adapter when the data dir's network runs this base model,
+    /// else none).
+    #[arg(long = "use", value_enum, default_value_t = AdapterChoice::Auto)]
+    pub use_adapter: AdapterChoice,
+    /// The node's data dir (where round adapters are found).
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+impl AdapterArgs {
+    /// Applies the chosen adapters (none, one, or several stacked into one) to `model`'s
+    /// decoder; returns their dirs.
+    pub fn apply(&self, model: &mut hivemind_model::BaseModel) -> Result<Vec<PathBuf>> {
+        let dirs = match &self.adapter {
+            Some(dir) => vec![dir.clone()],
+            None => choose_adapters(self.use_adapter, &self.data_dir.dir(), &model.hash)?,
+        };
+        let adapters = dirs
+            .iter()
+            .map(|dir| {
+                LoraAdapter::read_dir(dir)
+                    .with_context(|| format!("loading adapter {}", dir.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let names = || {
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
+        let applied = match adapters.as_slice() {
+            [] => return Ok(dirs),
+            [one] => one.clone(),
+            many => hivemind_model::aggregate::stack(&many.iter().collect::<Vec<_>>())
+                .with_context(|| format!("combining adapters {}", names()))?,
+        };
+        model
+            .decoder
+            .apply_adapter(&applied)
+            .with_context(|| format!("applying adapter {}", names()))?;
+        Ok(dirs)
+    }
+}
+
+/// Which adapters a command that runs the model (`chat`, `eval`) applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdapterChoice {
+    /// The round adapter if the data dir's network runs this base model, else none.
+    Auto,
+    /// The latest round adapter of the node's data dir.
+    Round,
+    /// The personal adapter `train` writes by default.
+    Personal,
+    /// The round adapter and the personal adapter together.
+    #[value(name = "round+personal")]
+    RoundPersonal,
+    /// The base model alone.
+    None,
+}
+
+fn personal_adapter() -> Result<PathBuf> {
+    let dir = PathBuf::from(PERSONAL_ADAPTER);
+    anyhow::ensure!(
+        dir.exists(),
+        "no personal adapter at {PERSONAL_ADAPTER} (train one with `hive-node train`)"
+    );
+    Ok(dir)
+}
+
+fn round_adapter(data_dir: &DataDir, base_hash: &hivemind_protocol::Hash) -> Result<PathBuf> {
+    anyhow::ensure!(
+        data_dir.network_runs(base_hash),
+        "the node in {} is not on a network of this base model (join one first)",
+        data_dir.path().display()
+    );
+    let (round, dir) = data_dir
+        .latest_round_adapter()?
+        .with_context(|| format!("no committed round in {} yet", data_dir.path().display()))?;
+    progress(&format!(
+        "using round adapter {} ({})",
+        round.version,
+        &round.hash[..16]
+    ));
+    Ok(dir)
+}
+
+/// The adapter dirs to apply for `choice`, given the loaded base model's hash.
+fn choose_adapters(
+    choice: AdapterChoice,
+    data_dir: &DataDir,
+    base_hash: &hivemind_protocol::Hash,
+) -> Result<Vec<PathBuf>> {
+    match choice {
+        AdapterChoice::None => Ok(vec![]),
+        AdapterChoice::Personal => Ok(vec![personal_adapter()?]),
+        AdapterChoice::Round => Ok(vec![round_adapter(data_dir, base_hash)?]),
+        AdapterChoice::RoundPersonal => Ok(vec![
+            round_adapter(data_dir, base_hash)?,
+            personal_adapter()?,
+        ]),
+        AdapterChoice::Auto => {
+            if !data_dir.network_runs(base_hash) {
+                return Ok(vec![]);
+            }
+            match data_dir.latest_round_adapter() {
+                Ok(Some((round, dir))) => {
+                    progress(&format!(
+                        "using round adapter {} ({}); --use none for the base model",
+                        round.version,
+                        &round.hash[..16]
+                    ));
+                    Ok(vec![dir])
+                }
+                _ => Ok(vec![]),
+            }
+        }
     }
 }

@@ -1,16 +1,13 @@
 //! `hive-node chat`: an interactive chat with streamed tokens, or one answer with `--prompt`.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::generate::{ChatSession, GenStats, SamplingParams};
 
-use super::args::{load_model, progress, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
-use crate::data_dir::DataDir;
+use super::args::{load_model, AdapterArgs, ModelArgs};
 
 /// Options of `hive-node chat`.
 #[derive(Debug, Clone, Args)]
@@ -18,18 +15,9 @@ pub struct ChatArgs {
     /// Base model options.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors); wins over --use.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Which adapter to chat with when --adapter is not given: `round` (the latest round
-    /// adapter of the node in --data-dir), `personal` (./adapters/my_adapter, what `train`
-    /// writes by default), `none` (the base model), or `auto` (the round adapter when the
-    /// data dir's network runs this base model, else none).
-    #[arg(long = "use", value_enum, default_value_t = AdapterChoice::Auto)]
-    pub use_adapter: AdapterChoice,
-    /// The node's data dir (where round adapters are found).
+    /// Which adapter to chat with.
     #[command(flatten)]
-    pub data_dir: DataDirArg,
+    pub adapter: AdapterArgs,
     /// System prompt (replaces the template's default one).
     #[arg(long)]
     pub system: Option<String>,
@@ -66,88 +54,12 @@ struct StatsLine<'a> {
     load_seconds: f64,
 }
 
-/// Which adapter `chat` applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AdapterChoice {
-    /// The round adapter if the data dir's network runs this base model, else none.
-    Auto,
-    /// The latest round adapter of the node's data dir.
-    Round,
-    /// The personal adapter `train` writes by default.
-    Personal,
-    /// The base model alone.
-    None,
-}
-
-/// The adapter dir `chat` should apply for `choice`, given the loaded base model's hash.
-fn choose_adapter(
-    choice: AdapterChoice,
-    data_dir: &DataDir,
-    base_hash: &hivemind_protocol::Hash,
-) -> Result<Option<PathBuf>> {
-    let same_base = || data_dir.network_runs(base_hash);
-    match choice {
-        AdapterChoice::None => Ok(None),
-        AdapterChoice::Personal => {
-            let dir = PathBuf::from(PERSONAL_ADAPTER);
-            anyhow::ensure!(
-                dir.exists(),
-                "no personal adapter at {PERSONAL_ADAPTER} (train one with `hive-node train`)"
-            );
-            Ok(Some(dir))
-        }
-        AdapterChoice::Round => {
-            anyhow::ensure!(
-                same_base(),
-                "the node in {} is not on a network of this base model (join one first)",
-                data_dir.path().display()
-            );
-            let (round, dir) = data_dir.latest_round_adapter()?.with_context(|| {
-                format!("no committed round in {} yet", data_dir.path().display())
-            })?;
-            progress(&format!(
-                "using round adapter {} ({})",
-                round.version,
-                &round.hash[..16]
-            ));
-            Ok(Some(dir))
-        }
-        AdapterChoice::Auto => {
-            if !same_base() {
-                return Ok(None);
-            }
-            match data_dir.latest_round_adapter() {
-                Ok(Some((round, dir))) => {
-                    progress(&format!(
-                        "using round adapter {} ({}); --use none for the base model",
-                        round.version,
-                        &round.hash[..16]
-                    ));
-                    Ok(Some(dir))
-                }
-                _ => Ok(None),
-            }
-        }
-    }
-}
-
 /// Runs the chat command.
 pub(super) fn run(args: ChatArgs) -> Result<()> {
     args.model.apply_threads();
     let t0 = Instant::now();
     let mut model = load_model(&args.model)?;
-    let adapter_dir = match &args.adapter {
-        Some(dir) => Some(dir.clone()),
-        None => choose_adapter(args.use_adapter, &args.data_dir.dir(), &model.hash)?,
-    };
-    if let Some(dir) = &adapter_dir {
-        let adapter = LoraAdapter::read_dir(dir)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-        model
-            .decoder
-            .apply_adapter(&adapter)
-            .with_context(|| format!("applying adapter {}", dir.display()))?;
-    }
+    args.adapter.apply(&mut model)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let params = SamplingParams {
         temperature: args.temperature,

@@ -6,6 +6,7 @@ pub mod args;
 mod chat;
 mod contribute;
 mod demo;
+mod eval;
 mod export;
 mod identity;
 mod join;
@@ -46,6 +47,8 @@ pub enum Command {
     Identity(args::DataDirArg),
     /// Train a LoRA adapter on local data (or write a sample dataset with --create-sample).
     Train(train::TrainArgs),
+    /// Score the model with an adapter on a dataset: loss, perplexity, greedy exact match.
+    Eval(eval::EvalArgs),
     /// Run one federated round on this machine: N nodes train on shards of the sample data,
     /// agree on the round adapter over libp2p on loopback, and it answers a question.
     Demo(demo::DemoArgs),
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Identity(a) => identity::run(a),
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Join(a) => join::run(a),
         Command::Serve(a) => serve::run(a),

@@ -10,17 +10,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::dataset;
-use hivemind_model::train::{self, LoraSpec, Progress, TrainConfig};
+use hivemind_model::train::{self, LoraSpec, LrSchedule, Progress, TrainConfig};
 use hivemind_model::Module;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{load_model, progress, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
+use super::args::{load_model, progress, progress_bar, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
 
 /// Where `--create-sample` writes the sample dataset.
 const SAMPLE_PATH: &str = "./data/sample_dataset.json";
@@ -72,6 +70,9 @@ pub struct TrainArgs {
     /// Fraction of the steps spent warming up the learning rate.
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
+    /// The learning rate after the warmup: constant, linear (decay to 0) or cosine.
+    #[arg(long, default_value = "constant")]
+    pub lr_schedule: LrSchedule,
     /// Cut longer examples to this many tokens.
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
@@ -153,23 +154,12 @@ fn config(args: &TrainArgs, init: Option<&LoraAdapter>) -> Result<TrainConfig> {
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         warmup_ratio: args.warmup_ratio,
+        schedule: args.lr_schedule,
         max_seq_len: args.max_seq_len,
         max_steps: args.max_steps,
         seed: args.seed,
         ..TrainConfig::default()
     })
-}
-
-fn bar(total: usize) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} step {pos}/{len} {msg} ETA {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    pb.set_style(style);
-    pb.enable_steady_tick(Duration::from_millis(250));
-    pb
 }
 
 /// Runs the train command.
@@ -281,7 +271,7 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
 
     install_ctrlc();
     let total = train::planned_steps(examples.len(), &cfg);
-    let pb = bar(total);
+    let pb = progress_bar(total, "step");
     let mut on_progress = |p: &Progress| {
         pb.set_position(p.step as u64);
         pb.set_message(format!(

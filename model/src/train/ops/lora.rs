@@ -74,16 +74,8 @@ pub fn lora_backward(
         true,
         true,
     );
-    // gu[t, r] = scale gy B
-    matmul(
-        gu,
-        d.r,
-        View::new(gy, t, d.out),
-        View::new(b, d.out, d.r),
-        d.scale,
-        false,
-        true,
-    );
+    // gu[t, r] = scale gy B, gx[t, in] = gu A
+    lora_input_grad(d, gy, t, a, b, gu, gx);
     // ga[r, in] += gu^T x
     matmul(
         ga,
@@ -94,7 +86,28 @@ pub fn lora_backward(
         true,
         true,
     );
-    // gx[t, in] = gu A
+}
+
+/// The input gradient of a frozen LoRA pair: `gx = scale gy B A` (`[t, in]`), through the scratch
+/// `gu = scale gy B` (`[t, r]`).
+pub fn lora_input_grad(
+    d: LoraDims,
+    gy: &[f32],
+    t: usize,
+    a: &[f32],
+    b: &[f32],
+    gu: &mut [f32],
+    gx: &mut [f32],
+) {
+    matmul(
+        gu,
+        d.r,
+        View::new(gy, t, d.out),
+        View::new(b, d.out, d.r),
+        d.scale,
+        false,
+        true,
+    );
     matmul(
         gx,
         d.inp,

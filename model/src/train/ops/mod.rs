@@ -9,7 +9,8 @@
 //! ```text
 //!  frozen_forward / frozen_backward   x W^T and g W with W in its GGUF blocks: one weight at a time
 //!                                     is dequantized into a scratch panel and multiplied by `gemm`
-//!  lora_forward / lora_backward       s (x A^T) B^T, gradients of A and B and of x
+//!  lora_forward / lora_backward       s (x A^T) B^T, gradients of A and B and of x; lora_input_grad
+//!                                     the input gradient alone (a frozen pair)
 //!  rms_norm_*, rope_*, silu_mul_*     elementwise and per-row ops
 //!  attention_*                        causal GQA softmax attention per packed sequence; the backward
 //!                                     recomputes the probabilities from the saved log-sum-exp
@@ -41,7 +42,7 @@ pub use attention::{attention_backward, attention_forward, AttnShape};
 pub use cross_entropy::{ce_chunk_rows, cross_entropy_fused, exp_fast, CeScratch};
 pub use dropout::{mix_seed, DropoutMask};
 pub use frozen::{dequant_blocks, dequantize_rows, frozen_backward, frozen_forward};
-pub use lora::{lora_backward, lora_forward, LoraDims};
+pub use lora::{lora_backward, lora_forward, lora_input_grad, LoraDims};
 pub use matmul::{matmul, View};
 pub use rms_norm::{rms_norm_backward, rms_norm_forward};
 pub use rope::{rope_backward, rope_forward, RopeTable};

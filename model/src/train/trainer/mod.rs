@@ -47,6 +47,16 @@ struct LayerParams {
     attn_norm: Vec<f32>,
     mlp_norm: Vec<f32>,
     bias: [Option<Vec<f32>>; Module::COUNT],
+    /// The LoRA pairs applied to the decoder when training started: part of the frozen model.
+    frozen: [Option<FrozenLora>; Module::COUNT],
+}
+
+/// A LoRA pair that is part of the frozen model (no gradients, no dropout).
+#[derive(Debug, Clone)]
+struct FrozenLora {
+    dims: LoraDims,
+    a: Vec<f32>,
+    b: Vec<f32>,
 }
 
 /// What the backward of one layer needs from its forward.
@@ -144,6 +154,10 @@ impl<'m> Trainer<'m> {
     /// LoRA pairs for `spec` on `dec`, initialised like PEFT (A Kaiming-uniform with
     /// `a = sqrt(5)`, i.e. uniform in `±1/sqrt(in)`, B zero) from `seed`, or taken from `init` (which
     /// must have the same rank and target modules).
+    ///
+    /// An adapter already applied to `dec` (e.g. the round adapter, with any rank) is part of the
+    /// frozen model: the trained pairs learn an update on top of it, as chat with both applied
+    /// ([`crate::aggregate::stack`]) will see them.
     pub fn new(
         dec: &'m Decoder,
         spec: &LoraSpec,
@@ -151,11 +165,6 @@ impl<'m> Trainer<'m> {
         seed: u64,
     ) -> Result<Self> {
         let mask = spec.module_mask()?;
-        if dec.layers.iter().any(|l| l.q_proj.lora.is_some()) {
-            return Err(ModelError::Training {
-                reason: "the base model already has an adapter applied; train on a clean model (use an initial adapter to continue one)".into(),
-            });
-        }
         let scale = (spec.alpha / spec.rank as f64) as f32;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut slots = Vec::new();
@@ -227,16 +236,33 @@ impl<'m> Trainer<'m> {
             .layers
             .iter()
             .map(|layer| {
-                let mut bias: [Option<Vec<f32>>; 7] = Default::default();
+                let mut bias: [Option<Vec<f32>>; Module::COUNT] = Default::default();
+                let mut frozen: [Option<FrozenLora>; Module::COUNT] = Default::default();
                 for m in Module::ALL {
-                    if let Some(t) = &layer.module(m).bias {
+                    let lin = layer.module(m);
+                    if let Some(t) = &lin.bias {
                         bias[m.index()] = Some(tensor_vec(t)?);
+                    }
+                    if let Some(pair) = &lin.lora {
+                        let (r, inp) = pair.a.dims2()?;
+                        let (out, _) = pair.b.dims2()?;
+                        frozen[m.index()] = Some(FrozenLora {
+                            dims: LoraDims {
+                                r,
+                                inp,
+                                out,
+                                scale: pair.scale as f32,
+                            },
+                            a: tensor_vec(&pair.a)?,
+                            b: tensor_vec(&pair.b)?,
+                        });
                     }
                 }
                 Ok(LayerParams {
                     attn_norm: tensor_vec(&layer.attn_norm)?,
                     mlp_norm: tensor_vec(&layer.mlp_norm)?,
                     bias,
+                    frozen,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

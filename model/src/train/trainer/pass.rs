@@ -68,6 +68,11 @@ impl Pass<'_> {
             y.par_chunks_mut(out)
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
         }
+        if let Some(f) = &self.layers[l].frozen[m.index()] {
+            // The panel buffer is free once the frozen matmul is done.
+            let uf = grow(panel, self.t * f.dims.r);
+            ops::lora_forward(f.dims, x, self.t, &f.a, &f.b, uf, y);
+        }
         *mask = None;
         if let Some(s) = slot {
             resize(u, self.t * s.dims.r);
@@ -108,6 +113,12 @@ impl Pass<'_> {
         if need_gx {
             resize(gx, self.t * inp);
             ops::frozen_backward(&lin.weight, gy, self.t, gx, accumulate, &mut w.panel)?;
+            if let Some(f) = &self.layers[l].frozen[m.index()] {
+                let gu = grow(&mut w.gu, self.t * f.dims.r);
+                let glx = grow(&mut w.glx, self.t * inp);
+                ops::lora_input_grad(f.dims, gy, self.t, &f.a, &f.b, gu, glx);
+                add_into(gx, glx);
+            }
         }
         if let Some(s) = slot {
             let xin: &[f32] = match mask {

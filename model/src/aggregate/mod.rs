@@ -20,11 +20,18 @@
 //! does; the mean of the products `B·A` would need a rank-growing "exact" rule, which, like
 //! a trimmed mean, fits the [`AggregationRule`] trait and reuses [`canonical_inputs`].
 
-use std::collections::BTreeMap;
-
 use hivemind_protocol::Hash;
 
 use crate::adapter::{AdapterConfig, AdapterError, LoraAdapter, LoraTensor};
+
+mod exact;
+mod fedavg;
+mod linalg;
+mod median;
+
+pub use exact::{stack, ExactMean, IsoMerge, MergeReport, TsvMerge};
+pub use fedavg::FedAvg;
+pub use median::Median;
 
 /// One aggregation input: an adapter, the blake3 hash naming its blob, and the number of
 /// training samples its contributor claims.
@@ -154,7 +161,7 @@ fn check_compatible(
 }
 
 /// The tensor `name` of `input`; present after [`canonical_inputs`] succeeded.
-fn tensor<'a>(
+pub(crate) fn tensor<'a>(
     reference: &WeightedAdapter,
     input: &'a WeightedAdapter,
     name: &str,
@@ -172,154 +179,12 @@ fn tensor<'a>(
         })
 }
 
-fn finite(name: &str, data: &[f32]) -> Result<(), AdapterError> {
+pub(crate) fn finite(name: &str, data: &[f32]) -> Result<(), AdapterError> {
     match data.iter().position(|v| !v.is_finite()) {
         Some(index) => Err(AdapterError::NonFiniteResult {
             tensor: name.to_string(),
             index,
         }),
         None => Ok(()),
-    }
-}
-
-/// Sample-weighted federated averaging.
-///
-/// Weight of an input: `w = max(1, min(samples, max_samples_per_input))` (so a claimed
-/// count of 0 counts as 1, and nobody outweighs the cap). For every element, in `f32`:
-///
-/// ```text
-/// acc = 0
-/// for each input i in ascending hash order: acc += (w_i as f32) * x_i
-/// result = acc / (Σ w_i as f32)
-/// ```
-///
-/// The division is one correctly rounded operation per element (chosen over multiplying
-/// by a rounded reciprocal, which adds a second rounding). The result's config is the
-/// first input's (canonical order); all inputs agree on every field that affects the
-/// math.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FedAvg {
-    /// Most samples one input is credited with.
-    pub max_samples_per_input: u64,
-}
-
-impl FedAvg {
-    /// The rule's identifier.
-    pub const ID: &'static str = "fedavg-v1";
-    /// Default cap on the samples credited to one input.
-    pub const DEFAULT_MAX_SAMPLES_PER_INPUT: u64 = 100_000;
-
-    /// FedAvg with the given cap.
-    pub fn new(max_samples_per_input: u64) -> Self {
-        FedAvg {
-            max_samples_per_input,
-        }
-    }
-
-    /// The weight an input claiming `samples` gets.
-    pub fn weight(&self, samples: u64) -> u64 {
-        samples.min(self.max_samples_per_input).max(1)
-    }
-}
-
-impl Default for FedAvg {
-    fn default() -> Self {
-        FedAvg::new(Self::DEFAULT_MAX_SAMPLES_PER_INPUT)
-    }
-}
-
-impl AggregationRule for FedAvg {
-    fn id(&self) -> &'static str {
-        Self::ID
-    }
-
-    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
-        let ordered = canonical_inputs(inputs)?;
-        let reference = ordered[0];
-        let weights: Vec<f32> = ordered
-            .iter()
-            .map(|i| self.weight(i.samples) as f32)
-            .collect();
-        let total = ordered
-            .iter()
-            .map(|i| u128::from(self.weight(i.samples)))
-            .sum::<u128>() as f32;
-        let mut tensors = BTreeMap::new();
-        for (name, t) in &reference.adapter.tensors {
-            let mut acc = vec![0f32; t.data.len()];
-            for (input, &w) in ordered.iter().zip(&weights) {
-                let x = &tensor(reference, input, name)?.data;
-                for (a, &v) in acc.iter_mut().zip(x) {
-                    *a += w * v;
-                }
-            }
-            for a in &mut acc {
-                *a /= total;
-            }
-            finite(name, &acc)?;
-            tensors.insert(
-                name.clone(),
-                LoraTensor {
-                    shape: t.shape.clone(),
-                    data: acc,
-                },
-            );
-        }
-        LoraAdapter::new(reference.adapter.config.clone(), tensors)
-    }
-}
-
-/// Coordinate-wise median, unweighted (sample counts are ignored), robust to a minority
-/// of outlying inputs.
-///
-/// Each element is the middle value of the inputs' values (sorted with
-/// [`f32::total_cmp`]); for an even count, `lo / 2 + hi / 2` of the two middle values (no
-/// overflow). The result's config is the first input's (canonical order).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Median;
-
-impl Median {
-    /// The rule's identifier.
-    pub const ID: &'static str = "median-v1";
-}
-
-impl AggregationRule for Median {
-    fn id(&self) -> &'static str {
-        Self::ID
-    }
-
-    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
-        let ordered = canonical_inputs(inputs)?;
-        let reference = ordered[0];
-        let n = ordered.len();
-        let mut column = Vec::with_capacity(n);
-        let mut tensors = BTreeMap::new();
-        for (name, t) in &reference.adapter.tensors {
-            let sources = ordered
-                .iter()
-                .map(|i| tensor(reference, i, name).map(|t| &t.data))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut out = Vec::with_capacity(t.data.len());
-            for j in 0..t.data.len() {
-                column.clear();
-                column.extend(sources.iter().map(|s| s[j]));
-                column.sort_by(f32::total_cmp);
-                let m = if n % 2 == 1 {
-                    column[n / 2]
-                } else {
-                    column[n / 2 - 1] / 2.0 + column[n / 2] / 2.0
-                };
-                out.push(m);
-            }
-            finite(name, &out)?;
-            tensors.insert(
-                name.clone(),
-                LoraTensor {
-                    shape: t.shape.clone(),
-                    data: out,
-                },
-            );
-        }
-        LoraAdapter::new(reference.adapter.config.clone(), tensors)
     }
 }

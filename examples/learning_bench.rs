@@ -1,0 +1,453 @@
+//! What a round teaches: invented personal facts split over users, each user trains alone,
+//! and every aggregation rule's round adapter is scored on all the facts beside going alone
+//! and beside one user holding everything (centralized), with the project's own trainer,
+//! aggregation code and eval, in one run. Prints one JSON object.
+//!
+//! ```sh
+//! cargo run --example learning_bench                            # the default model, 4 x 12 facts
+//! cargo run --example learning_bench -- --rounds 3 --steps 10   # 3 rounds of 10 steps each
+//! cargo run --example learning_bench -- --tiny                  # a tiny generated model (seconds)
+//! ```
+//!
+//! Rules (`--rules`, comma-separated): `fedavg` (average A, average B: today's network rule),
+//! `exact` (the exact mean of the updates), `exact-svd` (that, truncated to the users' rank),
+//! `iso:S` (Iso-C style, flattened spectrum of the sum, times S), `tsv:S` (TSV-Merge style,
+//! decorrelated singular vectors, times S). Over several rounds, a `fedavg` round adapter is
+//! every user's starting point (FedIT); for the others the round adapter is frozen under the
+//! users' training and each round adds the merge of their updates to it.
+//!
+//! The reference numbers (PyTorch + PEFT on the default model, issue 12): local only 0.28 of
+//! 48 facts, FedIT (average A and B) 0.21, exact mean 0.33, SVD of the mean to rank 8 0.27,
+//! TSV-Merge style 0.65, Iso-C style 0.67, centralized 1.00.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use hivemind_model::adapter::LoraAdapter;
+use hivemind_model::aggregate::{
+    stack, AggregationRule, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
+};
+use hivemind_model::config::Arch;
+use hivemind_model::dataset::{self, Conversation, Example};
+use hivemind_model::eval::{evaluate, EvalOptions, EvalReport};
+use hivemind_model::facts::facts;
+use hivemind_model::testing::TinyModel;
+use hivemind_model::train::{self, LoraSpec, LrSchedule, TrainConfig};
+use hivemind_model::{BaseModel, LoadOptions, Module};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+struct Args {
+    /// Base model: `default`, a GGUF file or a Hugging Face dir.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// A tiny generated model instead (a smoke run: the numbers mean nothing).
+    #[arg(long)]
+    tiny: bool,
+    /// Users.
+    #[arg(long, default_value_t = 4)]
+    users: usize,
+    /// Facts per user.
+    #[arg(long, default_value_t = 12)]
+    facts_per_user: usize,
+    /// Full-batch optimizer steps per user (and for the centralized run).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Tokens per greedy answer.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
+    /// Skip the centralized run with the old linear schedule.
+    #[arg(long)]
+    skip_linear: bool,
+    /// Rounds; with more than 1, only the round chains of each rule are run.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// The rules to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fedavg,exact,exact-svd,iso:1,iso:0.5,tsv:0.5,tsv:1"
+    )]
+    rules: Vec<String>,
+    /// Seed of the facts and of the LoRA init (the same for every user).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn load(args: &Args, work: &Path) -> Result<BaseModel> {
+    let path = if args.tiny {
+        let p = work.join("tiny.gguf");
+        TinyModel::new(Arch::Llama, 1)?.write_gguf(&p)?;
+        p
+    } else {
+        hivemind_model::pull::resolve_model(Some(&args.model), &mut |m| eprintln!("{m}"))?
+    };
+    Ok(BaseModel::load(&path, &LoadOptions::default())?)
+}
+
+fn config(args: &Args, batch: usize, schedule: LrSchedule) -> TrainConfig {
+    TrainConfig {
+        lora: LoraSpec {
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: 0.0,
+            target_modules: Module::ALL.to_vec(),
+        },
+        lr: args.lr,
+        epochs: args.steps,
+        batch_size: batch,
+        grad_accum: 1,
+        warmup_ratio: 0.0,
+        schedule,
+        max_seq_len: 512,
+        max_steps: Some(args.steps),
+        seed: args.seed,
+        ..TrainConfig::default()
+    }
+}
+
+struct Bench<'a> {
+    model: BaseModel,
+    convs: &'a [Conversation],
+    opts: EvalOptions,
+    per_user: usize,
+    users: usize,
+}
+
+impl Bench<'_> {
+    /// Scores `adapter` (or the base model) on every fact.
+    fn eval(&mut self, what: &str, adapter: Option<&LoraAdapter>) -> Result<EvalReport> {
+        self.eval_on(what, adapter, None)
+    }
+
+    /// Scores `adapter` on every fact, or on `user`'s shard only.
+    fn eval_on(
+        &mut self,
+        what: &str,
+        adapter: Option<&LoraAdapter>,
+        user: Option<usize>,
+    ) -> Result<EvalReport> {
+        let t0 = Instant::now();
+        if let Some(a) = adapter {
+            self.model
+                .decoder
+                .apply_adapter(a)
+                .context(what.to_string())?;
+        }
+        let convs = match user {
+            Some(u) => &self.convs[u * self.per_user..(u + 1) * self.per_user],
+            None => self.convs,
+        };
+        let r = evaluate(
+            &self.model,
+            Path::new("facts"),
+            convs,
+            &self.opts,
+            |_, _| {},
+        );
+        self.model.decoder.remove_adapter();
+        let r = r?;
+        eprintln!(
+            "{what}: exact match {:.3}, loss {:.3} ({:.0} s)",
+            r.exact_match,
+            r.mean_loss,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(r)
+    }
+
+    fn own(&self, r: &EvalReport, user: usize) -> f64 {
+        let per = self.per_user;
+        r.exact_match_of(|i| i / per == user)
+    }
+
+    fn summary(&self, r: &EvalReport) -> Value {
+        json!({
+            "exact_match": r.exact_match,
+            "contains": r.contains,
+            "mean_loss": r.mean_loss,
+            "exact_match_by_shard": (0..self.users).map(|u| self.own(r, u)).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn train_on(model: &BaseModel, ex: &[Example], cfg: &TrainConfig) -> Result<(LoraAdapter, Value)> {
+    let t0 = Instant::now();
+    let out = train::train(model, ex, cfg, None, &AtomicBool::new(false), &mut |_| {})?;
+    let info = json!({
+        "first_loss": out.info.first_loss,
+        "final_loss": out.info.final_loss,
+        "steps": out.info.steps,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    Ok((out.adapter, info))
+}
+
+/// The adapters as aggregation inputs, each credited with `samples`.
+fn weighted(adapters: &[LoraAdapter], samples: usize) -> Result<Vec<WeightedAdapter>> {
+    adapters
+        .iter()
+        .map(|a| {
+            Ok(WeightedAdapter {
+                hash: a.canonical_hash()?,
+                samples: samples as u64,
+                adapter: a.clone(),
+            })
+        })
+        .collect()
+}
+
+/// A rule by its `--rules` name.
+fn rule_named(spec: &str, args: &Args) -> Result<(String, Box<dyn AggregationRule>)> {
+    let cap = args.users * args.rank;
+    let cap_samples = FedAvg::DEFAULT_MAX_SAMPLES_PER_INPUT;
+    let (name, scale) = match spec.split_once(':') {
+        Some((n, s)) => (n, s.parse::<f64>().with_context(|| format!("rule {spec}"))?),
+        None => (spec, 1.0),
+    };
+    let rule: Box<dyn AggregationRule> = match name {
+        "fedavg" => Box::new(FedAvg::default()),
+        "exact" => Box::new(ExactMean {
+            max_samples_per_input: cap_samples,
+            rank_cap: cap,
+        }),
+        "exact-svd" => Box::new(ExactMean {
+            max_samples_per_input: cap_samples,
+            rank_cap: args.rank,
+        }),
+        "iso" => Box::new(IsoMerge {
+            max_samples_per_input: cap_samples,
+            rank_cap: cap,
+            scale,
+        }),
+        "tsv" => Box::new(TsvMerge {
+            max_samples_per_input: cap_samples,
+            rank_cap: cap,
+            scale,
+        }),
+        _ => anyhow::bail!("unknown rule {spec:?} (fedavg, exact, exact-svd, iso:S, tsv:S)"),
+    };
+    Ok((spec.to_string(), rule))
+}
+
+/// Several rounds of every rule: each round the users train on their shards (from the round
+/// adapter for `fedavg`, on top of it, frozen, for the others), the rule merges their adapters
+/// into the next round adapter, and it is scored on every fact.
+fn chains(
+    args: &Args,
+    model: BaseModel,
+    convs: &[Conversation],
+    examples: &[Example],
+) -> Result<Value> {
+    let per = args.facts_per_user;
+    let mut bench = Bench {
+        model,
+        convs,
+        opts: EvalOptions {
+            max_len: 512,
+            max_new_tokens: args.max_new_tokens,
+        },
+        per_user: per,
+        users: args.users,
+    };
+    let mut out = Vec::new();
+    for spec in &args.rules {
+        let (name, rule) = rule_named(spec, args)?;
+        let fedavg = rule.id() == FedAvg::ID;
+        let mut round: Option<LoraAdapter> = None;
+        let mut per_round = Vec::new();
+        for n in 1..=args.rounds {
+            let mut updates = Vec::new();
+            for u in 0..args.users {
+                let shard = &examples[u * per..(u + 1) * per];
+                let cfg = config(args, shard.len(), LrSchedule::Constant);
+                let stop = AtomicBool::new(false);
+                let trained = if fedavg {
+                    train::train(
+                        &bench.model,
+                        shard,
+                        &cfg,
+                        round.as_ref(),
+                        &stop,
+                        &mut |_| {},
+                    )
+                } else {
+                    if let Some(r) = &round {
+                        bench.model.decoder.apply_adapter(r)?;
+                    }
+                    let t = train::train(&bench.model, shard, &cfg, None, &stop, &mut |_| {});
+                    bench.model.decoder.remove_adapter();
+                    t
+                }?;
+                updates.push(trained.adapter);
+            }
+            let merged = rule.aggregate(&weighted(&updates, per)?)?;
+            round = Some(match round.take() {
+                Some(prev) if !fedavg => stack(&[&prev, &merged])?,
+                _ => merged,
+            });
+            let r = bench.eval(&format!("{name}, round {n}"), round.as_ref())?;
+            per_round.push(json!({
+                "round": n,
+                "rank": round.as_ref().map(|a| a.config.r),
+                "scores": bench.summary(&r),
+            }));
+        }
+        out.push(json!({ "rule": name, "rounds": per_round }));
+    }
+    Ok(json!({
+        "bench": "learning-rounds",
+        "model": bench.model.name,
+        "users": args.users,
+        "facts_per_user": per,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "rank": args.rank,
+        "lr": args.lr,
+        "rules": out,
+    }))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let work = tempfile::tempdir()?;
+    let model = load(&args, work.path())?;
+    let n = args.users * args.facts_per_user;
+    let all = facts(n, args.seed);
+    anyhow::ensure!(
+        all.len() == n,
+        "at most {} facts",
+        hivemind_model::facts::MAX_FACTS
+    );
+    let convs: Vec<Conversation> = all.iter().map(|f| f.item().to_conversation()).collect();
+    let (examples, _) = dataset::encode_conversations(&model, Path::new("facts"), &convs, 512)?;
+    anyhow::ensure!(examples.len() == n, "a fact does not fit the model");
+
+    if args.rounds > 1 {
+        let out = chains(&args, model, &convs, &examples)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+
+    // Each user trains alone on their shard (full batch, same init seed).
+    let mut users = Vec::new();
+    let mut train_info = Vec::new();
+    for u in 0..args.users {
+        let shard = &examples[u * args.facts_per_user..(u + 1) * args.facts_per_user];
+        let cfg = config(&args, shard.len(), LrSchedule::Constant);
+        let (adapter, info) = train_on(&model, shard, &cfg)?;
+        eprintln!("user {u} trained: {info}");
+        train_info.push(info);
+        users.push(adapter);
+    }
+    let (central, central_info) =
+        train_on(&model, &examples, &config(&args, n, LrSchedule::Constant))?;
+    let central_linear = if args.skip_linear {
+        None
+    } else {
+        Some(train_on(
+            &model,
+            &examples,
+            &config(&args, n, LrSchedule::Linear),
+        )?)
+    };
+
+    let mut bench = Bench {
+        model,
+        convs: &convs,
+        opts: EvalOptions {
+            max_len: 512,
+            max_new_tokens: args.max_new_tokens,
+        },
+        per_user: args.facts_per_user,
+        users: args.users,
+    };
+    let base = bench.eval("base model", None)?;
+    let mut local = Vec::new();
+    for (u, a) in users.iter().enumerate() {
+        local.push(bench.eval(&format!("user {u} alone"), Some(a))?);
+    }
+    let local_mean = local.iter().map(|r| r.exact_match).sum::<f64>() / local.len() as f64;
+    let local_own = local
+        .iter()
+        .enumerate()
+        .map(|(u, r)| bench.own(r, u))
+        .sum::<f64>()
+        / local.len() as f64;
+    let central_r = bench.eval("centralized", Some(&central))?;
+    let linear_r = match &central_linear {
+        Some((a, _)) => Some(bench.eval("centralized, linear schedule", Some(a))?),
+        None => None,
+    };
+
+    let rules = args
+        .rules
+        .iter()
+        .map(|r| rule_named(r, &args))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rule_out = Vec::new();
+    for (name, rule) in &rules {
+        let t0 = Instant::now();
+        let round = rule.aggregate(&weighted(&users, args.facts_per_user)?)?;
+        let merge_s = t0.elapsed().as_secs_f64();
+        let r = bench.eval(name, Some(&round))?;
+        // Each user with the round adapter and their own personal adapter applied together,
+        // on their own facts.
+        let mut with_personal = Vec::new();
+        for (u, a) in users.iter().enumerate() {
+            let both = stack(&[&round, a])?;
+            let what = format!("{name} + user {u}'s own adapter, on user {u}'s facts");
+            with_personal.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
+        }
+        rule_out.push(json!({
+            "rule": name,
+            "id": rule.id(),
+            "rank": round.config.r,
+            "merge_seconds": merge_s,
+            "merge": round.config.extra.get("hivemind_merge"),
+            "round": bench.summary(&r),
+            "ratio_to_local_mean": r.exact_match / local_mean.max(1e-9),
+            "round_plus_personal_own_shard": with_personal,
+        }));
+    }
+
+    let out = json!({
+        "bench": "learning",
+        "model": bench.model.name,
+        "users": args.users,
+        "facts_per_user": args.facts_per_user,
+        "facts": n,
+        "steps": args.steps,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "lr": args.lr,
+        "base": bench.summary(&base),
+        "local": {
+            "mean_exact_match": local_mean,
+            "mean_exact_match_own_shard": local_own,
+            "users": local.iter().map(|r| bench.summary(r)).collect::<Vec<_>>(),
+            "training": train_info,
+        },
+        "centralized": {
+            "constant_schedule": bench.summary(&central_r),
+            "training": central_info,
+            "linear_schedule": linear_r.as_ref().map(|r| bench.summary(r)),
+            "linear_training": central_linear.as_ref().map(|c| c.1.clone()),
+        },
+        "rules": rule_out,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

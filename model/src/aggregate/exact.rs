@@ -1,0 +1,417 @@
+//! Rules that merge the users' updates `ΔW_k = s·B_k·A_k` themselves, not their factors: the
+//! exact weighted mean ([`ExactMean`]) and two spectrum-aware merges from the model-merging
+//! literature ([`IsoMerge`], Iso-C style; [`TsvMerge`], TSV-Merge style).
+//!
+//! None forms a dense `out × in` matrix. A sum of low-rank updates is `B·A` with the factors
+//! stacked (`B = [c_1·B_1 | … | c_K·B_K]`, `A = [A_1; …; A_K]`, rank at most `K·r`); its SVD
+//! comes from the factors: `B = Q_b·R_b`, `Aᵀ = Q_a·R_a`, SVD of the small core
+//! `R_b·R_aᵀ = U·Σ·Vᵀ`, so `B·A = (Q_b·U)·Σ·(Q_a·V)ᵀ`. The result is stored as a LoRA adapter
+//! with `B' = Q_b·U·√Σ`, `A' = √Σ·(Q_a·V)ᵀ` and scaling 1 (`lora_alpha = r`), its rank the
+//! rule's rank (capped), the same for every module (zero-padded where a module has fewer
+//! directions). The config's `extra.hivemind_merge` records the rule, the rank and the
+//! fraction of the update's energy (squared singular values) the cap kept.
+//!
+//! Every step runs in `f64` in a fixed order ([`super::linalg`]), inputs in ascending hash
+//! order, so the bytes are the same on every machine.
+
+use std::collections::BTreeMap;
+
+use super::linalg::{qr, svd, Mat};
+use super::{canonical_inputs, finite, tensor, AggregationRule, FedAvg, WeightedAdapter};
+use crate::adapter::{AdapterError, LoraAdapter, LoraTensor};
+
+const A_SUFFIX: &str = ".lora_A.weight";
+const B_SUFFIX: &str = ".lora_B.weight";
+
+/// The exact sample-weighted mean of the users' updates, `Σ p_k·s·B_k·A_k` with
+/// `p_k = w_k / Σ w` (weights as [`FedAvg`] caps them), truncated to `rank_cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactMean {
+    /// Most samples one input is credited with.
+    pub max_samples_per_input: u64,
+    /// Rank of the result (the mean's rank is at most the inputs' summed rank).
+    pub rank_cap: usize,
+}
+
+impl ExactMean {
+    /// The rule's identifier.
+    pub const ID: &'static str = "exact-mean-v1";
+}
+
+/// Iso-C style: the sample-weighted sum of the updates (scaled so equal weights give the plain
+/// sum), its singular values all replaced by their mean times `scale`: every direction any user
+/// moved the model in keeps the same strength, so a few large updates do not drown the others.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IsoMerge {
+    /// Most samples one input is credited with.
+    pub max_samples_per_input: u64,
+    /// Rank of the result.
+    pub rank_cap: usize,
+    /// Multiplies the flattened spectrum.
+    pub scale: f64,
+}
+
+impl IsoMerge {
+    /// The rule's identifier.
+    pub const ID: &'static str = "iso-v1";
+}
+
+/// TSV-Merge style: each user's update by its own SVD, its singular directions decorrelated
+/// across users (the stacked left and right singular vectors replaced by the nearest
+/// orthonormal ones, `P·Qᵀ` of their SVD), then summed with the users' singular values times
+/// `scale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TsvMerge {
+    /// Most samples one input is credited with.
+    pub max_samples_per_input: u64,
+    /// Rank of the result.
+    pub rank_cap: usize,
+    /// Multiplies the merged update.
+    pub scale: f64,
+}
+
+impl TsvMerge {
+    /// The rule's identifier.
+    pub const ID: &'static str = "tsv-v1";
+}
+
+/// What a merge kept, as recorded in the result's config (`extra.hivemind_merge`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MergeReport {
+    /// Rank of the result.
+    pub rank: usize,
+    /// Squared singular values kept over all of them, summed over every module (1 when the
+    /// cap cut nothing).
+    pub kept_energy: f64,
+}
+
+/// One module of one input: `B` (`out × r`, already times the input's coefficient) and `A`
+/// (`r × in`).
+struct Factors {
+    b: Mat,
+    a: Mat,
+}
+
+/// A merged module as its SVD: `U` (`out × k`), `σ`, `V` (`in × k`).
+struct Spectral {
+    u: Mat,
+    s: Vec<f64>,
+    v: Mat,
+}
+
+fn to_mat(t: &LoraTensor, coef: f64) -> Mat {
+    Mat {
+        rows: t.shape[0],
+        cols: t.shape[1],
+        data: t.data.iter().map(|&x| f64::from(x) * coef).collect(),
+    }
+}
+
+/// The SVD of `B·A` from the factors.
+fn lowrank_svd(b: &Mat, a: &Mat) -> Spectral {
+    let (qb, rb) = qr(b);
+    let (qa, ra) = qr(&a.transpose());
+    let (u, s, v) = svd(&rb.matmul(&ra.transpose()));
+    Spectral {
+        u: qb.matmul(&u),
+        s,
+        v: qa.matmul(&v),
+    }
+}
+
+/// `[x_1 | … | x_K]` (columns side by side).
+fn hstack(parts: &[Mat]) -> Mat {
+    let rows = parts.first().map_or(0, |p| p.rows);
+    let cols = parts.iter().map(|p| p.cols).sum();
+    let mut out = Mat::zeros(rows, cols);
+    let mut at = 0;
+    for p in parts {
+        for r in 0..rows {
+            for c in 0..p.cols {
+                out.set(r, at + c, p.at(r, c));
+            }
+        }
+        at += p.cols;
+    }
+    out
+}
+
+/// The stacked sum `Σ B_k·A_k` of `factors`, by its SVD.
+fn sum_svd(factors: &[Factors]) -> Spectral {
+    let b = hstack(&factors.iter().map(|f| f.b.clone()).collect::<Vec<_>>());
+    let at = hstack(&factors.iter().map(|f| f.a.transpose()).collect::<Vec<_>>());
+    lowrank_svd(&b, &at.transpose())
+}
+
+/// The nearest matrix with orthonormal columns to `m` (`P·Qᵀ` of `m = P·S·Qᵀ`).
+fn orthonormalize(m: &Mat) -> Mat {
+    let (p, _, q) = svd(m);
+    p.matmul(&q.transpose())
+}
+
+/// The merge rules' common frame: canonical inputs, each input's coefficient, every module's
+/// factors merged by `merge` into an SVD, written back as a rank-`cap` adapter.
+fn merge_adapters(
+    inputs: &[WeightedAdapter],
+    rule: &'static str,
+    max_samples_per_input: u64,
+    rank_cap: usize,
+    coef_total: impl Fn(usize) -> f64,
+    merge: impl Fn(&[Factors]) -> Spectral,
+) -> Result<LoraAdapter, AdapterError> {
+    let ordered = canonical_inputs(inputs)?;
+    let reference = ordered[0];
+    let fed = FedAvg::new(max_samples_per_input);
+    let weights: Vec<f64> = ordered
+        .iter()
+        .map(|i| fed.weight(i.samples) as f64)
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let scaling = reference.adapter.config.scaling();
+    // Coefficient of input k: its share of `coef_total(K)` (1 for a mean, K for a sum) times
+    // the LoRA scaling.
+    let share = coef_total(ordered.len());
+    let coefs: Vec<f64> = weights
+        .iter()
+        .map(|w| w / total * share * scaling)
+        .collect();
+    let rank = rank_cap
+        .min(ordered.len().saturating_mul(reference.adapter.config.r))
+        .max(1);
+    let (mut kept, mut all) = (0.0f64, 0.0f64);
+    let mut tensors = BTreeMap::new();
+    for name in reference.adapter.tensors.keys() {
+        let Some(path) = name.strip_suffix(A_SUFFIX) else {
+            continue;
+        };
+        let b_name = format!("{path}{B_SUFFIX}");
+        let mut factors = Vec::with_capacity(ordered.len());
+        for (input, &c) in ordered.iter().zip(&coefs) {
+            factors.push(Factors {
+                a: to_mat(tensor(reference, input, name)?, 1.0),
+                b: to_mat(tensor(reference, input, &b_name)?, c),
+            });
+        }
+        let m = merge(&factors);
+        all += m.s.iter().map(|x| x * x).sum::<f64>();
+        kept += m.s.iter().take(rank).map(|x| x * x).sum::<f64>();
+        let (out, inp) = (m.u.rows, m.v.rows);
+        let mut b = vec![0f32; out * rank];
+        let mut a = vec![0f32; rank * inp];
+        for (k, &sigma) in m.s.iter().take(rank).enumerate() {
+            let root = sigma.max(0.0).sqrt();
+            for r in 0..out {
+                b[r * rank + k] = (m.u.at(r, k) * root) as f32;
+            }
+            for c in 0..inp {
+                a[k * inp + c] = (root * m.v.at(c, k)) as f32;
+            }
+        }
+        finite(name, &a)?;
+        finite(&b_name, &b)?;
+        tensors.insert(
+            name.clone(),
+            LoraTensor {
+                shape: vec![rank, inp],
+                data: a,
+            },
+        );
+        tensors.insert(
+            b_name,
+            LoraTensor {
+                shape: vec![out, rank],
+                data: b,
+            },
+        );
+    }
+    let mut config = reference.adapter.config.clone();
+    config.r = rank;
+    config.lora_alpha = rank as f64;
+    config.use_rslora = false;
+    let report = MergeReport {
+        rank,
+        kept_energy: if all > 0.0 { kept / all } else { 1.0 },
+    };
+    config.extra.insert(
+        "hivemind_merge".into(),
+        serde_json::json!({ "rule": rule, "rank": report.rank, "kept_energy": report.kept_energy }),
+    );
+    LoraAdapter::new(config, tensors)
+}
+
+impl AggregationRule for ExactMean {
+    fn id(&self) -> &'static str {
+        Self::ID
+    }
+
+    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
+        merge_adapters(
+            inputs,
+            Self::ID,
+            self.max_samples_per_input,
+            self.rank_cap,
+            |_| 1.0,
+            sum_svd,
+        )
+    }
+}
+
+impl AggregationRule for IsoMerge {
+    fn id(&self) -> &'static str {
+        Self::ID
+    }
+
+    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
+        let scale = self.scale;
+        merge_adapters(
+            inputs,
+            Self::ID,
+            self.max_samples_per_input,
+            self.rank_cap,
+            |k| k as f64,
+            |factors| {
+                let mut m = sum_svd(factors);
+                // Only directions the update has: zero singular values stay zero.
+                let top = m.s.first().copied().unwrap_or(0.0);
+                let live: Vec<f64> = m.s.iter().copied().filter(|&x| x > top * 1e-9).collect();
+                let mean = live.iter().sum::<f64>() / live.len().max(1) as f64;
+                for x in &mut m.s {
+                    if *x > top * 1e-9 {
+                        *x = scale * mean;
+                    }
+                }
+                m
+            },
+        )
+    }
+}
+
+impl AggregationRule for TsvMerge {
+    fn id(&self) -> &'static str {
+        Self::ID
+    }
+
+    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
+        let scale = self.scale;
+        merge_adapters(
+            inputs,
+            Self::ID,
+            self.max_samples_per_input,
+            self.rank_cap,
+            |k| k as f64,
+            |factors| {
+                let parts: Vec<Spectral> =
+                    factors.iter().map(|f| lowrank_svd(&f.b, &f.a)).collect();
+                let u = orthonormalize(&hstack(
+                    &parts.iter().map(|p| p.u.clone()).collect::<Vec<_>>(),
+                ));
+                let v = orthonormalize(&hstack(
+                    &parts.iter().map(|p| p.v.clone()).collect::<Vec<_>>(),
+                ));
+                let s: Vec<f64> = parts
+                    .iter()
+                    .flat_map(|p| p.s.iter().map(|x| x * scale))
+                    .collect();
+                // Largest first, so a rank cap keeps the strongest directions.
+                let mut order: Vec<usize> = (0..s.len()).collect();
+                order.sort_by(|&x, &y| s[y].total_cmp(&s[x]).then(x.cmp(&y)));
+                Spectral {
+                    u: pick_columns(&u, &order),
+                    s: order.iter().map(|&i| s[i]).collect(),
+                    v: pick_columns(&v, &order),
+                }
+            },
+        )
+    }
+}
+
+fn pick_columns(m: &Mat, order: &[usize]) -> Mat {
+    let mut out = Mat::zeros(m.rows, order.len());
+    for r in 0..m.rows {
+        for (k, &c) in order.iter().enumerate() {
+            out.set(r, k, m.at(r, c));
+        }
+    }
+    out
+}
+
+/// The exact sum of `adapters` (e.g. the round adapter and a user's personal one, to apply
+/// both at once): their factors side by side, each `B` times its adapter's scaling, so the
+/// result (rank the sum of theirs, scaling 1) applies `Σ s_i·B_i·A_i`. A module some adapters
+/// do not adapt gets zero factors from them; a module adapted with different shapes is an
+/// error.
+pub fn stack(adapters: &[&LoraAdapter]) -> Result<LoraAdapter, AdapterError> {
+    let Some(first) = adapters.first() else {
+        return Err(AdapterError::NoInputs);
+    };
+    let rank: usize = adapters.iter().map(|a| a.config.r).sum();
+    // Every module any adapter adapts, with its (out, in).
+    let mut modules: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for ad in adapters {
+        for (name, a) in &ad.tensors {
+            let Some(path) = name.strip_suffix(A_SUFFIX) else {
+                continue;
+            };
+            let b = ad
+                .tensors
+                .get(&format!("{path}{B_SUFFIX}"))
+                .ok_or_else(|| AdapterError::Stack {
+                    reason: format!("{path} has lora_A but no lora_B"),
+                })?;
+            let dims = (b.shape[0], a.shape[1]);
+            if *modules.entry(path).or_insert(dims) != dims {
+                return Err(AdapterError::Stack {
+                    reason: format!("{path} has different shapes in different adapters"),
+                });
+            }
+        }
+    }
+    let mut tensors = BTreeMap::new();
+    for (path, (out, inp)) in modules {
+        let (a_name, b_name) = (format!("{path}{A_SUFFIX}"), format!("{path}{B_SUFFIX}"));
+        let mut a = vec![0f32; rank * inp];
+        let mut b = vec![0f32; out * rank];
+        let mut at = 0;
+        for ad in adapters {
+            let r = ad.config.r;
+            if let (Some(ta), Some(tb)) = (ad.tensors.get(&a_name), ad.tensors.get(&b_name)) {
+                a[at * inp..(at + r) * inp].copy_from_slice(&ta.data);
+                let s = ad.config.scaling() as f32;
+                for row in 0..out {
+                    for k in 0..r {
+                        b[row * rank + at + k] = tb.data[row * r + k] * s;
+                    }
+                }
+            }
+            at += r;
+        }
+        finite(&b_name, &b)?;
+        tensors.insert(
+            a_name,
+            LoraTensor {
+                shape: vec![rank, inp],
+                data: a,
+            },
+        );
+        tensors.insert(
+            b_name,
+            LoraTensor {
+                shape: vec![out, rank],
+                data: b,
+            },
+        );
+    }
+    let mut config = first.config.clone();
+    let names: std::collections::BTreeSet<String> = tensors
+        .keys()
+        .filter_map(|n| n.strip_suffix(A_SUFFIX))
+        .filter_map(|p| p.rsplit('.').next())
+        .map(str::to_string)
+        .collect();
+    config.target_modules = crate::adapter::TargetModules::from_names(names);
+    config.r = rank;
+    config.lora_alpha = rank as f64;
+    config.use_rslora = false;
+    config.extra.remove("hivemind_merge");
+    LoraAdapter::new(config, tensors)
+}

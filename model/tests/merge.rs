@@ -1,0 +1,444 @@
+//! The update-merging rules (exact mean, Iso, TSV) against dense `f64` references built from
+//! the users' `ΔW_k = s·B_k·A_k`: the exact mean is the mean, a rank cap keeps the best
+//! low-rank part and says how much, Iso flattens the spectrum of the sum, TSV of updates that
+//! are already orthogonal is their scaled sum; and every rule gives the same bytes for the
+//! same inputs in any order.
+
+use std::collections::BTreeMap;
+
+use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
+use hivemind_model::aggregate::{
+    AggregationRule, ExactMean, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
+};
+use rand::{Rng, SeedableRng};
+
+/// (module kind, group, out, in): v_proj's 4 outputs are fewer than the inputs' summed rank.
+const MODULES: [(&str, &str, usize, usize); 3] = [
+    ("q_proj", "self_attn", 16, 12),
+    ("v_proj", "self_attn", 4, 12),
+    ("up_proj", "mlp", 20, 12),
+];
+const LAYERS: usize = 2;
+const RANK: usize = 3;
+const ALPHA: f64 = 6.0;
+
+fn paths() -> Vec<(String, usize, usize)> {
+    (0..LAYERS)
+        .flat_map(|l| MODULES.map(|(m, g, o, i)| (format!("model.layers.{l}.{g}.{m}"), o, i)))
+        .collect()
+}
+
+fn adapter_from(mut fill: impl FnMut(&str, usize, usize) -> Vec<f32>) -> LoraAdapter {
+    let mut tensors = BTreeMap::new();
+    for (p, out, inp) in paths() {
+        let a = fill(&format!("{p}.A"), RANK, inp);
+        let b = fill(&format!("{p}.B"), out, RANK);
+        tensors.insert(
+            LoraAdapter::tensor_name(&p, LoraSide::A),
+            LoraTensor {
+                shape: vec![RANK, inp],
+                data: a,
+            },
+        );
+        tensors.insert(
+            LoraAdapter::tensor_name(&p, LoraSide::B),
+            LoraTensor {
+                shape: vec![out, RANK],
+                data: b,
+            },
+        );
+    }
+    let config = AdapterConfig::new(RANK, ALPHA, TargetModules::from_names(MODULES.map(|m| m.0)));
+    LoraAdapter::new(config, tensors).expect("valid adapter")
+}
+
+fn random(seed: u64) -> LoraAdapter {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    adapter_from(|_, r, c| (0..r * c).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+}
+
+fn weighted(adapter: LoraAdapter, samples: u64) -> WeightedAdapter {
+    WeightedAdapter {
+        hash: adapter.canonical_hash().expect("valid"),
+        samples,
+        adapter,
+    }
+}
+
+/// `scaling · B · A` of module `p`, dense, in f64.
+fn delta(a: &LoraAdapter, p: &str, out: usize, inp: usize) -> Vec<f64> {
+    let ta = &a.tensors[&LoraAdapter::tensor_name(p, LoraSide::A)];
+    let tb = &a.tensors[&LoraAdapter::tensor_name(p, LoraSide::B)];
+    let r = ta.shape[0];
+    let s = a.config.scaling();
+    let mut m = vec![0.0; out * inp];
+    for i in 0..out {
+        for j in 0..inp {
+            let mut acc = 0.0;
+            for k in 0..r {
+                acc += f64::from(tb.data[i * r + k]) * f64::from(ta.data[k * inp + j]);
+            }
+            m[i * inp + j] = s * acc;
+        }
+    }
+    m
+}
+
+/// `got` equals `want` up to a relative Frobenius error of 1e-5.
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    let err: f64 = got.iter().zip(want).map(|(x, y)| (x - y).powi(2)).sum();
+    assert!(
+        err.sqrt() <= 1e-5 * frob2(want).sqrt(),
+        "{what}: error {err}"
+    );
+}
+
+fn frob2(m: &[f64]) -> f64 {
+    m.iter().map(|x| x * x).sum()
+}
+
+fn report(a: &LoraAdapter) -> MergeReport {
+    serde_json::from_value(a.config.extra["hivemind_merge"].clone()).expect("merge report")
+}
+
+#[test]
+fn exact_mean_is_the_weighted_mean_of_the_updates() {
+    let inputs = vec![
+        weighted(random(1), 10),
+        weighted(random(2), 30),
+        weighted(random(3), 20),
+    ];
+    let rule = ExactMean {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+    };
+    let merged = rule.aggregate(&inputs).expect("merge");
+    assert_eq!(merged.config.r, 3 * RANK);
+    assert!((report(&merged).kept_energy - 1.0).abs() < 1e-12);
+    for (p, out, inp) in paths() {
+        let mut want = vec![0.0; out * inp];
+        for w in &inputs {
+            let d = delta(&w.adapter, &p, out, inp);
+            for (x, y) in want.iter_mut().zip(d) {
+                *x += w.samples as f64 / 60.0 * y;
+            }
+        }
+        assert_close(&delta(&merged, &p, out, inp), &want, &p);
+    }
+}
+
+#[test]
+fn a_rank_cap_keeps_the_best_low_rank_part_and_says_how_much() {
+    let inputs: Vec<_> = (1..=4).map(|s| weighted(random(s), 1)).collect();
+    let full = ExactMean {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+    }
+    .aggregate(&inputs)
+    .expect("merge");
+    let capped = ExactMean {
+        max_samples_per_input: 1000,
+        rank_cap: 5,
+    }
+    .aggregate(&inputs)
+    .expect("merge");
+    assert_eq!(capped.config.r, 5);
+    let (mut total, mut lost) = (0.0, 0.0);
+    for (p, out, inp) in paths() {
+        let f = delta(&full, &p, out, inp);
+        let c = delta(&capped, &p, out, inp);
+        total += frob2(&f);
+        lost += f.iter().zip(&c).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+    }
+    let kept = report(&capped).kept_energy;
+    assert!(kept < 0.999 && kept > 0.3, "kept {kept}");
+    // Eckart–Young: what the truncation loses is exactly the energy it did not keep.
+    assert!(
+        ((1.0 - lost / total) - kept).abs() < 1e-5,
+        "kept {kept}, measured {}",
+        1.0 - lost / total
+    );
+}
+
+#[test]
+fn iso_flattens_the_spectrum_of_the_sum() {
+    let inputs: Vec<_> = (1..=3).map(|s| weighted(random(s + 10), 1)).collect();
+    let iso = IsoMerge {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+        scale: 1.0,
+    }
+    .aggregate(&inputs)
+    .expect("merge");
+    for (p, out, inp) in paths() {
+        let m = delta(&iso, &p, out, inp);
+        let mut sum = vec![0.0; out * inp];
+        for w in &inputs {
+            for (x, y) in sum.iter_mut().zip(delta(&w.adapter, &p, out, inp)) {
+                *x += y;
+            }
+        }
+        // G = M·Mᵀ of an isotropic M is σ̄²·(a projection): G·G = σ̄²·G, σ̄² = tr(G) / rank.
+        let g = gram(&m, out, inp);
+        let rank = (3 * RANK).min(out).min(inp) as f64;
+        let s2 = g.iter().step_by(out + 1).sum::<f64>() / rank;
+        let gg = square(&g, out);
+        let err: f64 = gg.iter().zip(&g).map(|(x, y)| (x - s2 * y).powi(2)).sum();
+        assert!(
+            err.sqrt() < 1e-6 * s2 * frob2(&g).sqrt(),
+            "{p}: not isotropic"
+        );
+        // σ̄ is the mean singular value of the sum: the trace norm over the rank.
+        let nuclear = nuclear_norm(&sum, out, inp);
+        assert!(
+            (s2.sqrt() - nuclear / rank).abs() < 1e-4 * s2.sqrt(),
+            "{p}: σ̄ {} vs {}",
+            s2.sqrt(),
+            nuclear / rank
+        );
+    }
+}
+
+#[test]
+fn tsv_of_orthogonal_updates_is_their_scaled_sum() {
+    // Input k only uses rows 4k..4k+3 of B and columns 4k..4k+3 of A: their singular vectors
+    // are already orthogonal across inputs, so decorrelating changes nothing.
+    let make = |k: usize, seed: u64| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        adapter_from(|name, r, c| {
+            let mut v = vec![0f32; r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    let live = if name.ends_with(".A") {
+                        j / 4 == k
+                    } else {
+                        i / 4 == k
+                    };
+                    if live {
+                        v[i * c + j] = rng.gen_range(-1.0f32..1.0);
+                    }
+                }
+            }
+            v
+        })
+    };
+    // v_proj has 4 outputs: one input only fits there, so use 1 input per disjoint block
+    // where modules are wide enough and check the wide modules.
+    let inputs = vec![
+        weighted(make(0, 1), 1),
+        weighted(make(1, 2), 1),
+        weighted(make(2, 3), 1),
+    ];
+    let tsv = TsvMerge {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+        scale: 0.5,
+    }
+    .aggregate(&inputs)
+    .expect("merge");
+    for (p, out, inp) in paths().into_iter().filter(|(_, o, _)| *o >= 12) {
+        let mut want = vec![0.0; out * inp];
+        for w in &inputs {
+            for (x, y) in want.iter_mut().zip(delta(&w.adapter, &p, out, inp)) {
+                *x += 0.5 * y;
+            }
+        }
+        assert_close(&delta(&tsv, &p, out, inp), &want, &p);
+    }
+}
+
+#[test]
+fn every_rule_gives_the_same_bytes_in_any_order() {
+    let inputs: Vec<_> = (1..=4).map(|s| weighted(random(s + 20), s * 7)).collect();
+    let mut reversed = inputs.clone();
+    reversed.reverse();
+    let rules: Vec<Box<dyn AggregationRule>> = vec![
+        Box::new(ExactMean {
+            max_samples_per_input: 1000,
+            rank_cap: 7,
+        }),
+        Box::new(IsoMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 64,
+            scale: 1.0,
+        }),
+        Box::new(TsvMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 64,
+            scale: 0.5,
+        }),
+    ];
+    for rule in rules {
+        let a = rule
+            .aggregate(&inputs)
+            .expect("merge")
+            .to_safetensors_bytes()
+            .expect("bytes");
+        let b = rule
+            .aggregate(&reversed)
+            .expect("merge")
+            .to_safetensors_bytes()
+            .expect("bytes");
+        assert_eq!(a, b, "{}", rule.id());
+    }
+}
+
+fn gram(m: &[f64], out: usize, inp: usize) -> Vec<f64> {
+    let mut g = vec![0.0; out * out];
+    for i in 0..out {
+        for j in 0..out {
+            g[i * out + j] = (0..inp).map(|k| m[i * inp + k] * m[j * inp + k]).sum();
+        }
+    }
+    g
+}
+
+fn square(g: &[f64], n: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            out[i * n + j] = (0..n).map(|k| g[i * n + k] * g[k * n + j]).sum();
+        }
+    }
+    out
+}
+
+/// Σ σ_i of `m`, from the eigenvalues of `m·mᵀ` by cyclic Jacobi rotations on the symmetric
+/// matrix (a different algorithm from the rules' one-sided SVD).
+fn nuclear_norm(m: &[f64], out: usize, inp: usize) -> f64 {
+    let mut g = gram(m, out, inp);
+    let n = out;
+    for _ in 0..100 {
+        let mut off = 0.0;
+        for p in 0..n {
+            for q in p + 1..n {
+                off += g[p * n + q].powi(2);
+                if g[p * n + q].abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (g[q * n + q] - g[p * n + p]) / (2.0 * g[p * n + q]);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..n {
+                    let (gkp, gkq) = (g[k * n + p], g[k * n + q]);
+                    g[k * n + p] = c * gkp - s * gkq;
+                    g[k * n + q] = s * gkp + c * gkq;
+                }
+                for k in 0..n {
+                    let (gpk, gqk) = (g[p * n + k], g[q * n + k]);
+                    g[p * n + k] = c * gpk - s * gqk;
+                    g[q * n + k] = s * gpk + c * gqk;
+                }
+            }
+        }
+        if off < 1e-28 {
+            break;
+        }
+    }
+    (0..n).map(|i| g[i * n + i].max(0.0).sqrt()).sum()
+}
+
+#[test]
+fn stack_applies_the_sum_of_adapters_of_different_ranks() {
+    let round = ExactMean {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+    }
+    .aggregate(&[weighted(random(31), 1), weighted(random(32), 1)])
+    .expect("merge");
+    let personal = random(33);
+    let both = hivemind_model::aggregate::stack(&[&round, &personal]).expect("stack");
+    assert_eq!(both.config.r, round.config.r + RANK);
+    for (p, out, inp) in paths() {
+        let want: Vec<f64> = delta(&round, &p, out, inp)
+            .iter()
+            .zip(delta(&personal, &p, out, inp))
+            .map(|(x, y)| x + y)
+            .collect();
+        assert_close(&delta(&both, &p, out, inp), &want, &p);
+    }
+    // An adapter of fewer modules adds nothing where it has none.
+    let mut fewer = random(34);
+    fewer.tensors.retain(|n, _| !n.contains("up_proj"));
+    let mixed = hivemind_model::aggregate::stack(&[&fewer, &personal]).expect("stack");
+    for (p, out, inp) in paths() {
+        let mut want = delta(&personal, &p, out, inp);
+        if !p.contains("up_proj") {
+            for (x, y) in want.iter_mut().zip(delta(&fewer, &p, out, inp)) {
+                *x += y;
+            }
+        }
+        assert_close(&delta(&mixed, &p, out, inp), &want, &p);
+    }
+    // Shapes that disagree are refused.
+    let mut other = random(35);
+    for t in other.tensors.values_mut().filter(|t| t.shape[0] == RANK) {
+        t.shape[1] += 1;
+        t.data.extend(std::iter::repeat_n(0.0, RANK));
+    }
+    assert!(hivemind_model::aggregate::stack(&[&personal, &other]).is_err());
+}
+
+const CHILD_ENV: &str = "HIVEMIND_MERGE_TEST_CHILD";
+
+fn hashes(inputs: &[WeightedAdapter]) -> Vec<String> {
+    let rules: Vec<Box<dyn AggregationRule>> = vec![
+        Box::new(ExactMean {
+            max_samples_per_input: 1000,
+            rank_cap: 5,
+        }),
+        Box::new(IsoMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 64,
+            scale: 1.0,
+        }),
+        Box::new(TsvMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 64,
+            scale: 0.5,
+        }),
+    ];
+    rules
+        .iter()
+        .map(|r| {
+            r.aggregate(inputs)
+                .expect("merge")
+                .canonical_hash()
+                .expect("hash")
+                .to_hex()
+        })
+        .collect()
+}
+
+#[test]
+fn every_rule_gives_the_same_hash_in_separate_processes() {
+    let mut inputs: Vec<_> = (1..=4).map(|s| weighted(random(s + 40), s)).collect();
+    if let Ok(rotate) = std::env::var(CHILD_ENV) {
+        inputs.rotate_left(rotate.parse().expect("rotation"));
+        println!("MERGE_HASHES={}", hashes(&inputs).join(","));
+        return;
+    }
+    let here = hashes(&inputs).join(",");
+    let exe = std::env::current_exe().expect("test binary");
+    for rotate in [1, 3] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "every_rule_gives_the_same_hash_in_separate_processes",
+                "--exact",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1"])
+            .env(CHILD_ENV, rotate.to_string())
+            .output()
+            .expect("child runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {stdout}");
+        let printed = stdout
+            .split("MERGE_HASHES=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("child printed no hashes: {stdout}"));
+        assert_eq!(printed, here, "process with rotation {rotate}");
+    }
+}
