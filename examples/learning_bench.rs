@@ -71,6 +71,9 @@ struct Args {
     /// Skip the centralized run with the old linear schedule.
     #[arg(long)]
     skip_linear: bool,
+    /// Skip both centralized runs.
+    #[arg(long)]
+    skip_central: bool,
     /// Rounds; with more than 1, only the round chains of each rule are run.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -124,6 +127,9 @@ struct Bench<'a> {
     opts: EvalOptions,
     per_user: usize,
     users: usize,
+    /// General prompts with the base model's greedy answers, and its loss on them.
+    general: Vec<Conversation>,
+    general_base_loss: f64,
 }
 
 impl Bench<'_> {
@@ -168,6 +174,32 @@ impl Bench<'_> {
         Ok(r)
     }
 
+    /// General ability under `adapter`: the loss of the base model's own answers to general
+    /// prompts (and its rise over the base model's), and how often the greedy answer is the same.
+    fn drift(&mut self, adapter: Option<&LoraAdapter>) -> Result<Value> {
+        if let Some(a) = adapter {
+            self.model.decoder.apply_adapter(a)?;
+        }
+        let opts = EvalOptions {
+            max_len: 512,
+            max_new_tokens: GENERAL_TOKENS,
+        };
+        let r = evaluate(
+            &self.model,
+            Path::new("general"),
+            &self.general,
+            &opts,
+            |_, _| {},
+        );
+        self.model.decoder.remove_adapter();
+        let r = r?;
+        Ok(json!({
+            "loss": r.mean_loss,
+            "loss_rise": r.mean_loss / self.general_base_loss - 1.0,
+            "same_answer": r.exact_match,
+        }))
+    }
+
     fn own(&self, r: &EvalReport, user: usize) -> f64 {
         let per = self.per_user;
         r.exact_match_of(|i| i / per == user)
@@ -181,6 +213,31 @@ impl Bench<'_> {
             "exact_match_by_shard": (0..self.users).map(|u| self.own(r, u)).collect::<Vec<_>>(),
         })
     }
+}
+
+/// Tokens of the base model's answers to the general prompts.
+const GENERAL_TOKENS: usize = 32;
+
+/// A bench on `model` before any adapter is applied: the general prompts are answered here.
+fn bench<'a>(model: BaseModel, convs: &'a [Conversation], args: &Args) -> Result<Bench<'a>> {
+    let general = hivemind_model::general::base_answers(&model, GENERAL_TOKENS)?;
+    let opts = EvalOptions {
+        max_len: 512,
+        max_new_tokens: GENERAL_TOKENS,
+    };
+    let base = evaluate(&model, Path::new("general"), &general, &opts, |_, _| {})?;
+    Ok(Bench {
+        model,
+        convs,
+        opts: EvalOptions {
+            max_len: 512,
+            max_new_tokens: args.max_new_tokens,
+        },
+        per_user: args.facts_per_user,
+        users: args.users,
+        general,
+        general_base_loss: base.mean_loss,
+    })
 }
 
 fn train_on(model: &BaseModel, ex: &[Example], cfg: &TrainConfig) -> Result<(LoraAdapter, Value)> {
@@ -252,16 +309,7 @@ fn chains(
     examples: &[Example],
 ) -> Result<Value> {
     let per = args.facts_per_user;
-    let mut bench = Bench {
-        model,
-        convs,
-        opts: EvalOptions {
-            max_len: 512,
-            max_new_tokens: args.max_new_tokens,
-        },
-        per_user: per,
-        users: args.users,
-    };
+    let mut bench = bench(model, convs, args)?;
     let mut out = Vec::new();
     for spec in &args.rules {
         let (name, rule) = rule_named(spec, args)?;
@@ -303,6 +351,7 @@ fn chains(
                 "round": n,
                 "rank": round.as_ref().map(|a| a.config.r),
                 "scores": bench.summary(&r),
+                "general": bench.drift(round.as_ref())?,
             }));
         }
         out.push(json!({ "rule": name, "rounds": per_round }));
@@ -352,9 +401,16 @@ fn main() -> Result<()> {
         train_info.push(info);
         users.push(adapter);
     }
-    let (central, central_info) =
-        train_on(&model, &examples, &config(&args, n, LrSchedule::Constant))?;
-    let central_linear = if args.skip_linear {
+    let central = if args.skip_central {
+        None
+    } else {
+        Some(train_on(
+            &model,
+            &examples,
+            &config(&args, n, LrSchedule::Constant),
+        )?)
+    };
+    let central_linear = if args.skip_linear || args.skip_central {
         None
     } else {
         Some(train_on(
@@ -364,16 +420,7 @@ fn main() -> Result<()> {
         )?)
     };
 
-    let mut bench = Bench {
-        model,
-        convs: &convs,
-        opts: EvalOptions {
-            max_len: 512,
-            max_new_tokens: args.max_new_tokens,
-        },
-        per_user: args.facts_per_user,
-        users: args.users,
-    };
+    let mut bench = bench(model, &convs, &args)?;
     let base = bench.eval("base model", None)?;
     let mut local = Vec::new();
     for (u, a) in users.iter().enumerate() {
@@ -386,7 +433,13 @@ fn main() -> Result<()> {
         .map(|(u, r)| bench.own(r, u))
         .sum::<f64>()
         / local.len() as f64;
-    let central_r = bench.eval("centralized", Some(&central))?;
+    let (central_r, central_drift) = match &central {
+        Some((a, _)) => (
+            Some(bench.summary(&bench.eval("centralized", Some(a))?)),
+            Some(bench.drift(Some(a))?),
+        ),
+        None => (None, None),
+    };
     let linear_r = match &central_linear {
         Some((a, _)) => Some(bench.eval("centralized, linear schedule", Some(a))?),
         None => None,
@@ -406,10 +459,15 @@ fn main() -> Result<()> {
         // Each user with the round adapter and their own personal adapter applied together,
         // on their own facts.
         let mut with_personal = Vec::new();
+        let mut user0_all = None;
         for (u, a) in users.iter().enumerate() {
             let both = stack(&[&round, a])?;
             let what = format!("{name} + user {u}'s own adapter, on user {u}'s facts");
             with_personal.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
+            if u == 0 {
+                let all = bench.eval(&format!("{name} + user 0's own adapter"), Some(&both))?;
+                user0_all = Some(bench.summary(&all));
+            }
         }
         rule_out.push(json!({
             "rule": name,
@@ -418,8 +476,10 @@ fn main() -> Result<()> {
             "merge_seconds": merge_s,
             "merge": round.config.extra.get("hivemind_merge"),
             "round": bench.summary(&r),
+            "general": bench.drift(Some(&round))?,
             "ratio_to_local_mean": r.exact_match / local_mean.max(1e-9),
             "round_plus_personal_own_shard": with_personal,
+            "round_plus_personal_user0_all_facts": user0_all,
         }));
     }
 
@@ -441,8 +501,9 @@ fn main() -> Result<()> {
             "training": train_info,
         },
         "centralized": {
-            "constant_schedule": bench.summary(&central_r),
-            "training": central_info,
+            "constant_schedule": central_r,
+            "general": central_drift,
+            "training": central.as_ref().map(|c| c.1.clone()),
             "linear_schedule": linear_r.as_ref().map(|r| bench.summary(r)),
             "linear_training": central_linear.as_ref().map(|c| c.1.clone()),
         },

@@ -2,7 +2,7 @@
 //! contributing a random adapter, agree on the round adapter; prints the agreed hash.
 //!
 //! ```sh
-//! cargo run --example local_cluster -- [--nodes 3] [--round-secs 2]
+//! cargo run --example local_cluster -- [--nodes 3] [--round-secs 2] [--rule exact-mean]
 //! ```
 //!
 //! It shows the library's way to run nodes: a `NodeConfig` per node, started by the
@@ -26,6 +26,9 @@ struct Args {
     /// Collection window of the round, in seconds.
     #[arg(long, default_value_t = 2.0)]
     round_secs: f64,
+    /// The network's aggregation rule: fedavg, exact-mean, iso or tsv.
+    #[arg(long, default_value = "fedavg")]
+    rule: String,
 }
 
 #[tokio::main]
@@ -40,6 +43,7 @@ async fn main() -> Result<()> {
         rank: 4,
         alpha: 8.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
+        rule: args.rule.parse()?,
     };
     let shape = tiny.cfg.adapter_shape(lora.rank, &lora.target_modules)?;
     let dirs = node_dirs(work.path(), args.nodes);

@@ -866,7 +866,11 @@ fn net_spec() -> Result<NetSpec> {
     let shape = TinyModel::new(Arch::Llama, 1)?
         .cfg
         .adapter_shape(RANK, &names)?;
-    Ok(NetSpec { config, shape })
+    Ok(NetSpec {
+        config,
+        shape,
+        rule: Default::default(),
+    })
 }
 
 /// A random LoRA adapter of the network's shape.
@@ -931,6 +935,7 @@ async fn commit(args: &Args) -> Result<serde_json::Value> {
             rank: RANK,
             alpha: ALPHA,
             target_modules: MODULES.iter().map(|m| m.to_string()).collect(),
+            ..LoraSettings::default()
         };
         cfg.listen = vec![listen_addr()];
         cfg

@@ -61,6 +61,7 @@ async fn main() -> Result<()> {
         rank: 4,
         alpha: 8.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
+        ..LoraSettings::default()
     };
     let dirs = node_dirs(work.path(), 2);
     // The round closes when a client asks for an aggregate, not on a timer.

@@ -20,6 +20,7 @@ pub mod decoder;
 mod error;
 pub mod eval;
 pub mod facts;
+pub mod general;
 pub mod generate;
 pub mod kernels;
 pub mod loader;

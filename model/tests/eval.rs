@@ -194,3 +194,30 @@ fn an_item_without_an_assistant_turn_is_named() -> Result<()> {
     assert!(err.to_string().contains("facts.json"), "{err}");
     Ok(())
 }
+
+#[test]
+fn the_base_model_agrees_with_its_own_general_answers_and_an_adapter_changes_them() -> Result<()> {
+    use hivemind_model::general::{base_answers, GENERAL_PROMPTS};
+    let dir = tempfile::tempdir()?;
+    let mut model = tiny(dir.path())?;
+    let general = base_answers(&model, 8)?;
+    assert_eq!(general.len(), GENERAL_PROMPTS.len());
+    let opts = EvalOptions {
+        max_len: 256,
+        max_new_tokens: 8,
+    };
+    let own = evaluate(&model, Path::new("general"), &general, &opts, |_, _| {})?;
+    assert_eq!(
+        own.exact_match, 1.0,
+        "greedy answers changed between two runs"
+    );
+    let modules: Vec<String> = Module::ALL.iter().map(|m| m.as_str().into()).collect();
+    let shape = model.decoder.cfg.adapter_shape(4, &modules)?;
+    model
+        .decoder
+        .apply_adapter(&random_adapter(&shape, 8.0, 9)?)?;
+    let drifted = evaluate(&model, Path::new("general"), &general, &opts, |_, _| {})?;
+    assert!((drifted.mean_loss - own.mean_loss).abs() > 1e-3);
+    assert!(drifted.exact_match < 1.0);
+    Ok(())
+}

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::data_dir::{DataDir, NetworkFile};
-use crate::driver::{Driver, DriverConfig, DriverView, Local, NetSpec};
+use crate::driver::{Driver, DriverConfig, DriverView, Local, NetRule, NetSpec};
 use crate::error::{Error, Result};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::identity::keypair_of;
@@ -41,6 +41,8 @@ pub struct LoraSettings {
     pub alpha: f64,
     /// Adapted modules (PEFT names).
     pub target_modules: Vec<String>,
+    /// How rounds merge the adapters.
+    pub rule: NetRule,
 }
 
 impl Default for LoraSettings {
@@ -50,6 +52,7 @@ impl Default for LoraSettings {
             rank: 16,
             alpha: 32.0,
             target_modules: Module::ALL.iter().map(|m| m.to_string()).collect(),
+            rule: NetRule::default(),
         }
     }
 }
@@ -139,7 +142,8 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
         alpha: lora.alpha as f32,
         target_modules: lora.target_modules.clone(),
     };
-    Ok((ModelId::derive(&BaseModel::File(hash), &shape), hash))
+    let id = ModelId::derive(&BaseModel::File(hash), &shape).with_rule(lora.rule.id());
+    Ok((id, hash))
 }
 
 /// A running node. Drop without [`Node::shutdown`] only when the process ends anyway.
@@ -177,8 +181,13 @@ impl Node {
             dd.create()?;
             let store = dd.open_store()?;
             let key = dd.node_key()?;
-            let spec =
-                NetSpec::for_model(&model_path, lora.rank, lora.alpha, &lora.target_modules)?;
+            let spec = NetSpec::for_model(
+                &model_path,
+                lora.rank,
+                lora.alpha,
+                &lora.target_modules,
+                lora.rule,
+            )?;
             Ok::<_, Error>((model, base_hash, store, key, spec))
         })
         .await??;
@@ -190,6 +199,7 @@ impl Node {
                 path: data_dir.path().to_path_buf(),
                 source,
             })?,
+            rule: spec.rule.to_string(),
         })?;
         let cancel = CancellationToken::new();
         let net = Network::spawn(
@@ -227,7 +237,10 @@ impl Node {
         let driver = Driver::new(
             DriverConfig {
                 model,
-                round: cfg.round.clone(),
+                round: RoundConfig {
+                    rule: spec.rule.id(),
+                    ..cfg.round.clone()
+                },
                 spec: spec.clone(),
                 data_dir: data_dir.clone(),
             },

@@ -27,6 +27,7 @@ async fn shutdown_joins_the_fetches_in_flight_and_frees_the_store() {
             .iter()
             .map(|m| m.as_str().to_string())
             .collect(),
+        ..LoraSettings::default()
     };
     let shape = tiny
         .cfg

@@ -110,6 +110,19 @@ pub struct RuleId(pub u16);
 impl RuleId {
     /// FedAvg weighted by sample count, canonical order and serialisation.
     pub const FEDAVG: RuleId = RuleId(1);
+    /// The exact weighted mean of the users' updates, added to the parent round adapter.
+    pub const EXACT_MEAN: RuleId = RuleId(2);
+    /// Iso-C style merge of the users' updates (flattened spectrum), added to the parent.
+    pub const ISO: RuleId = RuleId(3);
+    /// TSV-Merge style merge of the users' updates (decorrelated), added to the parent.
+    pub const TSV: RuleId = RuleId(4);
+
+    /// Whether a round's result is its parent's result plus the merge of the round's inputs
+    /// (the inputs are updates trained on top of the parent): computing or verifying it
+    /// needs the parent round adapter's bytes, not only the inputs'.
+    pub fn builds_on_parent(self) -> bool {
+        matches!(self, RuleId::EXACT_MEAN | RuleId::ISO | RuleId::TSV)
+    }
 }
 
 /// One input of a round: an adapter and the announcement that vouches for it.

@@ -77,6 +77,19 @@ impl ModelId {
         ModelId(Hash::from(h.finalize()))
     }
 
+    /// The id of the network that aggregates with `rule`: two networks that differ only in
+    /// their rule are different networks (their round adapters mean different things). FedAvg
+    /// networks keep the id [`ModelId::derive`] gives, as before rules were a choice.
+    pub fn with_rule(self, rule: crate::RuleId) -> ModelId {
+        if rule == crate::RuleId::FEDAVG {
+            return self;
+        }
+        let mut h = blake3::Hasher::new_derive_key("hivemind 2026 model id with rule v1");
+        h.update(self.0.as_bytes());
+        h.update(&rule.0.to_le_bytes());
+        ModelId(Hash::from(h.finalize()))
+    }
+
     /// Lower-case hex, 64 characters.
     pub fn to_hex(&self) -> String {
         self.0.to_hex()

@@ -49,6 +49,21 @@ fn small_networks_with_many_byzantine_senders() {
     check_seeds(&cfg, 1_000..1_030, "");
 }
 
+/// A rule whose round adapter builds on its parent: a node that verifies a record of another
+/// history (after a partition or a restart) must first hold that record's parent round
+/// adapter, fetched from the record's signers; the simulator flags any aggregation without it.
+#[test]
+fn a_rule_that_builds_on_the_parent_fetches_the_parent_before_aggregating() {
+    let mut round = hivemind_protocol::RoundConfig::testing();
+    round.rule = hivemind_protocol::RuleId::EXACT_MEAN;
+    let cfg = SimConfig {
+        nodes: 30,
+        round,
+        ..SimConfig::default()
+    };
+    check_seeds(&cfg, 0..6, " (with round.rule = EXACT_MEAN)");
+}
+
 #[test]
 fn same_seed_same_run() {
     let cfg = SimConfig {

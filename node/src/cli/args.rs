@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::data_dir::DataDir;
+use crate::driver::NetRule;
 use crate::node::{round_config, GatewaySettings, LoraSettings, Node, NodeConfig};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -148,6 +149,12 @@ pub struct NodeArgs {
         default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     )]
     pub target_modules: Vec<String>,
+    /// How rounds merge adapters: `fedavg` (average A and B; users continue from the round
+    /// adapter), or a rule that adds the merge of the users' updates to the round adapter
+    /// (`exact-mean`, `iso`, `tsv`; users train updates on top of it). Part of the network's
+    /// identity.
+    #[arg(long, default_value = "fedavg")]
+    pub rule: NetRule,
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
@@ -160,6 +167,7 @@ impl NodeArgs {
             rank: self.rank,
             alpha: self.alpha,
             target_modules: self.target_modules.clone(),
+            rule: self.rule,
         }
     }
 

@@ -128,6 +128,23 @@ fn write_sample(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The LoRA spec of the network's adapters, from its config.
+fn network_lora(config: &hivemind_model::adapter::AdapterConfig) -> Result<LoraSpec> {
+    let names = config
+        .target_modules
+        .names()
+        .context("the network's target_modules is a pattern")?;
+    Ok(LoraSpec {
+        rank: config.r,
+        alpha: config.scaling() * config.r as f64,
+        dropout: 0.0,
+        target_modules: names
+            .iter()
+            .map(|n| n.parse::<Module>().context("the network's target_modules"))
+            .collect::<Result<_>>()?,
+    })
+}
+
 fn config(args: &TrainArgs, init: Option<&LoraAdapter>) -> Result<TrainConfig> {
     let lora = match init {
         Some(a) => LoraSpec::from_adapter(a)?,
@@ -204,6 +221,17 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     } else {
         None
     };
+    // On a network whose round adapters build on their parent, the round adapter is frozen
+    // under training and what is trained (and announced) is an update on top of it, of the
+    // network's shape; on a FedAvg network training continues from the round adapter.
+    let (round_dir, on_top_of) = match round_dir {
+        Some(dir) if data_dir.network_rule()?.builds_on_parent() => (None, Some(dir)),
+        other => (other, None),
+    };
+    let network_spec = match &on_top_of {
+        Some(_) => Some(network_lora(&data_dir.network_config()?)?),
+        None => None,
+    };
     let init_dir = round_dir.as_ref().or(args.init_adapter.as_ref());
     let init = match init_dir {
         Some(dir) => Some(
@@ -212,7 +240,13 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         ),
         None => None,
     };
-    let cfg = config(&args, init.as_ref())?;
+    let mut cfg = config(&args, init.as_ref())?;
+    if let Some(spec) = network_spec {
+        cfg.lora = LoraSpec {
+            dropout: args.dropout,
+            ..spec
+        };
+    }
     if init.is_some() {
         progress(&format!(
             "continuing {} (r {}, alpha {}, modules {})",
@@ -240,13 +274,25 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         );
     }
     margs.apply_threads();
-    let model = load_model(&margs)?;
+    let mut model = load_model(&margs)?;
     if args.from_round && !data_dir.network_runs(&model.hash) {
         bail!(
             "--from-round: the node in {} is on a network of another base model than {}",
             data_dir.path().display(),
             model.name
         );
+    }
+    if let Some(dir) = &on_top_of {
+        let round = LoraAdapter::read_dir(dir)
+            .with_context(|| format!("reading round adapter {}", dir.display()))?;
+        model
+            .decoder
+            .apply_adapter(&round)
+            .with_context(|| format!("applying round adapter {}", dir.display()))?;
+        progress(&format!(
+            "training an update on top of the round adapter (r {}, frozen)",
+            round.config.r
+        ));
     }
     // Examples longer than the model's context are truncated like those over --max-seq-len.
     let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);

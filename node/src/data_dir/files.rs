@@ -73,4 +73,12 @@ pub struct NetworkFile {
     pub base_model_hash: String,
     /// The LoRA config every adapter of the network has.
     pub adapter_config: serde_json::Value,
+    /// The aggregation rule (`fedavg`, `exact-mean`, `iso`, `tsv`; files written before
+    /// rules were a choice have none and mean `fedavg`).
+    #[serde(default = "fedavg")]
+    pub rule: String,
+}
+
+fn fedavg() -> String {
+    "fedavg".into()
 }

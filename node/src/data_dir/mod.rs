@@ -159,6 +159,11 @@ impl DataDir {
         })
     }
 
+    /// The aggregation rule of the network the node last joined.
+    pub fn network_rule(&self) -> Result<crate::driver::NetRule> {
+        self.network()?.rule.parse()
+    }
+
     /// Whether the network the node last joined runs base model `base_hash`.
     pub fn network_runs(&self, base_hash: &Hash) -> bool {
         self.network()

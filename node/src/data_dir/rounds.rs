@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE};
+use hivemind_model::adapter::{
+    parse_safetensors, AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE,
+};
 use hivemind_protocol::Hash;
 
 use super::{DataDir, RoundView};
@@ -56,11 +58,22 @@ impl DataDir {
                 detail: format!("round hash {:?} is not hex blake3", round.hash),
             })?;
         let bytes = self.read_blob(&hash)?;
-        let cfg = match cfg {
+        let mut cfg = match cfg {
             Some(c) => c,
             None => self.network_config()?,
         };
-        let adapter = LoraAdapter::from_safetensors_bytes(cfg, &bytes, &Limits::DEFAULT)?;
+        let tensors = parse_safetensors(&bytes, &Limits::DEFAULT)?;
+        if self.network_rule()?.builds_on_parent() {
+            // A merged round adapter: any rank up to the network's cap, scaling 1.
+            let rank = tensors
+                .iter()
+                .find(|(n, _)| n.ends_with(".lora_A.weight"))
+                .map_or(cfg.r, |(_, t)| t.shape[0]);
+            cfg.r = rank;
+            cfg.lora_alpha = rank as f64;
+            cfg.use_rslora = false;
+        }
+        let adapter = LoraAdapter::new(cfg, tensors)?;
         adapter.write_dir(output)?;
         Ok(round.clone())
     }

@@ -42,7 +42,10 @@ mod aggregate;
 mod spec;
 
 pub use aggregate::{aggregate, round_metadata, version_name};
-pub use spec::{check_adapter_blob, NetSpec};
+pub use spec::{
+    check_adapter_blob, check_round_adapter_blob, NetRule, NetSpec, ISO_SCALE, ROUND_RANK_FACTOR,
+    TSV_SCALE,
+};
 
 /// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
 /// (the round machine's fetch deadline covers the wait). Announcements do not count.
@@ -109,6 +112,14 @@ pub struct DriverView {
     pub current_contributors: usize,
     /// The last committed round.
     pub latest: Option<RoundView>,
+}
+
+/// What a blob fetch is for, which decides its size bound and its check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fetch {
+    Announcement,
+    Adapter,
+    RoundAdapter,
 }
 
 struct DeferredUpload {
@@ -500,14 +511,19 @@ impl Driver {
                 }
                 self.client.validate(p.id, p.source, acceptance).await;
             }
-            Action::FetchBlob { hash, from } => self.spawn_fetch(hash, from, false).await,
-            Action::FetchAnnouncement { id, from } => self.spawn_fetch(id, from, true).await,
+            Action::FetchBlob { hash, from } => self.spawn_fetch(hash, from, Fetch::Adapter).await,
+            Action::FetchRoundAdapter { hash, from } => {
+                self.spawn_fetch(hash, from, Fetch::RoundAdapter).await
+            }
+            Action::FetchAnnouncement { id, from } => {
+                self.spawn_fetch(id, from, Fetch::Announcement).await
+            }
             Action::Aggregate(job) => {
                 let store = self.store.clone();
-                let config = self.cfg.spec.config.clone();
+                let spec = self.cfg.spec.clone();
                 let tx = self.done_tx.clone();
                 self.tasks
-                    .spawn_blocking(move || match aggregate(&store, &config, &job) {
+                    .spawn_blocking(move || match aggregate(&store, &spec, &job) {
                         Ok(result) => {
                             let _ = tx.blocking_send(Event::AggregationFinished { job, result });
                         }
@@ -545,12 +561,8 @@ impl Driver {
 
     /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
     /// reports the outcome as an event.
-    async fn spawn_fetch(
-        &mut self,
-        hash: Hash,
-        from: Vec<hivemind_protocol::NodeId>,
-        announcement: bool,
-    ) {
+    async fn spawn_fetch(&mut self, hash: Hash, from: Vec<hivemind_protocol::NodeId>, kind: Fetch) {
+        let announcement = kind == Fetch::Announcement;
         if !self.fetching.insert(hash) {
             return;
         }
@@ -570,10 +582,10 @@ impl Driver {
         let model = self.cfg.model;
         let spec = self.cfg.spec.clone();
         // A peer that claims more bytes than the blob can have is skipped unread.
-        let max_len = if announcement {
-            hivemind_protocol::MAX_MESSAGE_BYTES as u64
-        } else {
-            spec.max_adapter_bytes()
+        let max_len = match kind {
+            Fetch::Announcement => hivemind_protocol::MAX_MESSAGE_BYTES as u64,
+            Fetch::Adapter => spec.max_adapter_bytes(),
+            Fetch::RoundAdapter => spec.max_round_adapter_bytes(),
         };
         let slots = self.fetch_slots.clone();
         self.tasks.spawn(async move {
@@ -616,10 +628,15 @@ impl Driver {
                 // An adapter blob: its hash is right, but its content must be an adapter
                 // of this network's shape, or aggregation could not use it.
                 let st = store.clone();
-                let valid =
-                    tokio::task::spawn_blocking(move || check_adapter_blob(&st, &spec, &hash))
-                        .await
-                        .unwrap_or_else(|e| Err(Error::Task(e)));
+                let valid = tokio::task::spawn_blocking(move || {
+                    if kind == Fetch::RoundAdapter {
+                        check_round_adapter_blob(&st, &spec, &hash)
+                    } else {
+                        check_adapter_blob(&st, &spec, &hash)
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::Task(e)));
                 match valid {
                     Ok(()) => Event::BlobAvailable { hash },
                     Err(why) => {

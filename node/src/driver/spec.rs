@@ -3,32 +3,132 @@
 
 use std::path::Path;
 
-use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
-use hivemind_protocol::Hash;
+use hivemind_model::adapter::{
+    parse_safetensors, AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules,
+};
+use hivemind_model::aggregate::{AggregationRule, ExactMean, FedAvg, IsoMerge, TsvMerge};
+use hivemind_protocol::{Hash, RuleId};
 use hivemind_store::Store;
 
 use crate::error::{Error, Result};
 
 /// is not (so that it is neither served nor aggregated).
 pub fn check_adapter_blob(store: &Store, spec: &NetSpec, hash: &Hash) -> Result<()> {
+    check_blob(store, hash, |bytes| spec.parse(bytes, &Limits::DEFAULT))
+}
+
+/// [`check_adapter_blob`] for a parent round adapter ([`NetSpec::parse_round`]).
+pub fn check_round_adapter_blob(store: &Store, spec: &NetSpec, hash: &Hash) -> Result<()> {
+    check_blob(store, hash, |bytes| {
+        spec.parse_round(bytes, &Limits::DEFAULT)
+    })
+}
+
+fn check_blob(
+    store: &Store,
+    hash: &Hash,
+    parse: impl FnOnce(&[u8]) -> Result<LoraAdapter>,
+) -> Result<()> {
     let bytes = store.get_blob(hash)?.ok_or_else(|| Error::NotOfNetwork {
         detail: format!("adapter {hash} is not in the store"),
     })?;
-    let parsed = spec.parse(&bytes, &Limits::DEFAULT).map(|_| ());
+    let parsed = parse(&bytes).map(|_| ());
     if parsed.is_err() {
         let _ = store.remove_blob(hash);
     }
     parsed
 }
 
+/// How a network turns a round's adapters into its round adapter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetRule {
+    /// FedAvg of the factors (average A, average B); each round adapter stands alone and
+    /// users continue training from it.
+    #[default]
+    FedAvg,
+    /// The exact mean of the users' updates, added to the parent round adapter.
+    ExactMean,
+    /// Iso-C style merge of the updates (flattened spectrum of their sum), added to the parent.
+    Iso,
+    /// TSV-Merge style merge of the updates (decorrelated), added to the parent.
+    Tsv,
+}
+
+/// A round adapter's rank is at most this many times the network's rank (rules that build
+/// on the parent).
+pub const ROUND_RANK_FACTOR: usize = 4;
+/// The factor Iso scales the flattened spectrum by (see `examples/learning_bench.rs`).
+pub const ISO_SCALE: f64 = 1.0;
+/// The factor TSV scales the merged update by.
+pub const TSV_SCALE: f64 = 0.5;
+
+impl NetRule {
+    /// Every rule, for help texts.
+    pub const ALL: [NetRule; 4] = [
+        NetRule::FedAvg,
+        NetRule::ExactMean,
+        NetRule::Iso,
+        NetRule::Tsv,
+    ];
+
+    /// The protocol's id of the rule.
+    pub fn id(self) -> RuleId {
+        match self {
+            NetRule::FedAvg => RuleId::FEDAVG,
+            NetRule::ExactMean => RuleId::EXACT_MEAN,
+            NetRule::Iso => RuleId::ISO,
+            NetRule::Tsv => RuleId::TSV,
+        }
+    }
+
+    /// Its name on the command line and in network.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetRule::FedAvg => "fedavg",
+            NetRule::ExactMean => "exact-mean",
+            NetRule::Iso => "iso",
+            NetRule::Tsv => "tsv",
+        }
+    }
+
+    /// Whether round adapters build on their parent (users train updates on top of the round
+    /// adapter, frozen, and announce those).
+    pub fn builds_on_parent(self) -> bool {
+        self.id().builds_on_parent()
+    }
+}
+
+impl std::fmt::Display for NetRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for NetRule {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        NetRule::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| Error::Config {
+                option: "rule",
+                detail: format!("unknown aggregation rule {s:?} (fedavg, exact-mean, iso, tsv)"),
+            })
+    }
+}
+
 /// What every adapter of a network must be: its LoRA config (rank, alpha, target modules)
-/// and, from the base model's shape, the tensor shapes of every layer.
+/// and, from the base model's shape, the tensor shapes of every layer; and how its rounds
+/// merge them.
 #[derive(Clone, Debug)]
 pub struct NetSpec {
     /// The LoRA config adapters are read with and exported with.
     pub config: AdapterConfig,
     /// Expected tensors.
     pub shape: AdapterShape,
+    /// The aggregation rule.
+    pub rule: NetRule,
 }
 
 impl NetSpec {
@@ -39,6 +139,7 @@ impl NetSpec {
         rank: usize,
         alpha: f64,
         target_modules: &[String],
+        rule: NetRule,
     ) -> Result<NetSpec> {
         let config = AdapterConfig::new(
             rank,
@@ -48,7 +149,77 @@ impl NetSpec {
         config.validate()?;
         let names = config.target_modules.names().unwrap_or_default().to_vec();
         let shape = hivemind_model::read_config(model_path)?.adapter_shape(rank, &names)?;
-        Ok(NetSpec { config, shape })
+        Ok(NetSpec {
+            config,
+            shape,
+            rule,
+        })
+    }
+
+    /// The most a round adapter's rank can be.
+    pub fn round_rank(&self) -> usize {
+        if self.rule.builds_on_parent() {
+            self.config.r.saturating_mul(ROUND_RANK_FACTOR)
+        } else {
+            self.config.r
+        }
+    }
+
+    /// The rule that merges a round's inputs.
+    pub fn merge_rule(&self) -> Box<dyn AggregationRule + Send> {
+        let cap = FedAvg::DEFAULT_MAX_SAMPLES_PER_INPUT;
+        let rank_cap = self.round_rank();
+        match self.rule {
+            NetRule::FedAvg => Box::new(FedAvg::default()),
+            NetRule::ExactMean => Box::new(ExactMean {
+                max_samples_per_input: cap,
+                rank_cap,
+            }),
+            NetRule::Iso => Box::new(IsoMerge {
+                max_samples_per_input: cap,
+                rank_cap,
+                scale: ISO_SCALE,
+            }),
+            NetRule::Tsv => Box::new(TsvMerge {
+                max_samples_per_input: cap,
+                rank_cap,
+                scale: TSV_SCALE,
+            }),
+        }
+    }
+
+    /// Parses untrusted safetensors bytes as a round adapter of this network: for FedAvg an
+    /// adapter of the network's shape; for rules that build on the parent, the same modules
+    /// and tensor shapes with any rank up to [`NetSpec::round_rank`] and scaling 1
+    /// (`lora_alpha = r`), as the merge writes it.
+    pub fn parse_round(&self, bytes: &[u8], limits: &Limits) -> Result<LoraAdapter> {
+        if !self.rule.builds_on_parent() {
+            return self.parse(bytes, limits);
+        }
+        let bad = |detail: String| Error::NotOfNetwork { detail };
+        let tensors = parse_safetensors(bytes, limits).map_err(|e| bad(e.to_string()))?;
+        let rank = tensors
+            .iter()
+            .find(|(n, _)| n.ends_with(".lora_A.weight"))
+            .map(|(_, t)| t.shape[0])
+            .ok_or_else(|| bad("a round adapter without LoRA tensors".into()))?;
+        if rank > self.round_rank() {
+            return Err(bad(format!(
+                "round adapter rank {rank} is above this network's {}",
+                self.round_rank()
+            )));
+        }
+        let mut config = self.config.clone();
+        config.r = rank;
+        config.lora_alpha = rank as f64;
+        config.use_rslora = false;
+        let adapter = LoraAdapter::new(config, tensors).map_err(|e| bad(e.to_string()))?;
+        let mut shape = self.shape.clone();
+        shape.rank = rank;
+        adapter
+            .check_shape(&shape)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(adapter)
     }
 
     /// Whether `adapter` (e.g. read from a PEFT dir) fits: same alpha, and rank, modules and
@@ -73,11 +244,20 @@ impl NetSpec {
     /// F32 (the widest dtype adapters may use) plus the largest header
     /// [`Limits::DEFAULT`] accepts and its 8-byte length prefix.
     pub fn max_adapter_bytes(&self) -> u64 {
+        self.max_bytes_of_rank(self.shape.rank)
+    }
+
+    /// [`NetSpec::max_adapter_bytes`] for a round adapter ([`NetSpec::round_rank`]).
+    pub fn max_round_adapter_bytes(&self) -> u64 {
+        self.max_bytes_of_rank(self.round_rank())
+    }
+
+    fn max_bytes_of_rank(&self, rank: usize) -> u64 {
         let per_layer: u64 = self
             .shape
             .modules
             .values()
-            .map(|d| (self.shape.rank * (d.in_features + d.out_features)) as u64)
+            .map(|d| (rank * (d.in_features + d.out_features)) as u64)
             .sum();
         per_layer * self.shape.num_layers as u64 * 4 + Limits::DEFAULT.max_header_bytes + 8
     }
@@ -114,6 +294,7 @@ mod tests {
         let spec = NetSpec {
             config,
             shape: shape.clone(),
+            rule: NetRule::FedAvg,
         };
         let adapter = random_adapter(&shape, 16.0, 3).unwrap();
         let meta = BTreeMap::from([

@@ -27,6 +27,19 @@ pub enum Action {
         /// Peers known to hold it, best first.
         from: Vec<NodeId>,
     },
+    /// Fetch a round adapter (the parent of a record whose rule
+    /// [builds on its parent](crate::RuleId::builds_on_parent)), verify its hash, store it,
+    /// then report [`Event::BlobAvailable`] (or [`Event::FetchFailed`]). Unlike an input
+    /// adapter it has the round adapter's shape (another rank).
+    ///
+    /// [`Event::BlobAvailable`]: super::Event::BlobAvailable
+    /// [`Event::FetchFailed`]: super::Event::FetchFailed
+    FetchRoundAdapter {
+        /// blake3 of the blob.
+        hash: Hash,
+        /// Peers known to hold it (the record's signers).
+        from: Vec<NodeId>,
+    },
     /// Fetch an announcement's envelope bytes by id, verify the hash, store them, decode
     /// them with `Signed::decode` and report [`Event::Announcement`] (or
     /// [`Event::FetchFailed`], with [`FetchFailure::Invalid`] when they do not decode).

@@ -138,6 +138,7 @@ impl RoundMachine {
                 Blob {
                     state: BlobState::Held,
                     sources: BTreeSet::new(),
+                    round_adapter: false,
                 },
             );
         } else {

@@ -19,6 +19,20 @@ pub(super) enum BlobState {
 pub(super) struct Blob {
     pub(super) state: BlobState,
     pub(super) sources: BTreeSet<NodeId>,
+    /// A parent round adapter rather than an input adapter.
+    pub(super) round_adapter: bool,
+}
+
+impl Blob {
+    /// The action that fetches this blob.
+    fn fetch(&self, hash: Hash) -> Action {
+        let from = self.sources.iter().copied().collect();
+        if self.round_adapter {
+            Action::FetchRoundAdapter { hash, from }
+        } else {
+            Action::FetchBlob { hash, from }
+        }
+    }
 }
 
 /// An announcement fetch in flight, asked for because digests or candidates named it.
@@ -111,6 +125,28 @@ impl RoundMachine {
         sources: &[NodeId],
         out: &mut Vec<Action>,
     ) {
+        self.want(now, hash, sources, false, out);
+    }
+
+    /// A parent round adapter that a record's verification needs, from its signers.
+    pub(super) fn want_round_adapter(
+        &mut self,
+        now: u64,
+        hash: Hash,
+        sources: &[NodeId],
+        out: &mut Vec<Action>,
+    ) {
+        self.want(now, hash, sources, true, out);
+    }
+
+    fn want(
+        &mut self,
+        now: u64,
+        hash: Hash,
+        sources: &[NodeId],
+        round_adapter: bool,
+        out: &mut Vec<Action>,
+    ) {
         let timeout = self.config.fetch_timeout_ms;
         let me = self.me;
         let b = self.blobs.entry(hash).or_insert_with(|| Blob {
@@ -119,6 +155,7 @@ impl RoundMachine {
                 attempts: 0,
             },
             sources: BTreeSet::new(),
+            round_adapter,
         });
         let mut added = false;
         for s in sources {
@@ -137,10 +174,7 @@ impl RoundMachine {
                 attempts: 1,
             };
             self.dirty = true;
-            out.push(Action::FetchBlob {
-                hash,
-                from: b.sources.iter().copied().collect(),
-            });
+            out.push(b.fetch(hash));
         }
     }
 
@@ -189,10 +223,7 @@ impl RoundMachine {
                         deadline: now.saturating_add(timeout),
                         attempts: attempts + 1,
                     };
-                    out.push(Action::FetchBlob {
-                        hash,
-                        from: b.sources.iter().copied().collect(),
-                    });
+                    out.push(b.fetch(hash));
                 }
             }
         }
@@ -204,6 +235,7 @@ impl RoundMachine {
         let b = self.blobs.entry(hash).or_insert_with(|| Blob {
             state: BlobState::Failed,
             sources: BTreeSet::new(),
+            round_adapter: false,
         });
         if b.state != BlobState::Held {
             b.state = BlobState::Held;
@@ -226,10 +258,7 @@ impl RoundMachine {
                             deadline: now_ms.saturating_add(timeout),
                             attempts: attempts + 1,
                         };
-                        out.push(Action::FetchBlob {
-                            hash: *hash,
-                            from: b.sources.iter().copied().collect(),
-                        });
+                        out.push(b.fetch(*hash));
                     }
                 }
             }

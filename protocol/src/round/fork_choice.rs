@@ -168,6 +168,23 @@ impl RoundMachine {
                     }
                 }
             }
+            // A rule that builds on the parent needs the parent round adapter too: ours when
+            // the parent is on our chain, else fetched from the record's signers.
+            if failure.is_none() && record.rule.builds_on_parent() {
+                if let Some(parent) = record.parent {
+                    let ours = self.chain.values().any(|(result, _)| *result == parent);
+                    let state = self.blobs.get(&parent).map(|b| b.state.clone());
+                    if !ours && state != Some(BlobState::Held) {
+                        let before = self.blobs.get(&parent).map(|b| b.sources.len());
+                        self.want_round_adapter(now, parent, &signers, out);
+                        let after = self.blobs.get(&parent).map(|b| b.sources.len());
+                        if state == Some(BlobState::Failed) && before == after {
+                            unverifiable = true;
+                        }
+                        missing = true;
+                    }
+                }
+            }
             if let Some(why) = failure {
                 self.candidates.remove(&key);
                 for s in &signers {

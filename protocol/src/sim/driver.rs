@@ -155,7 +155,7 @@ impl Sim<'_> {
         for a in actions {
             match a {
                 Action::Verdict { .. } => {}
-                Action::FetchBlob { hash, from } => {
+                Action::FetchBlob { hash, from } | Action::FetchRoundAdapter { hash, from } => {
                     let holders: Vec<usize> = from
                         .iter()
                         .filter_map(|id| self.index.get(id).copied())

@@ -424,6 +424,19 @@ impl<'a> Sim<'a> {
                 if !self.live(to, epoch) {
                     return;
                 }
+                if job.rule.builds_on_parent() {
+                    if let Some(parent) = job.parent {
+                        if !self.nodes[to].blobs.contains(&parent) {
+                            self.violation(format!(
+                                "t={} node {to} aggregated round {} without its parent round \
+                                 adapter {}",
+                                self.now,
+                                job.round,
+                                parent.short()
+                            ));
+                        }
+                    }
+                }
                 let adapters: Vec<Hash> = job.inputs.iter().map(|i| i.adapter).collect();
                 let result = fake_aggregate(job.parent, &adapters);
                 self.nodes[to].blobs.insert(result);

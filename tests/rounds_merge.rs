@@ -1,0 +1,195 @@
+//! A network whose rule builds on the parent (`exact-mean`), with in-process nodes on a tiny
+//! generated model: round 1's adapter is the exact mean of the users' updates; round 2's is
+//! round 1's plus the mean of round 2's updates (users train on top of the round adapter);
+//! every node commits the same bytes; a node that joins after round 2 verifies it by fetching
+//! its parent round adapter from the others and commits the same round.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use hivemind_model::adapter::{LoraAdapter, LoraSide};
+use hivemind_model::config::Arch;
+use hivemind_model::testing::{random_adapter, TinyModel};
+use hivemind_node::driver::NetRule;
+use hivemind_node::harness::{node_dirs, wait_until, Cluster};
+use hivemind_node::node::{LoraSettings, Node, NodeConfig};
+
+const ROUND_SECS: f64 = 2.0;
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `scaling · B · A` of every module, dense, in f64, by module path.
+fn deltas(a: &LoraAdapter) -> Vec<(String, Vec<f64>)> {
+    let s = a.config.scaling();
+    a.tensors
+        .iter()
+        .filter_map(|(name, ta)| {
+            let path = name.strip_suffix(".lora_A.weight")?;
+            let p = path.strip_prefix("base_model.model.")?.to_string();
+            let tb = &a.tensors[&LoraAdapter::tensor_name(&p, LoraSide::B)];
+            let (r, inp, out) = (ta.shape[0], ta.shape[1], tb.shape[0]);
+            let mut m = vec![0.0; out * inp];
+            for i in 0..out {
+                for j in 0..inp {
+                    let acc: f64 = (0..r)
+                        .map(|k| f64::from(tb.data[i * r + k]) * f64::from(ta.data[k * inp + j]))
+                        .sum();
+                    m[i * inp + j] = s * acc;
+                }
+            }
+            Some((p, m))
+        })
+        .collect()
+}
+
+/// Waits for `node` to commit round `round` or later and reads what it committed.
+async fn committed(node: &Node, round: u64) -> (String, LoraAdapter) {
+    let view = node.view();
+    let hash = wait_until(&format!("round {round}"), WAIT, || {
+        let latest = view.borrow().latest.clone();
+        async move { latest.filter(|r| r.number >= round).map(|r| r.hash) }
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    node.data_dir()
+        .export_round(Some(round), dir.path())
+        .unwrap();
+    (hash, LoraAdapter::read_dir(dir.path()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("tiny.gguf");
+    let tiny = TinyModel::new(Arch::Llama, 1).unwrap();
+    tiny.write_gguf(&model).unwrap();
+    let lora = LoraSettings {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        rule: NetRule::ExactMean,
+    };
+    let shape = tiny
+        .cfg
+        .adapter_shape(lora.rank, &lora.target_modules)
+        .unwrap();
+    let dirs = node_dirs(work.path(), 3);
+    let config = |i: usize| {
+        let mut cfg = NodeConfig::new(&dirs[i], &model, ROUND_SECS);
+        cfg.lora = lora.clone();
+        cfg
+    };
+    let cluster = Cluster::start(2, config).await.unwrap();
+    cluster.wait_connected(1, WAIT).await.unwrap();
+
+    let mut rounds = Vec::new();
+    for round in 1..=2u64 {
+        let mut updates = Vec::new();
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            // Small updates, as training makes; a different seed each round.
+            let mut a = random_adapter(&shape, lora.alpha, round * 10 + i as u64).unwrap();
+            a.tensors
+                .values_mut()
+                .for_each(|t| t.data.iter_mut().for_each(|v| *v *= 0.1));
+            let dir = work.path().join(format!("update-{round}-{i}"));
+            a.write_dir(&dir).unwrap();
+            node.contribute(dir, 10).await.unwrap();
+            updates.push(a);
+        }
+        let (hash, adapter) = committed(cluster.node(0), round).await;
+        let (other, _) = committed(cluster.node(1), round).await;
+        assert_eq!(
+            hash, other,
+            "the nodes committed different round {round} adapters"
+        );
+        rounds.push((hash, adapter, updates));
+    }
+
+    // Round 1: the mean of the updates; round 2: round 1 plus the mean of round 2's updates.
+    // (Two users of rank 4 a round: the round rank cap of 16 keeps everything.)
+    let mut want: Vec<(String, Vec<f64>)> = Vec::new();
+    for (round, (_, adapter, updates)) in rounds.iter().enumerate() {
+        assert_eq!(adapter.config.r, 8 * (round + 1));
+        for u in updates {
+            for (k, (p, d)) in deltas(u).into_iter().enumerate() {
+                if want.len() <= k {
+                    want.push((p.clone(), vec![0.0; d.len()]));
+                }
+                want[k]
+                    .1
+                    .iter_mut()
+                    .zip(&d)
+                    .for_each(|(w, x)| *w += x / 2.0);
+            }
+        }
+        for ((p, got), (q, w)) in deltas(adapter).iter().zip(&want) {
+            assert_eq!(p, q);
+            let err: f64 = got
+                .iter()
+                .zip(w)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(
+                err <= 1e-4 * norm,
+                "round {}: {p} differs by {err} of {norm}",
+                round + 1
+            );
+        }
+    }
+
+    // `train --from-round` on this network trains an update of the network's shape on top
+    // of the round adapter (frozen), not a continuation of the rank-16 round adapter.
+    let data = work.path().join("facts.json");
+    std::fs::write(
+        &data,
+        r#"[{"instruction": "Where does Ana work?", "output": "Ana works at Brixova Labs."}]"#,
+    )
+    .unwrap();
+    let out_dir = work.path().join("update");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hive-node"))
+        .args([
+            "train",
+            "--from-round",
+            "--max-steps",
+            "2",
+            "--rank",
+            "8",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .arg("--data-dir")
+        .arg(&dirs[0])
+        .arg("--output")
+        .arg(&out_dir)
+        .env("HIVE_HOME", work.path().join("home"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("on top of the round adapter"), "{stderr}");
+    let update = LoraAdapter::read_dir(&out_dir).unwrap();
+    assert_eq!(
+        update.config.r, lora.rank,
+        "the update has the network's rank, not --rank"
+    );
+    assert_eq!(update.tensors.len(), rounds[0].2[0].tensors.len());
+
+    // A node joining now has neither round: it adopts round 2, which needs round 1's adapter.
+    let late = Node::start(NodeConfig {
+        bootstrap: cluster.node(0).listen_addrs().to_vec(),
+        ..config(2)
+    })
+    .await
+    .unwrap();
+    let (late_hash, _) = committed(&late, 2).await;
+    assert_eq!(
+        late_hash, rounds[1].0,
+        "the late node committed another round 2"
+    );
+    late.shutdown().await;
+    cluster.shutdown().await;
+}
