@@ -434,10 +434,10 @@ fn main() -> Result<()> {
         .sum::<f64>()
         / local.len() as f64;
     let (central_r, central_drift) = match &central {
-        Some((a, _)) => (
-            Some(bench.summary(&bench.eval("centralized", Some(a))?)),
-            Some(bench.drift(Some(a))?),
-        ),
+        Some((a, _)) => {
+            let r = bench.eval("centralized", Some(a))?;
+            (Some(bench.summary(&r)), Some(bench.drift(Some(a))?))
+        }
         None => (None, None),
     };
     let linear_r = match &central_linear {
