@@ -180,10 +180,7 @@ impl Bench<'_> {
         if let Some(a) = adapter {
             self.model.decoder.apply_adapter(a)?;
         }
-        let opts = EvalOptions {
-            max_len: 512,
-            max_new_tokens: GENERAL_TOKENS,
-        };
+        let opts = general_opts();
         let r = evaluate(
             &self.model,
             Path::new("general"),
@@ -218,14 +215,24 @@ impl Bench<'_> {
 /// Tokens of the base model's answers to the general prompts.
 const GENERAL_TOKENS: usize = 32;
 
+/// How the general prompts are scored: answers as long as the base model's.
+fn general_opts() -> EvalOptions {
+    EvalOptions {
+        max_len: 512,
+        max_new_tokens: GENERAL_TOKENS,
+    }
+}
+
 /// A bench on `model` before any adapter is applied: the general prompts are answered here.
 fn bench<'a>(model: BaseModel, convs: &'a [Conversation], args: &Args) -> Result<Bench<'a>> {
     let general = hivemind_model::general::base_answers(&model, GENERAL_TOKENS)?;
-    let opts = EvalOptions {
-        max_len: 512,
-        max_new_tokens: GENERAL_TOKENS,
-    };
-    let base = evaluate(&model, Path::new("general"), &general, &opts, |_, _| {})?;
+    let base = evaluate(
+        &model,
+        Path::new("general"),
+        &general,
+        &general_opts(),
+        |_, _| {},
+    )?;
     Ok(Bench {
         model,
         convs,

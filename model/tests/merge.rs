@@ -252,22 +252,7 @@ fn every_rule_gives_the_same_bytes_in_any_order() {
     let inputs: Vec<_> = (1..=4).map(|s| weighted(random(s + 20), s * 7)).collect();
     let mut reversed = inputs.clone();
     reversed.reverse();
-    let rules: Vec<Box<dyn AggregationRule>> = vec![
-        Box::new(ExactMean {
-            max_samples_per_input: 1000,
-            rank_cap: 7,
-        }),
-        Box::new(IsoMerge {
-            max_samples_per_input: 1000,
-            rank_cap: 64,
-            scale: 1.0,
-        }),
-        Box::new(TsvMerge {
-            max_samples_per_input: 1000,
-            rank_cap: 64,
-            scale: 0.5,
-        }),
-    ];
+    let rules = rules(7);
     for rule in rules {
         let a = rule
             .aggregate(&inputs)
@@ -380,13 +365,12 @@ fn stack_applies_the_sum_of_adapters_of_different_ranks() {
     assert!(hivemind_model::aggregate::stack(&[&personal, &other]).is_err());
 }
 
-const CHILD_ENV: &str = "HIVEMIND_MERGE_TEST_CHILD";
-
-fn hashes(inputs: &[WeightedAdapter]) -> Vec<String> {
-    let rules: Vec<Box<dyn AggregationRule>> = vec![
+/// Each update-merging rule; the exact mean truncated to `exact_cap`.
+fn rules(exact_cap: usize) -> Vec<Box<dyn AggregationRule>> {
+    vec![
         Box::new(ExactMean {
             max_samples_per_input: 1000,
-            rank_cap: 5,
+            rank_cap: exact_cap,
         }),
         Box::new(IsoMerge {
             max_samples_per_input: 1000,
@@ -398,8 +382,13 @@ fn hashes(inputs: &[WeightedAdapter]) -> Vec<String> {
             rank_cap: 64,
             scale: 0.5,
         }),
-    ];
-    rules
+    ]
+}
+
+const CHILD_ENV: &str = "HIVEMIND_MERGE_TEST_CHILD";
+
+fn hashes(inputs: &[WeightedAdapter]) -> Vec<String> {
+    rules(5)
         .iter()
         .map(|r| {
             r.aggregate(inputs)

@@ -165,6 +165,18 @@ impl AdapterConfig {
         }
     }
 
+    /// This config for an adapter of rank `rank` whose B factors already carry every scale:
+    /// `r = lora_alpha = rank` without rsLoRA, so its scaling is 1. Merged adapters (the
+    /// exact and spectral rules, `stack`) are written this way.
+    pub fn unit_scaled(&self, rank: usize) -> AdapterConfig {
+        AdapterConfig {
+            r: rank,
+            lora_alpha: rank as f64,
+            use_rslora: false,
+            ..self.clone()
+        }
+    }
+
     /// Parses and validates `adapter_config.json` bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let config: AdapterConfig =

@@ -119,6 +119,17 @@ impl LoraAdapter {
         LoraAdapter::new(config, tensors)
     }
 
+    /// Parses untrusted safetensors bytes of a merged adapter ([`AdapterConfig::unit_scaled`]):
+    /// its rank is read from its tensors, the rest of its config is `base`'s.
+    pub fn from_merged_bytes(base: &AdapterConfig, bytes: &[u8], limits: &Limits) -> Result<Self> {
+        let tensors = parse_safetensors(bytes, limits)?;
+        let rank = tensors
+            .iter()
+            .find(|(n, _)| n.ends_with(LoraSide::A.suffix()))
+            .map_or(base.r, |(_, t)| t.shape[0]);
+        LoraAdapter::new(base.unit_scaled(rank), tensors)
+    }
+
     /// The canonical safetensors bytes (layout in the module docs). Equal adapters give
     /// equal bytes on every machine.
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {

@@ -224,10 +224,7 @@ fn merge_adapters(
             },
         );
     }
-    let mut config = reference.adapter.config.clone();
-    config.r = rank;
-    config.lora_alpha = rank as f64;
-    config.use_rslora = false;
+    let mut config = reference.adapter.config.unit_scaled(rank);
     let report = MergeReport {
         rank,
         kept_energy: if all > 0.0 { kept / all } else { 1.0 },
@@ -401,7 +398,7 @@ pub fn stack(adapters: &[&LoraAdapter]) -> Result<LoraAdapter, AdapterError> {
             },
         );
     }
-    let mut config = first.config.clone();
+    let mut config = first.config.unit_scaled(rank);
     let names: std::collections::BTreeSet<String> = tensors
         .keys()
         .filter_map(|n| n.strip_suffix(A_SUFFIX))
@@ -409,9 +406,6 @@ pub fn stack(adapters: &[&LoraAdapter]) -> Result<LoraAdapter, AdapterError> {
         .map(str::to_string)
         .collect();
     config.target_modules = crate::adapter::TargetModules::from_names(names);
-    config.r = rank;
-    config.lora_alpha = rank as f64;
-    config.use_rslora = false;
     config.extra.remove("hivemind_merge");
     LoraAdapter::new(config, tensors)
 }

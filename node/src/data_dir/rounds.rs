@@ -3,9 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hivemind_model::adapter::{
-    parse_safetensors, AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE,
-};
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE};
 use hivemind_protocol::Hash;
 
 use super::{DataDir, RoundView};
@@ -58,22 +56,16 @@ impl DataDir {
                 detail: format!("round hash {:?} is not hex blake3", round.hash),
             })?;
         let bytes = self.read_blob(&hash)?;
-        let mut cfg = match cfg {
+        let cfg = match cfg {
             Some(c) => c,
             None => self.network_config()?,
         };
-        let tensors = parse_safetensors(&bytes, &Limits::DEFAULT)?;
-        if self.network_rule()?.builds_on_parent() {
-            // A merged round adapter: any rank up to the network's cap, scaling 1.
-            let rank = tensors
-                .iter()
-                .find(|(n, _)| n.ends_with(".lora_A.weight"))
-                .map_or(cfg.r, |(_, t)| t.shape[0]);
-            cfg.r = rank;
-            cfg.lora_alpha = rank as f64;
-            cfg.use_rslora = false;
-        }
-        let adapter = LoraAdapter::new(cfg, tensors)?;
+        // A merged round adapter has its own rank and scaling 1.
+        let adapter = if self.network_rule()?.builds_on_parent() {
+            LoraAdapter::from_merged_bytes(&cfg, &bytes, &Limits::DEFAULT)?
+        } else {
+            LoraAdapter::from_safetensors_bytes(cfg, &bytes, &Limits::DEFAULT)?
+        };
         adapter.write_dir(output)?;
         Ok(round.clone())
     }

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 
-use hivemind_model::adapter::{
-    parse_safetensors, AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules,
-};
+use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
 use hivemind_model::aggregate::{AggregationRule, ExactMean, FedAvg, IsoMerge, TsvMerge};
 use hivemind_protocol::{Hash, RuleId};
 use hivemind_store::Store;
@@ -199,23 +197,15 @@ impl NetSpec {
             return self.parse(bytes, limits);
         }
         let bad = |detail: String| Error::NotOfNetwork { detail };
-        let tensors = parse_safetensors(bytes, limits).map_err(|e| bad(e.to_string()))?;
-        let rank = tensors
-            .iter()
-            .find(|(n, _)| n.ends_with(".lora_A.weight"))
-            .map(|(_, t)| t.shape[0])
-            .ok_or_else(|| bad("a round adapter without LoRA tensors".into()))?;
+        let adapter = LoraAdapter::from_merged_bytes(&self.config, bytes, limits)
+            .map_err(|e| bad(e.to_string()))?;
+        let rank = adapter.config.r;
         if rank > self.round_rank() {
             return Err(bad(format!(
                 "round adapter rank {rank} is above this network's {}",
                 self.round_rank()
             )));
         }
-        let mut config = self.config.clone();
-        config.r = rank;
-        config.lora_alpha = rank as f64;
-        config.use_rslora = false;
-        let adapter = LoraAdapter::new(config, tensors).map_err(|e| bad(e.to_string()))?;
         let mut shape = self.shape.clone();
         shape.rank = rank;
         adapter
@@ -312,5 +302,46 @@ mod tests {
         // The bound is the F32 payload plus the header allowance, nothing more.
         let payload: usize = adapter.tensors.values().map(|t| t.data.len() * 4).sum();
         assert_eq!(bound, payload as u64 + Limits::DEFAULT.max_header_bytes + 8);
+    }
+
+    /// A parent round adapter comes from peers: one above the network's round rank, or with
+    /// a module of the wrong shape, is refused; one the merge could have written is read
+    /// with its own rank and scaling 1.
+    #[test]
+    fn round_adapters_from_peers_are_checked_against_the_round_rank_and_shapes() {
+        let names = ["q_proj".to_string(), "v_proj".to_string()];
+        let cfg = TinyModel::new(Arch::Llama, 1).unwrap().cfg;
+        let spec = NetSpec {
+            config: AdapterConfig::new(4, 8.0, TargetModules::from_names(names.clone())),
+            shape: cfg.adapter_shape(4, &names).unwrap(),
+            rule: NetRule::ExactMean,
+        };
+        let bytes_of_rank = |rank: usize| {
+            let shape = cfg.adapter_shape(rank, &names).unwrap();
+            random_adapter(&shape, rank as f64, 1)
+                .unwrap()
+                .to_safetensors_bytes()
+                .unwrap()
+        };
+        let ok = spec
+            .parse_round(&bytes_of_rank(spec.round_rank()), &Limits::DEFAULT)
+            .unwrap();
+        assert_eq!(ok.config.r, 16);
+        assert_eq!(ok.config.scaling(), 1.0);
+        let err = spec
+            .parse_round(&bytes_of_rank(spec.round_rank() + 1), &Limits::DEFAULT)
+            .unwrap_err();
+        assert!(err.to_string().contains("above this network's 16"), "{err}");
+        // A module of another width.
+        let mut wrong = cfg.adapter_shape(8, &names).unwrap();
+        if let Some(d) = wrong.modules.values_mut().next() {
+            d.in_features += 1;
+        }
+        let foreign = random_adapter(&wrong, 8.0, 2)
+            .unwrap()
+            .to_safetensors_bytes()
+            .unwrap();
+        let err = spec.parse_round(&foreign, &Limits::DEFAULT).unwrap_err();
+        assert!(matches!(err, Error::NotOfNetwork { .. }), "{err}");
     }
 }
