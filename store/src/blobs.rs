@@ -979,16 +979,6 @@ mod tests {
     }
 
     #[test]
-    fn a_data_dir_is_opened_by_one_store_at_a_time() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        assert!(matches!(Store::open(dir.path()), Err(Error::Db { .. })));
-        drop(store);
-        Store::open(dir.path())?;
-        Ok(())
-    }
-
-    #[test]
     fn range_set_matches_a_bitmap() {
         // Reference: a plain bitmap of covered positions.
         let mut rng = rand::rngs::StdRng::seed_from_u64(99);

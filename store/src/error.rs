@@ -22,6 +22,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Another process (or another `Store` in this one) holds the data directory open.
+    #[error(
+        "the data directory's database {} is in use by another process (is a node running on it?)",
+        path.display()
+    )]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+
     /// The sled database failed.
     #[error("database error: {source}")]
     Db {

@@ -106,16 +106,13 @@ impl Store {
     /// Opens (creating if needed) the store in data directory `dir`, then repairs
     /// whatever an interrupted write left behind (see [`Recovery`]).
     ///
-    /// Fails with [`Error::Db`] if another process holds the directory open.
+    /// Fails with [`Error::Locked`] if another process holds the directory open.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
         let root = dir.as_ref().to_path_buf();
         fsutil::create_dir_private(&root)?;
         // Take sled's lock first: after this no other process writes here, so any
         // temp file found below is a leftover and safe to delete.
-        let db = sled::Config::new()
-            .path(root.join(DB_DIR))
-            .cache_capacity(64 * 1024 * 1024)
-            .open()?;
+        let db = open_db(&root.join(DB_DIR))?;
         let blobs_dir = root.join(BLOBS_DIR);
         fsutil::create_dir_private(&blobs_dir)?;
         fsutil::sync_dir(&root)?;
@@ -149,6 +146,74 @@ impl Store {
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()> {
         self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// How long [`Store::open`] waits for the database lock before it says the directory
+/// is in use. sled releases its file lock only when the last of its background I/O
+/// threads lets go of the file, a moment after the `Db` is dropped; a store closed and
+/// reopened at once (a restart, a test) must not see that moment as another process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens sled at `path`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_db(path: &Path) -> Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(64 * 1024 * 1024);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_error(&e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// sled 0.34 reports a held lock only as an I/O error with this message.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_store_reopens_at_once_and_an_open_one_is_refused_by_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        // Close and reopen right away, with writes (sled's I/O threads busy) in between:
+        // each reopen must succeed, and see every write before it.
+        let mut written = Vec::new();
+        for i in 0u32..40 {
+            let store = Store::open(dir.path())?;
+            for hash in &written {
+                assert!(
+                    store.has_blob(hash)?,
+                    "blob written before reopen {i} is gone"
+                );
+            }
+            written.push(store.put_blob(&i.to_le_bytes().repeat(1000))?);
+        }
+        let store = Store::open(dir.path())?;
+        match Store::open(dir.path()) {
+            Err(Error::Locked { path }) => {
+                assert_eq!(path, dir.path().join(DB_DIR));
+                let message = Error::Locked { path }.to_string();
+                assert!(message.contains("in use by another process"), "{message}");
+            }
+            other => panic!("a second open of a held store: {other:?}"),
+        }
+        drop(store);
+        Store::open(dir.path())?;
         Ok(())
     }
 }
