@@ -28,14 +28,14 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::aggregate::{
-    stack, AggregationRule, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
+    stack, AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
 };
 use hivemind_model::config::Arch;
 use hivemind_model::dataset::{self, Conversation, Example};
 use hivemind_model::eval::{evaluate, EvalOptions, EvalReport};
 use hivemind_model::facts::facts;
 use hivemind_model::testing::TinyModel;
-use hivemind_model::train::{self, LoraSpec, LrSchedule, TrainConfig};
+use hivemind_model::train::{self, LoraSpec, LrSchedule, Replay, TrainConfig};
 use hivemind_model::{BaseModel, LoadOptions, Module};
 use serde_json::{json, Value};
 
@@ -84,6 +84,10 @@ struct Args {
         default_value = "fedavg,exact,exact-svd,iso:1,iso:0.5,tsv:0.5,tsv:1"
     )]
     rules: Vec<String>,
+    /// Base-model answers replayed per training step (`hive-node train --replay`); several
+    /// values (`0,2`) run the round chains once per value.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    replay: Vec<usize>,
     /// Seed of the facts and of the LoRA init (the same for every user).
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -130,6 +134,8 @@ struct Bench<'a> {
     /// General prompts with the base model's greedy answers, and its loss on them.
     general: Vec<Conversation>,
     general_base_loss: f64,
+    /// The base model's answers to the replay prompts (held out from `general`).
+    replay: Vec<Example>,
 }
 
 impl Bench<'_> {
@@ -212,6 +218,9 @@ impl Bench<'_> {
     }
 }
 
+/// Replay prompts answered (as `hive-node train` does).
+const REPLAY_POOL: usize = 8;
+
 /// Tokens of the base model's answers to the general prompts.
 const GENERAL_TOKENS: usize = 32;
 
@@ -226,6 +235,14 @@ fn general_opts() -> EvalOptions {
 /// A bench on `model` before any adapter is applied: the general prompts are answered here.
 fn bench<'a>(model: BaseModel, convs: &'a [Conversation], args: &Args) -> Result<Bench<'a>> {
     let general = hivemind_model::general::base_answers(&model, GENERAL_TOKENS)?;
+    let pool = args
+        .replay
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(REPLAY_POOL);
+    let replay = hivemind_model::general::replay_examples(&model, pool, GENERAL_TOKENS)?;
     let base = evaluate(
         &model,
         Path::new("general"),
@@ -244,16 +261,33 @@ fn bench<'a>(model: BaseModel, convs: &'a [Conversation], args: &Args) -> Result
         users: args.users,
         general,
         general_base_loss: base.mean_loss,
+        replay,
     })
 }
 
-fn train_on(model: &BaseModel, ex: &[Example], cfg: &TrainConfig) -> Result<(LoraAdapter, Value)> {
+/// `per_step` of `pool` replayed in each step, as `hive-node train --replay` does.
+fn replay(pool: &[Example], per_step: usize) -> Option<Replay<'_>> {
+    Some(Replay {
+        examples: pool,
+        per_step,
+        weight: 1.0,
+    })
+}
+
+fn train_on(
+    model: &BaseModel,
+    ex: &[Example],
+    replay: Option<Replay<'_>>,
+    cfg: &TrainConfig,
+) -> Result<(LoraAdapter, Value)> {
     let t0 = Instant::now();
-    let out = train::train(model, ex, cfg, None, &AtomicBool::new(false), &mut |_| {})?;
+    let stop = AtomicBool::new(false);
+    let out = train::train_with_replay(model, ex, replay, cfg, None, &stop, &mut |_| {})?;
     let info = json!({
         "first_loss": out.info.first_loss,
         "final_loss": out.info.final_loss,
         "steps": out.info.steps,
+        "final_replay_loss": out.info.final_replay_loss,
         "seconds": t0.elapsed().as_secs_f64(),
     });
     Ok((out.adapter, info))
@@ -286,19 +320,23 @@ fn rule_named(spec: &str, args: &Args) -> Result<(String, Box<dyn AggregationRul
         "exact" => Box::new(ExactMean {
             max_samples_per_input: cap_samples,
             rank_cap: cap,
+            bounds: Bounds::ROBUST,
         }),
         "exact-svd" => Box::new(ExactMean {
             max_samples_per_input: cap_samples,
             rank_cap: args.rank,
+            bounds: Bounds::ROBUST,
         }),
         "iso" => Box::new(IsoMerge {
             max_samples_per_input: cap_samples,
             rank_cap: cap,
+            bounds: Bounds::ROBUST,
             scale,
         }),
         "tsv" => Box::new(TsvMerge {
             max_samples_per_input: cap_samples,
             rank_cap: cap,
+            bounds: Bounds::ROBUST,
             scale,
         }),
         _ => anyhow::bail!("unknown rule {spec:?} (fedavg, exact, exact-svd, iso:S, tsv:S)"),
@@ -318,8 +356,14 @@ fn chains(
     let per = args.facts_per_user;
     let mut bench = bench(model, convs, args)?;
     let mut out = Vec::new();
-    for spec in &args.rules {
+    let runs: Vec<(&String, usize)> = args
+        .rules
+        .iter()
+        .flat_map(|r| args.replay.iter().map(move |&k| (r, k)))
+        .collect();
+    for (spec, per_step) in runs {
         let (name, rule) = rule_named(spec, args)?;
+        let name = format!("{name}, replay {per_step}");
         let fedavg = rule.id() == FedAvg::ID;
         let mut round: Option<LoraAdapter> = None;
         let mut per_round = Vec::new();
@@ -329,10 +373,12 @@ fn chains(
                 let shard = &examples[u * per..(u + 1) * per];
                 let cfg = config(args, shard.len(), LrSchedule::Constant);
                 let stop = AtomicBool::new(false);
+                let pool = &bench.replay;
                 let trained = if fedavg {
-                    train::train(
+                    train::train_with_replay(
                         &bench.model,
                         shard,
+                        replay(pool, per_step),
                         &cfg,
                         round.as_ref(),
                         &stop,
@@ -342,7 +388,15 @@ fn chains(
                     if let Some(r) = &round {
                         bench.model.decoder.apply_adapter(r)?;
                     }
-                    let t = train::train(&bench.model, shard, &cfg, None, &stop, &mut |_| {});
+                    let t = train::train_with_replay(
+                        &bench.model,
+                        shard,
+                        replay(pool, per_step),
+                        &cfg,
+                        None,
+                        &stop,
+                        &mut |_| {},
+                    );
                     bench.model.decoder.remove_adapter();
                     t
                 }?;
@@ -361,7 +415,7 @@ fn chains(
                 "general": bench.drift(round.as_ref())?,
             }));
         }
-        out.push(json!({ "rule": name, "rounds": per_round }));
+        out.push(json!({ "rule": spec, "replay_per_step": per_step, "rounds": per_round }));
     }
     Ok(json!({
         "bench": "learning-rounds",
@@ -398,12 +452,14 @@ fn main() -> Result<()> {
     }
 
     // Each user trains alone on their shard (full batch, same init seed).
+    let mut bench = bench(model, &convs, &args)?;
+    let per_step = args.replay.first().copied().unwrap_or(0);
     let mut users = Vec::new();
     let mut train_info = Vec::new();
     for u in 0..args.users {
         let shard = &examples[u * args.facts_per_user..(u + 1) * args.facts_per_user];
         let cfg = config(&args, shard.len(), LrSchedule::Constant);
-        let (adapter, info) = train_on(&model, shard, &cfg)?;
+        let (adapter, info) = train_on(&bench.model, shard, replay(&bench.replay, per_step), &cfg)?;
         eprintln!("user {u} trained: {info}");
         train_info.push(info);
         users.push(adapter);
@@ -411,23 +467,26 @@ fn main() -> Result<()> {
     let central = if args.skip_central {
         None
     } else {
+        let cfg = config(&args, n, LrSchedule::Constant);
         Some(train_on(
-            &model,
+            &bench.model,
             &examples,
-            &config(&args, n, LrSchedule::Constant),
+            replay(&bench.replay, per_step),
+            &cfg,
         )?)
     };
     let central_linear = if args.skip_linear || args.skip_central {
         None
     } else {
+        let cfg = config(&args, n, LrSchedule::Linear);
         Some(train_on(
-            &model,
+            &bench.model,
             &examples,
-            &config(&args, n, LrSchedule::Linear),
+            replay(&bench.replay, per_step),
+            &cfg,
         )?)
     };
 
-    let mut bench = bench(model, &convs, &args)?;
     let base = bench.eval("base model", None)?;
     let mut local = Vec::new();
     for (u, a) in users.iter().enumerate() {
@@ -500,6 +559,7 @@ fn main() -> Result<()> {
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
+        "replay_per_step": per_step,
         "base": bench.summary(&base),
         "local": {
             "mean_exact_match": local_mean,

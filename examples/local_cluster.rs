@@ -26,8 +26,8 @@ struct Args {
     /// Collection window of the round, in seconds.
     #[arg(long, default_value_t = 2.0)]
     round_secs: f64,
-    /// The network's aggregation rule: fedavg, exact-mean, iso or tsv.
-    #[arg(long, default_value = "fedavg")]
+    /// The network's aggregation rule: iso (the default), exact-mean, tsv or fedavg.
+    #[arg(long, default_value = "iso")]
     rule: String,
 }
 

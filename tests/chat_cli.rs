@@ -206,6 +206,29 @@ fn eval_scores_a_dataset_with_the_chosen_adapter_and_names_bad_items() -> Result
     let base = eval(&["--use", "none"])?;
     assert!(base.status.success());
     assert_ne!(base.stdout, by_dir.stdout);
+    // With no --use, an adapter `train` did not make for this model is left out ...
+    let auto = eval(&[])?;
+    assert!(auto.status.success());
+    assert_eq!(auto.stdout, base.stdout);
+    // ... and one it made is applied (no node here, so no round adapter beside it).
+    let trained = hive()
+        .current_dir(dir.path())
+        .args(["train", "--max-steps", "2", "--rank", "4", "--threads", "1"])
+        .args(["--output", "adapters/my_adapter", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .output()?;
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let auto = eval(&[])?;
+    assert!(auto.status.success());
+    assert!(String::from_utf8_lossy(&auto.stderr).contains("personal adapter"));
+    assert_eq!(auto.stdout, eval(&["--use", "personal"])?.stdout);
+    assert_ne!(auto.stdout, base.stdout);
     // round+personal needs a node that runs this model.
     let both = eval(&["--use", "round+personal"])?;
     assert!(!both.status.success());

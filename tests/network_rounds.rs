@@ -28,14 +28,21 @@ use serde_json::Value;
 /// 2-core machine before the first window closes.
 const ROUND_SECS: &str = "6";
 
-/// A `hive-node join` on the tiny network; `contribute` is announced with 10 samples.
+/// A `hive-node join` on the tiny FedAvg network; `contribute` is announced with 10 samples.
 fn start_node(
     data: &Path,
     model: &Path,
     bootstrap: Option<&str>,
     contribute: Option<&Path>,
 ) -> Proc {
-    let mut extra: Vec<String> = vec!["--round-secs".into(), ROUND_SECS.into()];
+    // A FedAvg network (the default is iso; tests/rounds_merge.rs covers the rules that
+    // build on the parent): the round adapter is checked against FedAvg computed here.
+    let mut extra: Vec<String> = vec![
+        "--round-secs".into(),
+        ROUND_SECS.into(),
+        "--rule".into(),
+        "fedavg".into(),
+    ];
     if let Some(b) = bootstrap {
         extra.extend(["--bootstrap".to_string(), b.to_string()]);
     }

@@ -1,5 +1,6 @@
 //! A network whose rule builds on the parent (`exact-mean`), with in-process nodes on a tiny
-//! generated model: round 1's adapter is the exact mean of the users' updates; round 2's is
+//! generated model: round 1's adapter is the exact mean of the users' updates (each bounded to
+//! the median norm, as networks bound their inputs); round 2's is
 //! round 1's plus the mean of round 2's updates (users train on top of the round adapter);
 //! every node commits the same bytes; a node that joins after round 2 verifies it by fetching
 //! its parent round adapter from the others and commits the same round.
@@ -106,20 +107,29 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
     }
 
     // Round 1: the mean of the updates; round 2: round 1 plus the mean of round 2's updates.
-    // (Two users of rank 4 a round: the round rank cap of 16 keeps everything.)
+    // (Two users of rank 4 a round: the round rank cap of 16 keeps everything.) Networks
+    // bound their inputs: each module's update is cut to the (lower) median norm of the
+    // round's updates of that module, so of two the larger is scaled to the smaller's norm.
     let mut want: Vec<(String, Vec<f64>)> = Vec::new();
     for (round, (_, adapter, updates)) in rounds.iter().enumerate() {
         assert_eq!(adapter.config.r, 8 * (round + 1));
-        for u in updates {
-            for (k, (p, d)) in deltas(u).into_iter().enumerate() {
-                if want.len() <= k {
-                    want.push((p.clone(), vec![0.0; d.len()]));
-                }
+        let dense: Vec<Vec<(String, Vec<f64>)>> = updates.iter().map(deltas).collect();
+        for k in 0..dense[0].len() {
+            let norms: Vec<f64> = dense
+                .iter()
+                .map(|d| d[k].1.iter().map(|x| x * x).sum::<f64>().sqrt())
+                .collect();
+            let median = norms.iter().copied().fold(f64::INFINITY, f64::min);
+            if want.len() <= k {
+                want.push((dense[0][k].0.clone(), vec![0.0; dense[0][k].1.len()]));
+            }
+            for (d, n) in dense.iter().zip(&norms) {
+                let clip = (median / n).min(1.0);
                 want[k]
                     .1
                     .iter_mut()
-                    .zip(&d)
-                    .for_each(|(w, x)| *w += x / 2.0);
+                    .zip(&d[k].1)
+                    .for_each(|(w, x)| *w += clip * x / 2.0);
             }
         }
         for ((p, got), (q, w)) in deltas(adapter).iter().zip(&want) {

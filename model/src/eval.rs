@@ -201,6 +201,18 @@ fn reply_loss(model: &BaseModel, ids: &[u32], targets: &[bool]) -> Result<(f64, 
 
 /// The greedy continuation of `prompt` (no repeat penalty), decoded without special tokens.
 fn greedy(model: &BaseModel, prompt: &[u32], max_new_tokens: usize) -> Result<String> {
+    let mut out = greedy_tokens(model, prompt, max_new_tokens)?;
+    out.retain(|t| !model.eos_ids.contains(t));
+    Ok(model.tokenizer.decode(&out, true)?)
+}
+
+/// The tokens of the greedy continuation of `prompt` (no repeat penalty), ending with the
+/// end-of-sequence token when the model stopped before `max_new_tokens`.
+pub(crate) fn greedy_tokens(
+    model: &BaseModel,
+    prompt: &[u32],
+    max_new_tokens: usize,
+) -> Result<Vec<u32>> {
     let mut sampler = Sampler::new(SamplingParams {
         temperature: 0.0,
         repeat_penalty: 1.0,
@@ -221,8 +233,7 @@ fn greedy(model: &BaseModel, prompt: &[u32], max_new_tokens: usize) -> Result<St
             true
         },
     )?;
-    out.retain(|t| !model.eos_ids.contains(t));
-    Ok(model.tokenizer.decode(&out, true)?)
+    Ok(out)
 }
 
 /// Whether `answer` contains `expected`, ignoring case, surrounding whitespace and a final full

@@ -3,9 +3,9 @@
 //! answers, and how often its greedy answer is still the same).
 
 use crate::chat::{Message, Role};
-use crate::dataset::Conversation;
+use crate::dataset::{model_template, Conversation, Example};
 use crate::error::Result;
-use crate::eval::{evaluate, EvalOptions};
+use crate::eval::{evaluate, greedy_tokens, EvalOptions};
 use crate::loader::BaseModel;
 
 /// Everyday instructions of the kind a small assistant is asked.
@@ -36,10 +36,77 @@ pub const GENERAL_PROMPTS: [&str; 24] = [
     "Describe a cat in three words.",
 ];
 
+/// Other everyday instructions, never scored: the base model's answers to these are what
+/// training replays to keep the model's general behaviour (see [`crate::train::Replay`]).
+/// Disjoint from [`GENERAL_PROMPTS`], so drift measured on those is measured on held-out prompts.
+pub const REPLAY_PROMPTS: [&str; 16] = [
+    "What is the capital of Japan?",
+    "Give me two tips for staying focused while studying.",
+    "Explain what gravity is in one sentence.",
+    "Translate 'thank you' into French.",
+    "What is 9 plus 15?",
+    "Write a short poem about autumn leaves.",
+    "Name three animals that live in the ocean.",
+    "What does a compass show?",
+    "Suggest a name for a small bakery.",
+    "How many minutes are there in an hour?",
+    "What is the opposite of 'generous'?",
+    "Describe a rainbow to a child.",
+    "Why do we need to drink water?",
+    "List three things you can find in a kitchen.",
+    "What is the freezing point of water in Fahrenheit?",
+    "How do you plant a seed?",
+];
+
 /// The general prompts with the model's own greedy answers (up to `max_new_tokens` each) as
 /// the reference replies: the base model's behaviour, to measure drift from.
 pub fn base_answers(model: &BaseModel, max_new_tokens: usize) -> Result<Vec<Conversation>> {
-    let questions: Vec<Conversation> = GENERAL_PROMPTS
+    answers(model, &GENERAL_PROMPTS, max_new_tokens)
+}
+
+/// The first `count` of [`REPLAY_PROMPTS`] with the model's own greedy answers (up to
+/// `max_new_tokens`), as training examples: what the model answers now, to replay while it
+/// learns something else (see [`crate::train::Replay`]). Call it on the base model before
+/// any adapter is applied.
+pub fn replay_examples(
+    model: &BaseModel,
+    count: usize,
+    max_new_tokens: usize,
+) -> Result<Vec<Example>> {
+    let n = count.min(REPLAY_PROMPTS.len());
+    own_answers(model, &REPLAY_PROMPTS[..n], max_new_tokens)
+}
+
+/// Each of `prompts` as a user turn, followed by `model`'s greedy answer, in tokens: the answer
+/// tokens are the targets, exactly as generated (no decode and re-encode), ending with the
+/// end-of-sequence token when the model stopped, and without one when the answer was cut at
+/// `max_new_tokens` (so replaying it never teaches the model to stop there).
+pub fn own_answers(
+    model: &BaseModel,
+    prompts: &[&str],
+    max_new_tokens: usize,
+) -> Result<Vec<Example>> {
+    let template = model_template(model)?;
+    let mut out = Vec::with_capacity(prompts.len());
+    for q in prompts {
+        let text = template.render(&[Message::new(Role::User, *q)], true)?;
+        let mut ids = model.tokenizer.encode(&text, false)?;
+        let answer = greedy_tokens(model, &ids, max_new_tokens)?;
+        let mut targets = vec![false; ids.len()];
+        targets.extend(std::iter::repeat_n(true, answer.len()));
+        ids.extend(answer);
+        out.push(Example { ids, targets });
+    }
+    Ok(out)
+}
+
+/// `prompts` with `model`'s greedy answers (as it stands, adapter included) as replies.
+fn answers(
+    model: &BaseModel,
+    prompts: &[&str],
+    max_new_tokens: usize,
+) -> Result<Vec<Conversation>> {
+    let questions: Vec<Conversation> = prompts
         .iter()
         .map(|q| Conversation {
             messages: vec![

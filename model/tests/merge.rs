@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
 use hivemind_model::aggregate::{
-    AggregationRule, ExactMean, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
+    AggregationRule, Bounds, ExactMean, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
 };
 use rand::{Rng, SeedableRng};
 
@@ -111,6 +111,7 @@ fn exact_mean_is_the_weighted_mean_of_the_updates() {
     let rule = ExactMean {
         max_samples_per_input: 1000,
         rank_cap: 64,
+        bounds: Bounds::NONE,
     };
     let merged = rule.aggregate(&inputs).expect("merge");
     assert_eq!(merged.config.r, 3 * RANK);
@@ -133,12 +134,14 @@ fn a_rank_cap_keeps_the_best_low_rank_part_and_says_how_much() {
     let full = ExactMean {
         max_samples_per_input: 1000,
         rank_cap: 64,
+        bounds: Bounds::NONE,
     }
     .aggregate(&inputs)
     .expect("merge");
     let capped = ExactMean {
         max_samples_per_input: 1000,
         rank_cap: 5,
+        bounds: Bounds::NONE,
     }
     .aggregate(&inputs)
     .expect("merge");
@@ -166,6 +169,7 @@ fn iso_flattens_the_spectrum_of_the_sum() {
     let iso = IsoMerge {
         max_samples_per_input: 1000,
         rank_cap: 64,
+        bounds: Bounds::NONE,
         scale: 1.0,
     }
     .aggregate(&inputs)
@@ -232,6 +236,7 @@ fn tsv_of_orthogonal_updates_is_their_scaled_sum() {
     let tsv = TsvMerge {
         max_samples_per_input: 1000,
         rank_cap: 64,
+        bounds: Bounds::NONE,
         scale: 0.5,
     }
     .aggregate(&inputs)
@@ -252,7 +257,7 @@ fn every_rule_gives_the_same_bytes_in_any_order() {
     let inputs: Vec<_> = (1..=4).map(|s| weighted(random(s + 20), s * 7)).collect();
     let mut reversed = inputs.clone();
     reversed.reverse();
-    let rules = rules(7);
+    let rules = rules(7, Bounds::NONE);
     for rule in rules {
         let a = rule
             .aggregate(&inputs)
@@ -329,6 +334,7 @@ fn stack_applies_the_sum_of_adapters_of_different_ranks() {
     let round = ExactMean {
         max_samples_per_input: 1000,
         rank_cap: 64,
+        bounds: Bounds::NONE,
     }
     .aggregate(&[weighted(random(31), 1), weighted(random(32), 1)])
     .expect("merge");
@@ -366,20 +372,23 @@ fn stack_applies_the_sum_of_adapters_of_different_ranks() {
 }
 
 /// Each update-merging rule; the exact mean truncated to `exact_cap`.
-fn rules(exact_cap: usize) -> Vec<Box<dyn AggregationRule>> {
+fn rules(exact_cap: usize, bounds: Bounds) -> Vec<Box<dyn AggregationRule>> {
     vec![
         Box::new(ExactMean {
             max_samples_per_input: 1000,
             rank_cap: exact_cap,
+            bounds,
         }),
         Box::new(IsoMerge {
             max_samples_per_input: 1000,
             rank_cap: 64,
+            bounds,
             scale: 1.0,
         }),
         Box::new(TsvMerge {
             max_samples_per_input: 1000,
             rank_cap: 64,
+            bounds,
             scale: 0.5,
         }),
     ]
@@ -388,8 +397,9 @@ fn rules(exact_cap: usize) -> Vec<Box<dyn AggregationRule>> {
 const CHILD_ENV: &str = "HIVEMIND_MERGE_TEST_CHILD";
 
 fn hashes(inputs: &[WeightedAdapter]) -> Vec<String> {
-    rules(5)
-        .iter()
+    rules(5, Bounds::NONE)
+        .into_iter()
+        .chain(rules(5, Bounds::ROBUST))
         .map(|r| {
             r.aggregate(inputs)
                 .expect("merge")
@@ -429,5 +439,87 @@ fn every_rule_gives_the_same_hash_in_separate_processes() {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("child printed no hashes: {stdout}"));
         assert_eq!(printed, here, "process with rotation {rotate}");
+    }
+}
+
+/// An honest update as training makes them: a direction every user shares plus their own.
+fn honest(seed: u64) -> LoraAdapter {
+    let mut shared = rand::rngs::StdRng::seed_from_u64(1000);
+    let mut own = rand::rngs::StdRng::seed_from_u64(seed);
+    adapter_from(|_, r, c| {
+        (0..r * c)
+            .map(|_| shared.gen_range(-1.0f32..1.0) + 0.5 * own.gen_range(-1.0f32..1.0))
+            .collect()
+    })
+}
+
+/// Relative Frobenius distance (over every module) between two adapters' updates.
+fn distance(a: &LoraAdapter, b: &LoraAdapter) -> f64 {
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (p, out, inp) in paths() {
+        let (x, y) = (delta(a, &p, out, inp), delta(b, &p, out, inp));
+        diff += x.iter().zip(&y).map(|(u, v)| (u - v).powi(2)).sum::<f64>();
+        norm += frob2(&y);
+    }
+    (diff / norm).sqrt()
+}
+
+/// One of five inputs scaled x1e6 and claiming 10^12 samples: bounded, each rule's round stays
+/// about as far from the honest-only round as one more honest input would move it; unbounded,
+/// the attacker owns the round. Values of 3e38 (finite, so a valid adapter) cannot make a
+/// bounded merge fail.
+#[test]
+fn bounds_keep_one_scaled_input_from_owning_the_merge() {
+    let honest_inputs: Vec<_> = (1..=4).map(|s| weighted(honest(s), 12)).collect();
+    let mut attacker = honest(9);
+    attacker
+        .tensors
+        .values_mut()
+        .for_each(|t| t.data.iter_mut().for_each(|v| *v *= 1e6));
+    let mut with_attacker = honest_inputs.clone();
+    with_attacker.push(weighted(attacker, 1_000_000_000_000));
+    let mut with_honest = honest_inputs.clone();
+    with_honest.push(weighted(honest(9), 12));
+    for (bounded, unbounded) in rules(64, Bounds::ROBUST)
+        .iter()
+        .zip(rules(64, Bounds::NONE))
+    {
+        let reference = bounded.aggregate(&honest_inputs).expect("honest merge");
+        let attacked = distance(
+            &bounded.aggregate(&with_attacker).expect("merge"),
+            &reference,
+        );
+        let one_more = distance(&bounded.aggregate(&with_honest).expect("merge"), &reference);
+        let owned = distance(
+            &unbounded.aggregate(&with_attacker).expect("merge"),
+            &reference,
+        );
+        eprintln!(
+            "{}: attacked {attacked:.3}, one more honest {one_more:.3}, unbounded {owned:.3e}",
+            bounded.id()
+        );
+        assert!(
+            attacked <= 1.5 * one_more,
+            "{}: the attacker moved the round {attacked} (one more honest input: {one_more})",
+            bounded.id()
+        );
+        assert!(
+            owned > 100.0,
+            "{}: unbounded, the attack moved it only {owned}",
+            bounded.id()
+        );
+    }
+
+    let huge = adapter_from(|_, r, c| vec![3e38; r * c]);
+    let mut inputs = honest_inputs.clone();
+    inputs.push(weighted(huge, 12));
+    for (bounded, unbounded) in rules(64, Bounds::ROBUST)
+        .iter()
+        .zip(rules(64, Bounds::NONE))
+    {
+        let out = bounded.aggregate(&inputs);
+        assert!(out.is_ok(), "{}: {:?}", bounded.id(), out.err());
+        // What halted every round before inputs were bounded: the merge overflows f32.
+        assert!(unbounded.aggregate(&inputs).is_err(), "{}", unbounded.id());
     }
 }

@@ -601,3 +601,80 @@ fn training_on_top_of_an_applied_adapter_sees_both_and_learns_only_its_own() -> 
     assert_eq!(checked, trained.tensors.len());
     Ok(())
 }
+
+/// Replaying the base model's own answers keeps them: after the same training on the data,
+/// the replaying adapter still gives the base model's greedy answers (token for token) to the
+/// replayed prompts and to more of the held-out general prompts than the plain adapter, the
+/// data is learned as well, and the record says what was replayed. (On a random tiny model
+/// this shows the mechanism; `examples/learning_bench.rs` measures drift on the default model.)
+#[test]
+fn replay_keeps_the_base_models_answers_while_the_data_is_learned() -> Result<()> {
+    use hivemind_model::general::{own_answers, replay_examples, GENERAL_PROMPTS, REPLAY_PROMPTS};
+    let dir = tempfile::tempdir()?;
+    let mut model = tiny(Arch::Llama, dir.path())?;
+    let ex = examples(&model)?;
+    let pool = replay_examples(&model, 8, 12)?;
+    assert_eq!(pool.len(), 8);
+    let held_out = own_answers(&model, &GENERAL_PROMPTS, 12)?;
+    let cfg = config(30, 1);
+    let stop = AtomicBool::new(false);
+    let plain = run(&model, &ex, &cfg)?;
+    let replay = train::Replay {
+        examples: &pool,
+        per_step: 2,
+        weight: 1.0,
+    };
+    let kept = train::train_with_replay(&model, &ex, Some(replay), &cfg, None, &stop, &mut |_| {})?;
+    assert_eq!(
+        (kept.info.replay_examples, plain.info.replay_examples),
+        (8, 0)
+    );
+    assert!(kept.info.final_replay_loss.is_some());
+
+    // The fraction of `base`'s answers that `adapter` gives token for token.
+    let mut same = |adapter: &LoraAdapter, prompts: &[&str], base: &[Example]| -> Result<f64> {
+        model.decoder.apply_adapter(adapter)?;
+        let now = own_answers(&model, prompts, 12);
+        model.decoder.remove_adapter();
+        let now = now?;
+        Ok(now.iter().zip(base).filter(|(a, b)| a.ids == b.ids).count() as f64 / base.len() as f64)
+    };
+    let replayed = &REPLAY_PROMPTS[..8];
+    let plain_same = (
+        same(&plain.adapter, replayed, &pool)?,
+        same(&plain.adapter, &GENERAL_PROMPTS, &held_out)?,
+    );
+    let kept_same = (
+        same(&kept.adapter, replayed, &pool)?,
+        same(&kept.adapter, &GENERAL_PROMPTS, &held_out)?,
+    );
+    let data_loss = |adapter: &LoraAdapter| -> Result<f64> {
+        let refs: Vec<&Example> = ex.iter().collect();
+        let mut spec = cfg.lora.clone();
+        spec.dropout = 0.0;
+        Ok(Trainer::new(&model.decoder, &spec, Some(adapter), 1)?
+            .evaluate(&refs)?
+            .mean())
+    };
+    let (plain_loss, kept_loss) = (data_loss(&plain.adapter)?, data_loss(&kept.adapter)?);
+    eprintln!(
+        "same answers (replayed, held out): plain {plain_same:?}, replaying {kept_same:?}; \
+         data loss: plain {plain_loss}, replaying {kept_loss}"
+    );
+    assert_eq!(kept_same.0, 1.0, "the replayed answers are not kept");
+    assert!(
+        plain_same.0 < 1.0,
+        "plain training kept every replayed answer: nothing to show"
+    );
+    assert!(
+        kept_same.1 > plain_same.1,
+        "held-out answers kept: replaying {} vs plain {}",
+        kept_same.1,
+        plain_same.1
+    );
+    assert!(
+        kept_loss < 0.01 && plain_loss < 0.01,
+        "the data is not learned: {kept_loss}, {plain_loss}"
+    );
+    Ok(())
+}

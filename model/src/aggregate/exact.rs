@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::linalg::{qr, svd, Mat};
-use super::{canonical_inputs, finite, tensor, AggregationRule, FedAvg, WeightedAdapter};
+use super::{canonical_inputs, finite, tensor, AggregationRule, Bounds, FedAvg, WeightedAdapter};
 use crate::adapter::{AdapterError, LoraAdapter, LoraTensor};
 
 const A_SUFFIX: &str = ".lora_A.weight";
@@ -25,17 +25,19 @@ const B_SUFFIX: &str = ".lora_B.weight";
 
 /// The exact sample-weighted mean of the users' updates, `Σ p_k·s·B_k·A_k` with
 /// `p_k = w_k / Σ w` (weights as [`FedAvg`] caps them), truncated to `rank_cap`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExactMean {
     /// Most samples one input is credited with.
     pub max_samples_per_input: u64,
     /// Rank of the result (the mean's rank is at most the inputs' summed rank).
     pub rank_cap: usize,
+    /// How far one input can move the result.
+    pub bounds: Bounds,
 }
 
 impl ExactMean {
     /// The rule's identifier.
-    pub const ID: &'static str = "exact-mean-v1";
+    pub const ID: &'static str = "exact-mean-v2";
 }
 
 /// Iso-C style: the sample-weighted sum of the updates (scaled so equal weights give the plain
@@ -47,13 +49,15 @@ pub struct IsoMerge {
     pub max_samples_per_input: u64,
     /// Rank of the result.
     pub rank_cap: usize,
+    /// How far one input can move the result.
+    pub bounds: Bounds,
     /// Multiplies the flattened spectrum.
     pub scale: f64,
 }
 
 impl IsoMerge {
     /// The rule's identifier.
-    pub const ID: &'static str = "iso-v1";
+    pub const ID: &'static str = "iso-v2";
 }
 
 /// TSV-Merge style: each user's update by its own SVD, its singular directions decorrelated
@@ -66,13 +70,15 @@ pub struct TsvMerge {
     pub max_samples_per_input: u64,
     /// Rank of the result.
     pub rank_cap: usize,
+    /// How far one input can move the result.
+    pub bounds: Bounds,
     /// Multiplies the merged update.
     pub scale: f64,
 }
 
 impl TsvMerge {
     /// The rule's identifier.
-    pub const ID: &'static str = "tsv-v1";
+    pub const ID: &'static str = "tsv-v2";
 }
 
 /// What a merge kept, as recorded in the result's config (`extra.hivemind_merge`).
@@ -90,6 +96,16 @@ pub struct MergeReport {
 struct Factors {
     b: Mat,
     a: Mat,
+}
+
+impl Factors {
+    /// `‖B·A‖_F` from the factors: `‖B·A‖² = Σ_ij (BᵀB)_ij·(A·Aᵀ)_ij`, never forming `B·A`.
+    fn norm(&self) -> f64 {
+        let gb = self.b.transpose().matmul(&self.b);
+        let ga = self.a.matmul(&self.a.transpose());
+        let sq: f64 = gb.data.iter().zip(&ga.data).map(|(x, y)| x * y).sum();
+        sq.max(0.0).sqrt()
+    }
 }
 
 /// A merged module as its SVD: `U` (`out × k`), `σ`, `V` (`in × k`).
@@ -156,16 +172,18 @@ fn merge_adapters(
     rule: &'static str,
     max_samples_per_input: u64,
     rank_cap: usize,
+    bounds: Bounds,
     coef_total: impl Fn(usize) -> f64,
     merge: impl Fn(&[Factors]) -> Spectral,
 ) -> Result<LoraAdapter, AdapterError> {
     let ordered = canonical_inputs(inputs)?;
     let reference = ordered[0];
     let fed = FedAvg::new(max_samples_per_input);
-    let weights: Vec<f64> = ordered
+    let claimed: Vec<f64> = ordered
         .iter()
         .map(|i| fed.weight(i.samples) as f64)
         .collect();
+    let weights = Bounds::cut(&claimed, bounds.weight_over_median);
     let total: f64 = weights.iter().sum();
     let scaling = reference.adapter.config.scaling();
     // Coefficient of input k: its share of `coef_total(K)` (1 for a mean, K for a sum) times
@@ -186,11 +204,22 @@ fn merge_adapters(
         };
         let b_name = format!("{path}{B_SUFFIX}");
         let mut factors = Vec::with_capacity(ordered.len());
-        for (input, &c) in ordered.iter().zip(&coefs) {
+        for input in &ordered {
             factors.push(Factors {
                 a: to_mat(tensor(reference, input, name)?, 1.0),
-                b: to_mat(tensor(reference, input, &b_name)?, c),
+                b: to_mat(tensor(reference, input, &b_name)?, 1.0),
             });
+        }
+        // Each update's norm, cut to the bound; then its coefficient.
+        let norms: Vec<f64> = factors.iter().map(Factors::norm).collect();
+        let bounded = Bounds::cut(&norms, bounds.norm_over_median);
+        for ((f, &c), (&n, &m)) in factors
+            .iter_mut()
+            .zip(&coefs)
+            .zip(norms.iter().zip(&bounded))
+        {
+            let clip = if n > m { m / n } else { 1.0 };
+            f.b.data.iter_mut().for_each(|x| *x *= c * clip);
         }
         let m = merge(&factors);
         all += m.s.iter().map(|x| x * x).sum::<f64>();
@@ -247,6 +276,7 @@ impl AggregationRule for ExactMean {
             Self::ID,
             self.max_samples_per_input,
             self.rank_cap,
+            self.bounds,
             |_| 1.0,
             sum_svd,
         )
@@ -265,6 +295,7 @@ impl AggregationRule for IsoMerge {
             Self::ID,
             self.max_samples_per_input,
             self.rank_cap,
+            self.bounds,
             |k| k as f64,
             |factors| {
                 let mut m = sum_svd(factors);
@@ -295,6 +326,7 @@ impl AggregationRule for TsvMerge {
             Self::ID,
             self.max_samples_per_input,
             self.rank_cap,
+            self.bounds,
             |k| k as f64,
             |factors| {
                 let parts: Vec<Spectral> =

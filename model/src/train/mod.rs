@@ -6,8 +6,9 @@
 //!                                           (saves per layer: x, q, k, v, attn out, x_mid, gate, up)
 //!                                           backward: CE → layers in reverse → LoRA grads
 //!  grads ──Trainer::optimizer_step(lr)──▶ clip, AdamW on the LoRA A/B only
-//!  train(): epochs of length-grouped batches, gradient accumulation, warmup + linear decay,
-//!           progress callback, stop flag ──▶ TrainOutcome { adapter (PEFT), info }
+//!  train(): epochs of length-grouped batches, gradient accumulation, warmup + schedule,
+//!           replayed base-model answers (Replay), progress callback, stop flag
+//!           ──▶ TrainOutcome { adapter (PEFT), info }
 //! ```
 //!
 //! Only LoRA A (`[r, in]`) and B (`[out, r]`) in f32 are parameters. Base weights stay in their
@@ -282,6 +283,12 @@ pub struct TrainingInfo {
     pub seed: u64,
     /// Whether training was stopped early (Ctrl-C): the adapter is the one after `steps` steps.
     pub interrupted: bool,
+    /// Replayed examples of the base model's own answers (0: no replay).
+    #[serde(default)]
+    pub replay_examples: usize,
+    /// Mean loss of the last step's replayed examples.
+    #[serde(default)]
+    pub final_replay_loss: Option<f64>,
 }
 
 /// A finished (or stopped) run.
@@ -325,6 +332,24 @@ pub fn planned_steps(num_examples: usize, cfg: &TrainConfig) -> usize {
     cfg.max_steps.unwrap_or(per_epoch * cfg.epochs)
 }
 
+/// Examples of what the model should keep doing (the base model's own answers to general
+/// prompts, [`crate::general::replay_answers`]), replayed alongside the data so training on
+/// a few personal facts does not drift the model's general behaviour.
+///
+/// Each optimizer step adds `per_step` of them (in turn, round robin) as one more micro-batch,
+/// and the step's loss becomes `mean(data loss) + weight * mean(replay loss)`: the data's
+/// gradient is what it is without replay, and the replay term pulls back only where the
+/// adapter moves the model away from its own answers (at the start it is near its minimum).
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    /// The replayed examples.
+    pub examples: &'a [Example],
+    /// How many join each optimizer step.
+    pub per_step: usize,
+    /// The weight of their mean loss beside the data's.
+    pub weight: f64,
+}
+
 /// Trains a LoRA adapter for `model` on `examples`. Each epoch visits the examples in
 /// [`length_grouped_batches`]; `grad_accum` micro-batches make one optimizer step (the last of an
 /// epoch may have fewer); the learning rate follows [`lr_at`]. `on_progress` runs after each
@@ -338,6 +363,27 @@ pub fn train(
     stop: &AtomicBool,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainOutcome> {
+    train_with_replay(model, examples, None, cfg, init, stop, on_progress)
+}
+
+/// [`train`], with `replay` examples joining every optimizer step (see [`Replay`]).
+pub fn train_with_replay(
+    model: &BaseModel,
+    examples: &[Example],
+    replay: Option<Replay<'_>>,
+    cfg: &TrainConfig,
+    init: Option<&LoraAdapter>,
+    stop: &AtomicBool,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainOutcome> {
+    let replay = replay.filter(|r| r.per_step > 0 && !r.examples.is_empty() && r.weight > 0.0);
+    if let Some(r) = &replay {
+        if !r.weight.is_finite() {
+            return Err(ModelError::Training {
+                reason: format!("replay weight {} is not finite", r.weight),
+            });
+        }
+    }
     if examples.is_empty() {
         return Err(ModelError::Training {
             reason: "no examples to train on".into(),
@@ -363,6 +409,7 @@ pub fn train(
     let (mut step, mut epoch) = (0usize, 0usize);
     let (mut first_loss, mut final_loss) = (None, None);
     let mut interrupted = false;
+    let mut replay_loss = None;
     'outer: while step < total {
         epoch += 1;
         let batches = length_grouped_batches(&lens, cfg.batch_size, cfg.seed, epoch as u64 - 1);
@@ -386,6 +433,17 @@ pub fn train(
                 let l = trainer.accumulate(&batch, weight)?;
                 loss.loss_sum += l.loss_sum;
                 loss.targets += l.targets;
+                tokens += l.tokens as u64;
+            }
+            if let Some(r) = &replay {
+                let k = r.per_step.min(r.examples.len());
+                let batch: Vec<&Example> = (0..k)
+                    .map(|j| &r.examples[(step * k + j) % r.examples.len()])
+                    .collect();
+                let targets: usize = batch.iter().map(|e| e.num_targets()).sum();
+                let weight = (r.weight / targets.max(1) as f64) as f32;
+                let l = trainer.accumulate(&batch, weight)?;
+                replay_loss = Some(l.mean());
                 tokens += l.tokens as u64;
             }
             let lr = lr_at(cfg.lr, step, warmup, total, cfg.schedule);
@@ -435,6 +493,8 @@ pub fn train(
             max_seq_len: cfg.max_seq_len,
             seed: cfg.seed,
             interrupted,
+            replay_examples: replay.map_or(0, |r| r.examples.len()),
+            final_replay_loss: replay_loss,
         },
     })
 }

@@ -153,7 +153,7 @@ pub struct NodeArgs {
     /// adapter), or a rule that adds the merge of the users' updates to the round adapter
     /// (`exact-mean`, `iso`, `tsv`; users train updates on top of it). Part of the network's
     /// identity.
-    #[arg(long, default_value = "fedavg")]
+    #[arg(long, default_value = "iso")]
     pub rule: NetRule,
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
@@ -234,7 +234,7 @@ pub struct AdapterArgs {
     /// the node in --data-dir), `personal` (./adapters/my_adapter, what `train` writes by
     /// default), `round+personal` (both at once: their updates add up), `none` (the base
     /// model), or `auto` (the round adapter when the data dir's network runs this base model,
-    /// else none).
+    /// plus the personal adapter when `train` made it for this base model).
     #[arg(long = "use", value_enum, default_value_t = AdapterChoice::Auto)]
     pub use_adapter: AdapterChoice,
     /// The node's data dir (where round adapters are found).
@@ -280,7 +280,8 @@ impl AdapterArgs {
 /// Which adapters a command that runs the model (`chat`, `eval`) applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AdapterChoice {
-    /// The round adapter if the data dir's network runs this base model, else none.
+    /// The round adapter if the data dir's network runs this base model, and the personal
+    /// adapter if it was trained on this base model: whichever exist.
     Auto,
     /// The latest round adapter of the node's data dir.
     Round,
@@ -291,6 +292,15 @@ pub enum AdapterChoice {
     RoundPersonal,
     /// The base model alone.
     None,
+}
+
+/// Whether `dir` holds an adapter that `train` made for the base model `base_hash` (its
+/// `training_info.json` says so).
+fn trained_on(dir: &std::path::Path, base_hash: &hivemind_protocol::Hash) -> bool {
+    std::fs::read(dir.join("training_info.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<hivemind_model::train::TrainingInfo>(&b).ok())
+        .is_some_and(|info| info.base_model_hash == base_hash.to_hex())
 }
 
 fn personal_adapter() -> Result<PathBuf> {
@@ -334,20 +344,26 @@ fn choose_adapters(
             personal_adapter()?,
         ]),
         AdapterChoice::Auto => {
-            if !data_dir.network_runs(base_hash) {
-                return Ok(vec![]);
-            }
-            match data_dir.latest_round_adapter() {
-                Ok(Some((round, dir))) => {
+            let mut dirs = Vec::new();
+            if data_dir.network_runs(base_hash) {
+                if let Ok(Some((round, dir))) = data_dir.latest_round_adapter() {
                     progress(&format!(
-                        "using round adapter {} ({}); --use none for the base model",
+                        "using round adapter {} ({})",
                         round.version,
                         &round.hash[..16]
                     ));
-                    Ok(vec![dir])
+                    dirs.push(dir);
                 }
-                _ => Ok(vec![]),
             }
+            let personal = PathBuf::from(PERSONAL_ADAPTER);
+            if trained_on(&personal, base_hash) {
+                progress(&format!("using your personal adapter {PERSONAL_ADAPTER}"));
+                dirs.push(personal);
+            }
+            if !dirs.is_empty() {
+                progress("(--use none for the base model alone)");
+            }
+            Ok(dirs)
         }
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //!  --data FILE ──dataset::load_file──▶ conversations (bad data: error, nothing written)
 //!  --model ──load_model──▶ BaseModel ──encode_conversations──▶ examples
-//!  examples ──model::train::train (progress bar, Ctrl-C flag)──▶ --output DIR
+//!  --replay N: the base model answers general prompts (before any round adapter is applied)
+//!  examples (+ N replayed answers per step) ──model::train (progress bar, Ctrl-C)──▶ --output DIR
 //!            (adapter_config.json, adapter_model.safetensors, training_info.json)
 //! ```
 
@@ -15,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::dataset;
-use hivemind_model::train::{self, LoraSpec, LrSchedule, Progress, TrainConfig};
+use hivemind_model::train::{self, LoraSpec, LrSchedule, Progress, Replay, TrainConfig};
 use hivemind_model::Module;
 
 use super::args::{load_model, progress, progress_bar, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
@@ -82,6 +83,11 @@ pub struct TrainArgs {
     /// Seed of the LoRA init, shuffling and dropout (same data + seed: same adapter bytes).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Replay this many of the base model's own answers to general prompts in every step, so
+    /// the adapter learns the data without changing how the model answers everything else
+    /// (0: off). The answers are generated once, before training.
+    #[arg(long, default_value_t = 2)]
+    pub replay: usize,
     /// Continue from this adapter dir (e.g. a round adapter); its rank, alpha and target modules
     /// replace --rank, --alpha and --target-modules.
     #[arg(long)]
@@ -100,6 +106,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// At least this many general prompts are answered for replay (the pool `--replay` draws from).
+const REPLAY_POOL: usize = 8;
+/// Tokens of each replayed answer.
+const REPLAY_TOKENS: usize = 32;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -275,6 +286,18 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     }
     margs.apply_threads();
     let mut model = load_model(&margs)?;
+    // The base model's own answers, before any round adapter is applied to it.
+    let replay = if args.replay > 0 {
+        let pool = args.replay.max(REPLAY_POOL);
+        progress(&format!(
+            "answering {} general prompts with the base model, to replay {} per step",
+            pool.min(hivemind_model::general::REPLAY_PROMPTS.len()),
+            args.replay
+        ));
+        hivemind_model::general::replay_examples(&model, pool, REPLAY_TOKENS)?
+    } else {
+        Vec::new()
+    };
     if args.from_round && !data_dir.network_runs(&model.hash) {
         bail!(
             "--from-round: the node in {} is on a network of another base model than {}",
@@ -325,9 +348,14 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             p.epoch, p.epochs, p.loss, p.tokens_per_s
         ));
     };
-    let outcome = train::train(
+    let outcome = train::train_with_replay(
         &model,
         &examples,
+        Some(Replay {
+            examples: &replay,
+            per_step: args.replay,
+            weight: 1.0,
+        }),
         &cfg,
         init.as_ref(),
         &STOP,

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use hivemind_model::adapter::{Limits, LoraAdapter};
-use hivemind_model::aggregate::{stack, AggregationRule, ExactMean, FedAvg, WeightedAdapter};
+use hivemind_model::aggregate::{
+    stack, AggregationRule, Bounds, ExactMean, FedAvg, WeightedAdapter,
+};
 use hivemind_protocol::Hash;
 use hivemind_store::Store;
 
@@ -68,6 +70,7 @@ pub fn aggregate(
             let compressed = ExactMean {
                 max_samples_per_input: 1,
                 rank_cap: spec.round_rank(),
+                bounds: Bounds::NONE,
             }
             .aggregate(&[WeightedAdapter {
                 hash: parent,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
-use hivemind_model::aggregate::{AggregationRule, ExactMean, FedAvg, IsoMerge, TsvMerge};
+use hivemind_model::aggregate::{AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge};
 use hivemind_protocol::{Hash, RuleId};
 use hivemind_store::Store;
 
@@ -42,11 +42,13 @@ fn check_blob(
 pub enum NetRule {
     /// FedAvg of the factors (average A, average B); each round adapter stands alone and
     /// users continue training from it.
-    #[default]
     FedAvg,
     /// The exact mean of the users' updates, added to the parent round adapter.
     ExactMean,
     /// Iso-C style merge of the updates (flattened spectrum of their sum), added to the parent.
+    /// The default: the one rule in `examples/learning_bench.rs` whose round knows more than
+    /// a user alone.
+    #[default]
     Iso,
     /// TSV-Merge style merge of the updates (decorrelated), added to the parent.
     Tsv,
@@ -174,15 +176,18 @@ impl NetSpec {
             NetRule::ExactMean => Box::new(ExactMean {
                 max_samples_per_input: cap,
                 rank_cap,
+                bounds: Bounds::ROBUST,
             }),
             NetRule::Iso => Box::new(IsoMerge {
                 max_samples_per_input: cap,
                 rank_cap,
+                bounds: Bounds::ROBUST,
                 scale: ISO_SCALE,
             }),
             NetRule::Tsv => Box::new(TsvMerge {
                 max_samples_per_input: cap,
                 rank_cap,
+                bounds: Bounds::ROBUST,
                 scale: TSV_SCALE,
             }),
         }
