@@ -430,3 +430,52 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
     assert!(!ok && err.contains("--user-id"), "{err}");
     drop(server);
 }
+
+/// A user's second upload in a round waits for the next round, and still does after the node
+/// is killed and restarted: before, the waiting upload was announced in the first upload's
+/// round after a restart (the deferral lived in memory only), and peers saw one user with two
+/// adapters in one round.
+#[test]
+fn a_deferred_upload_stays_deferred_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let start = || {
+        let p = Proc::tiny(
+            &["serve", "--host", "127.0.0.1", "--port", "0"],
+            &model,
+            &data,
+            &["--round-secs", "3600"],
+        );
+        let base = p.line("gateway on ");
+        let api = Api {
+            base,
+            http: Client::builder().timeout(WAIT).build().unwrap(),
+        };
+        (p, api)
+    };
+    let (server, api) = start();
+    let (first, second) = (adapter(31, RANK, 32), adapter(32, RANK, 32));
+    let hex = |a: &LoraAdapter| a.canonical_hash().unwrap().to_hex();
+    for (a, placed) in [(&first, "round 1"), (&second, "round 2")] {
+        let bytes = a.to_safetensors_bytes().unwrap();
+        let (code, v) = api.upload(Some(("a.safetensors", bytes)), &[("user_id", "alice")]);
+        assert_eq!(code, 200, "{v}");
+        assert!(v.to_string().contains(placed), "{placed}: {v}");
+    }
+    server.wait_contributor(&hex(&first));
+    drop(server); // SIGKILL
+
+    let (server, _api) = start();
+    server.wait_contributor(&hex(&first));
+    // Give the restarted node time to (wrongly) announce the waiting upload.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let status = server.status().unwrap();
+    let contributors = status["current_contributors"].as_array().unwrap();
+    assert_eq!(status["current_round"], 1);
+    assert!(
+        !contributors.iter().any(|h| h == hex(&second).as_str()),
+        "the deferred upload joined round 1 after the restart: {contributors:?}"
+    );
+    assert_eq!(contributors.len(), 1, "{contributors:?}");
+}

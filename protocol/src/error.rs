@@ -110,6 +110,25 @@ pub enum Error {
         /// Its inputs.
         contributors: usize,
     },
+    /// A round record whose chain weight is more than its rounds can hold: a weight no honest
+    /// chain could beat.
+    #[error("round record weight {weight} is above the {max} that {round} rounds can reach")]
+    WeightTooHigh {
+        /// The claimed weight.
+        weight: u64,
+        /// The record's round.
+        round: u64,
+        /// `round * MAX_ROUND_INPUTS`.
+        max: u64,
+    },
+    /// A round number so high that the next round's number could overflow.
+    #[error("round {round} is above the highest round {max}")]
+    RoundTooHigh {
+        /// The round named.
+        round: u64,
+        /// [`crate::message::MAX_ROUND`].
+        max: u64,
+    },
     /// Round 0 is the base model; no message may name it.
     #[error("round 0 is the base model and carries no messages")]
     RoundZero,

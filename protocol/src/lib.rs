@@ -41,7 +41,7 @@ pub use identity::{NodeId, NodeKey};
 pub use message::{
     Announcement, MessageKind, Payload, RoundDigest, RoundInput, RoundRecord, RuleId, Signed,
     SignedAnnouncement, SignedDigest, ANNOUNCEMENT_DOMAIN, HEADER_BYTES, MAX_MESSAGE_BYTES,
-    MAX_ROUND_INPUTS, MAX_USER_ID_BYTES, ROUND_DIGEST_DOMAIN, WIRE_VERSION,
+    MAX_ROUND, MAX_ROUND_INPUTS, MAX_USER_ID_BYTES, ROUND_DIGEST_DOMAIN, WIRE_VERSION,
 };
 pub use model_id::{announce_topic, digest_topic, BaseModel, LoraShape, ModelId};
 pub use round::{

@@ -36,6 +36,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_USER_ID_BYTES: usize = 128;
 /// Cap on the inputs of one round (512 x 64 bytes keeps a digest near 32 KiB).
 pub const MAX_ROUND_INPUTS: usize = 512;
+/// The highest round number a message may name: 2^48 (a round a second for 8.9 million
+/// years), so `round + 1` and `round * MAX_ROUND_INPUTS` never overflow.
+pub const MAX_ROUND: u64 = 1 << 48;
 /// Envelope header: version, kind, signature.
 pub const HEADER_BYTES: usize = 2 + 64;
 
@@ -178,11 +181,22 @@ impl RoundRecord {
             > (other.weight, std::cmp::Reverse(other.result))
     }
 
-    /// Structural checks: round > 0, 1 to [`MAX_ROUND_INPUTS`] inputs strictly ascending
-    /// by adapter, weight at least the number of inputs.
+    /// Structural checks: round in 1..=[`MAX_ROUND`], 1 to [`MAX_ROUND_INPUTS`] inputs strictly
+    /// ascending by adapter, weight at least the number of inputs and at most what `round`
+    /// rounds of [`MAX_ROUND_INPUTS`] contributors can add up to.
     pub fn check(&self) -> Result<(), Error> {
         if self.round == 0 {
             return Err(Error::RoundZero);
+        }
+        check_round(self.round)?;
+        // Each round adds at most MAX_ROUND_INPUTS contributors to the chain.
+        let most = self.round * MAX_ROUND_INPUTS as u64;
+        if self.weight > most {
+            return Err(Error::WeightTooHigh {
+                weight: self.weight,
+                round: self.round,
+                max: most,
+            });
         }
         if self.inputs.is_empty() {
             return Err(Error::EmptyRound);
@@ -268,6 +282,17 @@ pub trait Payload:
     fn check(&self) -> Result<(), Error>;
 }
 
+/// Refuses a round number above [`MAX_ROUND`].
+fn check_round(round: u64) -> Result<(), Error> {
+    if round > MAX_ROUND {
+        return Err(Error::RoundTooHigh {
+            round,
+            max: MAX_ROUND,
+        });
+    }
+    Ok(())
+}
+
 impl Payload for Announcement {
     const KIND: MessageKind = MessageKind::Announcement;
     fn signer(&self) -> NodeId {
@@ -283,6 +308,7 @@ impl Payload for Announcement {
         if self.round == 0 {
             return Err(Error::RoundZero);
         }
+        check_round(self.round)?;
         if let Some(u) = &self.user_id {
             if u.len() > MAX_USER_ID_BYTES {
                 return Err(Error::UserIdTooLong {
@@ -721,5 +747,56 @@ mod tests {
         let bytes = r.encode().expect("enc");
         assert_eq!(RoundRecord::decode(&bytes).ok(), Some(r.clone()));
         assert_eq!(r.id(), Hash::of(&bytes));
+    }
+
+    /// A record with round u64::MAX made `round + 1` overflow where a node adopted it (a
+    /// panic in debug builds, a wrap to round 0 in release), and one with weight u64::MAX
+    /// could never be beaten: both are refused on sign and on decode, and so are
+    /// announcements for such rounds.
+    #[test]
+    fn rounds_and_weights_no_chain_can_reach_are_refused() {
+        let k = key(7);
+        let record = |round: u64, weight: u64| RoundRecord {
+            model: ModelId(Hash::of(b"m")),
+            round,
+            parent: Some(Hash([3; 32])),
+            inputs: vec![RoundInput {
+                adapter: Hash([1; 32]),
+                announcement: Hash([2; 32]),
+            }],
+            weight,
+            rule: RuleId::FEDAVG,
+            result: Hash([9; 32]),
+        };
+        let digest = |r: RoundRecord| RoundDigest {
+            signer: k.node_id(),
+            record: r,
+            committed: true,
+            time_ms: 1_700_000_000_000,
+        };
+        assert!(Signed::sign(digest(record(MAX_ROUND, MAX_ROUND * 512)), &k).is_ok());
+        assert!(matches!(
+            Signed::sign(digest(record(u64::MAX, u64::MAX)), &k),
+            Err(Error::RoundTooHigh { .. })
+        ));
+        assert!(matches!(
+            Signed::sign(digest(record(10, u64::MAX)), &k),
+            Err(Error::WeightTooHigh {
+                round: 10,
+                max: 5120,
+                ..
+            })
+        ));
+        // The same records as bytes a peer could send: refused on decode too.
+        for r in [record(u64::MAX, 1), record(10, 5121)] {
+            let bytes = postcard::to_stdvec(&r).expect("encode");
+            assert!(RoundRecord::decode(&bytes).is_err(), "{r:?}");
+        }
+        let mut a = ann(&k);
+        a.round = MAX_ROUND + 1;
+        assert!(matches!(
+            Signed::sign(a, &k),
+            Err(Error::RoundTooHigh { .. })
+        ));
     }
 }

@@ -51,7 +51,7 @@ const NAME_PREFIX: &str = "base_model.model.";
 /// Longest tensor name accepted.
 const MAX_NAME_LEN: usize = 1024;
 /// Largest `adapter_config.json` read from disk.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 mod config;
 mod error;

@@ -229,36 +229,60 @@ impl Driver {
     }
 
     /// Announces gateway uploads that were waiting when the node stopped: each user's newest
-    /// upload not in a committed round. One we had announced in this very round is handed
-    /// back as its stored envelope (the same message, so peers see no second announcement).
+    /// upload not in a committed round. Where we had already announced an upload of that user
+    /// in this very round, that stored envelope is handed back (the same message, so peers see
+    /// no second announcement), and a newer upload of the user waits for the next round again,
+    /// as it did before the restart (one adapter per node, user and round).
     async fn resume_uploads(&mut self) {
         let store = self.store.clone();
         let round = self.machine.current_round();
-        let found = tokio::task::spawn_blocking(move || -> hivemind_store::Result<Vec<_>> {
-            let mut out = Vec::new();
+        let found = tokio::task::spawn_blocking(move || -> hivemind_store::Result<_> {
+            let mut pending = Vec::new();
             for u in store.pending_uploads()? {
-                let envelope = store.get_announcement(round, &u.blob)?;
                 let len = store.blob_len(&u.blob)?;
-                out.push((u, envelope, len));
+                pending.push((u, len));
             }
-            Ok(out)
+            Ok((pending, store.list_announcements(round)?))
         })
         .await;
-        let Ok(Ok(found)) = found else {
+        let Ok(Ok((pending, stored))) = found else {
             tracing::error!("cannot read pending uploads from the store");
             return;
         };
-        for (u, envelope, len) in found {
+        // Our own announcements of this round, by user.
+        let mut ours: BTreeMap<String, SignedAnnouncement> = BTreeMap::new();
+        for (_, bytes) in stored {
+            let Ok(a) = SignedAnnouncement::decode_for(&bytes, &self.cfg.model) else {
+                continue;
+            };
+            let p = a.payload();
+            if p.contributor != self.key.node_id() || p.round != round {
+                continue;
+            }
+            if let Some(user) = p.user_id.clone() {
+                ours.entry(user).or_insert(a);
+            }
+        }
+        for (u, len) in pending {
             let Some(len) = len else {
                 continue;
             };
-            let mine = envelope
-                .and_then(|b| SignedAnnouncement::decode_for(&b, &self.cfg.model).ok())
-                .filter(|a| a.payload().contributor == self.key.node_id());
-            match mine {
+            match ours.remove(&u.user_id) {
                 Some(a) => {
+                    let announced = a.payload().adapter;
                     let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
                     self.act(actions).await;
+                    if announced != u.blob {
+                        self.deferred.insert(
+                            u.user_id.clone(),
+                            DeferredUpload {
+                                hash: u.blob,
+                                byte_len: len,
+                                samples: u.training_samples,
+                                after_round: round,
+                            },
+                        );
+                    }
                 }
                 None => {
                     let r = self

@@ -8,7 +8,7 @@ use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter};
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, MAX_CONFIG_BYTES};
 use hivemind_protocol::MAX_USER_ID_BYTES;
 use hivemind_store::UploadRecord;
 use serde_json::{json, Value};
@@ -162,7 +162,9 @@ struct Extracted {
 }
 
 /// Reads `adapter_model.safetensors` (and `adapter_config.json`) out of a zip, refusing
-/// unsafe entry names, too many entries and more than `max` inflated bytes.
+/// unsafe entry names, too many entries, more than `max` inflated bytes, and an
+/// `adapter_config.json` over [`MAX_CONFIG_BYTES`] (what a config on disk may be): a
+/// 63 KiB zip of a 64 MiB config was inflated whole before.
 fn extract_zip(bytes: &[u8], max: u64) -> Result<Extracted, Rejected> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| format!("not a readable zip file: {e}"))?;
@@ -199,16 +201,29 @@ fn extract_zip(bytes: &[u8], max: u64) -> Result<Extracted, Rejected> {
         }
         // Read at most what is left of the budget plus one byte: a header that lies about
         // the inflated size cannot make us inflate more.
+        let is_config = base == hivemind_model::adapter::CONFIG_FILE;
         let left = max.saturating_sub(inflated);
+        let cap = if is_config {
+            left.min(MAX_CONFIG_BYTES)
+        } else {
+            left
+        };
         let mut data = Vec::new();
         (&mut entry)
-            .take(left + 1)
+            .take(cap.saturating_add(1))
             .read_to_end(&mut data)
             .map_err(|e| format!("zip entry {name:?}: {e}"))?;
+        if is_config && data.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(Rejected::from(format!(
+                "zip entry {name:?} is larger than {MAX_CONFIG_BYTES} bytes; an adapter config \
+                 is a few hundred"
+            )));
+        }
         inflated += data.len() as u64;
         if inflated > max {
             return Err(Rejected::from(format!(
-                "zip content inflates past the upload limit of {max} bytes (zip bomb?)"
+                "zip content inflates past {max} bytes, more than an adapter of this network \
+                 and the upload limit allow (zip bomb?)"
             )));
         }
         if base == hivemind_model::adapter::WEIGHTS_FILE {
@@ -238,7 +253,8 @@ fn extract_zip(bytes: &[u8], max: u64) -> Result<Extracted, Rejected> {
     Ok(Extracted { weights, config })
 }
 
-/// Checks an uploaded file and returns the adapter's canonical bytes.
+/// Checks an uploaded file and returns the adapter's canonical bytes. `max` is the upload
+/// limit; no entry inflates past it or past the largest adapter of the network.
 pub fn validate_upload(
     spec: &NetSpec,
     filename: &str,
@@ -248,6 +264,8 @@ pub fn validate_upload(
     if bytes.is_empty() {
         return Err(Rejected::from("the file is empty"));
     }
+    // No adapter of this network is larger than this (the config beside it is capped apart).
+    let max = max.min(spec.max_adapter_bytes());
     let is_zip = bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06");
     let lower = filename.to_ascii_lowercase();
     let extracted = if is_zip {
@@ -428,4 +446,82 @@ impl Utc {
 pub fn utc(ms: u64) -> Utc {
     let secs = i64::try_from(ms / 1000).unwrap_or(0);
     Utc(time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::driver::NetRule;
+    use hivemind_model::adapter::TargetModules;
+    use hivemind_model::config::Arch;
+    use hivemind_model::testing::{random_adapter, TinyModel};
+
+    fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut buf = Cursor::new(Vec::new());
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, bytes) in entries {
+            z.start_file(*name, opts).expect("zip entry");
+            z.write_all(bytes).expect("zip write");
+        }
+        z.finish().expect("zip");
+        buf.into_inner()
+    }
+
+    /// A 64 MiB adapter_config.json (valid JSON: the network's config padded with spaces)
+    /// deflates to a few dozen KiB; it used to be inflated and parsed whole, under the
+    /// 512 MiB upload limit. Now it is refused at 1 MiB, and the weights entry is held to
+    /// the network's adapter size.
+    #[test]
+    fn a_zip_cannot_inflate_a_config_or_weights_beyond_what_an_adapter_takes() {
+        let names = ["q_proj".to_string(), "v_proj".to_string()];
+        let shape = TinyModel::new(Arch::Llama, 1)
+            .unwrap()
+            .cfg
+            .adapter_shape(4, &names)
+            .unwrap();
+        let config = AdapterConfig::new(4, 8.0, TargetModules::from_names(names));
+        let spec = NetSpec {
+            config: config.clone(),
+            shape: shape.clone(),
+            rule: NetRule::Iso,
+        };
+        let weights = random_adapter(&shape, 8.0, 1)
+            .unwrap()
+            .to_safetensors_bytes()
+            .unwrap();
+        let json = serde_json::to_vec(&config).unwrap();
+        let upload_limit = 512 << 20;
+        let good = zip_of(&[
+            ("adapter_model.safetensors", &weights),
+            ("adapter_config.json", &json),
+        ]);
+        assert!(validate_upload(&spec, "a.zip", &good, upload_limit).is_ok());
+
+        let mut padded = json.clone();
+        padded.truncate(padded.len() - 1);
+        padded.resize(64 << 20, b' ');
+        padded.push(b'}');
+        let bomb = zip_of(&[
+            ("adapter_model.safetensors", &weights),
+            ("adapter_config.json", &padded),
+        ]);
+        assert!(bomb.len() < 256 << 10, "{} bytes", bomb.len());
+        match validate_upload(&spec, "a.zip", &bomb, upload_limit) {
+            Err(Rejected(why)) => assert!(why.contains("adapter_config.json"), "{why}"),
+            Ok(_) => panic!("a 64 MiB adapter config was accepted"),
+        }
+
+        let mut big = weights.clone();
+        big.resize(spec.max_adapter_bytes() as usize + 1, 0);
+        let zipped = zip_of(&[("adapter_model.safetensors", &big)]);
+        match validate_upload(&spec, "a.zip", &zipped, upload_limit) {
+            Err(Rejected(why)) => assert!(why.contains("zip bomb"), "{why}"),
+            Ok(_) => panic!("weights larger than any adapter of the network were accepted"),
+        }
+    }
 }
