@@ -76,6 +76,7 @@ async fn main() -> Result<()> {
                     max_upload_bytes: 8 << 20,
                     request_timeout: Duration::from_secs(60),
                     aggregate_wait: Duration::from_secs(60),
+                    auth: Default::default(),
                 },
             });
         }

@@ -479,3 +479,108 @@ fn a_deferred_upload_stays_deferred_across_a_restart() {
     );
     assert_eq!(contributors.len(), 1, "{contributors:?}");
 }
+
+/// A closed gateway: `--admin-token` guards aggregation (anyone could close every round
+/// before), `--user-tokens` makes each upload prove its user id (anyone could upload as
+/// anyone, and supersede them); `hive-node upload --token` sends the token. Every refusal is
+/// a 401 and stores nothing.
+#[test]
+fn a_closed_gateway_needs_the_operator_token_to_aggregate_and_user_tokens_to_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let tokens = tmp.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}"#,
+    )
+    .unwrap();
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &data,
+        &[
+            "--round-secs",
+            "3600",
+            "--admin-token",
+            "operator-secret-0123",
+            "--user-tokens",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let base = server.line("gateway on ");
+    let http = Client::builder().timeout(WAIT).build().unwrap();
+    let aggregate = |token: Option<&str>| {
+        let mut r = http.post(format!("{base}/api/v1/aggregate"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    assert_eq!(aggregate(None).0, 401);
+    assert_eq!(aggregate(Some("operator-secret-0124")).0, 401);
+    // The right token passes (and finds nothing to aggregate yet).
+    let (code, v) = aggregate(Some("operator-secret-0123"));
+    assert_eq!(code, 400, "{v}");
+
+    let bytes = adapter(41, RANK, 32).to_safetensors_bytes().unwrap();
+    let upload = |token: Option<&str>, user: &str| {
+        let form = multipart::Form::new()
+            .part(
+                "file",
+                multipart::Part::bytes(bytes.clone()).file_name("a.safetensors"),
+            )
+            .text("user_id", user.to_string());
+        let mut r = http.post(format!("{base}/api/v1/adapter/upload"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.multipart(form).send().unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    for (token, user, why) in [
+        (None, "alice", "need your user token"),
+        (Some("not-a-token-of-anyone"), "alice", "unknown user token"),
+        (Some("bob-token-0123456789ab"), "alice", "does not belong"),
+        (Some("alice-token-0123456789"), "mallory", "does not belong"),
+    ] {
+        let (code, v) = upload(token, user);
+        assert_eq!(code, 401, "{why}: {v}");
+        assert!(v["detail"].as_str().unwrap().contains(why), "{why}: {v}");
+        assert!(
+            !v.to_string().contains("0123456789"),
+            "a token is echoed: {v}"
+        );
+    }
+    assert_eq!(blob_count(&data), 0, "a refused upload stored something");
+    let (code, v) = upload(Some("alice-token-0123456789"), "alice");
+    assert_eq!(code, 200, "{v}");
+
+    // The upload command with --token.
+    let dir = tmp.path().join("bob_adapter");
+    adapter(42, RANK, 32).write_dir(&dir).unwrap();
+    let cli = |token: &str| {
+        Command::new(BIN)
+            .args(["upload", "--server", &base, "--user-id", "bob", "--adapter"])
+            .arg(&dir)
+            .args(["--token", token])
+            .output()
+            .unwrap()
+    };
+    let out = cli("alice-token-0123456789");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = cli("bob-token-0123456789ab");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::args::NodeArgs;
-use crate::gateway::GatewayConfig;
+use crate::gateway::{GatewayAuth, GatewayConfig};
 use crate::node::GatewaySettings;
 
 /// Arguments of `hive-node serve`: a node with the legacy REST gateway.
@@ -30,6 +30,15 @@ pub struct ServeArgs {
     /// How long POST /api/v1/aggregate waits for the round to commit, in seconds.
     #[arg(long, default_value_t = 240)]
     pub aggregate_wait_secs: u64,
+    /// Operator token: when set, POST /api/v1/aggregate needs `Authorization: Bearer TOKEN`
+    /// (at least 16 characters).
+    #[arg(long, env = "HIVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// A JSON file `{"user id": "token", ...}`: when given, an upload needs the bearer token of
+    /// its user_id, and user ids not in the file cannot upload. Without it the gateway is
+    /// open, as the legacy server was.
+    #[arg(long)]
+    pub user_tokens: Option<std::path::PathBuf>,
     /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
     /// code to reload.
     #[arg(long)]
@@ -38,6 +47,11 @@ pub struct ServeArgs {
 
 /// Runs `hive-node serve`.
 pub(super) fn run(args: ServeArgs) -> Result<()> {
+    let users = match &args.user_tokens {
+        Some(path) => Some(GatewayAuth::read_user_tokens(path)?),
+        None => None,
+    };
+    let auth = GatewayAuth::new(args.admin_token.as_deref(), users).map_err(anyhow::Error::msg)?;
     let gateway = GatewaySettings {
         bind: if args.host.contains(':') {
             format!("[{}]:{}", args.host, args.port)
@@ -48,6 +62,7 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
             max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
             request_timeout: Duration::from_secs(args.request_timeout_secs),
             aggregate_wait: Duration::from_secs(args.aggregate_wait_secs),
+            auth,
         },
     };
     super::runtime()?.block_on(args.node.run_node(Some(gateway)))

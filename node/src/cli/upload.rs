@@ -38,6 +38,9 @@ pub struct UploadArgs {
     /// The base model name sent along (informational for the gateway).
     #[arg(long, default_value = crate::gateway::DEFAULT_BASE_MODEL)]
     pub base_model: String,
+    /// Your user token, when the gateway requires one (sent as `Authorization: Bearer`).
+    #[arg(long, env = "HIVE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print the gateway's status instead of uploading.
     #[arg(long)]
     pub status: bool,
@@ -158,8 +161,11 @@ pub(super) fn run(args: UploadArgs) -> Result<()> {
         .text("training_samples", samples.to_string())
         .text("epochs", epochs.to_string());
     super::args::progress(&format!("uploading {} to {}", dir.display(), args.server));
-    let r = http
-        .post(url(&args.server, "/api/v1/adapter/upload"))
+    let mut req = http.post(url(&args.server, "/api/v1/adapter/upload"));
+    if let Some(t) = &args.token {
+        req = req.bearer_auth(t);
+    }
+    let r = req
         .multipart(form)
         .send()
         .with_context(|| format!("contacting {}", args.server))?;

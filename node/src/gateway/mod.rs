@@ -16,6 +16,7 @@
 //! the network's base model and LoRA shape). The canonical bytes of a valid adapter go into
 //! the store, so every node hashes the same bytes.
 
+mod auth;
 mod docs;
 mod error;
 mod upload;
@@ -33,6 +34,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
+pub use auth::{AuthFileError, GatewayAuth, MIN_TOKEN_LEN};
 pub use docs::{docs_html, openapi_document};
 pub use error::ApiError;
 use error::ApiResult;
@@ -52,6 +54,8 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// How long `aggregate` waits for the round to commit before answering.
     pub aggregate_wait: Duration,
+    /// Who may aggregate and upload (open by default).
+    pub auth: GatewayAuth,
 }
 
 /// The gateway's shared state.
@@ -188,8 +192,10 @@ struct AggregateQuery {
 
 async fn aggregate(
     State(gw): State<Gateway>,
+    headers: axum::http::HeaderMap,
     Query(q): Query<AggregateQuery>,
 ) -> ApiResult<Json<Value>> {
+    gw.cfg.auth.check_admin(&headers)?;
     let store = gw.store.clone();
     let pending = blocking(move || store.pending_uploads().map_err(ApiError::internal)).await?;
     if pending.len() < 2 {

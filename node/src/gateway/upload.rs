@@ -311,8 +311,23 @@ pub fn validate_upload(
 
 pub(super) async fn upload(
     State(gw): State<Gateway>,
+    headers: axum::http::HeaderMap,
     mp: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {
+    // On a closed gateway the token says who uploads, before anything in the body is kept:
+    // a refused body is read and dropped (within the body limit), so that the client, still
+    // sending, sees the 401 rather than a reset connection.
+    let authed = match gw.cfg.auth.upload_user(&headers) {
+        Ok(user) => user,
+        Err(e) => {
+            if let Ok(mut mp) = mp {
+                while let Ok(Some(mut field)) = mp.next_field().await {
+                    while let Ok(Some(_)) = field.chunk().await {}
+                }
+            }
+            return Err(e);
+        }
+    };
     let mp = mp.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let form = read_form(mp, gw.cfg.max_upload_bytes).await?;
     let Some((filename, bytes)) = form.file else {
@@ -332,6 +347,12 @@ pub(super) async fn upload(
         ));
     };
     check_user_id(&user_id).map_err(|e| ApiError::bad(e.to_string()))?;
+    if authed.as_ref().is_some_and(|u| *u != user_id) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            format!("this token does not belong to user_id {user_id:?}"),
+        ));
+    }
     if form.base_model.len() > 256 {
         return Err(ApiError::bad("base_model is longer than 256 bytes"));
     }
