@@ -77,6 +77,8 @@ async fn main() -> Result<()> {
                     request_timeout: Duration::from_secs(60),
                     aggregate_wait: Duration::from_secs(60),
                     auth: Default::default(),
+                    max_connections: GatewayConfig::MAX_CONNECTIONS,
+                    header_timeout: GatewayConfig::HEADER_TIMEOUT,
                 },
             });
         }

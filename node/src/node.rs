@@ -254,6 +254,8 @@ impl Node {
         all.push(tokio::spawn(driver.run(cancel.clone())));
         let mut gateway_addr = None;
         if let Some(g) = cfg.gateway {
+            let (max_connections, header_timeout) =
+                (g.config.max_connections, g.config.header_timeout);
             let gw = Gateway::new(store, spec, local.clone(), view.clone(), g.config);
             let listener = tokio::net::TcpListener::bind(g.bind.as_str())
                 .await
@@ -266,14 +268,13 @@ impl Node {
                 source,
             })?);
             let stop = cancel.clone();
-            all.push(tokio::spawn(async move {
-                let r = axum::serve(listener, crate::gateway::router(gw))
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "gateway stopped");
-                }
-            }));
+            all.push(tokio::spawn(crate::gateway::serve(
+                listener,
+                crate::gateway::router(gw),
+                max_connections,
+                header_timeout,
+                stop,
+            )));
         }
         Ok(Node {
             peer_id,

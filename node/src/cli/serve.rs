@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// open, as the legacy server was.
     #[arg(long)]
     pub user_tokens: Option<std::path::PathBuf>,
+    /// Most HTTP connections served at once; more wait until one closes. A request's header
+    /// must arrive within 10 s.
+    #[arg(long, default_value_t = GatewayConfig::MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
     /// code to reload.
     #[arg(long)]
@@ -63,6 +67,8 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
             request_timeout: Duration::from_secs(args.request_timeout_secs),
             aggregate_wait: Duration::from_secs(args.aggregate_wait_secs),
             auth,
+            max_connections: args.max_connections,
+            header_timeout: GatewayConfig::HEADER_TIMEOUT,
         },
     };
     super::runtime()?.block_on(args.node.run_node(Some(gateway)))

@@ -19,6 +19,7 @@
 mod auth;
 mod docs;
 mod error;
+mod serve;
 mod upload;
 
 use std::sync::Arc;
@@ -56,7 +57,20 @@ pub struct GatewayConfig {
     pub aggregate_wait: Duration,
     /// Who may aggregate and upload (open by default).
     pub auth: GatewayAuth,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// A request's header must arrive within this.
+    pub header_timeout: Duration,
 }
+
+impl GatewayConfig {
+    /// Default of [`GatewayConfig::max_connections`].
+    pub const MAX_CONNECTIONS: usize = 256;
+    /// Default of [`GatewayConfig::header_timeout`].
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+pub(crate) use serve::serve;
 
 /// The gateway's shared state.
 #[derive(Clone)]
