@@ -102,8 +102,8 @@ pub enum Error {
     /// A round record with no inputs.
     #[error("round record has no inputs")]
     EmptyRound,
-    /// A round record whose chain weight is below its own contributor count.
-    #[error("round record weight {weight} is below its {contributors} contributors")]
+    /// A round record whose chain weight is 0 (every round has at least one contributing node).
+    #[error("round record weight {weight} is below 1 (it has {contributors} inputs)")]
     WeightTooLow {
         /// The claimed weight.
         weight: u64,

@@ -152,8 +152,9 @@ pub struct RoundRecord {
     /// Inputs, strictly ascending by adapter hash, at least one, at most
     /// [`MAX_ROUND_INPUTS`].
     pub inputs: Vec<RoundInput>,
-    /// Chain weight: the parent's weight plus this round's contributors, i.e. all
-    /// contributors since genesis along this chain. Fork choice prefers heavier chains.
+    /// Chain weight: the parent's weight plus this round's distinct contributing nodes (a
+    /// node's many user ids, e.g. a gateway's, count once), i.e. the contributing nodes of
+    /// every round since genesis along this chain. Fork choice prefers heavier chains.
     pub weight: u64,
     /// The aggregation rule.
     pub rule: RuleId,
@@ -167,14 +168,9 @@ impl RoundRecord {
         self.inputs.len()
     }
 
-    /// The weight of this record's parent (`weight - contributors`).
-    pub fn parent_weight(&self) -> u64 {
-        self.weight.saturating_sub(self.inputs.len() as u64)
-    }
-
-    /// Fork choice: does `self` win over `other`? The heavier chain (most contributors
+    /// Fork choice: does `self` win over `other`? The heavier chain (most contributing nodes
     /// since the fork), then the lower result hash. For two records of one round with
-    /// one parent this is "most contributors, then lowest hash". Strict: distinct
+    /// one parent this is "most contributing nodes, then lowest hash". Strict: distinct
     /// results never tie, and a record never beats itself.
     pub fn beats(&self, other: &RoundRecord) -> bool {
         (self.weight, std::cmp::Reverse(self.result))
@@ -182,8 +178,8 @@ impl RoundRecord {
     }
 
     /// Structural checks: round in 1..=[`MAX_ROUND`], 1 to [`MAX_ROUND_INPUTS`] inputs strictly
-    /// ascending by adapter, weight at least the number of inputs and at most what `round`
-    /// rounds of [`MAX_ROUND_INPUTS`] contributors can add up to.
+    /// ascending by adapter, weight at least 1 (one contributing node) and at most what
+    /// `round` rounds of [`MAX_ROUND_INPUTS`] contributors can add up to.
     pub fn check(&self) -> Result<(), Error> {
         if self.round == 0 {
             return Err(Error::RoundZero);
@@ -201,7 +197,7 @@ impl RoundRecord {
         if self.inputs.is_empty() {
             return Err(Error::EmptyRound);
         }
-        if self.weight < self.inputs.len() as u64 {
+        if self.weight == 0 {
             return Err(Error::WeightTooLow {
                 weight: self.weight,
                 contributors: self.inputs.len(),
@@ -716,7 +712,6 @@ mod tests {
             result: Hash([9; 32]),
         };
         assert!(r.check().is_ok());
-        assert_eq!(r.parent_weight(), 3);
         let mut bad = r.clone();
         bad.inputs = vec![inp(2), inp(1)];
         assert_eq!(bad.check(), Err(Error::UnsortedInputs { index: 1 }));
@@ -725,8 +720,11 @@ mod tests {
         bad.inputs.clear();
         assert_eq!(bad.check(), Err(Error::EmptyRound));
         bad.inputs = vec![inp(1), inp(2), inp(3)];
-        bad.weight = 2;
+        bad.weight = 0;
         assert!(matches!(bad.check(), Err(Error::WeightTooLow { .. })));
+        // Three inputs of one node (a gateway's users) weigh 1.
+        bad.weight = 1;
+        assert!(bad.check().is_ok());
         // Same parent: more contributors (so more weight) wins over a lower hash.
         let mut more = r.clone();
         more.inputs.push(inp(3));

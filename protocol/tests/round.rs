@@ -515,11 +515,11 @@ fn forged_result_and_forged_weight_are_penalised_not_adopted() {
     // Same record, inflated weight: the parent (genesis) is known, so it is checked.
     let kc = key(3);
     let mut heavy = ours.clone();
-    heavy.weight = 1_000;
+    heavy.weight = 500;
     let out = a.handle(4_300, Event::Digest(digest(&kc, heavy, true, 4_300)));
     assert!(matches!(
         penalties(&out)[..],
-        [(p, Misbehaviour::WrongWeight { claimed: 1_000, expected: 1, .. })] if p == kc.node_id()
+        [(p, Misbehaviour::WrongWeight { claimed: 500, expected: 1, .. })] if p == kc.node_id()
     ));
     assert_eq!(a.tip(), Some(&ours));
 }
@@ -661,4 +661,82 @@ fn restart_rejects_a_tip_of_another_network() {
     assert!(RoundMachine::new(cfg(), model(), k.node_id(), Some(tip.clone()), 0).is_ok());
     tip.model = ModelId(Hash::of(b"elsewhere"));
     assert!(RoundMachine::new(cfg(), model(), k.node_id(), Some(tip), 0).is_err());
+}
+
+/// Chain weight counts distinct contributing nodes: one key announcing under many user ids
+/// (or a gateway's many users) weighs as one node. Before, a record of 3 inputs from one key
+/// weighed 3 and won over an honest record of 2 nodes; now its weight must be 1, a claim of 3
+/// is penalised, and it is not adopted.
+#[test]
+fn many_user_ids_of_one_key_weigh_as_one_node() {
+    let (ka, kb, kx) = (key(1), key(2), key(9));
+    let mut a = machine(&ka);
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    a.handle(
+        0,
+        Event::LocalContribution(ann(&ka, 1, Hash::of(b"a"), None, 0)),
+    );
+    a.handle(10, Event::Announcement(theirs));
+    a.handle(
+        20,
+        Event::BlobAvailable {
+            hash: Hash::of(b"b"),
+        },
+    );
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let ours = commits(&a.tick(4_000))[0].0.clone();
+    assert_eq!((ours.inputs.len(), ours.weight), (2, 2));
+
+    let sybils: Vec<SignedAnnouncement> = (0..3u8)
+        .map(|i| {
+            let a = Announcement {
+                model: model(),
+                round: 1,
+                adapter: Hash::of(&[b'x', i]),
+                byte_len: 100,
+                samples: 10,
+                contributor: kx.node_id(),
+                user_id: Some(format!("user-{i}")),
+                parent: None,
+                time_ms: 4_000,
+            };
+            Signed::sign(a, &kx).expect("sign")
+        })
+        .collect();
+    let refs: Vec<&SignedAnnouncement> = sybils.iter().collect();
+    let heavy = record(1, None, &refs, 3);
+    assert!(heavy.beats(&ours), "as claimed, it would win");
+    let mut out = a.handle(4_100, Event::Digest(digest(&kx, heavy, true, 4_100)));
+    for (i, s) in sybils.iter().enumerate() {
+        out.extend(a.handle(4_200 + i as u64, Event::Announcement(s.clone())));
+    }
+    for i in 0..3u8 {
+        out.extend(a.handle(
+            4_300 + u64::from(i),
+            Event::BlobAvailable {
+                hash: Hash::of(&[b'x', i]),
+            },
+        ));
+    }
+    out.extend(a.tick(4_400));
+    let out = [out.clone(), run_aggregations(&mut a, 4_500, &out)].concat();
+    assert!(
+        penalties(&out).iter().any(|(p, m)| *p == kx.node_id()
+            && matches!(
+                m,
+                Misbehaviour::WrongWeight {
+                    claimed: 3,
+                    expected: 1,
+                    ..
+                }
+            )),
+        "{:?}",
+        penalties(&out)
+    );
+    assert!(commits(&out).is_empty());
+    assert_eq!(a.tip(), Some(&ours));
+    // Claiming its true weight, it is lighter than the honest round.
+    let light = record(1, None, &refs, 1);
+    assert!(!light.beats(&ours));
 }

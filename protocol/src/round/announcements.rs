@@ -13,6 +13,16 @@ impl RoundMachine {
         self.anns.get(&(*round, *id))
     }
 
+    /// How many distinct nodes signed the announcements of `inputs` (what a round adds to
+    /// its chain's weight); `None` while one of them is unknown here.
+    pub(super) fn contributor_nodes(&self, inputs: &[crate::RoundInput]) -> Option<u64> {
+        let mut nodes = BTreeSet::new();
+        for i in inputs {
+            nodes.insert(self.ann(&i.announcement)?.payload().contributor);
+        }
+        Some(nodes.len() as u64)
+    }
+
     pub(super) fn round_anns(
         &self,
         round: u64,

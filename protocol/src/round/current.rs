@@ -202,12 +202,18 @@ impl RoundMachine {
             return false;
         };
         let parent_weight = self.tip.as_ref().map_or(0, |t| t.weight);
+        // A round adds its distinct contributing nodes to the chain's weight: a node's
+        // (or a gateway's) many user ids count once. Every input's announcement is held here
+        // (it was aggregated), so the count is exact.
+        let nodes = self
+            .contributor_nodes(&c.inputs)
+            .unwrap_or(c.inputs.len() as u64);
         let record = |c: &Computed| RoundRecord {
             model: self.model,
             round: self.cur.round,
             parent: self.cur.parent,
             inputs: c.inputs.clone(),
-            weight: parent_weight.saturating_add(c.inputs.len() as u64),
+            weight: parent_weight.saturating_add(nodes),
             rule: self.config.rule,
             result: c.result,
         };
@@ -258,7 +264,8 @@ impl RoundMachine {
             .map(|d| (d.signer, d.record.clone()))
             .collect();
         let (round, result) = (record.round, record.result);
-        self.extend_chain(&record);
+        let nodes = self.contributor_nodes(&record.inputs);
+        self.extend_chain(&record, nodes);
         self.tip = Some(record);
         self.open_round(now, round + 1, Some(result));
         self.reset_heartbeat(now);

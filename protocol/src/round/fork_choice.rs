@@ -56,15 +56,15 @@ impl RoundMachine {
         self.dirty = true;
     }
 
-    /// The weight `record` must have if its parent is a round of our own chain, or
-    /// `None` when it comes from another history (then it needs a quorum).
-    fn expected_weight(&self, record: &RoundRecord) -> Option<u64> {
-        let n = record.inputs.len() as u64;
+    /// The weight of `record`'s parent if it is a round of our own chain (0 at genesis), or
+    /// `None` when it comes from another history (then it needs a quorum). The record must
+    /// weigh that plus its distinct contributing nodes.
+    fn expected_parent_weight(&self, record: &RoundRecord) -> Option<u64> {
         if record.round == 1 {
-            return record.parent.is_none().then_some(n);
+            return record.parent.is_none().then_some(0);
         }
         let (result, weight) = self.chain.get(&(record.round - 1))?;
-        (record.parent == Some(*result)).then(|| weight.saturating_add(n))
+        (record.parent == Some(*result)).then_some(*weight)
     }
 
     pub(super) fn progress_candidates(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -82,7 +82,7 @@ impl RoundMachine {
                     continue;
                 }
             }
-            let expected = self.expected_weight(&c.record);
+            let expected = self.expected_parent_weight(&c.record);
             if !c.verifying && expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
                 continue;
             }
@@ -92,14 +92,7 @@ impl RoundMachine {
             if let Some(c) = self.candidates.get_mut(&key) {
                 c.verifying = true;
             }
-            let mut failure =
-                expected
-                    .filter(|w| *w != record.weight)
-                    .map(|w| Misbehaviour::WrongWeight {
-                        round: record.round,
-                        claimed: record.weight,
-                        expected: w,
-                    });
+            let mut failure = None;
             let mut unverifiable = false;
             let mut missing = false;
             let mut keys_seen = BTreeSet::new();
@@ -168,6 +161,20 @@ impl RoundMachine {
                     }
                 }
             }
+            // Every announcement known: the weight is the parent's plus the distinct nodes.
+            if failure.is_none() && !missing {
+                if let Some(parent) = expected {
+                    let nodes: BTreeSet<NodeId> = keys_seen.iter().map(|(n, _)| *n).collect();
+                    let w = parent.saturating_add(nodes.len() as u64);
+                    if w != record.weight {
+                        failure = Some(Misbehaviour::WrongWeight {
+                            round: record.round,
+                            claimed: record.weight,
+                            expected: w,
+                        });
+                    }
+                }
+            }
             // A rule that builds on the parent needs the parent round adapter too: ours when
             // the parent is on our chain, else fetched from the record's signers.
             if failure.is_none() && record.rule.builds_on_parent() {
@@ -232,7 +239,8 @@ impl RoundMachine {
         });
         let same_round = self.tip.as_ref().is_some_and(|t| t.round == record.round);
         let (round, result) = (record.round, record.result);
-        self.extend_chain(&record);
+        let nodes = self.contributor_nodes(&record.inputs);
+        self.extend_chain(&record, nodes);
         self.tip = Some(record);
         if same_round {
             // Same round number collecting on: only the parent changes.
@@ -252,8 +260,9 @@ impl RoundMachine {
     }
 
     /// Records `record` as the newest round of our chain, dropping anything at or
-    /// above its round and any remembered history it does not descend from.
-    pub(super) fn extend_chain(&mut self, record: &RoundRecord) {
+    /// above its round and any remembered history it does not descend from. `nodes`: its
+    /// distinct contributing nodes, when known, which give its parent's weight.
+    pub(super) fn extend_chain(&mut self, record: &RoundRecord, nodes: Option<u64>) {
         let _orphans = self.chain.split_off(&record.round);
         let parent_known = record.round > 1
             && self
@@ -262,9 +271,9 @@ impl RoundMachine {
                 .is_some_and(|(h, _)| Some(*h) == record.parent);
         if !parent_known {
             self.chain.clear();
-            if let Some(p) = record.parent {
+            if let (Some(p), Some(n)) = (record.parent, nodes) {
                 self.chain
-                    .insert(record.round - 1, (p, record.parent_weight()));
+                    .insert(record.round - 1, (p, record.weight.saturating_sub(n)));
             }
         }
         self.chain

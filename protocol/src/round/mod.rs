@@ -207,7 +207,9 @@ impl RoundMachine {
             dirty: true,
         };
         if let Some(t) = tip {
-            m.extend_chain(&t);
+            // Its announcements are not in memory after a restart: its parent's weight is
+            // not derived (records competing with it then need a quorum).
+            m.extend_chain(&t, None);
             m.tip = Some(t);
         }
         m.reset_heartbeat(now_ms);
