@@ -42,10 +42,10 @@
 //!
 //! # Fork choice, catch-up, rewind
 //!
-//! Every record carries a chain *weight*: its parent's weight plus its contributors. The
-//! preferred record is the heaviest, then the one with the lowest result hash
-//! ([`RoundRecord::beats`]); for two records of one round and parent that is "most
-//! contributors, then lowest hash". After commit, a node republishes its tip as a
+//! Every record carries a chain *weight*: its parent's weight plus its distinct contributing
+//! nodes (a node's many user ids count once). The preferred record is the heaviest, then the
+//! one with the lowest result hash ([`RoundRecord::beats`]); for two records of one round
+//! and parent that is "most contributing nodes, then lowest hash". After commit, a node republishes its tip as a
 //! *committed* digest every `heartbeat_ms` (trickle style: skipped when it heard three
 //! identical copies in the period). Any committed record that beats our tip becomes a
 //! *candidate*: a heavier record of our round (switch), of a later round (catch-up after
