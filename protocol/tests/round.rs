@@ -740,3 +740,41 @@ fn many_user_ids_of_one_key_weigh_as_one_node() {
     let light = record(1, None, &refs, 1);
     assert!(!light.beats(&ours));
 }
+
+/// One key announcing 1,024 adapters for the current round under different user ids (and
+/// never serving them) filled the round: every honest announcement after it was ignored as
+/// `RoundFull`. Now one signer's announcements are capped at a quarter of the round's inputs
+/// and the honest node's announcement is still taken.
+#[test]
+fn one_signer_cannot_fill_a_round() {
+    let (ka, kb, kx) = (key(1), key(2), key(9));
+    let mut a = machine(&ka);
+    let mut ignored = 0;
+    for i in 0..1024u32 {
+        let ann = Announcement {
+            model: model(),
+            round: 1,
+            adapter: Hash::of(&i.to_le_bytes()),
+            byte_len: 100,
+            samples: 10,
+            contributor: kx.node_id(),
+            user_id: Some(format!("user-{i}")),
+            parent: None,
+            time_ms: 10,
+        };
+        let out = a.handle(
+            10,
+            Event::Announcement(Signed::sign(ann, &kx).expect("sign")),
+        );
+        if verdicts(&out)
+            .iter()
+            .any(|v| matches!(v, Verdict::Ignore(Ignored::SignerFull { round: 1 })))
+        {
+            ignored += 1;
+        }
+    }
+    assert_eq!(ignored, 1024 - 128, "one signer keeps at most 128 a round");
+    let honest = ann(&kb, 1, Hash::of(b"honest"), None, 20);
+    let out = a.handle(20, Event::Announcement(honest));
+    assert_eq!(verdicts(&out), vec![Verdict::Accept]);
+}

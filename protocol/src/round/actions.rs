@@ -141,6 +141,11 @@ pub enum Ignored {
         /// The round.
         round: u64,
     },
+    /// The round already holds as many announcements of this signer as we keep from one.
+    SignerFull {
+        /// The round.
+        round: u64,
+    },
 }
 
 /// Provable misbehaviour of a signer.

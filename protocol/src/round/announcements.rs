@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 
 use super::fetch::{Blob, BlobState};
-use super::{Action, Ignored, Misbehaviour, RoundMachine, Verdict, MAX_ANNOUNCEMENTS_PER_ROUND};
+use super::{
+    Action, Ignored, Misbehaviour, RoundMachine, Verdict, MAX_ANNOUNCEMENTS_PER_ROUND,
+    MAX_ANNOUNCEMENTS_PER_SIGNER,
+};
 use crate::{Hash, SignedAnnouncement};
 
 impl RoundMachine {
@@ -116,6 +119,13 @@ impl RoundMachine {
         let in_round = self.round_anns(a.round).count();
         if in_round >= MAX_ANNOUNCEMENTS_PER_ROUND {
             return verdict(Verdict::Ignore(Ignored::RoundFull { round: a.round }), out);
+        }
+        let of_signer = self
+            .round_anns(a.round)
+            .filter(|(_, o)| o.payload().contributor == a.contributor)
+            .count();
+        if of_signer >= MAX_ANNOUNCEMENTS_PER_SIGNER {
+            return verdict(Verdict::Ignore(Ignored::SignerFull { round: a.round }), out);
         }
         self.seen.insert(id, a.round);
         let key = a.contributor_key();

@@ -114,6 +114,9 @@ const MAX_REQUESTS: usize = 4 * MAX_ROUND_INPUTS;
 const MAX_DIGEST_SIGNERS: usize = 4096;
 /// Most announcements kept for one round (equivocations and re-announcements included).
 const MAX_ANNOUNCEMENTS_PER_ROUND: usize = 2 * MAX_ROUND_INPUTS;
+/// Most announcements of one signer kept for one round (a gateway's users included), so that
+/// one key cannot fill a round and crowd out every other node.
+const MAX_ANNOUNCEMENTS_PER_SIGNER: usize = MAX_ROUND_INPUTS / 4;
 
 /// Where the current round is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
