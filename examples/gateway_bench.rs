@@ -93,6 +93,8 @@ fn start_serve(bin: &Path, dir: &Path) -> Result<(Serve, String)> {
     TinyModel::new(Arch::Llama, 1)?.write_gguf(&model)?;
     let mut child = Command::new(bin)
         .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        // Every upload comes from this one address: no per-address limit.
+        .args(["--uploads-per-minute", "0"])
         .arg("--data-dir")
         .arg(dir.join("gateway"))
         .arg("--model")

@@ -79,6 +79,7 @@ async fn main() -> Result<()> {
                     auth: Default::default(),
                     max_connections: GatewayConfig::MAX_CONNECTIONS,
                     header_timeout: GatewayConfig::HEADER_TIMEOUT,
+                    uploads_per_minute: GatewayConfig::UPLOADS_PER_MINUTE,
                 },
             });
         }

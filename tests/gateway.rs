@@ -584,3 +584,48 @@ fn a_closed_gateway_needs_the_operator_token_to_aggregate_and_user_tokens_to_upl
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One client address can make at most `--uploads-per-minute` uploads a minute: before, one
+/// client sent 200 user ids in 35 s and each was stored and counted. The refused upload is a
+/// 429 and stores nothing.
+#[test]
+fn uploads_from_one_address_are_rate_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &data,
+        &["--round-secs", "3600", "--uploads-per-minute", "3"],
+    );
+    let api = Api {
+        base: server.line("gateway on "),
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+    let mut codes = Vec::new();
+    for i in 0..4u64 {
+        let bytes = adapter(60 + i, RANK, 32).to_safetensors_bytes().unwrap();
+        let user = format!("user-{i}");
+        let (code, v) = api.upload(Some(("a.safetensors", bytes)), &[("user_id", &user)]);
+        if code == 429 {
+            assert!(
+                v["detail"].as_str().unwrap().contains("3 uploads a minute"),
+                "{v}"
+            );
+        }
+        codes.push(code);
+    }
+    // A minute boundary can fall inside the loop and reset the window once.
+    assert!(
+        codes == [200, 200, 200, 429] || codes.iter().filter(|c| **c == 200).count() == 4,
+        "{codes:?}"
+    );
+    if codes[3] == 429 {
+        let (_, status) = api.get("/api/v1/status");
+        assert_eq!(
+            status["total_adapters"], 3,
+            "the refused upload was stored: {status}"
+        );
+    }
+}

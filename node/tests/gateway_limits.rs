@@ -58,6 +58,7 @@ async fn half_sent_requests_are_dropped_and_connections_are_capped() {
             auth: Default::default(),
             max_connections: CAP,
             header_timeout: HEADER_TIMEOUT,
+            uploads_per_minute: GatewayConfig::UPLOADS_PER_MINUTE,
         },
     });
     let node = Node::start(cfg).await.unwrap();

@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// must arrive within 10 s.
     #[arg(long, default_value_t = GatewayConfig::MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Most uploads one client address may make in a minute (0: no limit); more get 429.
+    #[arg(long, default_value_t = GatewayConfig::UPLOADS_PER_MINUTE)]
+    pub uploads_per_minute: u32,
     /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
     /// code to reload.
     #[arg(long)]
@@ -69,6 +72,7 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
             auth,
             max_connections: args.max_connections,
             header_timeout: GatewayConfig::HEADER_TIMEOUT,
+            uploads_per_minute: args.uploads_per_minute,
         },
     };
     super::runtime()?.block_on(args.node.run_node(Some(gateway)))

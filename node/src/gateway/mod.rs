@@ -61,6 +61,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// A request's header must arrive within this.
     pub header_timeout: Duration,
+    /// Most uploads one client address may make in a minute (0: no limit).
+    pub uploads_per_minute: u32,
 }
 
 impl GatewayConfig {
@@ -68,6 +70,36 @@ impl GatewayConfig {
     pub const MAX_CONNECTIONS: usize = 256;
     /// Default of [`GatewayConfig::header_timeout`].
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of [`GatewayConfig::uploads_per_minute`].
+    pub const UPLOADS_PER_MINUTE: u32 = 60;
+}
+
+/// The address of the client a request came from (set per connection by [`serve`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// Uploads per client IP address in the current minute (fixed windows).
+#[derive(Debug, Default)]
+struct UploadRate {
+    minute: u64,
+    counts: std::collections::HashMap<std::net::IpAddr, u32>,
+}
+
+impl UploadRate {
+    /// Counts an upload from `ip` at `now_ms`; `false` when it is over `limit` this minute.
+    fn allow(&mut self, ip: std::net::IpAddr, now_ms: u64, limit: u32) -> bool {
+        let minute = now_ms / 60_000;
+        if minute != self.minute {
+            self.minute = minute;
+            self.counts.clear();
+        }
+        let n = self.counts.entry(ip).or_insert(0);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
 }
 
 pub(crate) use serve::serve;
@@ -80,9 +112,35 @@ pub struct Gateway {
     local: mpsc::Sender<Local>,
     view: watch::Receiver<DriverView>,
     cfg: Arc<GatewayConfig>,
+    upload_rate: Arc<std::sync::Mutex<UploadRate>>,
 }
 
 impl Gateway {
+    /// Counts an upload from `client` against the per-address limit.
+    pub(crate) fn allow_upload(&self, client: Option<ClientAddr>) -> Result<(), ApiError> {
+        let limit = self.cfg.uploads_per_minute;
+        let Some(ClientAddr(addr)) = client else {
+            return Ok(());
+        };
+        if limit == 0 {
+            return Ok(());
+        }
+        let now = crate::clock::now_ms();
+        let allowed = self
+            .upload_rate
+            .lock()
+            .map(|mut r| r.allow(addr.ip(), now, limit))
+            .unwrap_or(true);
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("at most {limit} uploads a minute from one address; try again shortly"),
+            ))
+        }
+    }
+
     /// A gateway over a node's store, network spec, driver channel and driver view.
     pub fn new(
         store: Store,
@@ -97,6 +155,7 @@ impl Gateway {
             local,
             view,
             cfg: Arc::new(cfg),
+            upload_rate: Arc::default(),
         }
     }
 }

@@ -45,8 +45,8 @@ pub(crate) async fn serve(
             r = listener.accept() => r,
             _ = cancel.cancelled() => break,
         };
-        let stream = match stream {
-            Ok((s, _)) => s,
+        let (stream, peer) = match stream {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "gateway cannot accept a connection");
@@ -56,7 +56,11 @@ pub(crate) async fn serve(
         };
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
+            TowerToHyperService::new(
+                router
+                    .clone()
+                    .layer(axum::Extension(super::ClientAddr(peer))),
+            ),
         );
         let stop = cancel.clone();
         conns.spawn(async move {

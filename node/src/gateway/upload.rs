@@ -311,13 +311,17 @@ pub fn validate_upload(
 
 pub(super) async fn upload(
     State(gw): State<Gateway>,
+    client: Option<axum::Extension<super::ClientAddr>>,
     headers: axum::http::HeaderMap,
     mp: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {
-    // On a closed gateway the token says who uploads, before anything in the body is kept:
-    // a refused body is read and dropped (within the body limit), so that the client, still
-    // sending, sees the 401 rather than a reset connection.
-    let authed = match gw.cfg.auth.upload_user(&headers) {
+    // The address's rate, then on a closed gateway the token (which says who uploads), before
+    // anything in the body is kept: a refused body is read and dropped (within the body
+    // limit), so that the client, still sending, sees the 429 or 401, not a reset connection.
+    let checked = gw
+        .allow_upload(client.map(|c| c.0))
+        .and_then(|()| gw.cfg.auth.upload_user(&headers));
+    let authed = match checked {
         Ok(user) => user,
         Err(e) => {
             if let Ok(mut mp) = mp {
