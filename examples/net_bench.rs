@@ -214,6 +214,7 @@ fn net_config(bootstrap: Vec<Multiaddr>, topics: Vec<String>) -> Result<NetConfi
         // What `join` uses for short rounds.
         heartbeat: Duration::from_millis(200),
         serve_limit: hivemind_node::net::blob::DEFAULT_SERVE_LIMIT,
+        max_incoming: hivemind_node::net::DEFAULT_MAX_INCOMING,
     })
 }
 

@@ -215,6 +215,7 @@ impl Node {
                     1000
                 }),
                 serve_limit: cfg.serve_limit,
+                max_incoming: crate::net::DEFAULT_MAX_INCOMING,
             },
             Arc::new(store.clone()),
             cancel.clone(),

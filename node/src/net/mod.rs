@@ -116,7 +116,13 @@ pub struct NetConfig {
     /// Blob streams served at once; more are answered "busy"
     /// ([`blob::DEFAULT_SERVE_LIMIT`] for nodes).
     pub serve_limit: usize,
+    /// Most incoming connections established at once ([`DEFAULT_MAX_INCOMING`] for nodes);
+    /// a quarter of it may be pending (in the handshake) at once.
+    pub max_incoming: u32,
 }
+
+/// Default of [`NetConfig::max_incoming`].
+pub const DEFAULT_MAX_INCOMING: u32 = 256;
 
 /// Something the network saw, for the driver.
 #[derive(Debug)]

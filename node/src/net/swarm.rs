@@ -3,9 +3,17 @@
 //! blob stream protocol and mDNS.
 
 use super::*;
+use libp2p::connection_limits;
+
+/// Most connections kept with one peer (a TCP and a QUIC one, and one being replaced).
+pub(super) const MAX_PER_PEER: u32 = 3;
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// Caps on connections (issue 13: there were none): pending and established incoming
+    /// connections ([`NetConfig::max_incoming`], pending a quarter of it) and connections per
+    /// peer ([`MAX_PER_PEER`]).
+    pub(super) limits: connection_limits::Behaviour,
     pub(super) gossipsub: gossipsub::Behaviour,
     pub(super) kad: kad::Behaviour<MemoryStore>,
     pub(super) identify: identify::Behaviour,
@@ -52,6 +60,10 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
         .build()
         .map_err(|e| err(&e))?;
     let mdns_on = cfg.mdns;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_incoming(Some(cfg.max_incoming))
+        .with_max_pending_incoming(Some((cfg.max_incoming / 4).max(1)))
+        .with_max_established_per_peer(Some(MAX_PER_PEER));
     let topics = cfg.topics.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -74,6 +86,9 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
             )?;
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(Duration::from_secs(30));
+            // Kademlia serves peer routing only: records others PUT are never stored (they
+            // come back as events, which the event loop drops).
+            kcfg.set_record_filtering(kad::StoreInserts::FilterBoth);
             let kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kcfg);
             let identify = identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_string(),
@@ -87,6 +102,7 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
                 None
             };
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 gossipsub,
                 kad,
                 identify,

@@ -25,6 +25,24 @@ pub(crate) async fn node_on(
     cancel: &CancellationToken,
     listen: &str,
 ) -> Network {
+    node_with(
+        seed,
+        source,
+        cancel,
+        listen,
+        hivemind_node::net::DEFAULT_MAX_INCOMING,
+    )
+    .await
+}
+
+/// A node on `listen` that accepts at most `max_incoming` incoming connections.
+pub(crate) async fn node_with(
+    seed: u8,
+    source: SharedSource,
+    cancel: &CancellationToken,
+    listen: &str,
+    max_incoming: u32,
+) -> Network {
     let key = NodeKey::from_bytes(&[seed; 32]);
     Network::spawn(
         keypair_of(&key).unwrap(),
@@ -35,6 +53,7 @@ pub(crate) async fn node_on(
             mdns: false,
             heartbeat: Duration::from_millis(200),
             serve_limit: SERVE_LIMIT,
+            max_incoming,
         },
         source,
         cancel.clone(),

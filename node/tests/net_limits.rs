@@ -1,0 +1,49 @@
+//! Connection limits of a node's libp2p swarm, between in-process nodes on loopback: a node
+//! that accepts 2 incoming connections keeps the first two peers and refuses the third, while
+//! its own outgoing dials (to a new peer) still work. Before, a node had no connection
+//! limits at all (issue 13).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hivemind_node::net::with_peer;
+use hivemind_store::Store;
+use tokio_util::sync::CancellationToken;
+
+mod blob_net;
+use blob_net::{connect, node, node_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_incoming_connections_past_its_limit() {
+    let cancel = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let server = node_with(1, store.clone(), &cancel, "/ip4/127.0.0.1/tcp/0", 2).await;
+    let clients = [
+        node(2, store.clone(), &cancel).await,
+        node(3, store.clone(), &cancel).await,
+        node(4, store.clone(), &cancel).await,
+    ];
+    connect(&clients[0], &server).await;
+    connect(&clients[1], &server).await;
+
+    let addr = with_peer(
+        &server.client.info().await.unwrap().listen_addrs[0],
+        server.client.local_peer_id(),
+    );
+    let third = clients[2].client.dial(addr).await;
+    // The dial may be refused at once or the connection closed right after it is made;
+    // either way the third peer never stays connected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connected = server.client.info().await.unwrap().connected;
+    assert!(
+        !connected.contains(&clients[2].client.local_peer_id()),
+        "a third incoming connection was kept (dial: {third:?})"
+    );
+    assert_eq!(connected.len(), 2, "{connected:?}");
+    // The limit is on incoming connections: the server still dials out.
+    let fresh = node(5, store.clone(), &cancel).await;
+    connect(&server, &fresh).await;
+    cancel.cancel();
+}
