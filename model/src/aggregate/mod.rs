@@ -12,7 +12,7 @@
 //!
 //! Determinism comes from three things: inputs are processed in ascending hash order
 //! whatever order they are given in; each output element is computed by the same
-//! sequence of IEEE-754 `f32` operations (Rust never contracts `a * b + c` into a fused
+//! sequence of IEEE-754 operations (Rust never contracts `a * b + c` into a fused
 //! multiply-add, and the compiler may not reorder float additions); tensors are visited in
 //! sorted name order and serialised canonically.
 //!
@@ -97,7 +97,7 @@ pub(crate) fn lower_median(values: &[f64]) -> f64 {
 
 /// A deterministic way to combine adapters into one.
 pub trait AggregationRule {
-    /// A stable identifier, carried in round digests (e.g. `fedavg-v1`).
+    /// A stable identifier, carried in round digests (e.g. `fedavg-v2`).
     fn id(&self) -> &'static str;
 
     /// Combines `inputs` (in any order) into one adapter. Equal input sets give equal
