@@ -778,3 +778,30 @@ fn one_signer_cannot_fill_a_round() {
     let out = a.handle(20, Event::Announcement(honest));
     assert_eq!(verdicts(&out), vec![Verdict::Accept]);
 }
+
+/// A blob that hashes right but is no usable adapter was fetched again up to the attempt
+/// limit and its announcer never penalised. Now it is not fetched again (every holder has the
+/// same bytes) and the node that announced it is penalised.
+#[test]
+fn an_adapter_that_is_no_adapter_is_not_refetched_and_its_announcer_is_penalised() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    let bad = Hash::of(b"not an adapter");
+    let out = a.handle(10, Event::Announcement(ann(&kb, 1, bad, None, 10)));
+    assert_eq!(fetched_blobs(&out), vec![bad]);
+    let out = a.handle(
+        20,
+        Event::FetchFailed {
+            hash: bad,
+            reason: FetchFailure::Invalid,
+        },
+    );
+    assert!(fetched_blobs(&out).is_empty(), "fetched again: {out:?}");
+    assert!(
+        matches!(&penalties(&out)[..], [(p, Misbehaviour::InvalidAdapter { adapter })] if *p == kb.node_id() && *adapter == bad),
+        "{:?}",
+        penalties(&out)
+    );
+    // Nor later, when fetches are retried.
+    assert!(fetched_blobs(&a.tick(5_000)).is_empty());
+}

@@ -166,6 +166,12 @@ pub enum Misbehaviour {
         /// The new one.
         second: Hash,
     },
+    /// Announced an adapter whose bytes (which hash right) are not a usable adapter of the
+    /// network.
+    InvalidAdapter {
+        /// The adapter's hash.
+        adapter: Hash,
+    },
     /// Named an announcement (in a digest) whose bytes are not a valid announcement.
     NamedInvalidAnnouncement {
         /// The announcement id.

@@ -214,6 +214,26 @@ impl RoundMachine {
             return;
         }
         if let Some(b) = self.blobs.get_mut(&hash) {
+            if reason == FetchFailure::Invalid {
+                // The bytes hash right, so every holder has the same unusable bytes: no
+                // retry, and whoever announced them as an adapter is at fault.
+                let round_adapter = b.round_adapter;
+                b.state = BlobState::Failed;
+                self.dirty = true;
+                if !round_adapter {
+                    let announcers: BTreeSet<NodeId> = self
+                        .anns
+                        .values()
+                        .map(|a| a.payload())
+                        .filter(|a| a.adapter == hash)
+                        .map(|a| a.contributor)
+                        .collect();
+                    for who in announcers {
+                        self.penalise(who, Misbehaviour::InvalidAdapter { adapter: hash }, out);
+                    }
+                }
+                return;
+            }
             if let BlobState::Fetching { attempts, .. } = b.state {
                 if attempts >= max {
                     b.state = BlobState::Failed;
