@@ -216,6 +216,7 @@ impl Node {
                 }),
                 serve_limit: cfg.serve_limit,
                 max_incoming: crate::net::DEFAULT_MAX_INCOMING,
+                min_serve_rate: crate::net::blob::DEFAULT_MIN_SERVE_RATE,
             },
             Arc::new(store.clone()),
             cancel.clone(),

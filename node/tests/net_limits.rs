@@ -19,7 +19,10 @@ async fn a_node_refuses_incoming_connections_past_its_limit() {
     let cancel = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let server = node_with(1, store.clone(), &cancel, "/ip4/127.0.0.1/tcp/0", 2).await;
+    let server = node_with(1, store.clone(), &cancel, "/ip4/127.0.0.1/tcp/0", |c| {
+        c.max_incoming = 2;
+    })
+    .await;
     let clients = [
         node(2, store.clone(), &cancel).await,
         node(3, store.clone(), &cancel).await,

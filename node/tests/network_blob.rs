@@ -386,3 +386,69 @@ async fn concurrent_fetches_from_one_server_all_arrive() {
     }
     cancel.cancel();
 }
+
+/// A reader far slower than the server's minimum rate (here 1 MiB/s, reading 64 KiB/s)
+/// loses its stream once it has taken `REQUEST_TIMEOUT` plus the blob's length at that rate,
+/// and the serving slot comes back. Before, each frame only had to be read within 30 s, so a
+/// reader at ~9 KB/s held a slot for 40 minutes a blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_below_the_minimum_rate_is_cut_off() {
+    use blob_net::node_with;
+    use hivemind_node::net::blob::REQUEST_TIMEOUT;
+    let cancel = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let bytes = pattern(4 << 20, 9);
+    let hash = store.put_blob(&bytes).unwrap();
+    let server = node_with(40, Arc::new(store), &cancel, "/ip4/127.0.0.1/tcp/0", |c| {
+        c.min_serve_rate = 1 << 20;
+    })
+    .await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let reader = node(41, Arc::new(Store::open(dir2.path()).unwrap()), &cancel).await;
+    connect(&reader, &server).await;
+    let req = BlobRequest {
+        hash,
+        offset: 0,
+        len: u64::MAX,
+    };
+    let (mut s, header) = request_blob(&reader.client, server.client.local_peer_id(), req)
+        .await
+        .unwrap();
+    assert_eq!(
+        header,
+        BlobHeader::Found {
+            total_len: bytes.len() as u64
+        }
+    );
+    // At 64 KiB/s the 4 MiB blob would take 64 s; the server allows 10 s + 4 s.
+    let start = std::time::Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 16 << 10];
+    let ended = loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break "end of stream",
+            Ok(n) => got += n,
+            Err(_) => break "reset",
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if start.elapsed() > Duration::from_secs(90) {
+            break "still reading";
+        }
+    };
+    eprintln!(
+        "slow reader: {got} of {} bytes, {ended} after {:?}",
+        bytes.len(),
+        start.elapsed()
+    );
+    assert!(
+        got < bytes.len(),
+        "the slow reader got the whole blob ({ended})"
+    );
+    assert!(
+        start.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(40),
+        "the stream lasted {:?}",
+        start.elapsed()
+    );
+    cancel.cancel();
+}

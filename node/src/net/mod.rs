@@ -116,6 +116,10 @@ pub struct NetConfig {
     /// Blob streams served at once; more are answered "busy"
     /// ([`blob::DEFAULT_SERVE_LIMIT`] for nodes).
     pub serve_limit: usize,
+    /// The slowest a peer may read a blob we serve, in bytes per second
+    /// ([`blob::DEFAULT_MIN_SERVE_RATE`] for nodes): a stream is dropped once it has taken
+    /// [`blob::REQUEST_TIMEOUT`] plus its length at this rate.
+    pub min_serve_rate: u64,
     /// Most incoming connections established at once ([`DEFAULT_MAX_INCOMING`] for nodes);
     /// a quarter of it may be pending (in the handshake) at once.
     pub max_incoming: u32,
@@ -219,7 +223,10 @@ impl Network {
         let serving = tokio::spawn(blob::serve_incoming(
             incoming,
             source,
-            cfg.serve_limit,
+            blob::ServeLimits {
+                streams: cfg.serve_limit,
+                min_rate: cfg.min_serve_rate,
+            },
             move |peer| refused.contains(peer),
             cancel.clone(),
         ));

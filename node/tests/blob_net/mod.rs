@@ -25,41 +25,32 @@ pub(crate) async fn node_on(
     cancel: &CancellationToken,
     listen: &str,
 ) -> Network {
-    node_with(
-        seed,
-        source,
-        cancel,
-        listen,
-        hivemind_node::net::DEFAULT_MAX_INCOMING,
-    )
-    .await
+    node_with(seed, source, cancel, listen, |_| {}).await
 }
 
-/// A node on `listen` that accepts at most `max_incoming` incoming connections.
+/// A node on `listen` whose config `tune` changes first.
 pub(crate) async fn node_with(
     seed: u8,
     source: SharedSource,
     cancel: &CancellationToken,
     listen: &str,
-    max_incoming: u32,
+    tune: impl FnOnce(&mut NetConfig),
 ) -> Network {
     let key = NodeKey::from_bytes(&[seed; 32]);
-    Network::spawn(
-        keypair_of(&key).unwrap(),
-        NetConfig {
-            listen: vec![listen.parse().unwrap()],
-            bootstrap: vec![],
-            topics: vec!["/hivemind/test/announce/1".into()],
-            mdns: false,
-            heartbeat: Duration::from_millis(200),
-            serve_limit: SERVE_LIMIT,
-            max_incoming,
-        },
-        source,
-        cancel.clone(),
-    )
-    .await
-    .unwrap()
+    let mut cfg = NetConfig {
+        listen: vec![listen.parse().unwrap()],
+        bootstrap: vec![],
+        topics: vec!["/hivemind/test/announce/1".into()],
+        mdns: false,
+        heartbeat: Duration::from_millis(200),
+        serve_limit: SERVE_LIMIT,
+        max_incoming: hivemind_node::net::DEFAULT_MAX_INCOMING,
+        min_serve_rate: hivemind_node::net::blob::DEFAULT_MIN_SERVE_RATE,
+    };
+    tune(&mut cfg);
+    Network::spawn(keypair_of(&key).unwrap(), cfg, source, cancel.clone())
+        .await
+        .unwrap()
 }
 
 /// Polls `f` until it holds, for at most 20 s (the harness's wait).

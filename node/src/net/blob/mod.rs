@@ -44,7 +44,7 @@ pub use fetch::{fetch_blob, request_blob};
 
 /// Passes over the busy peers before a fetch gives up (about 30 s of waiting in all).
 pub const BUSY_PASSES: u32 = 8;
-pub use serve::serve_incoming;
+pub use serve::{serve_incoming, ServeLimits};
 
 /// The protocol id; the version changes with any wire change.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hivemind/blob/2.0.0");
@@ -65,6 +65,9 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A server drops a stream whose 48-byte request has not arrived after this long. Such
 /// streams hold no serving slot: slots are taken once the request is in.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest a peer may read a blob a node serves unless configured otherwise: 64 KiB/s
+/// (a slow home link). Before, a reader at ~9 KB/s held a serving slot for 40 minutes a blob.
+pub const DEFAULT_MIN_SERVE_RATE: u64 = 64 << 10;
 /// Blob streams a node serves at once unless configured otherwise; more are answered
 /// "busy". One peer gets at most a quarter of them (at least one).
 pub const DEFAULT_SERVE_LIMIT: usize = 32;

@@ -12,18 +12,28 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-/// Accepts inbound blob streams until `cancel` fires and answers each on its own task.
-/// At most `limit` requests are served at once, and at most a quarter of them (at least
-/// one) for one peer; beyond that the answer is "busy". Streams from peers `refuse` names
-/// are dropped unanswered.
+/// How much serving one peer may take.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Requests served at once (a quarter of them, at least one, for one peer); more are
+    /// answered "busy".
+    pub streams: usize,
+    /// The slowest a peer may read, in bytes per second: a stream is dropped once it has
+    /// taken [`REQUEST_TIMEOUT`] plus its length at this rate.
+    pub min_rate: u64,
+}
+
+/// Accepts inbound blob streams until `cancel` fires and answers each on its own task,
+/// within `limits`. Streams from peers `refuse` names are dropped unanswered.
 pub async fn serve_incoming(
     mut incoming: libp2p_stream::IncomingStreams,
     source: SharedSource,
-    limit: usize,
+    limits: ServeLimits,
     refuse: impl Fn(&PeerId) -> bool + Send + 'static,
     cancel: CancellationToken,
 ) {
-    let slots = Slots::new(limit);
+    let slots = Slots::new(limits.streams);
+    let min_rate = limits.min_rate.max(1);
     let mut streams = JoinSet::new();
     loop {
         let (peer, mut stream) = tokio::select! {
@@ -39,7 +49,7 @@ pub async fn serve_incoming(
         }
         let (source, slots) = (source.clone(), slots.clone());
         streams.spawn(async move {
-            match serve_stream(&mut stream, peer, source, &slots).await {
+            match serve_stream(&mut stream, peer, source, &slots, min_rate).await {
                 Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
                 Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
             }
@@ -109,6 +119,7 @@ async fn serve_stream(
     peer: PeerId,
     source: SharedSource,
     slots: &Slots,
+    min_rate: u64,
 ) -> io::Result<u64> {
     let mut buf = [0u8; REQUEST_BYTES];
     within(
@@ -137,9 +148,15 @@ async fn serve_stream(
         stream.write_all(&encode_header(BlobHeader::Found { total_len })),
     )
     .await?;
-    let sent = send_range(blob.reader, req.answer_len(total_len), stream).await?;
-    timed("closing", stream.close()).await?;
-    Ok(sent)
+    // The whole answer at the slowest acceptable rate: a slow reader gives its slot back.
+    let len = req.answer_len(total_len);
+    let limit = REQUEST_TIMEOUT + std::time::Duration::from_secs(len / min_rate);
+    within(limit, "sending at the minimum rate", async {
+        let sent = send_range(blob.reader, len, stream).await?;
+        timed("closing", stream.close()).await?;
+        Ok(sent)
+    })
+    .await
 }
 
 /// Answers with a header and no data.
