@@ -122,6 +122,12 @@ enum Fetch {
     RoundAdapter,
 }
 
+/// The first pause before a failed aggregation is retried; it doubles up to
+/// [`AGGREGATE_RETRY_MAX`], for at most [`AGGREGATE_ATTEMPTS`] tries (about an hour).
+const AGGREGATE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const AGGREGATE_RETRY_MAX: Duration = Duration::from_secs(60);
+const AGGREGATE_ATTEMPTS: u32 = 64;
+
 struct DeferredUpload {
     hash: Hash,
     byte_len: u64,
@@ -546,15 +552,32 @@ impl Driver {
                 let store = self.store.clone();
                 let spec = self.cfg.spec.clone();
                 let tx = self.done_tx.clone();
-                self.tasks
-                    .spawn_blocking(move || match aggregate(&store, &spec, &job) {
-                        Ok(result) => {
-                            let _ = tx.blocking_send(Event::AggregationFinished { job, result });
+                // A failure (the disk full, a blob unreadable) is retried with a growing
+                // pause: the machine waits for this job's result, and before, one failure
+                // left the round stuck for good, even after space came back.
+                self.tasks.spawn(async move {
+                    let mut pause = AGGREGATE_RETRY_FIRST;
+                    for attempt in 1..=AGGREGATE_ATTEMPTS {
+                        let (st, sp, j) = (store.clone(), spec.clone(), job.clone());
+                        let r = tokio::task::spawn_blocking(move || aggregate(&st, &sp, &j)).await;
+                        match r {
+                            Ok(Ok(result)) => {
+                                let _ = tx.send(Event::AggregationFinished { job, result }).await;
+                                return;
+                            }
+                            Ok(Err(e)) => tracing::error!(
+                                round = job.round, attempt, error = %e,
+                                "aggregation failed; retrying in {pause:?}"
+                            ),
+                            Err(e) => tracing::error!(round = job.round, error = %e, "aggregation task failed"),
                         }
-                        Err(e) => {
-                            tracing::error!(round = job.round, error = %e, "aggregation failed")
+                        if tx.is_closed() {
+                            return;
                         }
-                    });
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(AGGREGATE_RETRY_MAX);
+                    }
+                });
             }
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();
