@@ -629,3 +629,27 @@ fn uploads_from_one_address_are_rate_limited() {
         );
     }
 }
+
+/// An upload is read only as far as an adapter of the network (plus a PEFT dir's other files)
+/// can reach, whatever the gateway's upload limit: 40 MiB of junk for a network whose adapters
+/// take a few KiB is a 413. Before, it was read whole into memory (two 300 MiB junk uploads
+/// took 1.2 GB) and only then refused as an invalid adapter.
+#[test]
+fn an_upload_larger_than_any_adapter_of_the_network_is_refused_while_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &tmp.path().join("gateway"),
+        &["--round-secs", "3600"],
+    );
+    let api = Api {
+        base: server.line("gateway on "),
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+    let junk = vec![7u8; 40 << 20];
+    let (code, v) = api.upload(Some(("a.safetensors", junk)), &[("user_id", "mallory")]);
+    assert_eq!(code, 413, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("exceeds"), "{v}");
+}

@@ -71,6 +71,10 @@ struct UploadForm {
     epochs: u64,
 }
 
+/// What an uploaded file may hold beyond the network's largest adapter: its config and the
+/// other files of a PEFT dir (a tokenizer, a README) when the whole dir is zipped.
+const UPLOAD_SLACK: u64 = 32 << 20;
+
 fn too_large(max: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -333,7 +337,13 @@ pub(super) async fn upload(
         }
     };
     let mp = mp.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let form = read_form(mp, gw.cfg.max_upload_bytes).await?;
+    // No file is kept past what an adapter of this network (zipped with its config and
+    // whatever else a PEFT dir holds) can take: two 300 MiB junk uploads cost 1.2 GB before.
+    let max_file = gw
+        .cfg
+        .max_upload_bytes
+        .min(gw.spec.max_adapter_bytes().saturating_add(UPLOAD_SLACK));
+    let form = read_form(mp, max_file).await?;
     let Some((filename, bytes)) = form.file else {
         return Err(ApiError::unprocessable(
             "missing",
