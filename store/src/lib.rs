@@ -36,6 +36,7 @@ mod error;
 mod fsutil;
 mod identity;
 mod records;
+mod retention;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ pub use blobs::BlobWriter;
 pub use error::{Error, Result};
 pub use identity::{load_or_create_identity, IDENTITY_FILE};
 pub use records::{PeerRecord, RoundRecord, UploadRecord, UploadStats};
+pub use retention::Collected;
 
 /// Directory, under the data dir, that holds the blob files.
 pub const BLOBS_DIR: &str = "blobs";

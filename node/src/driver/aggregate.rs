@@ -105,7 +105,7 @@ pub fn round_metadata(job: &hivemind_protocol::AggregationJob) -> BTreeMap<Strin
 
 /// The identifier a round adapter's metadata names its rule by (the rule's `ID`, e.g.
 /// `fedavg-v2`, `iso-v2`).
-fn rule_name(rule: hivemind_protocol::RuleId) -> &'static str {
+pub(crate) fn rule_name(rule: hivemind_protocol::RuleId) -> &'static str {
     use hivemind_model::aggregate::{IsoMerge, TsvMerge};
     use hivemind_protocol::RuleId;
     match rule {

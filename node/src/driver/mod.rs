@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hivemind_model::adapter::LoraAdapter;
-use hivemind_model::aggregate::FedAvg;
 use hivemind_protocol::{
     announce_topic, digest_topic, Action, Event, FetchFailure, Hash, ModelId, NodeKey, RoundConfig,
     RoundDigest, RoundMachine, Signed, SignedAnnouncement, SignedDigest, Verdict,
@@ -121,6 +120,9 @@ enum Fetch {
     Adapter,
     RoundAdapter,
 }
+
+/// Rounds whose inputs (adapters and announcements) a node keeps; older ones are collected.
+pub const RETAIN_ROUNDS: u64 = 16;
 
 /// The first pause before a failed aggregation is retried; it doubles up to
 /// [`AGGREGATE_RETRY_MAX`], for at most [`AGGREGATE_ATTEMPTS`] tries (about an hour).
@@ -738,7 +740,7 @@ impl Driver {
             version: version_name(record.round),
             parent: record.parent,
             contributors: record.inputs.iter().map(|i| i.adapter).collect(),
-            rule: FedAvg::ID.to_string(),
+            rule: aggregate::rule_name(record.rule).to_string(),
             digest,
             committed_at_ms: now_ms(),
         };
@@ -755,6 +757,14 @@ impl Driver {
             for u in store.list_uploads()? {
                 if s2.contributors.contains(&u.blob) && u.round != Some(s2.number) {
                     store.mark_upload_included(&u.id, s2.number)?;
+                }
+            }
+            // Inputs of rounds far behind are forgotten (round adapters and pending uploads
+            // are kept): the disk holds RETAIN_ROUNDS rounds of inputs, not all of them.
+            if let Some(cut) = (s2.number + 1).checked_sub(RETAIN_ROUNDS) {
+                let done = store.collect_rounds_before(cut)?;
+                if done.blobs > 0 {
+                    tracing::info!(before_round = cut, blobs = done.blobs, bytes = done.bytes, "collected old round inputs");
                 }
             }
             Ok(())
