@@ -86,7 +86,7 @@ struct Args {
     rules: Vec<String>,
     /// Base-model answers replayed per training step (`hive-node train --replay`); several
     /// values (`0,2`) run the round chains once per value.
-    #[arg(long, value_delimiter = ',', default_value = "2")]
+    #[arg(long, value_delimiter = ',', default_value = "0")]
     replay: Vec<usize>,
     /// Seed of the facts and of the LoRA init (the same for every user).
     #[arg(long, default_value_t = 7)]

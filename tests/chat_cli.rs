@@ -213,17 +213,25 @@ fn eval_scores_a_dataset_with_the_chosen_adapter_and_names_bad_items() -> Result
     // ... and one it made is applied (no node here, so no round adapter beside it).
     let trained = hive()
         .current_dir(dir.path())
-        .args(["train", "--max-steps", "2", "--rank", "4", "--threads", "1"])
+        .args([
+            "train",
+            "--max-steps",
+            "2",
+            "--rank",
+            "4",
+            "--threads",
+            "1",
+            "--replay",
+            "1",
+        ])
         .args(["--output", "adapters/my_adapter", "--data"])
         .arg(&data)
         .arg("--model")
         .arg(&model)
         .output()?;
-    assert!(
-        trained.status.success(),
-        "{}",
-        String::from_utf8_lossy(&trained.stderr)
-    );
+    let log = String::from_utf8_lossy(&trained.stderr);
+    assert!(trained.status.success(), "{log}");
+    assert!(log.contains("to replay 1 per step"), "{log}");
     let auto = eval(&[])?;
     assert!(auto.status.success());
     assert!(String::from_utf8_lossy(&auto.stderr).contains("personal adapter"));

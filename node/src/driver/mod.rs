@@ -764,7 +764,12 @@ impl Driver {
             if let Some(cut) = (s2.number + 1).checked_sub(RETAIN_ROUNDS) {
                 let done = store.collect_rounds_before(cut)?;
                 if done.blobs > 0 {
-                    tracing::info!(before_round = cut, blobs = done.blobs, bytes = done.bytes, "collected old round inputs");
+                    tracing::info!(
+                        before_round = cut,
+                        blobs = done.blobs,
+                        bytes = done.bytes,
+                        "collected old round inputs"
+                    );
                 }
             }
             Ok(())
