@@ -26,7 +26,13 @@ impl Store {
     /// Forgets the inputs of every round before `round`: their announcement records, the
     /// envelope blobs and the adapter blobs, except blobs that are a committed round's
     /// adapter, a pending gateway upload, or named by an announcement of `round` or later.
+    /// Gateway uploads that are neither pending nor named by such an announcement (one a
+    /// user's newer upload superseded before it was announced, or one of an old round) lose
+    /// their blob too; their records stay, for the listing.
     pub fn collect_rounds_before(&self, round: u64) -> Result<Collected> {
+        // The uploads that may lose their blob are read before what is pending: an upload
+        // stored meanwhile is then pending (kept) or not among them (untouched).
+        let uploads = self.list_uploads()?;
         let mut keep: BTreeSet<Hash> = self.list_rounds()?.iter().map(|r| r.hash).collect();
         keep.extend(self.pending_uploads()?.iter().map(|u| u.blob));
         let mut old = Vec::new();
@@ -46,6 +52,21 @@ impl Store {
         }
         let mut done = Collected::default();
         let mut gone = BTreeSet::new();
+        let superseded: Vec<Hash> = uploads
+            .into_iter()
+            .map(|u| u.blob)
+            .filter(|b| !keep.contains(b))
+            .collect();
+        for blob in superseded {
+            if !gone.insert(blob) {
+                continue;
+            }
+            let len = self.blob_len(&blob)?.unwrap_or(0);
+            if self.remove_blob(&blob)? {
+                done.blobs += 1;
+                done.bytes += len;
+            }
+        }
         for (key, adapter, envelope) in old {
             self.announcements.remove(key)?;
             done.announcements += 1;
@@ -103,6 +124,19 @@ mod tests {
             digest: vec![],
             committed_at_ms: 1,
         })?;
+        // Amy's first upload, superseded by her second before it was announced.
+        let superseded = blob("superseded upload")?;
+        store.insert_upload(&UploadRecord {
+            id: "u0".into(),
+            user_id: "amy".into(),
+            blob: superseded,
+            base_model: "m".into(),
+            version: "v".into(),
+            uploaded_at: "s".into(),
+            training_samples: 1,
+            epochs: 1,
+            round: None,
+        })?;
         store.insert_upload(&UploadRecord {
             id: "u1".into(),
             user_id: "amy".into(),
@@ -130,7 +164,9 @@ mod tests {
                 "envelope of round {round}"
             );
         }
-        assert_eq!(done.blobs, 3 + 5);
+        assert!(!store.has_blob(&superseded)?, "a superseded upload");
+        assert_eq!(store.list_uploads()?.len(), 2, "upload records stay");
+        assert_eq!(done.blobs, 3 + 5 + 1);
         assert!(store.list_announcements(1)?.is_empty() && store.list_announcements(2)?.is_empty());
         assert_eq!(store.list_announcements(3)?.len(), 1);
         // Collecting again finds nothing; what is left survives a reopen.
