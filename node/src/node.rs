@@ -85,6 +85,8 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Blob streams served at once.
     pub serve_limit: usize,
+    /// Rounds whose inputs the store keeps ([`crate::driver::RETAIN_ROUNDS`] for nodes).
+    pub retain_rounds: u64,
     /// The legacy REST gateway, when this node serves one.
     pub gateway: Option<GatewaySettings>,
 }
@@ -102,6 +104,7 @@ impl NodeConfig {
             round: round_config(round_secs, None),
             mdns: false,
             serve_limit: DEFAULT_SERVE_LIMIT,
+            retain_rounds: crate::driver::RETAIN_ROUNDS,
             gateway: None,
         }
     }
@@ -245,6 +248,7 @@ impl Node {
                 },
                 spec: spec.clone(),
                 data_dir: data_dir.clone(),
+                retain_rounds: cfg.retain_rounds,
             },
             key,
             store.clone(),

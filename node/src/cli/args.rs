@@ -194,6 +194,7 @@ impl NodeArgs {
             round: args.round(),
             mdns: args.mdns,
             serve_limit: crate::net::blob::DEFAULT_SERVE_LIMIT,
+            retain_rounds: crate::driver::RETAIN_ROUNDS,
             gateway,
         })
         .await

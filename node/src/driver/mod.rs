@@ -61,6 +61,8 @@ pub struct DriverConfig {
     pub spec: NetSpec,
     /// The data dir (status file, inbox).
     pub data_dir: DataDir,
+    /// Rounds whose inputs the store keeps.
+    pub retain_rounds: u64,
 }
 
 /// Requests to the driver from the local node.
@@ -747,6 +749,7 @@ impl Driver {
         tracing::info!(round = record.round, hash = %record.result.short(), contributors = record.inputs.len(), ?replaces, "round committed");
         let store = self.store.clone();
         let s2 = stored.clone();
+        let retain = self.cfg.retain_rounds.max(1);
         let committed = tokio::task::spawn_blocking(move || -> hivemind_store::Result<()> {
             // The new tip: rounds above it (orphaned by a rewind) leave the store too.
             let orphaned = store.commit_round(&s2)?;
@@ -760,8 +763,8 @@ impl Driver {
                 }
             }
             // Inputs of rounds far behind are forgotten (round adapters and pending uploads
-            // are kept): the disk holds RETAIN_ROUNDS rounds of inputs, not all of them.
-            if let Some(cut) = (s2.number + 1).checked_sub(RETAIN_ROUNDS) {
+            // are kept): the disk holds `retain_rounds` rounds of inputs, not all of them.
+            if let Some(cut) = (s2.number + 1).checked_sub(retain) {
                 let done = store.collect_rounds_before(cut)?;
                 if done.blobs > 0 {
                     tracing::info!(
