@@ -8,7 +8,8 @@
 //! Options: `--seeds N` (runs seeds 0..N, default 20), `--first S` (start at seed S),
 //! `--seed S` (exactly one seed), `--nodes M` (honest nodes, default 100),
 //! `--byzantine B`, `--duration-ms T`, `--no-partition`, `--trace-node I` (print every
-//! action of honest node I).
+//! action of honest node I), `--sybil-floods` (Byzantine senders also pose as many users;
+//! see `SimConfig::sybil_floods`).
 
 use anyhow::{bail, Context, Result};
 use hivemind_protocol::sim::{self, SimConfig};
@@ -37,6 +38,7 @@ fn main() -> Result<()> {
             "--byzantine" => cfg.byzantine = value("--byzantine")? as usize,
             "--duration-ms" => cfg.duration_ms = value("--duration-ms")?,
             "--no-partition" => cfg.partition = None,
+            "--sybil-floods" => cfg.sybil_floods = true,
             "--trace-node" => cfg.trace_node = Some(value("--trace-node")? as usize),
             other => bail!("unknown argument {other:?} (see the example's doc comment)"),
         }

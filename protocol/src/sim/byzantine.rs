@@ -1,5 +1,7 @@
 //! The Byzantine senders: bad signatures, wrong model ids, digests naming invalid
-//! announcements, forged results and weights, replays.
+//! announcements, forged results and weights, replays, and one key posing as many users
+//! (many announcements whose blobs it never serves, and a record of them claiming one unit
+//! of weight per user).
 
 use std::rc::Rc;
 
@@ -33,7 +35,9 @@ impl Sim<'_> {
             parent,
             time_ms: now,
         };
-        match self.rng.below(6) {
+        // Without sybil floods the draw is the one of old, so seeds replay as before.
+        let strategies = if self.cfg.sybil_floods { 7 } else { 6 };
+        match self.rng.below(strategies) {
             0 => {
                 // A bad signature.
                 let Ok(s) = Signed::sign(base, &self.nodes[b].key) else {
@@ -133,6 +137,42 @@ impl Sim<'_> {
                     t.result.0[31] = b as u8;
                     self.publish_byzantine_digest(b, t, true);
                 }
+            }
+            6 => {
+                // One key as many users: 40 validly signed announcements for the current
+                // round under distinct user ids, blobs never served, and a committed record
+                // of them claiming a weight per user. Weight counts distinct nodes, so the
+                // claim is wrong; and the announcements must not crowd out honest ones.
+                let mut inputs = Vec::new();
+                for u in 0..40u32 {
+                    let adapter = self.rng.hash();
+                    let mut a = base.clone();
+                    a.adapter = adapter;
+                    a.user_id = Some(format!("sybil-{b}-{u}"));
+                    let Ok(s) = Signed::sign(a, &self.nodes[b].key) else {
+                        return;
+                    };
+                    self.invalid_adapters.insert(adapter);
+                    let bytes = Rc::new(s.encode());
+                    self.nodes[b].anns.insert(s.id(), bytes.clone());
+                    inputs.push(RoundInput {
+                        adapter,
+                        announcement: s.id(),
+                    });
+                    self.broadcast(b, Wire::Announcement(s.id(), bytes));
+                }
+                inputs.sort();
+                let weight = tip.as_ref().map_or(0, |t| t.weight) + inputs.len() as u64;
+                let record = RoundRecord {
+                    model: self.model,
+                    round,
+                    parent,
+                    inputs,
+                    weight,
+                    rule: RuleId::FEDAVG,
+                    result: fresh,
+                };
+                self.publish_byzantine_digest(b, record, true);
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent
