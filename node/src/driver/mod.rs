@@ -787,8 +787,10 @@ impl Driver {
         self.rounds.push(RoundView::of(&stored));
         self.rounds.sort_by_key(|r| r.number);
         self.announced.retain(|r, _| *r > record.round);
-        self.publish_view();
+        // status.json first: whoever sees the commit in the view (a test, the gateway) then
+        // finds it in the data dir too (`export`, `rounds` read status.json).
         self.write_status().await;
+        self.publish_view();
     }
 
     async fn housekeeping(&mut self) {
