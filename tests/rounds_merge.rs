@@ -9,11 +9,9 @@
 use std::time::Duration;
 
 use hivemind_model::adapter::{LoraAdapter, LoraSide};
-use hivemind_model::config::Arch;
-use hivemind_model::testing::{random_adapter, TinyModel};
 use hivemind_node::driver::NetRule;
-use hivemind_node::harness::{node_dirs, wait_until, Cluster};
-use hivemind_node::node::{LoraSettings, Node, NodeConfig};
+use hivemind_node::harness::{node_dirs, wait_until, Cluster, TinyNetwork};
+use hivemind_node::node::{Node, NodeConfig};
 
 const ROUND_SECS: f64 = 2.0;
 const WAIT: Duration = Duration::from_secs(120);
@@ -61,25 +59,11 @@ async fn committed(node: &Node, round: u64) -> (String, LoraAdapter) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
     let work = tempfile::tempdir().unwrap();
-    let model = work.path().join("tiny.gguf");
-    let tiny = TinyModel::new(Arch::Llama, 1).unwrap();
-    tiny.write_gguf(&model).unwrap();
-    let lora = LoraSettings {
-        rank: 4,
-        alpha: 8.0,
-        target_modules: vec!["q_proj".into(), "v_proj".into()],
-        rule: NetRule::ExactMean,
-    };
-    let shape = tiny
-        .cfg
-        .adapter_shape(lora.rank, &lora.target_modules)
-        .unwrap();
+    let mut net = TinyNetwork::write(work.path()).unwrap();
+    net.lora.rule = NetRule::ExactMean;
+    let (model, lora) = (net.model.clone(), net.lora.clone());
     let dirs = node_dirs(work.path(), 3);
-    let config = |i: usize| {
-        let mut cfg = NodeConfig::new(&dirs[i], &model, ROUND_SECS);
-        cfg.lora = lora.clone();
-        cfg
-    };
+    let config = |i: usize| net.node_config(&dirs[i], ROUND_SECS);
     let cluster = Cluster::start(2, config).await.unwrap();
     cluster.wait_connected(1, WAIT).await.unwrap();
 
@@ -88,7 +72,7 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
         let mut updates = Vec::new();
         for (i, node) in cluster.nodes().iter().enumerate() {
             // Small updates, as training makes; a different seed each round.
-            let mut a = random_adapter(&shape, lora.alpha, round * 10 + i as u64).unwrap();
+            let mut a = net.adapter(round * 10 + i as u64).unwrap();
             a.tensors
                 .values_mut()
                 .for_each(|t| t.data.iter_mut().for_each(|v| *v *= 0.1));

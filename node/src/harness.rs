@@ -8,6 +8,7 @@
 //!   Cluster::wait_committed(round) ─▶ every node's DriverView shows the same round
 //!   NodeProcess::start(bin, args) ─▶ child process, stdout lines on a channel, status.json
 //!   wait_until / wait_until_blocking ─▶ poll f() until Some, or fail naming what timed out
+//!   TinyNetwork::write(dir) ─▶ a tiny generated model, its LoRA shape, adapters, node configs
 //! ```
 
 use std::future::Future;
@@ -277,4 +278,48 @@ impl Drop for NodeProcess {
 /// Data dirs `<root>/node-0 .. node-{n-1}`.
 pub fn node_dirs(root: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| root.join(format!("node-{i}"))).collect()
+}
+
+/// A tiny generated network for in-process tests and examples: a GGUF model written to a
+/// work dir and a small LoRA shape on it (rank 4, alpha 8, `q_proj` and `v_proj`).
+pub struct TinyNetwork {
+    /// The model file.
+    pub model: PathBuf,
+    /// The LoRA shape (and rule: the default) of the network's adapters.
+    pub lora: crate::node::LoraSettings,
+    shape: hivemind_model::adapter::AdapterShape,
+}
+
+impl TinyNetwork {
+    /// Writes the model into `dir`.
+    pub fn write(dir: &Path) -> Result<TinyNetwork> {
+        use hivemind_model::testing::TinyModel;
+        let model = dir.join("tiny.gguf");
+        let tiny = TinyModel::new(hivemind_model::config::Arch::Llama, 1)?;
+        tiny.write_gguf(&model)?;
+        let lora = crate::node::LoraSettings {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        };
+        let shape = tiny.cfg.adapter_shape(lora.rank, &lora.target_modules)?;
+        Ok(TinyNetwork { model, lora, shape })
+    }
+
+    /// A random adapter of the network's shape.
+    pub fn adapter(&self, seed: u64) -> Result<hivemind_model::adapter::LoraAdapter> {
+        Ok(hivemind_model::testing::random_adapter(
+            &self.shape,
+            self.lora.alpha,
+            seed,
+        )?)
+    }
+
+    /// A node of this network on `data_dir`, rounds of `round_secs`.
+    pub fn node_config(&self, data_dir: impl Into<PathBuf>, round_secs: f64) -> NodeConfig {
+        let mut cfg = NodeConfig::new(data_dir, &self.model, round_secs);
+        cfg.lora = self.lora.clone();
+        cfg
+    }
 }

@@ -9,38 +9,20 @@
 
 use std::time::Duration;
 
-use hivemind_model::config::Arch;
-use hivemind_model::testing::{random_adapter, TinyModel};
-use hivemind_node::harness::wait_until;
-use hivemind_node::node::{round_config, LoraSettings, Node, NodeConfig};
+use hivemind_node::harness::{wait_until, TinyNetwork};
+use hivemind_node::node::{round_config, Node};
 use hivemind_store::BLOBS_DIR;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_aggregation_is_retried_until_the_store_works_again() {
     let work = tempfile::tempdir().unwrap();
-    let model = work.path().join("tiny.gguf");
-    let tiny = TinyModel::new(Arch::Llama, 1).unwrap();
-    tiny.write_gguf(&model).unwrap();
-    let lora = LoraSettings {
-        rank: 4,
-        alpha: 8.0,
-        target_modules: vec!["q_proj".into(), "v_proj".into()],
-        ..LoraSettings::default()
-    };
+    let net = TinyNetwork::write(work.path()).unwrap();
     let data = work.path().join("node");
-    let mut cfg = NodeConfig::new(&data, &model, 2.0);
+    let mut cfg = net.node_config(&data, 2.0);
     cfg.round = round_config(2.0, Some(0.5));
-    cfg.lora = lora.clone();
     let node = Node::start(cfg).await.unwrap();
-    let shape = tiny
-        .cfg
-        .adapter_shape(lora.rank, &lora.target_modules)
-        .unwrap();
     let dir = work.path().join("adapter");
-    random_adapter(&shape, lora.alpha, 1)
-        .unwrap()
-        .write_dir(&dir)
-        .unwrap();
+    net.adapter(1).unwrap().write_dir(&dir).unwrap();
     node.contribute(dir, 10).await.unwrap();
 
     // Break the store's blob directory before the window closes, keep it broken past the

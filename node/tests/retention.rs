@@ -6,43 +6,25 @@
 
 use std::time::Duration;
 
-use hivemind_model::config::Arch;
-use hivemind_model::testing::{random_adapter, TinyModel};
-use hivemind_node::harness::wait_until;
-use hivemind_node::node::{round_config, LoraSettings, Node, NodeConfig};
+use hivemind_node::harness::{wait_until, TinyNetwork};
+use hivemind_node::node::{round_config, Node};
 use hivemind_store::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_of_old_rounds_are_collected_and_round_adapters_kept() {
     let work = tempfile::tempdir().unwrap();
-    let model = work.path().join("tiny.gguf");
-    let tiny = TinyModel::new(Arch::Llama, 1).unwrap();
-    tiny.write_gguf(&model).unwrap();
-    let lora = LoraSettings {
-        rank: 4,
-        alpha: 8.0,
-        target_modules: vec!["q_proj".into(), "v_proj".into()],
-        ..LoraSettings::default()
-    };
+    let net = TinyNetwork::write(work.path()).unwrap();
     let data = work.path().join("node");
-    let mut cfg = NodeConfig::new(&data, &model, 1.0);
+    let mut cfg = net.node_config(&data, 1.0);
     cfg.round = round_config(1.0, Some(0.3));
-    cfg.lora = lora.clone();
     cfg.retain_rounds = 2;
     let node = Node::start(cfg).await.unwrap();
-    let shape = tiny
-        .cfg
-        .adapter_shape(lora.rank, &lora.target_modules)
-        .unwrap();
     let view = node.view();
     let mut inputs = Vec::new();
     let mut rounds = Vec::new();
     for round in 1..=4u64 {
         let dir = work.path().join(format!("adapter-{round}"));
-        random_adapter(&shape, lora.alpha, round)
-            .unwrap()
-            .write_dir(&dir)
-            .unwrap();
+        net.adapter(round).unwrap().write_dir(&dir).unwrap();
         inputs.push(node.contribute(dir, 10).await.unwrap());
         let v = view.clone();
         let hash = wait_until(&format!("round {round}"), Duration::from_secs(60), || {

@@ -35,6 +35,18 @@ impl Sim<'_> {
             parent,
             time_ms: now,
         };
+        // A record of `inputs` on the oracle's tip with a forged result, claiming a unit of
+        // weight per input.
+        let (model, tip_weight) = (self.model, tip.as_ref().map_or(0, |t| t.weight));
+        let claim = |inputs: Vec<RoundInput>| RoundRecord {
+            model,
+            round,
+            parent,
+            weight: tip_weight + inputs.len() as u64,
+            inputs,
+            rule: RuleId::FEDAVG,
+            result: fresh,
+        };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 7 } else { 6 };
         match self.rng.below(strategies) {
@@ -108,16 +120,7 @@ impl Sim<'_> {
                 inputs.sort();
                 inputs.dedup_by_key(|x| x.adapter);
                 inputs.truncate(crate::MAX_ROUND_INPUTS);
-                let weight = tip.as_ref().map_or(0, |t| t.weight) + inputs.len() as u64;
-                let record = RoundRecord {
-                    model: self.model,
-                    round,
-                    parent,
-                    inputs,
-                    weight,
-                    rule: RuleId::FEDAVG,
-                    result: fresh,
-                };
+                let record = claim(inputs);
                 let committed = self.rng.chance(500);
                 self.publish_byzantine_digest(b, record, committed);
             }
@@ -162,17 +165,7 @@ impl Sim<'_> {
                     self.broadcast(b, Wire::Announcement(s.id(), bytes));
                 }
                 inputs.sort();
-                let weight = tip.as_ref().map_or(0, |t| t.weight) + inputs.len() as u64;
-                let record = RoundRecord {
-                    model: self.model,
-                    round,
-                    parent,
-                    inputs,
-                    weight,
-                    rule: RuleId::FEDAVG,
-                    result: fresh,
-                };
-                self.publish_byzantine_digest(b, record, true);
+                self.publish_byzantine_digest(b, claim(inputs), true);
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent
