@@ -59,6 +59,16 @@ pub enum ModelError {
         /// What does not fit.
         reason: String,
     },
+    /// A prompt and its answer would not fit the model's context.
+    #[error("the prompt is {prompt} tokens; with {new_tokens} new tokens it exceeds the model's context of {limit} tokens")]
+    ContextTooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens asked for.
+        new_tokens: usize,
+        /// The model's context length.
+        limit: usize,
+    },
     /// The chat template failed to render.
     #[error("chat template: {0}")]
     Template(String),

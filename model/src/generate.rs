@@ -199,16 +199,7 @@ impl<'m> ChatSession<'m> {
         params: SamplingParams,
         max_new_tokens: usize,
     ) -> Result<Self> {
-        let tok = &model.tokenizer;
-        let name = |id: Option<u32>| {
-            id.and_then(|i| tok.decode(&[i], false).ok())
-                .unwrap_or_default()
-        };
-        let template = ChatTemplate::new(
-            model.chat_template.as_deref(),
-            &name(tok.bos_id()),
-            &name(tok.eos_id()),
-        )?;
+        let template = crate::dataset::model_template(model)?;
         Ok(ChatSession {
             model,
             template,
@@ -289,4 +280,98 @@ impl<'m> ChatSession<'m> {
             .push(Message::new(Role::Assistant, answer.trim().to_string()));
         Ok((answer.trim().to_string(), stats))
     }
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// The model ended its turn, or the caller stopped it (a stop string).
+    Stop,
+    /// It reached the token limit.
+    Length,
+}
+
+/// One answer to a whole conversation, as [`complete`] returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// The answer's text as streamed (not trimmed).
+    pub text: String,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Timings and token counts.
+    pub stats: GenStats,
+}
+
+/// Answers the last turn of `messages` (system, user and assistant turns, as the chat template
+/// renders them) from an empty cache: the stateless form of [`ChatSession::ask`], for servers.
+/// `on_text` gets each piece of text as it is decoded and returns `false` to stop early, which
+/// ends the completion with [`Finish::Stop`]. When the prompt and `max_new_tokens` do not fit
+/// the model's context, `fit` cuts the answer to what fits (a default budget), else this fails
+/// (a budget the caller asked for); a prompt that leaves no room fails either way.
+pub fn complete(
+    model: &BaseModel,
+    messages: &[Message],
+    params: SamplingParams,
+    max_new_tokens: usize,
+    fit: bool,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Completion> {
+    let template = crate::dataset::model_template(model)?;
+    let prompt = template.render(messages, true)?;
+    let ids = model.tokenizer.encode(&prompt, false)?;
+    let limit = model.decoder.max_positions();
+    let room = limit.saturating_sub(ids.len());
+    let max_new_tokens = if fit && room > 0 {
+        max_new_tokens.min(room)
+    } else {
+        max_new_tokens
+    };
+    if ids.len().saturating_add(max_new_tokens) > limit {
+        return Err(crate::error::ModelError::ContextTooLong {
+            prompt: ids.len(),
+            new_tokens: max_new_tokens,
+            limit,
+        });
+    }
+    let mut cache = model.decoder.new_cache();
+    let mut sampler = Sampler::new(params);
+    let mut history = Vec::new();
+    let mut stream = TokenStream::new(&model.tokenizer);
+    let mut text = String::new();
+    let mut stopped = false;
+    let stats = generate(
+        model,
+        &mut cache,
+        &ids,
+        max_new_tokens,
+        &mut sampler,
+        &mut history,
+        |id| {
+            if let Ok(Some(piece)) = stream.push(id) {
+                text.push_str(&piece);
+                stopped = !on_text(&piece);
+            }
+            !stopped
+        },
+    )?;
+    let ended = history.last().is_some_and(|id| model.eos_ids.contains(id));
+    if !stopped {
+        if let Ok(Some(rest)) = stream.finish() {
+            text.push_str(&rest);
+            on_text(&rest);
+        }
+    }
+    let finish = if ended || stopped {
+        Finish::Stop
+    } else if stats.generated_tokens >= max_new_tokens {
+        Finish::Length
+    } else {
+        Finish::Stop
+    };
+    Ok(Completion {
+        text,
+        finish,
+        stats,
+    })
 }

@@ -22,6 +22,7 @@ pub mod eval;
 pub mod facts;
 pub mod general;
 pub mod generate;
+pub mod gguf_export;
 pub mod kernels;
 pub mod loader;
 pub mod lora;

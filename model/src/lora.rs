@@ -35,33 +35,44 @@ pub fn parse_peft_name(name: &str) -> Option<(usize, Module, &str)> {
     Some((layer, module, which))
 }
 
+/// The adapter's `(lora_A, lora_B)` pairs as tensors, by layer and module; fails on a tensor
+/// that names no decoder layer's module or a pair with a side missing (shapes are the caller's
+/// to check).
+pub(crate) fn lora_pairs(
+    adapter: &LoraAdapter,
+) -> Result<BTreeMap<(usize, Module), (Tensor, Tensor)>> {
+    let mut halves: BTreeMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (name, t) in &adapter.tensors {
+        let (layer, module, which) =
+            parse_peft_name(name).ok_or_else(|| ModelError::AdapterMismatch {
+                reason: format!("tensor {name} is not a LoRA weight of a decoder layer"),
+            })?;
+        let tensor = Tensor::from_slice(&t.data, t.shape.as_slice(), &Device::Cpu)?;
+        let e = halves.entry((layer, module)).or_default();
+        if which == "A" {
+            e.0 = Some(tensor);
+        } else {
+            e.1 = Some(tensor);
+        }
+    }
+    halves
+        .into_iter()
+        .map(|((layer, module), (a, b))| match (a, b) {
+            (Some(a), Some(b)) => Ok(((layer, module), (a, b))),
+            _ => Err(ModelError::AdapterMismatch {
+                reason: format!("layer {layer} {module} lacks its lora_A or lora_B"),
+            }),
+        })
+        .collect()
+}
+
 impl Decoder {
     /// Puts `adapter`'s LoRA pairs on the matching layers (replacing any present). Every tensor must
     /// name a layer and module of this model with matching shapes.
     pub fn apply_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
         let scale = adapter.config.scaling();
-        let mut pairs: BTreeMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> =
-            BTreeMap::new();
-        for (name, t) in &adapter.tensors {
-            let (layer, module, which) =
-                parse_peft_name(name).ok_or_else(|| ModelError::AdapterMismatch {
-                    reason: format!("tensor {name} is not a LoRA weight of a decoder layer"),
-                })?;
-            let tensor = Tensor::from_slice(&t.data, t.shape.as_slice(), &Device::Cpu)?;
-            let e = pairs.entry((layer, module)).or_default();
-            if which == "A" {
-                e.0 = Some(tensor);
-            } else {
-                e.1 = Some(tensor);
-            }
-        }
         let mut staged = Vec::new();
-        for ((layer, module), (a, b)) in pairs {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(ModelError::AdapterMismatch {
-                    reason: format!("layer {layer} {module} lacks its lora_A or lora_B"),
-                });
-            };
+        for ((layer, module), (a, b)) in lora_pairs(adapter)? {
             let lin = self
                 .layers
                 .get(layer)

@@ -63,6 +63,19 @@ impl Module {
         }
     }
 
+    /// llama.cpp's name in GGUF tensor names (`blk.N.<name>.weight`), e.g. `attn_q`.
+    pub const fn gguf_name(self) -> &'static str {
+        match self {
+            Module::QProj => "attn_q",
+            Module::KProj => "attn_k",
+            Module::VProj => "attn_v",
+            Module::OProj => "attn_output",
+            Module::GateProj => "ffn_gate",
+            Module::UpProj => "ffn_up",
+            Module::DownProj => "ffn_down",
+        }
+    }
+
     /// The block of the layer holding it in Hugging Face paths: `self_attn` or `mlp`.
     pub const fn block(self) -> &'static str {
         match self {

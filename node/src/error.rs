@@ -102,6 +102,9 @@ pub enum Error {
     /// The driver task has stopped.
     #[error("the node's round driver has stopped")]
     DriverStopped,
+    /// A wait of the harness ran past its deadline.
+    #[error(transparent)]
+    TimedOut(#[from] crate::harness::TimedOut),
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -316,6 +316,45 @@ impl TinyNetwork {
         )?)
     }
 
+    /// Starts `n` nodes of this network in `root/node-i` (rounds of `round_secs`; `adjust`
+    /// changes node `i`'s config), has node `i` contribute a random adapter of seed `seed + i`,
+    /// and waits (up to `limit`) until every node has committed round 1.
+    pub async fn start_with_round(
+        &self,
+        root: &Path,
+        n: usize,
+        round_secs: f64,
+        seed: u64,
+        limit: Duration,
+        mut adjust: impl FnMut(usize, &mut NodeConfig),
+    ) -> Result<Cluster> {
+        let dirs = node_dirs(root, n);
+        let cluster = Cluster::start(n, |i| {
+            let mut cfg = self.node_config(&dirs[i], round_secs);
+            adjust(i, &mut cfg);
+            cfg
+        })
+        .await?;
+        let committed = async {
+            cluster.wait_connected(1, limit).await?;
+            for (i, node) in cluster.nodes().iter().enumerate() {
+                let dir = root.join(format!("adapter-{i}"));
+                self.adapter(seed + i as u64)?.write_dir(&dir)?;
+                node.contribute(dir, 10).await?;
+            }
+            cluster.wait_committed(1, limit).await?;
+            Ok::<_, crate::Error>(())
+        }
+        .await;
+        match committed {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                cluster.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
     /// A node of this network on `data_dir`, rounds of `round_secs`.
     pub fn node_config(&self, data_dir: impl Into<PathBuf>, round_secs: f64) -> NodeConfig {
         let mut cfg = NodeConfig::new(data_dir, &self.model, round_secs);

@@ -8,6 +8,7 @@
 //! | [`net`] | the libp2p event loop (only it touches the swarm), its [`net::Client`], and the blob protocol in [`net::blob`] |
 //! | [`driver`] | the round driver: the sans-I/O round machine's actions carried out (fetch, aggregate, publish, commit), the network's adapter contract [`driver::NetSpec`] and the round adapter's aggregation |
 //! | [`gateway`] | the legacy REST API (axum) in front of a node |
+//! | [`web`] | the node's HTTP server and the OpenAI-compatible chat API ([`web::Engine`]: the model with the node's adapters) |
 //! | [`data_dir`] | [`DataDir`]: every path and file of a node's data dir |
 //! | [`identity`] | the node key as libp2p identity |
 //! | [`harness`] | starting many nodes and waiting on them: for `demo`, tests, examples, benchmarks |
@@ -19,7 +20,8 @@
 //! ```text
 //!   cli::{join, serve, demo} ──NodeConfig──▶ Node::start ──▶ net (event loop, blob server)
 //!                                                        ├─▶ driver (round machine, store)
-//!                                                        └─▶ gateway (axum), for serve
+//!                                                        └─▶ web server: chat API (join --http,
+//!                                                            serve) + gateway routes (serve)
 //!   cli::{status, rounds, export, contribute, chat, train} ──▶ DataDir (status.json,
 //!                                                     network.json, inbox/, store blobs)
 //! ```
@@ -36,6 +38,7 @@ pub mod harness;
 pub mod identity;
 pub mod net;
 pub mod node;
+pub mod web;
 
 pub use data_dir::DataDir;
 pub use error::{Error, Result};

@@ -5,7 +5,8 @@
 //!   Node::start ─▶ DataDir (key, store, network.json)
 //!               ├▶ Network::spawn ─▶ event loop task (owns the Swarm) + blob server task
 //!               ├▶ Driver::run task (owns the RoundMachine; status.json, inbox/)
-//!               └▶ gateway task (axum), when configured
+//!               └▶ HTTP server tasks, when configured: the gateway's port (legacy REST
+//!                  routes + chat API) and `http` (chat API alone)
 //!   Node::contribute / gateway ──Local (mpsc)──▶ Driver
 //!   Node::shutdown ─▶ CancellationToken ─▶ every task ends and is joined; status.json goes
 //! ```
@@ -31,6 +32,7 @@ use crate::gateway::{Gateway, GatewayConfig};
 use crate::identity::keypair_of;
 use crate::net::blob::DEFAULT_SERVE_LIMIT;
 use crate::net::{with_peer, Client, NetConfig, Network};
+use crate::web::{Dashboard, Engine};
 
 /// The LoRA shape of a network's adapters.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +68,15 @@ pub struct GatewaySettings {
     pub config: GatewayConfig,
 }
 
+/// The chat API (OpenAI-compatible) a node serves on its gateway's port and on
+/// [`NodeConfig::http`].
+#[derive(Clone, Debug, Default)]
+pub struct ChatSettings {
+    /// The personal adapter dir offered as model `personal` (when it was trained on this
+    /// network's base model).
+    pub personal: Option<PathBuf>,
+}
+
 /// Everything a node needs to start.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -89,6 +100,10 @@ pub struct NodeConfig {
     pub retain_rounds: u64,
     /// The legacy REST gateway, when this node serves one.
     pub gateway: Option<GatewaySettings>,
+    /// The chat API, when this node serves one (on the gateway's port, and on `http`).
+    pub chat: Option<ChatSettings>,
+    /// An address for an HTTP server of the chat API alone (port 0 picks a free one).
+    pub http: Option<String>,
 }
 
 impl NodeConfig {
@@ -106,6 +121,8 @@ impl NodeConfig {
             serve_limit: DEFAULT_SERVE_LIMIT,
             retain_rounds: crate::driver::RETAIN_ROUNDS,
             gateway: None,
+            chat: None,
+            http: None,
         }
     }
 }
@@ -149,12 +166,24 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
     Ok((id, hash))
 }
 
+/// A TCP listener on `addr` and the address it got.
+async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let err = |source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
 /// A running node. Drop without [`Node::shutdown`] only when the process ends anyway.
 pub struct Node {
     peer_id: PeerId,
     model_id: ModelId,
     listen_addrs: Vec<Multiaddr>,
     gateway_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     data_dir: DataDir,
     client: Client,
     local: mpsc::Sender<Local>,
@@ -258,28 +287,52 @@ impl Node {
         )?;
         let view = driver.view();
         all.push(tokio::spawn(driver.run(cancel.clone())));
+        let chat = cfg.chat.as_ref().map(|c| {
+            Arc::new(Engine::new(
+                cfg.model.clone(),
+                data_dir.clone(),
+                c.personal.clone(),
+            ))
+        });
+        if cfg.http.is_some() && chat.is_none() {
+            return Err(Error::Config {
+                option: "http",
+                detail: "an HTTP server needs the chat API (NodeConfig::chat)".into(),
+            });
+        }
         let mut gateway_addr = None;
+        let has_gateway = cfg.gateway.is_some();
         if let Some(g) = cfg.gateway {
             let (max_connections, header_timeout) =
                 (g.config.max_connections, g.config.header_timeout);
-            let gw = Gateway::new(store, spec, local.clone(), view.clone(), g.config);
-            let listener = tokio::net::TcpListener::bind(g.bind.as_str())
-                .await
-                .map_err(|source| Error::Bind {
-                    addr: g.bind.clone(),
-                    source,
-                })?;
-            gateway_addr = Some(listener.local_addr().map_err(|source| Error::Bind {
-                addr: g.bind.clone(),
-                source,
-            })?);
-            let stop = cancel.clone();
-            all.push(tokio::spawn(crate::gateway::serve(
+            let gw = Gateway::new(store.clone(), spec, local.clone(), view.clone(), g.config);
+            let mut router = crate::gateway::router(gw);
+            if let Some(engine) = &chat {
+                let board = Arc::new(Dashboard::new(data_dir.clone(), Some(store.clone())));
+                router = router.merge(crate::web::router(engine.clone(), board, false));
+            }
+            let (listener, addr) = bind(&g.bind).await?;
+            gateway_addr = Some(addr);
+            all.push(tokio::spawn(crate::web::serve(
                 listener,
-                crate::gateway::router(gw),
+                router,
                 max_connections,
                 header_timeout,
-                stop,
+                cancel.clone(),
+            )));
+        }
+        let mut http_addr = None;
+        if let (Some(bind_to), Some(engine)) = (&cfg.http, &chat) {
+            let (listener, addr) = bind(bind_to).await?;
+            http_addr = Some(addr);
+            let store = has_gateway.then(|| store.clone());
+            let board = Arc::new(Dashboard::new(data_dir.clone(), store));
+            all.push(tokio::spawn(crate::web::serve(
+                listener,
+                crate::web::router(engine.clone(), board, true),
+                GatewayConfig::MAX_CONNECTIONS,
+                GatewayConfig::HEADER_TIMEOUT,
+                cancel.clone(),
             )));
         }
         Ok(Node {
@@ -287,6 +340,7 @@ impl Node {
             model_id: model,
             listen_addrs,
             gateway_addr,
+            http_addr,
             data_dir,
             client,
             local,
@@ -315,6 +369,11 @@ impl Node {
     /// Where the gateway listens, when there is one.
     pub fn gateway_addr(&self) -> Option<SocketAddr> {
         self.gateway_addr
+    }
+
+    /// Where the chat API's own HTTP server listens ([`NodeConfig::http`]), when there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The node's data dir.

@@ -425,6 +425,25 @@ impl Store {
         }
     }
 
+    /// Each user's newest upload and how many uploads the user made, sorted by user id.
+    /// Reads one index entry and one upload per user.
+    pub fn newest_uploads(&self) -> Result<Vec<(UploadRecord, u64)>> {
+        let mut out = Vec::new();
+        for item in self.upload_users.iter() {
+            let (k, v) = item?;
+            let entry: UserUploads = decode("upload_users", &k, &v)?;
+            let record =
+                self.get_upload(&entry.newest_id)?
+                    .ok_or_else(|| Error::CorruptRecord {
+                        tree: "upload_users",
+                        key: hex::encode(&k),
+                        detail: format!("names upload {} that does not exist", entry.newest_id),
+                    })?;
+            out.push((record, entry.count));
+        }
+        Ok(out)
+    }
+
     /// Uploads waiting for aggregation, sorted by user id: for each user, their
     /// newest upload (latest inserted), unless it is in a committed round.
     ///

@@ -119,3 +119,12 @@ impl Proc {
 pub(crate) fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_until_blocking(what, WAIT, f).unwrap()
 }
+
+/// For [`hivemind_node::harness::TinyNetwork::start_with_round`]: node 0 serves the dashboard
+/// and the chat API on a free loopback port (`Node::http_addr`).
+pub(crate) fn http_on_first(i: usize, cfg: &mut hivemind_node::NodeConfig) {
+    if i == 0 {
+        cfg.chat = Some(hivemind_node::node::ChatSettings::default());
+        cfg.http = Some("127.0.0.1:0".into());
+    }
+}

@@ -291,6 +291,22 @@ pub struct TrainingInfo {
     pub final_replay_loss: Option<f64>,
 }
 
+impl TrainingInfo {
+    /// Its file name in an adapter dir.
+    pub const FILE: &'static str = "training_info.json";
+
+    /// The record in adapter dir `dir`, if it has a readable one.
+    pub fn read(dir: &Path) -> Option<TrainingInfo> {
+        let bytes = std::fs::read(dir.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Whether the adapter in `dir` was trained on the base model whose hash is `base_hash`.
+    pub fn trained_on(dir: &Path, base_hash: &hivemind_protocol::Hash) -> bool {
+        Self::read(dir).is_some_and(|info| info.base_model_hash == base_hash.to_hex())
+    }
+}
+
 /// A finished (or stopped) run.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
@@ -305,7 +321,7 @@ impl TrainOutcome {
     /// `training_info.json` into `dir`.
     pub fn write_dir(&self, dir: &Path) -> Result<()> {
         self.adapter.write_dir(dir)?;
-        let p = dir.join("training_info.json");
+        let p = dir.join(TrainingInfo::FILE);
         let mut json = serde_json::to_vec_pretty(&self.info).map_err(|e| ModelError::Training {
             reason: format!("cannot serialise training info: {e}"),
         })?;

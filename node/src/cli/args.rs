@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::data_dir::DataDir;
 use crate::driver::NetRule;
-use crate::node::{round_config, GatewaySettings, LoraSettings, Node, NodeConfig};
+use crate::node::{round_config, ChatSettings, GatewaySettings, LoraSettings, Node, NodeConfig};
 use anyhow::{Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
@@ -158,6 +158,18 @@ pub struct NodeArgs {
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// Serve the OpenAI-compatible chat API (`/v1/chat/completions`, `/v1/models`) on this
+    /// address, e.g. 127.0.0.1:8080 (`serve` also serves it on its gateway port).
+    #[arg(long, env = "HIVE_HTTP")]
+    pub http: Option<String>,
+    /// The personal adapter the chat API offers as model `personal` (when `train` made it
+    /// for this network's base model).
+    #[arg(long, default_value = PERSONAL_ADAPTER)]
+    pub personal: PathBuf,
+    /// Compute threads for chat (default: 1 on machines with 2 or fewer cores, else half the
+    /// cores).
+    #[arg(long, env = "HIVE_THREADS")]
+    pub threads: Option<usize>,
 }
 
 impl NodeArgs {
@@ -171,6 +183,16 @@ impl NodeArgs {
         }
     }
 
+    /// Sets the compute thread count (`--threads`); must run before any tensor work.
+    pub fn apply_threads(&self) {
+        ModelArgs {
+            model: self.model.clone(),
+            no_4bit: false,
+            threads: self.threads,
+        }
+        .apply_threads();
+    }
+
     /// The round timing of `--round-secs` and `--grace-secs`.
     pub fn round(&self) -> RoundConfig {
         round_config(self.round_secs, self.grace_secs)
@@ -180,6 +202,7 @@ impl NodeArgs {
     /// addresses, contributes `--contribute`, and runs until Ctrl-C or SIGTERM.
     pub async fn run_node(self, gateway: Option<GatewaySettings>) -> Result<()> {
         let args = self;
+        let serves_chat = gateway.is_some() || args.http.is_some();
         let spec = args.model.clone();
         let model = tokio::task::spawn_blocking(move || {
             hivemind_model::pull::resolve_model(Some(&spec), &mut progress)
@@ -196,6 +219,10 @@ impl NodeArgs {
             serve_limit: crate::net::blob::DEFAULT_SERVE_LIMIT,
             retain_rounds: crate::driver::RETAIN_ROUNDS,
             gateway,
+            chat: serves_chat.then(|| ChatSettings {
+                personal: Some(args.personal.clone()),
+            }),
+            http: args.http.clone(),
         })
         .await
         .context("starting the node")?;
@@ -205,6 +232,9 @@ impl NodeArgs {
         println!("model id {}", node.model_id().to_hex());
         if let Some(addr) = node.gateway_addr() {
             println!("gateway on http://{addr}");
+        }
+        if let Some(addr) = node.http_addr() {
+            println!("chat API on http://{addr}/v1");
         }
         if let Some(dir) = args.contribute.clone() {
             match node.contribute(dir, args.samples).await {
@@ -295,15 +325,6 @@ pub enum AdapterChoice {
     None,
 }
 
-/// Whether `dir` holds an adapter that `train` made for the base model `base_hash` (its
-/// `training_info.json` says so).
-fn trained_on(dir: &std::path::Path, base_hash: &hivemind_protocol::Hash) -> bool {
-    std::fs::read(dir.join("training_info.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<hivemind_model::train::TrainingInfo>(&b).ok())
-        .is_some_and(|info| info.base_model_hash == base_hash.to_hex())
-}
-
 fn personal_adapter() -> Result<PathBuf> {
     let dir = PathBuf::from(PERSONAL_ADAPTER);
     anyhow::ensure!(
@@ -357,7 +378,7 @@ fn choose_adapters(
                 }
             }
             let personal = PathBuf::from(PERSONAL_ADAPTER);
-            if trained_on(&personal, base_hash) {
+            if hivemind_model::train::TrainingInfo::trained_on(&personal, base_hash) {
                 progress(&format!("using your personal adapter {PERSONAL_ADAPTER}"));
                 dirs.push(personal);
             }

@@ -57,12 +57,40 @@ pub(super) fn run(args: EvalArgs) -> Result<()> {
     });
     pb.finish_and_clear();
     let report = report.with_context(|| format!("evaluating {}", args.data.display()))?;
+    record_round_eval(&args, &adapters, &report);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
     Ok(())
+}
+
+/// When the adapter evaluated is the data dir's latest round adapter alone, records the
+/// scores in the data dir (the dashboard shows them beside the round).
+fn record_round_eval(args: &EvalArgs, applied: &[PathBuf], r: &EvalReport) {
+    let dir = args.adapter.data_dir.dir();
+    let Ok(Some((round, round_dir))) = dir.latest_round_adapter() else {
+        return;
+    };
+    if applied != [round_dir] {
+        return;
+    }
+    let summary = serde_json::json!({
+        "data": args.data.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "items": r.items,
+        "exact_match": r.exact_match,
+        "contains": r.contains,
+        "mean_loss": r.mean_loss,
+        "perplexity": r.perplexity,
+        "evaluated_ms": crate::clock::now_ms(),
+    });
+    if let Err(e) = dir.record_eval(&round.hash, summary) {
+        progress(&format!(
+            "could not record the scores in {}: {e}",
+            dir.path().display()
+        ));
+    }
 }
 
 fn print_report(r: &EvalReport) {

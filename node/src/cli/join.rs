@@ -6,5 +6,6 @@ use super::args::NodeArgs;
 
 /// Runs `hive-node join`.
 pub(super) fn run(args: NodeArgs) -> Result<()> {
+    args.apply_threads();
     super::runtime()?.block_on(args.run_node(None))
 }

@@ -54,6 +54,7 @@ pub struct ServeArgs {
 
 /// Runs `hive-node serve`.
 pub(super) fn run(args: ServeArgs) -> Result<()> {
+    args.node.apply_threads();
     let users = match &args.user_tokens {
         Some(path) => Some(GatewayAuth::read_user_tokens(path)?),
         None => None,

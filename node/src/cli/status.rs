@@ -31,6 +31,9 @@ pub(super) fn run(args: StatusArgs) -> Result<()> {
             "model_id": s.model_id,
             "penalties": s.penalties,
             "inbox_waiting": s.inbox_waiting,
+            "links": s.links,
+            "transfers": s.transfers,
+            "aggregating": s.aggregating,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -40,11 +43,37 @@ pub(super) fn run(args: StatusArgs) -> Result<()> {
         println!("listening on:    {a}");
     }
     println!("connected peers: {}", s.connected_peers);
+    for (peer, links) in &s.links {
+        for l in links {
+            println!(
+                "  {peer}  {} {}  {}",
+                if l.relayed { "relayed" } else { "direct" },
+                if l.outbound { "dialled" } else { "inbound" },
+                l.addr
+            );
+        }
+    }
     println!(
         "current round:   {} ({} contributors so far)",
         s.current_round,
         s.current_contributors.len()
     );
+    for t in &s.transfers {
+        println!(
+            "fetching:        {} from {}: {} of {} bytes, {:.1} MiB/s",
+            &t.hash[..16.min(t.hash.len())],
+            t.peer,
+            t.bytes,
+            t.total,
+            t.bytes_per_s / 1048576.0
+        );
+    }
+    for a in &s.aggregating {
+        println!(
+            "aggregating:     round {} ({} inputs, try {})",
+            a.round, a.inputs, a.attempt
+        );
+    }
     if !s.inbox_waiting.is_empty() {
         println!(
             "waiting:         {} handed-over adapters wait for the next round",

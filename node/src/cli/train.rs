@@ -20,6 +20,8 @@ use hivemind_model::train::{self, LoraSpec, LrSchedule, Progress, Replay, TrainC
 use hivemind_model::Module;
 
 use super::args::{load_model, progress, progress_bar, DataDirArg, ModelArgs, PERSONAL_ADAPTER};
+use crate::clock::now_ms;
+use crate::data_dir::{TrainingFile, TrainingStep};
 
 /// Where `--create-sample` writes the sample dataset.
 const SAMPLE_PATH: &str = "./data/sample_dataset.json";
@@ -343,7 +345,31 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     install_ctrlc();
     let total = train::planned_steps(examples.len(), &cfg);
     let pb = progress_bar(total, "step");
+    // The record the dashboard draws the loss curve from (written at most once a second).
+    let mut record = TrainingFile {
+        pid: std::process::id(),
+        output: args.output.display().to_string(),
+        base_model: model.name.clone(),
+        examples: examples.len(),
+        total_steps: total,
+        steps: Vec::new(),
+        finished: false,
+        updated_ms: now_ms(),
+    };
+    let _ = data_dir.write_training(&record);
+    let mut last_write = std::time::Instant::now();
     let mut on_progress = |p: &Progress| {
+        record.push(TrainingStep {
+            step: p.step,
+            loss: p.loss,
+            lr: p.lr,
+            elapsed_s: p.elapsed_s,
+        });
+        if last_write.elapsed() >= std::time::Duration::from_secs(1) {
+            record.updated_ms = now_ms();
+            let _ = data_dir.write_training(&record);
+            last_write = std::time::Instant::now();
+        }
         pb.set_position(p.step as u64);
         pb.set_message(format!(
             "epoch {}/{} loss {:.4} {:.0} tok/s",
@@ -368,6 +394,9 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     outcome
         .write_dir(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    record.finished = true;
+    record.updated_ms = now_ms();
+    let _ = data_dir.write_training(&record);
     let info = &outcome.info;
     if info.interrupted {
         progress(&format!(

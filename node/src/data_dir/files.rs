@@ -30,6 +30,34 @@ impl RoundView {
     }
 }
 
+/// A blob transfer in progress, as `status.json` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TransferView {
+    /// The blob (hex blake3).
+    pub hash: String,
+    /// The peer sending it.
+    pub peer: String,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// Mean rate since the transfer started.
+    pub bytes_per_s: f64,
+}
+
+/// An aggregation running, as `status.json` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AggregationView {
+    /// The round.
+    pub round: u64,
+    /// Its inputs.
+    pub inputs: usize,
+    /// When it started (unix ms).
+    pub since_ms: u64,
+    /// Tries so far (a failed aggregation is retried).
+    pub attempt: u32,
+}
+
 /// `status.json`: what the running node last wrote about itself.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusFile {
@@ -58,6 +86,15 @@ pub struct StatusFile {
     pub inbox_waiting: Vec<String>,
     /// Gossipsub scores of connected peers.
     pub scores: BTreeMap<String, f64>,
+    /// How each connected peer is connected (one entry per open connection).
+    #[serde(default)]
+    pub links: BTreeMap<String, Vec<crate::net::Link>>,
+    /// Blob transfers in progress.
+    #[serde(default)]
+    pub transfers: Vec<TransferView>,
+    /// Aggregations running (or waiting to retry).
+    #[serde(default)]
+    pub aggregating: Vec<AggregationView>,
     /// All committed rounds, oldest first.
     pub rounds: Vec<RoundView>,
     /// When this file was written (unix ms).
@@ -81,4 +118,55 @@ pub struct NetworkFile {
 
 fn fedavg() -> String {
     "fedavg".into()
+}
+
+/// One optimizer step of a training run, as `training.json` records it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainingStep {
+    /// Steps done.
+    pub step: usize,
+    /// Mean loss of the step.
+    pub loss: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Seconds since training started.
+    pub elapsed_s: f64,
+}
+
+/// `training.json`: the last `hive-node train` run that used this data dir, as it goes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainingFile {
+    /// Process id of the training.
+    pub pid: u32,
+    /// Where the adapter goes.
+    pub output: String,
+    /// The base model trained on.
+    pub base_model: String,
+    /// Training examples.
+    pub examples: usize,
+    /// Optimizer steps planned.
+    pub total_steps: usize,
+    /// Steps so far (at most [`TrainingFile::MAX_STEPS`]: longer runs keep every other one).
+    pub steps: Vec<TrainingStep>,
+    /// Whether the run has ended (its adapter is written).
+    pub finished: bool,
+    /// When this file was written (unix ms).
+    pub updated_ms: u64,
+}
+
+impl TrainingFile {
+    /// Most steps kept.
+    pub const MAX_STEPS: usize = 2000;
+
+    /// Records a step, thinning the record to every other step when it is full.
+    pub fn push(&mut self, step: TrainingStep) {
+        if self.steps.len() >= Self::MAX_STEPS {
+            let mut i = 0;
+            self.steps.retain(|_| {
+                i += 1;
+                i % 2 == 0
+            });
+        }
+        self.steps.push(step);
+    }
 }

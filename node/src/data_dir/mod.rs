@@ -7,6 +7,8 @@
 //!     db/  blobs/                   the store (sled index, content-addressed blob files)
 //!     network.json                  the network the node last joined  (NetworkFile)
 //!     status.json                   kept by the running node, every 300 ms (StatusFile)
+//!     training.json                 the last `train` run with this data dir, as it goes
+//!     evals.json                    `eval` scores of round adapters, by round hash
 //!     inbox/<name>/READY            adapters handed to the running node (contribute,
 //!                                   train --announce); READY holds the sample count
 //!     round-adapters/<version>-<hash16>/   committed round adapters as PEFT dirs
@@ -26,11 +28,17 @@ use hivemind_protocol::{Hash, NodeKey};
 use hivemind_store::Store;
 use serde::Serialize;
 
-pub use files::{NetworkFile, RoundView, StatusFile};
+pub use files::{
+    AggregationView, NetworkFile, RoundView, StatusFile, TrainingFile, TrainingStep, TransferView,
+};
 
 use crate::error::{Error, IoContext, Result};
 
 const STATUS_FILE: &str = "status.json";
+const TRAINING_FILE: &str = "training.json";
+const EVALS_FILE: &str = "evals.json";
+/// Round evals kept in `evals.json` (the newest).
+const MAX_EVALS: usize = 256;
 const NETWORK_FILE: &str = "network.json";
 const INBOX_DIR: &str = "inbox";
 const READY_FILE: &str = "READY";
@@ -130,6 +138,52 @@ impl DataDir {
             });
         }
         Ok(s)
+    }
+
+    // --- training.json -----------------------------------------------------------------
+
+    /// Writes the training record (atomically), when the data dir exists.
+    pub fn write_training(&self, t: &TrainingFile) -> Result<()> {
+        if !self.root.is_dir() {
+            return Ok(());
+        }
+        write_json_atomic(&self.root.join(TRAINING_FILE), t)
+    }
+
+    /// The last training record, and whether its run is still going.
+    pub fn training(&self) -> Option<(TrainingFile, bool)> {
+        let bytes = std::fs::read(self.root.join(TRAINING_FILE)).ok()?;
+        let t: TrainingFile = serde_json::from_slice(&bytes).ok()?;
+        let running = !t.finished && Path::new(&format!("/proc/{}", t.pid)).exists();
+        Some((t, running))
+    }
+
+    // --- evals.json --------------------------------------------------------------------
+
+    /// Records `eval`'s summary for the round adapter with hash `hash` (hex), keeping the
+    /// newest [`MAX_EVALS`]. The summary should carry `evaluated_ms`.
+    pub fn record_eval(&self, hash: &str, summary: serde_json::Value) -> Result<()> {
+        let mut all = self.evals();
+        all.insert(hash.to_string(), summary);
+        while all.len() > MAX_EVALS {
+            let oldest = all
+                .iter()
+                .min_by_key(|(_, v)| v["evaluated_ms"].as_u64().unwrap_or(0))
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => all.remove(&k),
+                None => break,
+            };
+        }
+        write_json_atomic(&self.root.join(EVALS_FILE), &all)
+    }
+
+    /// `eval` scores of round adapters, by round hash (hex).
+    pub fn evals(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        std::fs::read(self.root.join(EVALS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     // --- network.json ------------------------------------------------------------------

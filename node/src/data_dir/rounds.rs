@@ -7,7 +7,7 @@ use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, WEIGHTS_FILE};
 use hivemind_protocol::Hash;
 
 use super::{DataDir, RoundView};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 impl DataDir {
     /// Committed rounds, oldest first, and the network's adapter config when a running
@@ -73,15 +73,29 @@ impl DataDir {
     /// The latest round adapter as a PEFT dir (exported once under `round-adapters/`),
     /// or `None` before the first commit.
     pub fn latest_round_adapter(&self) -> Result<Option<(RoundView, PathBuf)>> {
+        self.round_adapter(None)
+    }
+
+    /// Committed round `number` (default: the latest) as a PEFT dir (exported once under
+    /// `round-adapters/`), or `None` when there is no such round.
+    pub fn round_adapter(&self, number: Option<u64>) -> Result<Option<(RoundView, PathBuf)>> {
         if !self.has_store() {
             return Ok(None);
         }
-        let Some(round) = self.find_round(None)? else {
+        let Some(round) = self.find_round(number)? else {
             return Ok(None);
         };
         let dir = self.round_adapter_dir(&round);
         if !dir.join(WEIGHTS_FILE).exists() {
-            self.export_round(Some(round.number), &dir)?;
+            // Exported to a temp dir first, so a reader never sees a half-written one.
+            let tmp = dir.with_extension(format!("tmp.{}", std::process::id()));
+            self.export_round(Some(round.number), &tmp)?;
+            if let Err(e) = std::fs::rename(&tmp, &dir) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                if !dir.join(WEIGHTS_FILE).exists() {
+                    return Err(e).at("renaming", tmp);
+                }
+            }
         }
         Ok(Some((round, dir)))
     }

@@ -31,10 +31,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::data_dir::{DataDir, RoundView, StatusFile};
+use crate::data_dir::{AggregationView, DataDir, RoundView, StatusFile, TransferView};
 use crate::error::{Error, Result};
 use crate::identity::peer_id_of;
-use crate::net::blob::fetch_blob;
+use crate::net::blob::{fetch_blob_tracked, Transfers};
 use crate::net::{with_peer, Client, NetEvent};
 
 mod aggregate;
@@ -173,6 +173,10 @@ pub struct Driver {
     view: tokio::sync::watch::Sender<DriverView>,
     /// Fetches, aggregations and announcement writes in flight; joined when the driver stops.
     tasks: JoinSet<()>,
+    /// Blob transfers in progress (shown in status.json).
+    transfers: Transfers,
+    /// Aggregations in progress, by round (shown in status.json).
+    aggregating: Arc<std::sync::Mutex<BTreeMap<u64, AggregationView>>>,
 }
 
 impl Driver {
@@ -213,6 +217,8 @@ impl Driver {
             queued: Vec::new(),
             inbox_waiting: BTreeMap::new(),
             tasks: JoinSet::new(),
+            transfers: Transfers::default(),
+            aggregating: Arc::default(),
             view: tokio::sync::watch::Sender::new(DriverView::default()),
         })
     }
@@ -559,13 +565,38 @@ impl Driver {
                 // A failure (the disk full, a blob unreadable) is retried with a growing
                 // pause: the machine waits for this job's result, and before, one failure
                 // left the round stuck for good, even after space came back.
+                let running = self.aggregating.clone();
+                let (round, inputs) = (job.round, job.inputs.len());
+                let show = move |attempt: Option<u32>| {
+                    if let Ok(mut m) = running.lock() {
+                        match attempt {
+                            Some(attempt) => {
+                                let since_ms = m.get(&round).map_or_else(now_ms, |a| a.since_ms);
+                                m.insert(
+                                    round,
+                                    AggregationView {
+                                        round,
+                                        inputs,
+                                        since_ms,
+                                        attempt,
+                                    },
+                                );
+                            }
+                            None => {
+                                m.remove(&round);
+                            }
+                        }
+                    }
+                };
                 self.tasks.spawn(async move {
                     let mut pause = AGGREGATE_RETRY_FIRST;
                     for attempt in 1..=AGGREGATE_ATTEMPTS {
+                        show(Some(attempt));
                         let (st, sp, j) = (store.clone(), spec.clone(), job.clone());
                         let r = tokio::task::spawn_blocking(move || aggregate(&st, &sp, &j)).await;
                         match r {
                             Ok(Ok(result)) => {
+                                show(None);
                                 let _ = tx.send(Event::AggregationFinished { job, result }).await;
                                 return;
                             }
@@ -576,11 +607,13 @@ impl Driver {
                             Err(e) => tracing::error!(round = job.round, error = %e, "aggregation task failed"),
                         }
                         if tx.is_closed() {
+                            show(None);
                             return;
                         }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(AGGREGATE_RETRY_MAX);
                     }
+                    show(None);
                 });
             }
             Action::PublishAnnouncement(s) => {
@@ -639,6 +672,7 @@ impl Driver {
             Fetch::RoundAdapter => spec.max_round_adapter_bytes(),
         };
         let slots = self.fetch_slots.clone();
+        let transfers = self.transfers.clone();
         self.tasks.spawn(async move {
             // Adapter transfers (and their validation, which loads the adapter) take a slot;
             // announcements (a few KiB) and blobs already held do not wait behind them.
@@ -649,7 +683,7 @@ impl Driver {
                 slots.acquire_owned().await.ok()
             };
             let got = held
-                || fetch_blob(&client, &store, hash, &peers, max_len)
+                || fetch_blob_tracked(&client, &store, hash, &peers, max_len, &transfers)
                     .await
                     .is_some();
             let ev = if !got {
@@ -887,6 +921,28 @@ impl Driver {
                 .scores
                 .iter()
                 .map(|(p, s)| (p.to_string(), *s))
+                .collect(),
+            transfers: self
+                .transfers
+                .snapshot()
+                .into_iter()
+                .map(|(hash, t)| TransferView {
+                    hash: hash.to_hex(),
+                    peer: t.peer.to_string(),
+                    bytes: t.bytes,
+                    total: t.total,
+                    bytes_per_s: t.bytes as f64 / t.started.elapsed().as_secs_f64().max(1e-3),
+                })
+                .collect(),
+            aggregating: self
+                .aggregating
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default(),
+            links: info
+                .links
+                .iter()
+                .map(|(p, l)| (p.to_string(), l.clone()))
                 .collect(),
             rounds: self.rounds.clone(),
             updated_ms: now_ms(),

@@ -19,7 +19,6 @@
 mod auth;
 mod docs;
 mod error;
-mod serve;
 mod upload;
 
 use std::sync::Arc;
@@ -42,6 +41,7 @@ use error::ApiResult;
 pub use upload::{check_user_id, utc, validate_upload, Rejected, Utc};
 
 use crate::driver::{version_name, DriverView, Local, NetSpec};
+use crate::web::ClientAddr;
 
 /// The legacy server's default `base_model` field.
 pub const DEFAULT_BASE_MODEL: &str = "Qwen/Qwen2-7B";
@@ -74,10 +74,6 @@ impl GatewayConfig {
     pub const UPLOADS_PER_MINUTE: u32 = 60;
 }
 
-/// The address of the client a request came from (set per connection by [`serve`]).
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub std::net::SocketAddr);
-
 /// Uploads per client IP address in the current minute (fixed windows).
 #[derive(Debug, Default)]
 struct UploadRate {
@@ -101,8 +97,6 @@ impl UploadRate {
         true
     }
 }
-
-pub(crate) use serve::serve;
 
 /// The gateway's shared state.
 #[derive(Clone)]

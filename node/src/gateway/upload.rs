@@ -315,7 +315,7 @@ pub fn validate_upload(
 
 pub(super) async fn upload(
     State(gw): State<Gateway>,
-    client: Option<axum::Extension<super::ClientAddr>>,
+    client: Option<axum::Extension<crate::web::ClientAddr>>,
     headers: axum::http::HeaderMap,
     mp: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {

@@ -12,6 +12,8 @@ pub(super) struct EventLoop {
     pub(super) banned: Banned,
     pub(super) dialled: BTreeSet<PeerId>,
     pub(super) bootstrapped: bool,
+    /// Open connections by peer.
+    pub(super) links: BTreeMap<PeerId, BTreeMap<libp2p::swarm::ConnectionId, Link>>,
 }
 
 impl EventLoop {
@@ -76,6 +78,11 @@ impl EventLoop {
                     connected,
                     scores,
                     penalties: self.penalties.clone(),
+                    links: self
+                        .links
+                        .iter()
+                        .map(|(p, l)| (*p, l.values().cloned().collect()))
+                        .collect(),
                 });
             }
             Command::Dial { addr, reply } => {
@@ -98,12 +105,24 @@ impl EventLoop {
                 self.listen_addrs.remove(&address);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 if self.banned.contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                let addr = endpoint.get_remote_address();
+                self.links.entry(peer_id).or_default().insert(
+                    connection_id,
+                    Link {
+                        addr: addr.to_string(),
+                        outbound: endpoint.is_dialer(),
+                        relayed: addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)),
+                    },
+                );
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -112,6 +131,18 @@ impl EventLoop {
                     self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
                 let _ = self.events.try_send(NetEvent::PeerConnected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(l) = self.links.get_mut(&peer_id) {
+                    l.remove(&connection_id);
+                    if l.is_empty() {
+                        self.links.remove(&peer_id);
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,

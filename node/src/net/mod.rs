@@ -159,6 +159,19 @@ pub struct NetInfo {
     pub scores: BTreeMap<PeerId, f64>,
     /// Penalties given per peer (bad blobs, protocol misbehaviour).
     pub penalties: BTreeMap<PeerId, u32>,
+    /// How each connected peer is connected: one entry per open connection.
+    pub links: BTreeMap<PeerId, Vec<Link>>,
+}
+
+/// One open connection to a peer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Link {
+    /// The peer's address on this connection.
+    pub addr: String,
+    /// Whether this node dialled (else the peer did).
+    pub outbound: bool,
+    /// Whether the connection runs through a relay (`/p2p-circuit`).
+    pub relayed: bool,
 }
 
 /// The running network: its client, its events and its task.
@@ -241,6 +254,7 @@ impl Network {
             banned: banned.clone(),
             dialled: BTreeSet::new(),
             bootstrapped: false,
+            links: BTreeMap::new(),
         };
         // Wait for the listeners to report their addresses (so callers can print them).
         let want = cfg.listen.len();

@@ -1,6 +1,7 @@
 //! The fetching side of the blob protocol: ask peers in turn, wait out busy ones, stream
 //! the range into a verifying [`BlobWriter`], penalise a peer whose bytes are wrong.
 
+use std::collections::BTreeMap;
 use std::io;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,79 @@ enum PeerFailure {
     Local(String),
 }
 
+/// Blob transfers in progress, by blob hash, for whoever shows them (`status.json`, the
+/// dashboard): from whom, how many bytes of how many, since when.
+#[derive(Clone, Debug, Default)]
+pub struct Transfers(std::sync::Arc<std::sync::Mutex<BTreeMap<Hash, Transfer>>>);
+
+/// One transfer in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    /// The peer sending it.
+    pub peer: PeerId,
+    /// Bytes received so far.
+    pub bytes: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// When the first byte was asked for.
+    pub started: std::time::Instant,
+}
+
+impl Transfers {
+    /// The transfers in progress now.
+    pub fn snapshot(&self) -> Vec<(Hash, Transfer)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(h, t)| (*h, t.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut BTreeMap<Hash, Transfer>)) {
+        if let Ok(mut m) = self.0.lock() {
+            f(&mut m);
+        }
+    }
+}
+
+/// Removes its transfer from [`Transfers`] when the transfer ends, however it ends.
+struct Tracked<'a> {
+    transfers: &'a Transfers,
+    hash: Hash,
+}
+
+impl<'a> Tracked<'a> {
+    fn start(transfers: &'a Transfers, hash: Hash, peer: PeerId, total: u64) -> Self {
+        let t = Transfer {
+            peer,
+            bytes: 0,
+            total,
+            started: std::time::Instant::now(),
+        };
+        transfers.update(|m| {
+            m.insert(hash, t);
+        });
+        Tracked { transfers, hash }
+    }
+
+    fn progress(&self, bytes: u64) {
+        let hash = self.hash;
+        self.transfers.update(|m| {
+            if let Some(t) = m.get_mut(&hash) {
+                t.bytes = bytes;
+            }
+        });
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        let hash = self.hash;
+        self.transfers.update(|m| {
+            m.remove(&hash);
+        });
+    }
+}
+
 /// Fetches blob `hash` from `peers` (in order), verifies it against its hash and stores
 /// it. A peer that serves wrong bytes is penalised and the next one is tried; a peer that
 /// says the blob is longer than `max_len` (or [`MAX_BLOB_BYTES`]) is skipped before
@@ -37,6 +111,18 @@ pub async fn fetch_blob(
     peers: &[PeerId],
     max_len: u64,
 ) -> Option<PeerId> {
+    fetch_blob_tracked(client, store, hash, peers, max_len, &Transfers::default()).await
+}
+
+/// [`fetch_blob`], showing the transfer's progress in `transfers` while it runs.
+pub async fn fetch_blob_tracked(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peers: &[PeerId],
+    max_len: u64,
+    transfers: &Transfers,
+) -> Option<PeerId> {
     if matches!(store.has_blob(&hash), Ok(true)) {
         return Some(client.local_peer_id());
     }
@@ -48,7 +134,7 @@ pub async fn fetch_blob(
             tracing::debug!(hash = %hash.short(), busy = ask.len(), ?wait, "every peer busy; waiting");
             tokio::time::sleep(wait).await;
         }
-        match fetch_pass(client, store, hash, &ask, max_len).await {
+        match fetch_pass(client, store, hash, &ask, max_len, transfers).await {
             Pass::Done(peer) => return Some(peer),
             Pass::Failed => return None,
             Pass::Busy(busy) => ask = busy,
@@ -75,10 +161,11 @@ async fn fetch_pass(
     hash: Hash,
     peers: &[PeerId],
     max_len: u64,
+    transfers: &Transfers,
 ) -> Pass {
     let mut busy = Vec::new();
     for peer in peers {
-        match fetch_from(client, store, hash, *peer, max_len).await {
+        match fetch_from(client, store, hash, *peer, max_len, transfers).await {
             Ok(()) => return Pass::Done(*peer),
             Err(PeerFailure::Busy) => busy.push(*peer),
             Err(PeerFailure::Unavailable(why)) => {
@@ -109,6 +196,7 @@ async fn fetch_from(
     hash: Hash,
     peer: PeerId,
     max_len: u64,
+    transfers: &Transfers,
 ) -> Result<(), PeerFailure> {
     let req = BlobRequest {
         hash,
@@ -138,7 +226,9 @@ async fn fetch_from(
         .await
         .map_err(|e| PeerFailure::Local(e.to_string()))?
         .map_err(|e| PeerFailure::Local(e.to_string()))?;
-    let result = receive_range(&mut stream, writer, total).await;
+    let tracked = Tracked::start(transfers, hash, peer, total);
+    let result = receive_range(&mut stream, writer, total, &tracked).await;
+    drop(tracked);
     let _ = timed("closing", stream.close()).await;
     result
 }
@@ -218,6 +308,7 @@ async fn receive_range(
     stream: &mut Stream,
     mut writer: BlobWriter,
     total: u64,
+    tracked: &Tracked<'_>,
 ) -> Result<(), PeerFailure> {
     let (empty_tx, mut empty_rx) = frame_pool();
     let (full_tx, mut full_rx) = mpsc::channel::<(Vec<u8>, usize)>(FRAMES);
@@ -242,6 +333,7 @@ async fn receive_range(
                 .await
                 .map_err(|e| NetStop::Stream(format!("after {got} of {total} bytes: {e}")))?;
             got += len as u64;
+            tracked.progress(got);
             full_tx
                 .send((frame, len))
                 .await

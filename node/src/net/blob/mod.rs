@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 mod fetch;
 mod serve;
 
-pub use fetch::{fetch_blob, request_blob};
+pub use fetch::{fetch_blob, fetch_blob_tracked, request_blob, Transfer, Transfers};
 
 /// Passes over the busy peers before a fetch gives up (about 30 s of waiting in all).
 pub const BUSY_PASSES: u32 = 8;

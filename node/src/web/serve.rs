@@ -1,4 +1,4 @@
-//! Serving the gateway over TCP with the limits `axum::serve` cannot set: at most
+//! Serving the node's HTTP routes (gateway, chat API) over TCP with the limits `axum::serve` cannot set: at most
 //! `max_connections` connections at once (a connection past the cap waits in the kernel's
 //! backlog until one closes), and a request's header must arrive within `header_timeout`
 //! (hyper's HTTP/1 header-read timeout, which needs a timer): a client that opens
@@ -16,6 +16,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// The address of the client a request came from (set per connection by [`serve`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// How long a connection being shut down may finish its request.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -49,18 +53,14 @@ pub(crate) async fn serve(
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "gateway cannot accept a connection");
+                tracing::warn!(error = %e, "the HTTP server cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(
-                router
-                    .clone()
-                    .layer(axum::Extension(super::ClientAddr(peer))),
-            ),
+            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer)))),
         );
         let stop = cancel.clone();
         conns.spawn(async move {
