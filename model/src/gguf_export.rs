@@ -92,7 +92,12 @@ fn write_gguf(
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp_name);
     let written = (|| -> Result<()> {
-        let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        // A new file: never through a link someone left at the temp name.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| ModelError::io(&tmp, e))?;
         let mut w = BufWriter::new(file);
         let md: Vec<(&str, &gguf_file::Value)> =
             metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();

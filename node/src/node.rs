@@ -75,6 +75,9 @@ pub struct ChatSettings {
     /// The personal adapter dir offered as model `personal` (when it was trained on this
     /// network's base model).
     pub personal: Option<PathBuf>,
+    /// Whether the dashboard and the chat API on the gateway's port answer every client
+    /// (else only clients on loopback; the `http` server answers whoever reaches its address).
+    pub gateway_public: bool,
 }
 
 /// Everything a node needs to start.
@@ -309,7 +312,8 @@ impl Node {
             let mut router = crate::gateway::router(gw);
             if let Some(engine) = &chat {
                 let board = Arc::new(Dashboard::new(data_dir.clone(), Some(store.clone())));
-                router = router.merge(crate::web::router(engine.clone(), board, false));
+                let local_only = !cfg.chat.as_ref().is_some_and(|c| c.gateway_public);
+                router = router.merge(crate::web::router(engine.clone(), board, false, local_only));
             }
             let (listener, addr) = bind(&g.bind).await?;
             gateway_addr = Some(addr);
@@ -329,7 +333,7 @@ impl Node {
             let board = Arc::new(Dashboard::new(data_dir.clone(), store));
             all.push(tokio::spawn(crate::web::serve(
                 listener,
-                crate::web::router(engine.clone(), board, true),
+                crate::web::router(engine.clone(), board, true, false),
                 GatewayConfig::MAX_CONNECTIONS,
                 GatewayConfig::HEADER_TIMEOUT,
                 cancel.clone(),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's reference tools (llama-tokenize, llama-bench, llama-completion) from the
+# Build llama.cpp's reference tools (llama-tokenize, llama-bench, llama-completion; add
+# llama-quantize for gguf_llamacpp_check.sh) from the
 # llama.cpp source vendored in the `llama-cpp-python` sdist on PyPI. Used to produce the
 # tokenizer reference ids (tools/reference/tokenizer_refs.sh) and as a speed baseline.
 #
@@ -9,11 +10,15 @@
 # Environment:
 #   LLAMA_CPP_PYTHON_VERSION  sdist version to use (default 0.3.36)
 #   JOBS                      parallel build jobs (default 2)
+#   CMAKE_EXTRA               more cmake options (word-split), e.g. "-DGGML_AMX_INT8=OFF"
 #   TARGETS                   cmake targets (default "llama-tokenize llama-bench llama-completion";
 #                             in this llama.cpp version the interactive `llama-cli` needs the server
 #                             build, so the plain generator is `llama-completion`)
 #
 # Only CPU backends are built (GGML_NATIVE=ON, static libs, no tests/examples/server/network).
+# AMX is compiled out (-mno-amx-*: GGML_NATIVE's -march=native would turn it on): on VMs whose
+# CPU reports AMX but whose kernel does not grant the tile state (seen here), ggml's AMX kernels
+# die of SIGILL at the first Q4 matmul.
 # Takes roughly 15-30 minutes on 2 cores.
 set -euo pipefail
 
@@ -66,7 +71,10 @@ cmake -S "$src" -B "$build_root/build" -G Ninja \
     -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_CURL=OFF
+    -DLLAMA_CURL=OFF \
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    ${CMAKE_EXTRA:-}
 
 # shellcheck disable=SC2086 # word splitting of the target list is intended
 cmake --build "$build_root/build" --config Release -j "$jobs" --target $targets

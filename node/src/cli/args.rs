@@ -200,7 +200,7 @@ impl NodeArgs {
 
     /// Starts a node from the command line's options (and a gateway, for `serve`), prints its
     /// addresses, contributes `--contribute`, and runs until Ctrl-C or SIGTERM.
-    pub async fn run_node(self, gateway: Option<GatewaySettings>) -> Result<()> {
+    pub async fn run_node(self, gateway: Option<GatewaySettings>, web_public: bool) -> Result<()> {
         let args = self;
         let serves_chat = gateway.is_some() || args.http.is_some();
         let spec = args.model.clone();
@@ -221,6 +221,7 @@ impl NodeArgs {
             gateway,
             chat: serves_chat.then(|| ChatSettings {
                 personal: Some(args.personal.clone()),
+                gateway_public: web_public,
             }),
             http: args.http.clone(),
         })

@@ -53,7 +53,14 @@ pub(super) fn run(args: ExportArgs) -> Result<()> {
     }
     let base = hivemind_model::pull::resolve_model(Some(&args.model), &mut progress)?;
     let (adapter_dir, name) = match &args.adapter {
-        Some(a) => (a.clone(), a.display().to_string()),
+        // The dir's own name, not its path (the file may be shared).
+        Some(a) => (
+            a.clone(),
+            a.canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "adapter".into()),
+        ),
         None => {
             let base_hash = hivemind_model::model_hash(&base)?;
             anyhow::ensure!(

@@ -7,5 +7,5 @@ use super::args::NodeArgs;
 /// Runs `hive-node join`.
 pub(super) fn run(args: NodeArgs) -> Result<()> {
     args.apply_threads();
-    super::runtime()?.block_on(args.run_node(None))
+    super::runtime()?.block_on(args.run_node(None, false))
 }

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Most uploads one client address may make in a minute (0: no limit); more get 429.
     #[arg(long, default_value_t = GatewayConfig::UPLOADS_PER_MINUTE)]
     pub uploads_per_minute: u32,
+    /// Serve the dashboard (/ui/) and the chat API (/v1/) on the gateway's port to every
+    /// client; without it they answer only clients on this machine.
+    #[arg(long)]
+    pub web_public: bool,
     /// Accepted for compatibility with the legacy server's CLI and ignored: there is no
     /// code to reload.
     #[arg(long)]
@@ -76,5 +80,5 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
             uploads_per_minute: args.uploads_per_minute,
         },
     };
-    super::runtime()?.block_on(args.node.run_node(Some(gateway)))
+    super::runtime()?.block_on(args.node.run_node(Some(gateway), args.web_public))
 }

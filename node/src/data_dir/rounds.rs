@@ -89,7 +89,10 @@ impl DataDir {
         if !dir.join(WEIGHTS_FILE).exists() {
             // Exported to a temp dir first, so a reader never sees a half-written one.
             let tmp = dir.with_extension(format!("tmp.{}", std::process::id()));
-            self.export_round(Some(round.number), &tmp)?;
+            if let Err(e) = self.export_round(Some(round.number), &tmp) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
             if let Err(e) = std::fs::rename(&tmp, &dir) {
                 let _ = std::fs::remove_dir_all(&tmp);
                 if !dir.join(WEIGHTS_FILE).exists() {

@@ -35,18 +35,27 @@ const TICK: Duration = Duration::from_millis(500);
 /// Uploads listed (the newest of each user, newest first).
 const LISTED_UPLOADS: usize = 20;
 
+/// Event streams open at once; more are refused (each rereads the data dir's files twice a
+/// second).
+const MAX_STREAMS: usize = 32;
+
 /// What the dashboard reads.
 #[derive(Clone, Debug)]
 pub struct Dashboard {
     data_dir: DataDir,
     /// The gateway's store, on a node that has one.
     store: Option<Store>,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Dashboard {
     /// A dashboard of the node in `data_dir` (and its gateway's uploads in `store`).
     pub fn new(data_dir: DataDir, store: Option<Store>) -> Self {
-        Dashboard { data_dir, store }
+        Dashboard {
+            data_dir,
+            store,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
     }
 
     /// The snapshot the page draws (see the module docs).
@@ -158,21 +167,30 @@ pub(crate) async fn state(State(d): State<Arc<Dashboard>>) -> Json<Value> {
     Json(snapshot_of(d).await)
 }
 
-/// `GET /ui/api/events`: the snapshot at once, then again whenever it changes.
-pub(crate) async fn events(
-    State(d): State<Arc<Dashboard>>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let stream = futures::stream::unfold((d, None::<Value>), |(d, last)| async move {
+/// `GET /ui/api/events`: the snapshot at once, then again whenever it changes; 503 when
+/// [`MAX_STREAMS`] are open.
+pub(crate) async fn events(State(d): State<Arc<Dashboard>>) -> Response {
+    let Ok(permit) = d.streams.clone().try_acquire_owned() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("at most {MAX_STREAMS} dashboards may be open at once"),
+        )
+            .into_response();
+    };
+    let state = (d, None::<Value>, permit);
+    let stream = futures::stream::unfold(state, |(d, last, permit)| async move {
         loop {
             let now = snapshot_of(d.clone()).await;
             if last.as_ref() != Some(&now) {
                 let ev = Event::default().event("state").data(now.to_string());
-                return Some((Ok(ev), (d, Some(now))));
+                return Some((Ok::<_, Infallible>(ev), (d, Some(now), permit)));
             }
             tokio::time::sleep(TICK).await;
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

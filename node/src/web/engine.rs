@@ -77,6 +77,9 @@ pub enum ChatError {
     /// Too many requests are waiting already.
     #[error("the node is answering {0} other requests; try again shortly")]
     Busy(usize),
+    /// The client left before its turn came.
+    #[error("the client has gone")]
+    Gone,
     /// The node failed (model missing, adapter unreadable).
     #[error("{0}")]
     Internal(String),
@@ -104,8 +107,9 @@ impl std::fmt::Debug for Engine {
 
 struct Loaded {
     model: BaseModel,
-    /// The adapter dirs applied now (empty: the base model).
-    applied: Vec<PathBuf>,
+    /// The adapter dirs applied now, with their weights' modification times (empty: the
+    /// base model).
+    applied: Vec<(PathBuf, Option<std::time::SystemTime>)>,
 }
 
 impl Engine {
@@ -166,10 +170,10 @@ impl Engine {
                 ),
             });
         }
-        if let Some(dir) = self.personal_dir() {
+        if self.personal_dir().is_some() {
             out.push(ListedModel {
                 id: "personal".into(),
-                description: format!("your personal adapter ({})", dir.display()),
+                description: "your personal adapter".into(),
             });
             if !rounds.is_empty() {
                 out.push(ListedModel {
@@ -185,6 +189,21 @@ impl Engine {
     /// The adapter dirs `model` applies.
     fn adapter_dirs(&self, model: &ChatModel) -> Result<Vec<PathBuf>, ChatError> {
         let round = |n: Option<u64>| -> Result<PathBuf, ChatError> {
+            // Only the rounds `models` lists: each round served is exported once to disk,
+            // so a client must not make the node export every round it ever committed.
+            if let Some(n) = n {
+                let listed = self
+                    .data_dir
+                    .rounds()
+                    .map(|(r, _)| r.iter().rev().take(LISTED_ROUNDS).any(|r| r.number == n))
+                    .unwrap_or(false);
+                if !listed {
+                    return Err(ChatError::UnknownModel(format!(
+                        "this node serves round N for its last {LISTED_ROUNDS} committed rounds, \
+                         and round {n} is not one of them (GET /v1/models lists them)"
+                    )));
+                }
+            }
             match self.data_dir.round_adapter(n) {
                 Ok(Some((_, dir))) => Ok(dir),
                 Ok(None) => Err(ChatError::UnknownModel(match n {
@@ -214,12 +233,15 @@ impl Engine {
     /// Answers the last turn of `messages` with `model`, calling `on_text` with each piece
     /// (return `false` to stop), in at most `max_tokens` tokens (`None`: [`DEFAULT_MAX_TOKENS`]
     /// or what fits the context). Waits for its turn; refuses when too many wait already.
+    /// `gone` says whether the client has left: then a request whose turn comes is dropped
+    /// before it costs anything.
     pub async fn complete(
         self: &Arc<Self>,
         model: ChatModel,
         messages: Vec<Message>,
         params: SamplingParams,
         max_tokens: Option<usize>,
+        gone: impl Fn() -> bool,
         on_text: impl FnMut(&str) -> bool + Send + 'static,
     ) -> Result<Completion, ChatError> {
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -233,6 +255,9 @@ impl Engine {
         };
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         let _permit = permit?;
+        if gone() {
+            return Err(ChatError::Gone);
+        }
         let engine = self.clone();
         tokio::task::spawn_blocking(move || {
             engine.complete_now(&model, &messages, params, max_tokens, on_text)
@@ -250,10 +275,23 @@ impl Engine {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Completion, ChatError> {
         let dirs = self.adapter_dirs(model)?;
-        let mut slot = self
-            .loaded
-            .lock()
-            .map_err(|_| ChatError::Internal("an earlier chat failed mid-way".into()))?;
+        // An adapter rewritten in place (a new `train` of the personal adapter) is applied anew.
+        let key: Vec<(PathBuf, Option<std::time::SystemTime>)> = dirs
+            .iter()
+            .map(|d| {
+                let modified = std::fs::metadata(d.join(hivemind_model::adapter::WEIGHTS_FILE))
+                    .and_then(|m| m.modified())
+                    .ok();
+                (d.clone(), modified)
+            })
+            .collect();
+        // A chat that panicked mid-way left the model in an unknown state: load it again.
+        let mut slot = self.loaded.lock().unwrap_or_else(|poisoned| {
+            let mut slot = poisoned.into_inner();
+            *slot = None;
+            slot
+        });
+        self.loaded.clear_poison();
         if slot.is_none() {
             let model = BaseModel::load(&self.model_path, &LoadOptions::default())
                 .map_err(|e| ChatError::Internal(format!("loading the base model: {e}")))?;
@@ -265,13 +303,13 @@ impl Engine {
         let loaded = slot
             .as_mut()
             .ok_or_else(|| ChatError::Internal("no model".into()))?;
-        if loaded.applied != dirs {
+        if loaded.applied != key {
             if let Err(e) = apply(&mut loaded.model, &dirs) {
                 // apply() removed the old adapter first: the model is the base model now.
                 loaded.applied.clear();
                 return Err(e);
             }
-            loaded.applied = dirs;
+            loaded.applied = key;
         }
         let (budget, fit) = match max_tokens {
             Some(n) => (n, false),

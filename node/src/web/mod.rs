@@ -12,6 +12,7 @@
 
 mod dashboard;
 mod engine;
+mod guard;
 mod openai;
 mod serve;
 
@@ -28,15 +29,27 @@ pub use serve::ClientAddr;
 
 /// Largest chat request body.
 const MAX_CHAT_BODY: usize = 4 << 20;
+/// A request body must arrive within this (a slow sender must not hold a connection).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The dashboard's and the chat API's routes (no fallback: they merge into the gateway's
 /// router). `root` adds `GET /` as a redirect to the dashboard (not on a gateway, whose `/`
-/// is the legacy server's).
-pub fn router(engine: Arc<Engine>, dashboard: Arc<Dashboard>, root: bool) -> Router {
+/// is the legacy server's); `local_only` answers only clients on loopback (the gateway's port
+/// is public by default, the dashboard and chat API are not). Every route is behind
+/// [`guard::guard`] (DNS rebinding, cross-site requests).
+pub fn router(
+    engine: Arc<Engine>,
+    dashboard: Arc<Dashboard>,
+    root: bool,
+    local_only: bool,
+) -> Router {
     let chat = Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .layer(DefaultBodyLimit::max(MAX_CHAT_BODY))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_TIMEOUT,
+        ))
         .with_state(engine);
     let ui = Router::new()
         .route("/ui", get(dashboard::to_index))
@@ -50,5 +63,134 @@ pub fn router(engine: Arc<Engine>, dashboard: Arc<Dashboard>, root: bool) -> Rou
     if root {
         r = r.route("/", get(dashboard::to_index));
     }
-    r
+    r.layer(axum::middleware::from_fn_with_state(
+        local_only,
+        guard::guard,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    fn request(
+        method: &str,
+        path: &str,
+        from: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Request<Body> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(Body::from("{}")).unwrap();
+        if let Some(from) = from {
+            req.extensions_mut()
+                .insert(ClientAddr(from.parse().unwrap()));
+        }
+        req
+    }
+
+    const LOCAL: &[(&str, &str)] = &[("host", "127.0.0.1:8080")];
+
+    #[tokio::test]
+    async fn the_guard_refuses_remote_clients_rebound_hosts_and_other_sites() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::DataDir::new(dir.path());
+        let engine = Arc::new(Engine::new(
+            dir.path().join("none.gguf"),
+            data.clone(),
+            None,
+        ));
+        let board = Arc::new(Dashboard::new(data, None));
+        let guarded = router(engine.clone(), board.clone(), false, true);
+        let status = |r: &Router, req: Request<Body>| {
+            let r = r.clone();
+            async move { r.oneshot(req).await.unwrap().status() }
+        };
+        for path in ["/v1/models", "/ui/", "/ui/api/state"] {
+            let remote = request(
+                "GET",
+                path,
+                Some("192.0.2.7:5000"),
+                &[("host", "192.0.2.1")],
+            );
+            assert_eq!(
+                status(&guarded, remote).await,
+                StatusCode::FORBIDDEN,
+                "{path}"
+            );
+            for local in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+                let r = request("GET", path, Some(local), LOCAL);
+                assert_eq!(
+                    status(&guarded, r).await,
+                    StatusCode::OK,
+                    "{path} from {local}"
+                );
+            }
+            // DNS rebinding: a local browser sent by a page of another host name.
+            let rebound = request(
+                "GET",
+                path,
+                Some("127.0.0.1:5000"),
+                &[("host", "evil.example:8080")],
+            );
+            assert_eq!(
+                status(&guarded, rebound).await,
+                StatusCode::FORBIDDEN,
+                "{path}"
+            );
+            // No client address: refused.
+            assert_eq!(
+                status(&guarded, request("GET", path, None, LOCAL)).await,
+                StatusCode::FORBIDDEN
+            );
+        }
+        // Another site's page posting to the chat API, with or without a JSON type.
+        let json = ("content-type", "application/json");
+        let cross = request(
+            "POST",
+            "/v1/chat/completions",
+            Some("127.0.0.1:5000"),
+            &[LOCAL[0], ("origin", "https://evil.example"), json],
+        );
+        assert_eq!(status(&guarded, cross).await, StatusCode::FORBIDDEN);
+        let plain = request(
+            "POST",
+            "/v1/chat/completions",
+            Some("127.0.0.1:5000"),
+            &[LOCAL[0], ("content-type", "text/plain")],
+        );
+        assert_eq!(
+            status(&guarded, plain).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        // The dashboard's own page (same origin) and a script (no origin) get through the
+        // guard to the handler (which refuses the empty request itself).
+        for extra in [
+            vec![LOCAL[0], json, ("origin", "http://127.0.0.1:8080")],
+            vec![LOCAL[0], json],
+        ] {
+            let r = request(
+                "POST",
+                "/v1/chat/completions",
+                Some("127.0.0.1:5000"),
+                &extra,
+            );
+            assert_eq!(status(&guarded, r).await, StatusCode::BAD_REQUEST);
+        }
+        // Public routes (`--web-public`, `--http` on an address the user chose) serve others.
+        let open = router(engine, board, true, false);
+        let r = request(
+            "GET",
+            "/v1/models",
+            Some("192.0.2.7:5000"),
+            &[("host", "192.0.2.1")],
+        );
+        assert_eq!(status(&open, r).await, StatusCode::OK);
+    }
 }

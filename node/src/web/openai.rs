@@ -33,6 +33,13 @@ use super::engine::{ChatError, ChatModel, Engine};
 
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes (the filter's work per token grows with its square).
+const MAX_STOP_BYTES: usize = 256;
+/// How long a client may leave streamed pieces unread before the answer is stopped: the model
+/// answers one request at a time, so a client that stops reading must not hold it.
+const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest one answer may take (it ends then, as if a stop string came).
+const MAX_ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(300);
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1024;
 
@@ -85,6 +92,13 @@ impl From<ChatError> for ApiError {
                 message,
                 param: None,
                 code: Some("busy"),
+            },
+            ChatError::Gone => ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                kind: "invalid_request_error",
+                message,
+                param: None,
+                code: Some("client_gone"),
             },
             ChatError::Internal(_) => {
                 tracing::error!(error = %message, "chat completion failed");
@@ -263,7 +277,11 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
             ));
         }
     }
-    let temperature = req.temperature.unwrap_or(0.7);
+    // Below 1e-3 the scaled logits overflow f32: greedy is what such a request means.
+    let temperature = match req.temperature.unwrap_or(0.7) {
+        t if (0.0..1e-3).contains(&t) => 0.0,
+        t => t,
+    };
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
             format!("temperature must be between 0 and 2, got {temperature}"),
@@ -278,9 +296,9 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
         ));
     }
     let repeat_penalty = req.repeat_penalty.unwrap_or(1.0);
-    if !(repeat_penalty.is_finite() && repeat_penalty > 0.0) {
+    if !(0.01..=100.0).contains(&repeat_penalty) {
         return Err(ApiError::invalid(
-            format!("repeat_penalty must be a positive number, got {repeat_penalty}"),
+            format!("repeat_penalty must be between 0.01 and 100, got {repeat_penalty}"),
             Some("repeat_penalty"),
         ));
     }
@@ -298,9 +316,15 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    if stops.len() > MAX_STOP || stops.iter().any(|s| s.is_empty()) {
+    if stops.len() > MAX_STOP
+        || stops
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
         return Err(ApiError::invalid(
-            format!("stop takes up to {MAX_STOP} non-empty strings"),
+            format!(
+                "stop takes up to {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes"
+            ),
             Some("stop"),
         ));
     }
@@ -390,16 +414,29 @@ fn start(engine: Arc<Engine>, req: &Checked) -> mpsc::Receiver<Step> {
         pending: String::new(),
     }));
     let (pieces, held) = (tx.clone(), filter.clone());
+    let probe = tx.clone();
+    let started = std::time::Instant::now();
     let on_text = move |piece: &str| {
+        if started.elapsed() > MAX_ANSWER_TIME {
+            return false;
+        }
         let Ok(mut f) = held.lock() else { return false };
         let (out, stop) = f.push(piece);
-        // A closed channel means the client went away: stop generating.
-        let sent = out.is_empty() || pieces.blocking_send(Step::Text(out)).is_ok();
+        // A closed channel means the client went away, a full one for too long that it
+        // stopped reading: either way, stop generating.
+        let sent = out.is_empty() || send_within(&pieces, Step::Text(out), STALLED_CLIENT);
         sent && !stop
     };
     tokio::spawn(async move {
         let done = engine
-            .complete(model, messages, params, max_tokens, on_text)
+            .complete(
+                model,
+                messages,
+                params,
+                max_tokens,
+                move || probe.is_closed(),
+                on_text,
+            )
             .await;
         let rest = filter.lock().map(|mut f| f.finish()).unwrap_or_default();
         if done.is_ok() && !rest.is_empty() {
@@ -408,6 +445,26 @@ fn start(engine: Arc<Engine>, req: &Checked) -> mpsc::Receiver<Step> {
         let _ = tx.send(Step::Done(done)).await;
     });
     rx
+}
+
+/// Sends `step` from a blocking thread, waiting at most `limit` for room; `false` when the
+/// receiver is gone or did not make room in time.
+fn send_within(tx: &mpsc::Sender<Step>, step: Step, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut step = step;
+    loop {
+        match tx.try_send(step) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if start.elapsed() >= limit {
+                    return false;
+                }
+                step = back;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -578,6 +635,35 @@ mod tests {
         assert_eq!(run(&["END"], &["xE", "Nz"]), ("xENz".into(), false));
         assert_eq!(run(&["END", "x"], &["abxEND"]), ("ab".into(), true));
         assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
+    }
+
+    #[test]
+    fn a_reader_that_stalls_stops_the_answer() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let limit = std::time::Duration::from_millis(50);
+        assert!(send_within(&tx, Step::Text("a".into()), limit));
+        assert!(send_within(&tx, Step::Text("b".into()), limit));
+        // Full and never read: given up after the limit, not blocked for good.
+        let t0 = std::time::Instant::now();
+        assert!(!send_within(&tx, Step::Text("c".into()), limit));
+        assert!(t0.elapsed() >= limit);
+        // Read again: room again.
+        assert!(matches!(rx.try_recv(), Ok(Step::Text(t)) if t == "a"));
+        assert!(send_within(&tx, Step::Text("c".into()), limit));
+        drop(rx);
+        assert!(!send_within(&tx, Step::Text("d".into()), limit));
+    }
+
+    #[test]
+    fn long_stop_strings_are_refused() {
+        let body = format!(
+            r#"{{"model":"base","messages":[{{"role":"user","content":"x"}}],"stop":"{}"}}"#,
+            "x".repeat(MAX_STOP_BYTES + 1)
+        );
+        let e = check(body.as_bytes()).err().unwrap();
+        assert_eq!(e.param, Some("stop"), "{}", e.message);
+        let body = body.replace(&"x".repeat(MAX_STOP_BYTES + 1), &"x".repeat(MAX_STOP_BYTES));
+        assert!(check(body.as_bytes()).is_ok());
     }
 
     #[test]
