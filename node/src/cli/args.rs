@@ -158,9 +158,9 @@ pub struct NodeArgs {
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
-    /// Serve the OpenAI-compatible chat API (`/v1/chat/completions`, `/v1/models`) on this
-    /// address, e.g. 127.0.0.1:8080 (`serve` also serves it on its gateway port).
-    #[arg(long, env = "HIVE_HTTP")]
+    /// Serve the dashboard (`/ui/`) and the OpenAI-compatible chat API (`/v1/...`) on this
+    /// address; `--http` alone means 127.0.0.1:8080 (`serve` also serves them on its port).
+    #[arg(long, env = "HIVE_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
     pub http: Option<String>,
     /// The personal adapter the chat API offers as model `personal` (when `train` made it
     /// for this network's base model).
@@ -233,9 +233,15 @@ impl NodeArgs {
         println!("model id {}", node.model_id().to_hex());
         if let Some(addr) = node.gateway_addr() {
             println!("gateway on http://{addr}");
+            let who = if web_public {
+                ""
+            } else {
+                " (for clients on this machine)"
+            };
+            println!("dashboard on http://{addr}/ui/, chat API on http://{addr}/v1{who}");
         }
         if let Some(addr) = node.http_addr() {
-            println!("chat API on http://{addr}/v1");
+            println!("dashboard on http://{addr}/ui/, chat API on http://{addr}/v1");
         }
         if let Some(dir) = args.contribute.clone() {
             match node.contribute(dir, args.samples).await {
