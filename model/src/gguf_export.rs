@@ -13,8 +13,8 @@
 //! (A acts on the input and is not).
 //!
 //! The merged model keeps every tensor and metadata entry of the base file and replaces each
-//! adapted weight by `dequantize(W) + scaling · B · A` in F32, the sum `hive-node chat`
-//! computes, so the two decode alike.
+//! adapted weight by `dequantize(W) + scaling · B · A`, in F32 by default: the sum `hive-node
+//! chat` computes, so the two decode alike (F16 and Q8_0 make smaller files that round it).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -165,12 +165,35 @@ pub fn write_lora_gguf(
     write_gguf(path, &metadata, &tensors)
 }
 
-/// Writes the GGUF model `base` with `adapter` merged into its weights to `path` (see the module
-/// docs). `name` goes into `general.name`.
+/// How the merged weights are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MergedType {
+    /// F32: exactly the sum `hive-node chat` computes (4 bytes a weight).
+    #[default]
+    F32,
+    /// F16 (2 bytes a weight).
+    F16,
+    /// Q8_0 (8.5 bits a weight; the weight's columns must be a multiple of 32).
+    Q8_0,
+}
+
+impl MergedType {
+    fn dtype(self) -> GgmlDType {
+        match self {
+            MergedType::F32 => GgmlDType::F32,
+            MergedType::F16 => GgmlDType::F16,
+            MergedType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
+/// Writes the GGUF model `base` with `adapter` merged into its weights to `path`, the adapted
+/// weights stored as `dtype` (see the module docs). `name` goes into `general.name`.
 pub fn write_merged_gguf(
     base: &Path,
     adapter: &LoraAdapter,
     name: &str,
+    dtype: MergedType,
     path: &Path,
 ) -> Result<()> {
     if base.is_dir() {
@@ -202,7 +225,7 @@ pub fn write_merged_gguf(
                 // llama.cpp's scale of the pair: alpha / r of its own B.
                 let r = p.b.dims2()?.1;
                 let delta = (p.b.matmul(&p.a)? * (alpha / r as f64))?;
-                QTensor::quantize(&(w + delta)?, GgmlDType::F32)?
+                QTensor::quantize(&(w + delta)?, dtype.dtype())?
             }
             None => q,
         };

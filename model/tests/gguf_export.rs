@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use hivemind_model::config::Arch;
-use hivemind_model::gguf_export::{write_lora_gguf, write_merged_gguf};
+use hivemind_model::gguf_export::{write_lora_gguf, write_merged_gguf, MergedType};
 use hivemind_model::testing::{random_adapter, TinyModel};
 use hivemind_model::{BaseModel, LoadOptions, Module};
 
@@ -65,7 +65,7 @@ fn check(arch: Arch, rslora: bool) {
 
     // Merged: our loader gives the logits of base + adapter (applied unmerged).
     let merged = work.path().join("merged.gguf");
-    write_merged_gguf(&base, &adapter, "test", &merged).unwrap();
+    write_merged_gguf(&base, &adapter, "test", MergedType::F32, &merged).unwrap();
     let mut with = BaseModel::load(&base, &LoadOptions::default()).unwrap();
     with.decoder.apply_adapter(&adapter).unwrap();
     let plain = BaseModel::load(&base, &LoadOptions::default()).unwrap();
@@ -124,6 +124,24 @@ fn check(arch: Arch, rslora: bool) {
         }
     }
     assert_eq!(content.tensor_infos.len(), 2 * pairs);
+    // Smaller files round the same sum: F16 and Q8_0 stay close to F32 and are smaller.
+    let mut last = std::fs::metadata(&merged).unwrap().len();
+    for (t, tol) in [(MergedType::F16, 1e-2), (MergedType::Q8_0, 5e-2)] {
+        let small = work.path().join(format!("merged-{t:?}.gguf"));
+        write_merged_gguf(&base, &adapter, "test", t, &small).unwrap();
+        let size = std::fs::metadata(&small).unwrap().len();
+        assert!(size < last, "{t:?}: {size} bytes, not below {last}");
+        last = size;
+        let (_, small_w) = dense(&small);
+        for (name, w) in &merged_w {
+            let err = max_abs_diff(w, &small_w[name]);
+            let scale = max_abs_diff(w, &(w * 0.0).unwrap()).max(1e-6);
+            assert!(
+                err <= tol * scale,
+                "{t:?} {name}: off by {err} (weights up to {scale})"
+            );
+        }
+    }
     // Every other tensor of the merged file is the base file's.
     for (name, t) in &base_w {
         if !content.tensor_infos.contains_key(&format!("{name}.lora_a")) {
@@ -153,7 +171,7 @@ fn an_adapter_of_another_model_is_refused_and_the_output_is_untouched() {
     let wrong = random_adapter(&shape, 8.0, 1).unwrap();
     let out = work.path().join("out.gguf");
     std::fs::write(&out, b"keep me").unwrap();
-    let e = write_merged_gguf(&base, &wrong, "x", &out).unwrap_err();
+    let e = write_merged_gguf(&base, &wrong, "x", MergedType::F32, &out).unwrap_err();
     assert!(e.to_string().contains("q_proj"), "{e}");
     let e = write_lora_gguf(&wrong, &tiny.cfg, "x", &out).unwrap_err();
     assert!(e.to_string().contains("q_proj"), "{e}");

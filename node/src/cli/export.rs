@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
-use hivemind_model::gguf_export::{write_lora_gguf, write_merged_gguf};
+use hivemind_model::gguf_export::{write_lora_gguf, write_merged_gguf, MergedType};
 
 use super::args::{progress, DataDirArg};
 
@@ -32,9 +32,25 @@ pub struct ExportArgs {
     /// Write the base model with the adapter merged into it, as one GGUF for llama.cpp.
     #[arg(long, group = "format")]
     pub merged: bool,
+    /// How --merged stores the adapted weights: f32 (exactly what `chat` computes), f16, or
+    /// q8_0 (about a quarter of f32).
+    #[arg(long, value_enum, default_value_t = MergedTypeArg::F32)]
+    pub merged_type: MergedTypeArg,
     /// The base model (GGUF) of --gguf and --merged: `default`, or a local GGUF file.
     #[arg(long, env = "HIVE_MODEL", default_value = "default")]
     pub model: String,
+}
+
+/// `--merged-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MergedTypeArg {
+    /// 4 bytes a weight.
+    F32,
+    /// 2 bytes a weight.
+    F16,
+    /// 8.5 bits a weight.
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// Runs `hive-node export`.
@@ -82,7 +98,12 @@ pub(super) fn run(args: ExportArgs) -> Result<()> {
     let adapter = LoraAdapter::read_dir(&adapter_dir)
         .with_context(|| format!("loading adapter {}", adapter_dir.display()))?;
     if args.merged {
-        write_merged_gguf(&base, &adapter, &name, &args.output)
+        let dtype = match args.merged_type {
+            MergedTypeArg::F32 => MergedType::F32,
+            MergedTypeArg::F16 => MergedType::F16,
+            MergedTypeArg::Q8_0 => MergedType::Q8_0,
+        };
+        write_merged_gguf(&base, &adapter, &name, dtype, &args.output)
             .with_context(|| format!("merging {name} into {}", base.display()))?;
         println!(
             "{}: {} merged into {}",
