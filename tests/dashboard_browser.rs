@@ -2,6 +2,7 @@
 //! round; Debian's headless Chromium, driven over WebDriver (chromedriver, through the
 //! fantoccini client), opens node 0's dashboard (`join --http`) and must show
 //! - node 1 among the peers, with how it is connected, and the network drawn as SVG;
+//! - node 0's own adapter, in the round it went into;
 //! - the committed round with the hash that `hive-node rounds` prints for the same data dir;
 //! - a training run's loss curve (from the data dir's training.json, as `train` writes it);
 //! - in the chat tab, an answer streamed from the round adapter in more than one piece, equal
@@ -229,6 +230,21 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     assert_eq!(drawn, json!(2), "this node and one peer drawn");
     let own = js(&c, "return document.querySelector('#peer-id').textContent").await;
     assert_eq!(own, json!(cluster.node(0).peer_id().to_string()));
+    // This node's own adapter, in the committed round.
+    let mine = wait_js(
+        &c,
+        "this node's adapters",
+        "const m = [...document.querySelectorAll('#mine .own')]; \
+         return m.length ? m.map(e => [e.dataset.hash, e.querySelector('.pill').textContent]) : null",
+    )
+    .await;
+    let contributors = printed[0]["contributors"].as_array().unwrap();
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert!(
+        contributors.contains(&mine[0][0]),
+        "{mine} not among {contributors:?}"
+    );
+    assert_eq!(mine[0][1], json!("in round-1"));
     screenshot(&c, "overview").await;
 
     // Rounds: the table row of round 1 holds the same hash; the plot has one bar.
@@ -243,6 +259,12 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     )
     .await;
     assert_eq!(row, json!(round_hash));
+    let yours = js(
+        &c,
+        "return document.querySelector('#rounds-table tr[data-round=\"1\"] td:nth-child(3)').textContent",
+    )
+    .await;
+    assert_eq!(yours, json!("1"), "node 0 put one adapter into round 1");
     let bars = js(
         &c,
         "return document.querySelectorAll('#rounds-plot svg rect').length",

@@ -32,6 +32,7 @@ pub(super) fn run(args: StatusArgs) -> Result<()> {
             "penalties": s.penalties,
             "inbox_waiting": s.inbox_waiting,
             "links": s.links,
+            "own_adapters": s.own_adapters,
             "transfers": s.transfers,
             "aggregating": s.aggregating,
         });

@@ -30,6 +30,15 @@ impl RoundView {
     }
 }
 
+/// An adapter this node announced.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnAdapter {
+    /// The round it was announced in.
+    pub round: u64,
+    /// Its hash (hex blake3).
+    pub hash: String,
+}
+
 /// A blob transfer in progress, as `status.json` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TransferView {
@@ -89,6 +98,9 @@ pub struct StatusFile {
     /// How each connected peer is connected (one entry per open connection).
     #[serde(default)]
     pub links: BTreeMap<String, Vec<crate::net::Link>>,
+    /// Adapters this node announced (its own and its gateway's uploads) in recent rounds.
+    #[serde(default)]
+    pub own_adapters: Vec<OwnAdapter>,
     /// Blob transfers in progress.
     #[serde(default)]
     pub transfers: Vec<TransferView>,

@@ -29,7 +29,8 @@ use hivemind_store::Store;
 use serde::Serialize;
 
 pub use files::{
-    AggregationView, NetworkFile, RoundView, StatusFile, TrainingFile, TrainingStep, TransferView,
+    AggregationView, NetworkFile, OwnAdapter, RoundView, StatusFile, TrainingFile, TrainingStep,
+    TransferView,
 };
 
 use crate::error::{Error, IoContext, Result};

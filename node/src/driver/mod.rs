@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::data_dir::{AggregationView, DataDir, RoundView, StatusFile, TransferView};
+use crate::data_dir::{AggregationView, DataDir, OwnAdapter, RoundView, StatusFile, TransferView};
 use crate::error::{Error, Result};
 use crate::identity::peer_id_of;
 use crate::net::blob::{fetch_blob_tracked, Transfers};
@@ -123,6 +123,9 @@ enum Fetch {
     RoundAdapter,
 }
 
+/// Rounds of this node's own announcements that status.json lists.
+const OWN_ROUNDS: usize = 16;
+
 /// Rounds whose inputs (adapters and announcements) a node keeps; older ones are collected.
 pub const RETAIN_ROUNDS: u64 = 16;
 
@@ -162,6 +165,9 @@ pub struct Driver {
     /// Bounds the blob transfers in flight (each holds a few MiB of frames and two threads).
     fetch_slots: Arc<tokio::sync::Semaphore>,
     announced: BTreeMap<u64, BTreeSet<Hash>>,
+    /// Adapters this node announced (its own, and its gateway's uploads), by round; the last
+    /// [`OWN_ROUNDS`] rounds (shown in status.json).
+    own: BTreeMap<u64, BTreeSet<Hash>>,
     unpublished: Vec<(String, Vec<u8>)>,
     rounds: Vec<RoundView>,
     /// Gateway uploads waiting for the next round, by user id.
@@ -212,6 +218,7 @@ impl Driver {
             fetching: BTreeSet::new(),
             fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
             announced: BTreeMap::new(),
+            own: BTreeMap::new(),
             unpublished: Vec::new(),
             deferred: BTreeMap::new(),
             queued: Vec::new(),
@@ -619,6 +626,10 @@ impl Driver {
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();
                 self.announced.entry(p.round).or_default().insert(p.adapter);
+                self.own.entry(p.round).or_default().insert(p.adapter);
+                while self.own.len() > OWN_ROUNDS {
+                    self.own.pop_first();
+                }
                 self.keep_announcement(p.round, p.adapter, s.as_bytes().to_vec());
                 self.publish(announce_topic(&self.cfg.model), s.encode())
                     .await;
@@ -921,6 +932,16 @@ impl Driver {
                 .scores
                 .iter()
                 .map(|(p, s)| (p.to_string(), *s))
+                .collect(),
+            own_adapters: self
+                .own
+                .iter()
+                .flat_map(|(round, hashes)| {
+                    hashes.iter().map(|h| OwnAdapter {
+                        round: *round,
+                        hash: h.to_hex(),
+                    })
+                })
                 .collect(),
             transfers: self
                 .transfers

@@ -4,7 +4,7 @@
 //! ```text
 //!   GET /ui/                 the page; /ui/app.js, /ui/style.css its assets
 //!   GET /ui/api/state        one snapshot (JSON): node, peers and links, rounds, the current
-//!                            round, training, evals, gateway uploads
+//!                            round, this node's adapters, training, evals, gateway uploads
 //!   GET /ui/api/events       server-sent events: a snapshot whenever it changes
 //! ```
 //!
@@ -91,6 +91,10 @@ impl Dashboard {
                     .collect()
             })
             .unwrap_or_default();
+        let own: std::collections::BTreeSet<&str> = status
+            .as_ref()
+            .map(|s| s.own_adapters.iter().map(|a| a.hash.as_str()).collect())
+            .unwrap_or_default();
         let rounds: Vec<Value> = status
             .as_ref()
             .map(|s| {
@@ -102,8 +106,27 @@ impl Dashboard {
                             "version": r.version,
                             "hash": r.hash,
                             "contributors": r.contributors.len(),
+                            "mine": r.contributors.iter().filter(|c| own.contains(c.as_str())).count(),
                             "eval": evals.get(&r.hash),
                         })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // This node's adapters, newest first, and the committed round each went into.
+        let mine: Vec<Value> = status
+            .as_ref()
+            .map(|s| {
+                s.own_adapters
+                    .iter()
+                    .rev()
+                    .map(|a| {
+                        let into = s
+                            .rounds
+                            .iter()
+                            .find(|r| r.contributors.contains(&a.hash))
+                            .map(|r| r.version.clone());
+                        json!({"round": a.round, "hash": a.hash, "committed_in": into})
                     })
                     .collect()
             })
@@ -127,6 +150,7 @@ impl Dashboard {
             "peers": peers,
             "rounds": rounds,
             "current": current,
+            "mine": mine,
             "training": training,
             "uploads": self.uploads(),
         })

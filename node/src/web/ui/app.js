@@ -185,8 +185,17 @@ function draw(s) {
     { "data-round": r.number },
     el("td", {}, r.version),
     el("td", {}, String(r.contributors)),
+    el("td", {}, String(r.mine || 0)),
     el("td", {}, r.eval ? `${(100 * r.eval.exact_match).toFixed(1)}% of ${r.eval.items}` : "–"),
     el("td", {}, el("code", { class: "hash" }, r.hash)))));
+  // This node's adapters.
+  const mine = s.mine || [];
+  if (mine.length) {
+    $("#mine").replaceChildren(...mine.map((a) => el("li", { class: "own", "data-hash": a.hash },
+      el("code", {}, short(a.hash, 16)),
+      el("span", { class: "pill " + (a.committed_in ? "direct" : "relayed") },
+        a.committed_in ? `in ${a.committed_in}` : `announced in round ${a.round}`))));
+  }
   // Training.
   const t = s.training;
   if (t) {
