@@ -415,9 +415,14 @@ fn start(engine: Arc<Engine>, req: &Checked) -> mpsc::Receiver<Step> {
     }));
     let (pieces, held) = (tx.clone(), filter.clone());
     let probe = tx.clone();
-    let started = std::time::Instant::now();
+    // The answer's clock starts with its first piece, not while the request waits its turn.
+    let mut started: Option<std::time::Instant> = None;
     let on_text = move |piece: &str| {
-        if started.elapsed() > MAX_ANSWER_TIME {
+        if started
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed()
+            > MAX_ANSWER_TIME
+        {
             return false;
         }
         let Ok(mut f) = held.lock() else { return false };
