@@ -29,11 +29,17 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Sets the compute thread count; must run before any tensor work.
     pub fn apply_threads(&self) {
-        let n = self.threads.unwrap_or_else(default_threads).max(1);
-        // candle's CPU kernels read the same variable as rayon.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon_global(n);
+        apply_threads(self.threads);
     }
+}
+
+/// Sets the compute thread count (`threads`, else [`default_threads`]); must run before any
+/// tensor work.
+pub fn apply_threads(threads: Option<usize>) {
+    let n = threads.unwrap_or_else(default_threads).max(1);
+    // candle's CPU kernels read the same variable as rayon.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon_global(n);
 }
 
 fn rayon_global(n: usize) -> Result<()> {
@@ -185,12 +191,7 @@ impl NodeArgs {
 
     /// Sets the compute thread count (`--threads`); must run before any tensor work.
     pub fn apply_threads(&self) {
-        ModelArgs {
-            model: self.model.clone(),
-            no_4bit: false,
-            threads: self.threads,
-        }
-        .apply_threads();
+        apply_threads(self.threads);
     }
 
     /// The round timing of `--round-secs` and `--grace-secs`.

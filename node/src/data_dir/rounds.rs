@@ -85,7 +85,14 @@ impl DataDir {
         let Some(round) = self.find_round(number)? else {
             return Ok(None);
         };
-        let dir = self.round_adapter_dir(&round);
+        let dir = self.round_adapter_of(&round)?;
+        Ok(Some((round, dir)))
+    }
+
+    /// Committed round `round` (as [`DataDir::rounds`] lists it) as a PEFT dir, exported once
+    /// under `round-adapters/`.
+    pub fn round_adapter_of(&self, round: &RoundView) -> Result<PathBuf> {
+        let dir = self.round_adapter_dir(round);
         if !dir.join(WEIGHTS_FILE).exists() {
             // Exported to a temp dir first, so a reader never sees a half-written one.
             let tmp = dir.with_extension(format!("tmp.{}", std::process::id()));
@@ -100,6 +107,6 @@ impl DataDir {
                 }
             }
         }
-        Ok(Some((round, dir)))
+        Ok(dir)
     }
 }

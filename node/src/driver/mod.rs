@@ -123,6 +123,49 @@ enum Fetch {
     RoundAdapter,
 }
 
+/// An aggregation shown in status.json while it runs: each try updates it, and it goes when
+/// this is dropped (the job's task ends, however it ends).
+struct Aggregating {
+    shown: Arc<std::sync::Mutex<BTreeMap<u64, AggregationView>>>,
+    round: u64,
+    inputs: usize,
+    since_ms: u64,
+}
+
+impl Aggregating {
+    fn new(
+        shown: Arc<std::sync::Mutex<BTreeMap<u64, AggregationView>>>,
+        job: &hivemind_protocol::AggregationJob,
+    ) -> Self {
+        Aggregating {
+            shown,
+            round: job.round,
+            inputs: job.inputs.len(),
+            since_ms: now_ms(),
+        }
+    }
+
+    fn attempt(&self, attempt: u32) {
+        if let Ok(mut m) = self.shown.lock() {
+            let view = AggregationView {
+                round: self.round,
+                inputs: self.inputs,
+                since_ms: self.since_ms,
+                attempt,
+            };
+            m.insert(self.round, view);
+        }
+    }
+}
+
+impl Drop for Aggregating {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shown.lock() {
+            m.remove(&self.round);
+        }
+    }
+}
+
 /// Rounds of this node's own announcements that status.json lists.
 const OWN_ROUNDS: usize = 16;
 
@@ -572,38 +615,16 @@ impl Driver {
                 // A failure (the disk full, a blob unreadable) is retried with a growing
                 // pause: the machine waits for this job's result, and before, one failure
                 // left the round stuck for good, even after space came back.
-                let running = self.aggregating.clone();
-                let (round, inputs) = (job.round, job.inputs.len());
-                let show = move |attempt: Option<u32>| {
-                    if let Ok(mut m) = running.lock() {
-                        match attempt {
-                            Some(attempt) => {
-                                let since_ms = m.get(&round).map_or_else(now_ms, |a| a.since_ms);
-                                m.insert(
-                                    round,
-                                    AggregationView {
-                                        round,
-                                        inputs,
-                                        since_ms,
-                                        attempt,
-                                    },
-                                );
-                            }
-                            None => {
-                                m.remove(&round);
-                            }
-                        }
-                    }
-                };
+                let shown = Aggregating::new(self.aggregating.clone(), &job);
                 self.tasks.spawn(async move {
                     let mut pause = AGGREGATE_RETRY_FIRST;
                     for attempt in 1..=AGGREGATE_ATTEMPTS {
-                        show(Some(attempt));
+                        shown.attempt(attempt);
                         let (st, sp, j) = (store.clone(), spec.clone(), job.clone());
                         let r = tokio::task::spawn_blocking(move || aggregate(&st, &sp, &j)).await;
                         match r {
                             Ok(Ok(result)) => {
-                                show(None);
+                                drop(shown);
                                 let _ = tx.send(Event::AggregationFinished { job, result }).await;
                                 return;
                             }
@@ -614,13 +635,11 @@ impl Driver {
                             Err(e) => tracing::error!(round = job.round, error = %e, "aggregation task failed"),
                         }
                         if tx.is_closed() {
-                            show(None);
                             return;
                         }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(AGGREGATE_RETRY_MAX);
                     }
-                    show(None);
                 });
             }
             Action::PublishAnnouncement(s) => {

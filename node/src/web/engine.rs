@@ -189,31 +189,29 @@ impl Engine {
     /// The adapter dirs `model` applies.
     fn adapter_dirs(&self, model: &ChatModel) -> Result<Vec<PathBuf>, ChatError> {
         let round = |n: Option<u64>| -> Result<PathBuf, ChatError> {
+            let rounds = self.data_dir.rounds().map(|(r, _)| r).unwrap_or_default();
             // Only the rounds `models` lists: each round served is exported once to disk,
             // so a client must not make the node export every round it ever committed.
-            if let Some(n) = n {
-                let listed = self
-                    .data_dir
-                    .rounds()
-                    .map(|(r, _)| r.iter().rev().take(LISTED_ROUNDS).any(|r| r.number == n))
-                    .unwrap_or(false);
-                if !listed {
-                    return Err(ChatError::UnknownModel(format!(
+            let found = match n {
+                None => rounds.last(),
+                Some(n) => rounds
+                    .iter()
+                    .rev()
+                    .take(LISTED_ROUNDS)
+                    .find(|r| r.number == n),
+            };
+            let Some(round) = found else {
+                return Err(ChatError::UnknownModel(match n {
+                    None => "this node has no committed round yet".into(),
+                    Some(n) => format!(
                         "this node serves round N for its last {LISTED_ROUNDS} committed rounds, \
                          and round {n} is not one of them (GET /v1/models lists them)"
-                    )));
-                }
-            }
-            match self.data_dir.round_adapter(n) {
-                Ok(Some((_, dir))) => Ok(dir),
-                Ok(None) => Err(ChatError::UnknownModel(match n {
-                    Some(n) => format!("this node has no committed round {n}"),
-                    None => "this node has no committed round yet".into(),
-                })),
-                Err(e) => Err(ChatError::Internal(format!(
-                    "reading the round adapter: {e}"
-                ))),
-            }
+                    ),
+                }));
+            };
+            self.data_dir
+                .round_adapter_of(round)
+                .map_err(|e| ChatError::Internal(format!("reading the round adapter: {e}")))
         };
         let personal = || {
             self.personal_dir().ok_or_else(|| {
