@@ -266,32 +266,17 @@ pub fn random_adapter(
     alpha: f64,
     seed: u64,
 ) -> Result<crate::adapter::LoraAdapter> {
-    use crate::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
+    use crate::adapter::{tensor_layout, AdapterConfig, LoraAdapter, LoraTensor, TargetModules};
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = BTreeMap::new();
-    for layer in 0..shape.num_layers {
-        for (name, dims) in &shape.modules {
-            let module: crate::Module =
-                name.parse()
-                    .map_err(|e: crate::UnknownModule| ModelError::AdapterMismatch {
-                        reason: e.to_string(),
-                    })?;
-            for side in [LoraSide::A, LoraSide::B] {
-                let dims_of = shape.expected_shape(*dims, side);
-                let data = (0..dims_of[0] * dims_of[1])
-                    .map(|_| rng.gen_range(-0.5f32..0.5))
-                    .collect();
-                let which = if side == LoraSide::A { "A" } else { "B" };
-                tensors.insert(
-                    crate::lora::peft_name(layer, module, which),
-                    LoraTensor {
-                        shape: dims_of,
-                        data,
-                    },
-                );
-            }
-        }
-    }
+    let tensors = tensor_layout(shape)?
+        .into_iter()
+        .map(|(name, shape)| {
+            let data = (0..shape.iter().product::<usize>())
+                .map(|_| rng.gen_range(-0.5f32..0.5))
+                .collect();
+            (name, LoraTensor { shape, data })
+        })
+        .collect();
     let config = AdapterConfig::new(
         shape.rank,
         alpha,

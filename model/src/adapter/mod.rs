@@ -244,6 +244,19 @@ impl LoraAdapter {
         Ok(())
     }
 
+    /// An adapter of `shape` whose factors are all zero: it changes nothing (a round whose
+    /// every input was excluded and that has no parent to keep).
+    pub fn zeros(config: AdapterConfig, shape: &AdapterShape) -> Result<Self> {
+        let tensors = tensor_layout(shape)?
+            .into_iter()
+            .map(|(name, shape)| {
+                let data = vec![0.0; shape.iter().product()];
+                (name, LoraTensor { shape, data })
+            })
+            .collect();
+        LoraAdapter::new(config, tensors)
+    }
+
     /// Checks that the adapter fits the network's model: rank and target modules of the
     /// config, and for every layer and target module an A/B pair of the expected shapes.
     /// The first difference is reported, naming the tensor and both shapes.
@@ -338,6 +351,29 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
             len: out.len() as u64,
             max,
         });
+    }
+    Ok(out)
+}
+
+/// Every tensor an adapter of `shape` holds, by canonical name, with its dimensions: `A`
+/// and `B` of each adapted module of each layer.
+pub fn tensor_layout(shape: &AdapterShape) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut out = Vec::new();
+    for layer in 0..shape.num_layers {
+        for (kind, dims) in &shape.modules {
+            let module: crate::Module =
+                kind.parse()
+                    .map_err(|_: crate::UnknownModule| AdapterError::UnexpectedModule {
+                        tensor: format!("layer {layer}"),
+                        module: kind.clone(),
+                    })?;
+            for (side, which) in [(LoraSide::A, "A"), (LoraSide::B, "B")] {
+                out.push((
+                    crate::lora::peft_name(layer, module, which),
+                    shape.expected_shape(*dims, side),
+                ));
+            }
+        }
     }
     Ok(out)
 }

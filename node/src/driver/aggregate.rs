@@ -19,40 +19,71 @@ pub fn version_name(round: u64) -> String {
     format!("round-{round}")
 }
 
+/// What an aggregation job produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Aggregated {
+    /// blake3 of the round adapter (in the store).
+    pub hash: Hash,
+    /// Inputs left out because the rule could not use them (ascending), named in the round
+    /// adapter's metadata (`hivemind.excluded`).
+    pub excluded: Vec<Hash>,
+    /// Those of them that fail on their own (no adapter, or not mergeable even alone): their
+    /// contributors are penalised.
+    pub blamed: Vec<Hash>,
+}
+
 /// Runs one aggregation job over adapters in the store (blocking): the network's rule over
 /// the inputs and, for a rule that builds on the parent, the parent round adapter plus that
 /// merge, compressed to the network's round rank.
+///
+/// Only the store can make it fail (a missing blob, a full disk), and such a failure is
+/// worth retrying. What the inputs hold cannot: an input that does not parse, or that the
+/// rule cannot merge, is left out ([`merge_excluding`]), the same way on every node, so a
+/// job always ends in a round adapter and no input can halt the round.
 pub fn aggregate(
     store: &Store,
     spec: &NetSpec,
     job: &hivemind_protocol::AggregationJob,
-) -> Result<Hash> {
+) -> Result<Aggregated> {
     let blob = |hash: &Hash| -> Result<Vec<u8>> {
         store.get_blob(hash)?.ok_or_else(|| Error::MissingBlob {
             hash: *hash,
             dir: store.root().to_path_buf(),
         })
     };
-    let mut inputs = Vec::with_capacity(job.inputs.len());
-    for i in &job.inputs {
-        let adapter = LoraAdapter::from_safetensors_bytes(
-            spec.config.clone(),
-            &blob(&i.adapter)?,
-            &Limits::DEFAULT,
-        )?;
-        inputs.push(WeightedAdapter {
-            hash: i.adapter,
-            samples: i.samples,
-            adapter,
-        });
-    }
     if job.rule != spec.rule.id() {
         return Err(Error::UnknownRule {
             round: job.round,
             rule: format!("{:?}", job.rule),
         });
     }
-    let merged = spec.merge_rule().aggregate(&inputs)?;
+    let mut inputs = Vec::with_capacity(job.inputs.len());
+    let mut blamed = Vec::new();
+    for i in &job.inputs {
+        match LoraAdapter::from_safetensors_bytes(
+            spec.config.clone(),
+            &blob(&i.adapter)?,
+            &Limits::DEFAULT,
+        ) {
+            Ok(adapter) => inputs.push(WeightedAdapter {
+                hash: i.adapter,
+                samples: i.samples,
+                adapter,
+            }),
+            Err(why) => {
+                tracing::warn!(round = job.round, input = %i.adapter.short(), %why, "input is no adapter; excluded");
+                blamed.push(i.adapter);
+            }
+        }
+    }
+    let rule = spec.merge_rule();
+    let Merge {
+        merged,
+        blamed: unmergeable,
+        unblamed,
+    } = merge_excluding(rule.as_ref(), inputs);
+    blamed.extend(unmergeable);
+    let mut excluded: Vec<Hash> = blamed.iter().chain(&unblamed).copied().collect();
     let mut meta = round_metadata(job);
     let kept = |a: &LoraAdapter| {
         a.config
@@ -60,32 +91,113 @@ pub fn aggregate(
             .get("hivemind_merge")
             .and_then(|m| m["kept_energy"].as_f64())
     };
-    if let Some(k) = kept(&merged) {
+    if let Some(k) = merged.as_ref().and_then(kept) {
         meta.insert("hivemind.merge_kept_energy".into(), format!("{k:.6}"));
     }
-    let out = match job.parent {
-        Some(parent) if spec.rule.builds_on_parent() => {
-            let previous = spec.parse_round(&blob(&parent)?, &Limits::DEFAULT)?;
-            let sum = stack(&[&previous, &merged])?;
-            let compressed = ExactMean {
-                max_samples_per_input: 1,
-                rank_cap: spec.round_rank(),
-                bounds: Bounds::NONE,
-            }
-            .aggregate(&[WeightedAdapter {
-                hash: parent,
-                samples: 1,
-                adapter: sum,
-            }])?;
-            if let Some(k) = kept(&compressed) {
-                meta.insert("hivemind.kept_energy".into(), format!("{k:.6}"));
-            }
-            compressed
+    let parent = match job.parent {
+        // Round adapters of FedAvg stand alone: with nothing merged, the parent stays.
+        Some(p) if spec.rule.builds_on_parent() || merged.is_none() => {
+            Some((p, spec.parse_round(&blob(&p)?, &Limits::DEFAULT)?))
         }
-        _ => merged,
+        _ => None,
     };
+    let out = match (merged, parent) {
+        (Some(merged), Some((hash, previous))) => {
+            let compressed = stack(&[&previous, &merged]).and_then(|sum| {
+                ExactMean {
+                    max_samples_per_input: 1,
+                    rank_cap: spec.round_rank(),
+                    bounds: Bounds::NONE,
+                }
+                .aggregate(&[WeightedAdapter {
+                    hash,
+                    samples: 1,
+                    adapter: sum,
+                }])
+            });
+            match compressed {
+                Ok(c) => {
+                    if let Some(k) = kept(&c) {
+                        meta.insert("hivemind.kept_energy".into(), format!("{k:.6}"));
+                    }
+                    c
+                }
+                // The parent and a merge that each stand on their own do not add up (both
+                // near f32's limit): the round keeps its parent. No one input is to blame,
+                // so nobody is penalised, but every input is named as left out.
+                Err(why) => {
+                    tracing::warn!(round = job.round, %why, "merge does not add to the parent; round keeps its parent");
+                    excluded = job.inputs.iter().map(|i| i.adapter).collect();
+                    previous
+                }
+            }
+        }
+        (Some(merged), None) => merged,
+        (None, Some((_, previous))) => previous,
+        (None, None) => LoraAdapter::zeros(spec.config.clone(), &spec.shape)?,
+    };
+    excluded.sort();
+    blamed.sort();
+    if !excluded.is_empty() {
+        let names: Vec<String> = excluded.iter().map(Hash::to_hex).collect();
+        meta.insert("hivemind.excluded".into(), names.join(","));
+    }
     let bytes = out.to_safetensors_bytes_with_metadata(&meta)?;
-    Ok(store.put_blob(&bytes)?)
+    Ok(Aggregated {
+        hash: store.put_blob(&bytes)?,
+        excluded,
+        blamed,
+    })
+}
+
+/// What [`merge_excluding`] made of a round's inputs.
+#[derive(Debug)]
+pub struct Merge {
+    /// The rule's merge of the inputs it kept (`None`: nothing was left to merge).
+    pub merged: Option<LoraAdapter>,
+    /// Inputs left out that fail even alone.
+    pub blamed: Vec<Hash>,
+    /// Inputs left out that merge alone but not with the others.
+    pub unblamed: Vec<Hash>,
+}
+
+/// The rule over `inputs`, leaving out what it cannot use. On failure, each input is
+/// merged alone and those that fail alone are left out; if the rest still fails together,
+/// all are left out (no single input is to blame, and trying subsets could cost a number of
+/// merges that grows with the square of the inputs). Deterministic: it depends only on the
+/// inputs, so every node leaves out the same ones.
+pub fn merge_excluding(rule: &dyn AggregationRule, inputs: Vec<WeightedAdapter>) -> Merge {
+    let mut out = Merge {
+        merged: None,
+        blamed: Vec::new(),
+        unblamed: Vec::new(),
+    };
+    if inputs.is_empty() {
+        return out;
+    }
+    let why = match rule.aggregate(&inputs) {
+        Ok(merged) => {
+            out.merged = Some(merged);
+            return out;
+        }
+        Err(why) => why,
+    };
+    tracing::warn!(%why, inputs = inputs.len(), "merge failed; looking for the inputs that break it");
+    let (usable, unusable): (Vec<_>, Vec<_>) = inputs
+        .into_iter()
+        .partition(|i| rule.aggregate(std::slice::from_ref(i)).is_ok());
+    out.blamed = unusable.iter().map(|i| i.hash).collect();
+    if usable.is_empty() {
+        return out;
+    }
+    match rule.aggregate(&usable) {
+        Ok(merged) => out.merged = Some(merged),
+        Err(why) => {
+            tracing::warn!(%why, "inputs that merge alone do not merge together; round merges nothing");
+            out.unblamed = usable.iter().map(|i| i.hash).collect();
+        }
+    }
+    out
 }
 
 /// What a round adapter's safetensors metadata binds: its round, its parent and its rule,

@@ -40,7 +40,7 @@ use crate::net::{with_peer, Client, NetEvent};
 mod aggregate;
 mod spec;
 
-pub use aggregate::{aggregate, round_metadata, version_name};
+pub use aggregate::{aggregate, merge_excluding, round_metadata, version_name, Aggregated, Merge};
 pub use spec::{
     check_adapter_blob, check_round_adapter_blob, NetRule, NetSpec, ISO_SCALE, ROUND_RANK_FACTOR,
     TSV_SCALE,
@@ -612,6 +612,7 @@ impl Driver {
                 let store = self.store.clone();
                 let spec = self.cfg.spec.clone();
                 let tx = self.done_tx.clone();
+                let (client, model) = (self.client.clone(), self.cfg.model);
                 // A failure (the disk full, a blob unreadable) is retried with a growing
                 // pause: the machine waits for this job's result, and before, one failure
                 // left the round stuck for good, even after space came back.
@@ -623,8 +624,10 @@ impl Driver {
                         let (st, sp, j) = (store.clone(), spec.clone(), job.clone());
                         let r = tokio::task::spawn_blocking(move || aggregate(&st, &sp, &j)).await;
                         match r {
-                            Ok(Ok(result)) => {
+                            Ok(Ok(done)) => {
                                 drop(shown);
+                                penalise_blamed(&client, &store, &model, job.round, &done.blamed).await;
+                                let result = done.hash;
                                 let _ = tx.send(Event::AggregationFinished { job, result }).await;
                                 return;
                             }
@@ -989,5 +992,37 @@ impl Driver {
         };
         let dir = self.cfg.data_dir.clone();
         let _ = tokio::task::spawn_blocking(move || dir.write_status(&status)).await;
+    }
+}
+
+/// Penalises the contributors of round `round`'s inputs an aggregation had to leave out
+/// because they fail on their own (each named by its stored announcement; this node's own
+/// are skipped).
+async fn penalise_blamed(
+    client: &Client,
+    store: &Store,
+    model: &ModelId,
+    round: u64,
+    blamed: &[Hash],
+) {
+    for adapter in blamed {
+        let envelope = store.get_announcement(round, adapter).ok().flatten();
+        let Some(a) = envelope.and_then(|e| SignedAnnouncement::decode_for(&e, model).ok()) else {
+            continue;
+        };
+        let Some(peer) = peer_id_of(&a.payload().contributor) else {
+            continue;
+        };
+        if peer != client.local_peer_id() {
+            client
+                .penalise(
+                    peer,
+                    format!(
+                        "input {} of round {round} cannot be aggregated",
+                        adapter.short()
+                    ),
+                )
+                .await;
+        }
     }
 }
