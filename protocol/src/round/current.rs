@@ -103,7 +103,13 @@ impl RoundMachine {
                 Some(BlobState::Failed) | None => {}
             }
         }
-        let pool = per.len();
+        // Contributors whose adapter is held or still coming: one whose every adapter
+        // failed (never served, or no adapter) cannot count, so a flood of announcements
+        // nobody serves neither closes the window nor stands in for an input.
+        let pool = per
+            .values()
+            .filter(|b| b.held.is_some() || b.fetching.is_some())
+            .count();
         let mut pending = self.requests.values().any(|r| r.round == round);
         let mut chosen: BTreeMap<Hash, (Hash, u64)> = BTreeMap::new();
         for best in per.values() {
@@ -288,6 +294,7 @@ impl RoundMachine {
         self.anns = kept;
         self.seen.retain(|_, r| *r >= keep_from);
         self.banned.retain(|_, until| *until >= round);
+        self.unserved.retain(|_, until| *until >= round);
         self.invalid.retain(|_, r| *r >= keep_from);
         self.requests.retain(|_, r| r.round >= keep_from);
         let referenced: BTreeSet<Hash> = self.anns.values().map(|a| a.adapter).collect();

@@ -46,7 +46,7 @@ impl RoundMachine {
             {
                 self.cur.digests.insert(signer, msg.clone());
             }
-            if self.cur.reconciled.insert(rid) {
+            if !self.is_unserved(&signer) && self.cur.reconciled.insert(rid) {
                 for input in inputs {
                     self.want_input(now, input, round, signer, out);
                 }

@@ -93,6 +93,11 @@ impl RoundMachine {
         namer: NodeId,
         out: &mut Vec<Action>,
     ) {
+        // A namer that did not serve what it named is not asked again for a while (and
+        // what only it names is not waited for).
+        if self.is_unserved(&namer) {
+            return;
+        }
         if let Some(req) = self.requests.get_mut(&id) {
             req.claims.entry(namer).or_insert((round, adapter));
             return;
@@ -149,6 +154,11 @@ impl RoundMachine {
     ) {
         let timeout = self.config.fetch_timeout_ms;
         let me = self.me;
+        let trusted: Vec<NodeId> = sources
+            .iter()
+            .filter(|s| **s != me && !self.is_unserved(s))
+            .copied()
+            .collect();
         let b = self.blobs.entry(hash).or_insert_with(|| Blob {
             state: BlobState::Fetching {
                 deadline: 0,
@@ -158,13 +168,17 @@ impl RoundMachine {
             round_adapter,
         });
         let mut added = false;
-        for s in sources {
-            if *s != me {
-                added |= b.sources.insert(*s);
-            }
+        for s in trusted {
+            added |= b.sources.insert(s);
         }
         let start = match b.state {
             BlobState::Held => false,
+            BlobState::Fetching { attempts, .. } if b.sources.is_empty() => {
+                // Nobody we still trust to serve it: not waited for.
+                b.state = BlobState::Failed;
+                self.dirty = attempts > 0;
+                false
+            }
             BlobState::Fetching { attempts, .. } => attempts == 0,
             BlobState::Failed => added,
         };
@@ -191,16 +205,18 @@ impl RoundMachine {
             if reason == FetchFailure::Invalid || req.attempts >= max {
                 let req = self.requests.remove(&hash);
                 self.dirty = true;
-                if reason == FetchFailure::Invalid {
-                    if let Some(req) = req {
-                        self.invalid.insert(hash, req.round);
-                        for namer in req.claims.keys() {
-                            self.penalise(
-                                *namer,
-                                Misbehaviour::NamedInvalidAnnouncement { id: hash },
-                                out,
-                            );
-                        }
+                if reason == FetchFailure::Unavailable {
+                    if let Some(req) = &req {
+                        self.distrust_namers(req);
+                    }
+                } else if let Some(req) = req {
+                    self.invalid.insert(hash, req.round);
+                    for namer in req.claims.keys() {
+                        self.penalise(
+                            *namer,
+                            Misbehaviour::NamedInvalidAnnouncement { id: hash },
+                            out,
+                        );
                     }
                 }
             } else {
@@ -238,6 +254,7 @@ impl RoundMachine {
                 if attempts >= max {
                     b.state = BlobState::Failed;
                     self.dirty = true;
+                    self.blob_unserved(hash);
                 } else {
                     b.state = BlobState::Fetching {
                         deadline: now.saturating_add(timeout),
@@ -267,12 +284,14 @@ impl RoundMachine {
     pub(super) fn retry_fetches(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let timeout = self.config.fetch_timeout_ms;
         let max = self.config.fetch_attempts;
+        let mut failed = Vec::new();
         for (hash, b) in self.blobs.iter_mut() {
             if let BlobState::Fetching { deadline, attempts } = b.state {
                 if now_ms >= deadline {
                     if attempts >= max {
                         b.state = BlobState::Failed;
                         self.dirty = true;
+                        failed.push(*hash);
                     } else {
                         b.state = BlobState::Fetching {
                             deadline: now_ms.saturating_add(timeout),
@@ -282,6 +301,9 @@ impl RoundMachine {
                     }
                 }
             }
+        }
+        for hash in failed {
+            self.blob_unserved(hash);
         }
         let mut expired = Vec::new();
         for (id, r) in self.requests.iter_mut() {
@@ -299,7 +321,61 @@ impl RoundMachine {
             }
         }
         for id in expired {
-            self.requests.remove(&id);
+            if let Some(req) = self.requests.remove(&id) {
+                self.distrust_namers(&req);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Whether `who` failed to serve what it announced or named, recently enough that it
+    /// is not asked again.
+    pub(super) fn is_unserved(&self, who: &NodeId) -> bool {
+        self.unserved
+            .get(who)
+            .is_some_and(|until| *until >= self.cur.round)
+    }
+
+    /// No source of adapter blob `hash` served it: they are not asked again this round and
+    /// the next, and blobs only they could serve are no longer waited for. Before, one key
+    /// announcing dozens of adapters it never served, again and again, kept every round
+    /// waiting (each adapter took its fetch attempts before the round could close).
+    fn blob_unserved(&mut self, hash: Hash) {
+        let Some(b) = self.blobs.get(&hash) else {
+            return;
+        };
+        if b.round_adapter {
+            return;
+        }
+        let until = self.cur.round + 1;
+        for s in b.sources.clone() {
+            self.unserved.insert(s, until);
+        }
+        let unserved = &self.unserved;
+        for b in self.blobs.values_mut() {
+            if matches!(b.state, BlobState::Fetching { .. })
+                && b.sources.iter().all(|s| unserved.contains_key(s))
+            {
+                b.state = BlobState::Failed;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// An announcement its namers claimed to hold was not served by any of them: their
+    /// digests are not reconciled this round and the next, and what they alone named is
+    /// no longer waited for. Before, a digest naming hundreds of announcements that do not
+    /// exist, sent again with fresh ids, kept the round pending for good.
+    fn distrust_namers(&mut self, req: &AnnRequest) {
+        let until = self.cur.round + 1;
+        for namer in req.claims.keys() {
+            self.unserved.insert(*namer, until);
+        }
+        let unserved = &self.unserved;
+        let before = self.requests.len();
+        self.requests
+            .retain(|_, r| r.claims.keys().any(|n| !unserved.contains_key(n)));
+        if self.requests.len() != before {
             self.dirty = true;
         }
     }

@@ -154,6 +154,10 @@ pub struct RoundMachine {
     tip_since: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
+    /// Signers who named announcements they then did not serve: their digests are not
+    /// reconciled up to and including a round (no penalty: a crashed honest node looks the
+    /// same).
+    unserved: BTreeMap<NodeId, u64>,
     heartbeat: Heartbeat,
     dirty: bool,
 }
@@ -197,6 +201,7 @@ impl RoundMachine {
             candidates: BTreeMap::new(),
             seen: BTreeMap::new(),
             banned: BTreeMap::new(),
+            unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),
             tip_since: now_ms,
             heartbeat: Heartbeat {
@@ -244,7 +249,7 @@ impl RoundMachine {
     }
 
     /// Distinct contributors (node, user id) with a valid announcement for the current
-    /// round (as of the last event).
+    /// round whose adapter is held or still being fetched (as of the last event).
     pub fn pool_contributors(&self) -> usize {
         self.cur.pool
     }

@@ -1,7 +1,7 @@
 //! The Byzantine senders: bad signatures, wrong model ids, digests naming invalid
 //! announcements, forged results and weights, replays, and one key posing as many users
 //! (many announcements whose blobs it never serves, and a record of them claiming one unit
-//! of weight per user).
+//! of weight per user), and digests naming hundreds of announcements that do not exist.
 
 use std::rc::Rc;
 
@@ -48,7 +48,7 @@ impl Sim<'_> {
             result: fresh,
         };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
-        let strategies = if self.cfg.sybil_floods { 7 } else { 6 };
+        let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
         match self.rng.below(strategies) {
             0 => {
                 // A bad signature.
@@ -166,6 +166,24 @@ impl Sim<'_> {
                 }
                 inputs.sort();
                 self.publish_byzantine_digest(b, claim(inputs), true);
+            }
+            7 => {
+                // An in-progress digest of the current round naming as many announcements
+                // as a record can hold, none of which exists: each is asked of the signer,
+                // who never answers. Sent again with fresh ids every time, it kept the round
+                // pending (waiting for the announcements) for good.
+                let mut inputs: Vec<RoundInput> = (0..crate::MAX_ROUND_INPUTS)
+                    .map(|_| RoundInput {
+                        adapter: self.rng.hash(),
+                        announcement: self.rng.hash(),
+                    })
+                    .collect();
+                inputs.sort();
+                for i in &inputs {
+                    self.invalid_anns.insert(i.announcement);
+                    self.invalid_adapters.insert(i.adapter);
+                }
+                self.publish_byzantine_digest(b, claim(inputs), false);
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent

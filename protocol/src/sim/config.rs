@@ -48,12 +48,10 @@ pub struct SimConfig {
     pub tick_ms: u64,
     /// Period of each Byzantine sender's misbehaviour.
     pub byzantine_every_ms: u64,
-    /// Byzantine senders also pose as many users: 40 announcements at a time whose blobs
-    /// they never serve, and a record of them claiming a weight per user. Off by default,
-    /// because the checks do not all hold yet: `--seed 10 --nodes 16 --byzantine 4
-    /// --sybil-floods` leaves a fork unresolved in the next round, and seed 1017 of the
-    /// small-network test's configuration makes no progress after the heal (honest rounds
-    /// keep waiting for blobs nobody serves): liveness attacks issue 13 still has to close.
+    /// Byzantine senders also flood: 40 announcements at a time under distinct user ids whose
+    /// blobs they never serve, with a record of them claiming a weight per user, and
+    /// in-progress digests naming 512 announcements that do not exist. Off by default so the
+    /// seeds of the other tests replay as before; `tests/sim.rs` runs it on small networks.
     pub sybil_floods: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
     ///
