@@ -216,6 +216,7 @@ fn net_config(bootstrap: Vec<Multiaddr>, topics: Vec<String>) -> Result<NetConfi
         serve_limit: hivemind_node::net::blob::DEFAULT_SERVE_LIMIT,
         max_incoming: hivemind_node::net::DEFAULT_MAX_INCOMING,
         min_serve_rate: hivemind_node::net::blob::DEFAULT_MIN_SERVE_RATE,
+        allow: None,
     })
 }
 

@@ -11,6 +11,7 @@
 //!   Node::shutdown ─▶ CancellationToken ─▶ every task ends and is joined; status.json goes
 //! ```
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,6 +108,9 @@ pub struct NodeConfig {
     pub chat: Option<ChatSettings>,
     /// An address for an HTTP server of the chat API alone (port 0 picks a free one).
     pub http: Option<String>,
+    /// A closed network's other members: this node connects with no one else and ignores
+    /// messages signed by anyone else, relayed or fetched. `None`: an open network.
+    pub allow_peers: Option<BTreeSet<PeerId>>,
 }
 
 impl NodeConfig {
@@ -126,6 +130,7 @@ impl NodeConfig {
             gateway: None,
             chat: None,
             http: None,
+            allow_peers: None,
         }
     }
 }
@@ -252,6 +257,7 @@ impl Node {
                 serve_limit: cfg.serve_limit,
                 max_incoming: crate::net::DEFAULT_MAX_INCOMING,
                 min_serve_rate: crate::net::blob::DEFAULT_MIN_SERVE_RATE,
+                allow: cfg.allow_peers.clone(),
             },
             Arc::new(store.clone()),
             cancel.clone(),
@@ -281,6 +287,10 @@ impl Node {
                 spec: spec.clone(),
                 data_dir: data_dir.clone(),
                 retain_rounds: cfg.retain_rounds,
+                allow: cfg.allow_peers.clone().map(|mut members| {
+                    members.insert(peer_id);
+                    Arc::new(members)
+                }),
             },
             key,
             store.clone(),

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_protocol::RoundConfig;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 
 /// Options shared by every command that loads a model.
 #[derive(Debug, Clone, Args)]
@@ -164,6 +164,11 @@ pub struct NodeArgs {
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// A closed network: the peer ids of its other members (repeat, or separate with commas;
+    /// `hive-node identity` prints a node's). This node connects with no one else and ignores
+    /// messages signed by anyone else. Without it the network is open.
+    #[arg(long = "allow-peer", env = "HIVE_ALLOW_PEERS", value_delimiter = ',')]
+    pub allow_peers: Vec<PeerId>,
     /// Serve the dashboard (`/ui/`) and the OpenAI-compatible chat API (`/v1/...`) on this
     /// address; `--http` alone means 127.0.0.1:8080 (`serve` also serves them on its port).
     #[arg(long, env = "HIVE_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
@@ -225,6 +230,8 @@ impl NodeArgs {
                 gateway_public: web_public,
             }),
             http: args.http.clone(),
+            allow_peers: (!args.allow_peers.is_empty())
+                .then(|| args.allow_peers.iter().copied().collect()),
         })
         .await
         .context("starting the node")?;

@@ -81,6 +81,13 @@ impl DataDir {
         )?))
     }
 
+    /// The node's libp2p peer id (from its key, created on first use).
+    pub fn peer_id(&self) -> Result<libp2p::PeerId> {
+        Ok(crate::identity::keypair_of(&self.node_key()?)?
+            .public()
+            .to_peer_id())
+    }
+
     /// Opens the store (fails while a running node holds it).
     pub fn open_store(&self) -> Result<Store> {
         Ok(Store::open(&self.root)?)

@@ -63,6 +63,10 @@ pub struct DriverConfig {
     pub data_dir: DataDir,
     /// Rounds whose inputs the store keeps.
     pub retain_rounds: u64,
+    /// A closed network's members (see [`crate::NodeConfig::allow_peers`]): messages signed
+    /// by anyone else are ignored, and an announcement of theirs that a peer names counts as
+    /// invalid. `None`: an open network.
+    pub allow: Option<Arc<BTreeSet<PeerId>>>,
 }
 
 /// Requests to the driver from the local node.
@@ -419,10 +423,17 @@ impl Driver {
         let event = if topic == announce_topic(&model) {
             SignedAnnouncement::decode_for(&data, &model).map(|m| {
                 let p = m.payload();
-                (Some((p.round, p.adapter)), m.id(), Event::Announcement(m))
+                let signer = p.contributor;
+                (
+                    Some((p.round, p.adapter)),
+                    m.id(),
+                    signer,
+                    Event::Announcement(m),
+                )
             })
         } else if topic == digest_topic(&model) {
-            SignedDigest::decode_for(&data, &model).map(|m| (None, m.id(), Event::Digest(m)))
+            SignedDigest::decode_for(&data, &model)
+                .map(|m| (None, m.id(), m.payload().signer, Event::Digest(m)))
         } else {
             self.client
                 .validate(id, source, MessageAcceptance::Ignore)
@@ -430,7 +441,14 @@ impl Driver {
             return;
         };
         match event {
-            Ok((announcement, hash, event)) => {
+            Ok((_, _, signer, _)) if !allowed(self.cfg.allow.as_deref(), &signer) => {
+                // A closed network ignores outsiders' messages, relayed by a member or not
+                // (the member forwarding them is not at fault).
+                self.client
+                    .validate(id, source, MessageAcceptance::Ignore)
+                    .await;
+            }
+            Ok((announcement, hash, _, event)) => {
                 self.pending.insert(
                     hash,
                     PendingMsg {
@@ -698,6 +716,7 @@ impl Driver {
         let tx = self.done_tx.clone();
         let model = self.cfg.model;
         let spec = self.cfg.spec.clone();
+        let allow = self.cfg.allow.clone();
         // A peer that claims more bytes than the blob can have is skipped unread.
         let max_len = match kind {
             Fetch::Announcement => hivemind_protocol::MAX_MESSAGE_BYTES as u64,
@@ -732,6 +751,14 @@ impl Driver {
                     .and_then(|r| r.ok())
                     .flatten();
                 match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
+                    // An outsider's announcement, named by a peer of a closed network, is no
+                    // valid input here: the namer is at fault.
+                    Some(Ok(a)) if !allowed(allow.as_deref(), &a.payload().contributor) => {
+                        Event::FetchFailed {
+                            hash,
+                            reason: FetchFailure::Invalid,
+                        }
+                    }
                     Some(Ok(a)) => Event::Announcement(a),
                     Some(Err(_)) => Event::FetchFailed {
                         hash,
@@ -1024,5 +1051,14 @@ async fn penalise_blamed(
                 )
                 .await;
         }
+    }
+}
+
+/// Whether a message signed by `signer` counts here: always in an open network (`None`),
+/// else only a member's (or this node's own).
+fn allowed(allow: Option<&BTreeSet<PeerId>>, signer: &hivemind_protocol::NodeId) -> bool {
+    match allow {
+        None => true,
+        Some(members) => peer_id_of(signer).is_some_and(|p| members.contains(&p)),
     }
 }

@@ -123,6 +123,9 @@ pub struct NetConfig {
     /// Most incoming connections established at once ([`DEFAULT_MAX_INCOMING`] for nodes);
     /// a quarter of it may be pending (in the handshake) at once.
     pub max_incoming: u32,
+    /// A closed network's members: connections with any other peer are refused (dialled or
+    /// incoming). `None`: an open network.
+    pub allow: Option<BTreeSet<PeerId>>,
 }
 
 /// Default of [`NetConfig::max_incoming`].

@@ -3,7 +3,7 @@
 //! blob stream protocol and mDNS.
 
 use super::*;
-use libp2p::connection_limits;
+use libp2p::{allow_block_list, connection_limits};
 
 /// Most connections kept with one peer (a TCP and a QUIC one, and one being replaced).
 pub(super) const MAX_PER_PEER: u32 = 3;
@@ -14,6 +14,8 @@ pub(super) struct Behaviour {
     /// connections ([`NetConfig::max_incoming`], pending a quarter of it) and connections per
     /// peer ([`MAX_PER_PEER`]).
     pub(super) limits: connection_limits::Behaviour,
+    /// A closed network's allow-list ([`NetConfig::allow`]): no connection with anyone else.
+    pub(super) allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub(super) gossipsub: gossipsub::Behaviour,
     pub(super) kad: kad::Behaviour<MemoryStore>,
     pub(super) identify: identify::Behaviour,
@@ -65,6 +67,13 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
         .with_max_pending_incoming(Some((cfg.max_incoming / 4).max(1)))
         .with_max_established_per_peer(Some(MAX_PER_PEER));
     let topics = cfg.topics.clone();
+    let allow = cfg.allow.as_ref().map(|peers| {
+        let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for p in peers {
+            b.allow_peer(*p);
+        }
+        b
+    });
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -103,6 +112,7 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
             };
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                allow: Toggle::from(allow),
                 gossipsub,
                 kad,
                 identify,
