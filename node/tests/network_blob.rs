@@ -452,3 +452,154 @@ async fn a_reader_below_the_minimum_rate_is_cut_off() {
     );
     cancel.cancel();
 }
+
+/// Sends what `inner` reads at about 16 KiB a second.
+struct Trickle<R>(R);
+
+impl<R: Read> Read for Trickle<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = buf.len().min(16 << 10);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+/// A peer serving `blobs` at a trickle (and not cutting itself off: its own minimum serving
+/// rate is 1 B/s, and it serves up to 8 streams to one peer), an honest peer serving them at full speed, and a fetcher connected to both.
+struct SlowAndHonest {
+    slow: libp2p::PeerId,
+    honest: libp2p::PeerId,
+    fetcher: hivemind_node::net::Network,
+    fetcher_store: Store,
+    _nodes: Vec<hivemind_node::net::Network>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn slow_and_honest(blobs: &[Vec<u8>], cancel: &CancellationToken) -> SlowAndHonest {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let slow_store = Store::open(dirs[0].path()).unwrap();
+    let honest_store = Store::open(dirs[1].path()).unwrap();
+    for b in blobs {
+        slow_store.put_blob(b).unwrap();
+        honest_store.put_blob(b).unwrap();
+    }
+    let trickle = |b: OpenBlob, _| OpenBlob {
+        total_len: b.total_len,
+        reader: Box::new(Trickle(b.reader)),
+    };
+    let slow = blob_net::node_with(
+        50,
+        Arc::new(Tampered(slow_store, trickle)),
+        cancel,
+        "/ip4/127.0.0.1/tcp/0",
+        |c| {
+            c.min_serve_rate = 1;
+            c.serve_limit = 32;
+        },
+    )
+    .await;
+    let honest = node(51, Arc::new(honest_store), cancel).await;
+    let fetcher_store = Store::open(dirs[2].path()).unwrap();
+    let fetcher = node(52, Arc::new(fetcher_store.clone()), cancel).await;
+    connect(&fetcher, &slow).await;
+    connect(&fetcher, &honest).await;
+    SlowAndHonest {
+        slow: slow.client.local_peer_id(),
+        honest: honest.client.local_peer_id(),
+        fetcher,
+        fetcher_store,
+        _nodes: vec![slow, honest],
+        _dirs: dirs,
+    }
+}
+
+/// A peer that sends a blob far below the minimum fetch rate (16 KiB/s against 64 KiB/s) loses
+/// the transfer once it has taken `REQUEST_TIMEOUT` plus the blob's length at the minimum rate,
+/// and the next peer is asked. Before, each 256 KiB frame only had to arrive within 30 s, so
+/// such a peer held one of the fetcher's slots for as long as it liked (here 32 s for 512 KiB;
+/// 40 minutes for a 20 MB adapter at 9 KB/s), and honest inputs missed the round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_below_the_minimum_rate_is_cut_off_and_the_next_one_asked() {
+    use hivemind_node::net::blob::{MIN_FETCH_RATE, REQUEST_TIMEOUT};
+    let cancel = CancellationToken::new();
+    let bytes = pattern(512 << 10, 4);
+    let hash = Hash::of(&bytes);
+    let net = slow_and_honest(std::slice::from_ref(&bytes), &cancel).await;
+    let start = std::time::Instant::now();
+    let got = fetch_blob(
+        &net.fetcher.client,
+        &net.fetcher_store,
+        hash,
+        &[net.slow, net.honest],
+        MAX_BLOB_BYTES,
+    )
+    .await;
+    let took = start.elapsed();
+    let allowed = REQUEST_TIMEOUT + Duration::from_secs(bytes.len() as u64 / MIN_FETCH_RATE);
+    eprintln!("fetched from {got:?} after {took:?} (slow peer allowed {allowed:?})");
+    assert_eq!(got, Some(net.honest), "the slow peer delivered");
+    assert!(took < allowed + Duration::from_secs(8), "took {took:?}");
+    assert_eq!(net.fetcher_store.get_blob(&hash).unwrap().unwrap(), bytes);
+    let info = net.fetcher.client.info().await.unwrap();
+    assert!(
+        info.penalties.is_empty(),
+        "a slow peer is not a liar: {:?}",
+        info.penalties
+    );
+    cancel.cancel();
+}
+
+/// One peer holds at most `MAX_TRANSFERS_PER_PEER` (2) of a node's transfers at once: with two
+/// trickling transfers from the slow peer under way, a third blob that both peers hold comes
+/// from the honest peer at once instead of waiting out the slow one first. Before, every fetch
+/// slot could be held by the same slow peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_at_most_its_share_of_the_transfers() {
+    use hivemind_node::net::blob::{fetch_blob_tracked, Transfers, MAX_TRANSFERS_PER_PEER};
+    let cancel = CancellationToken::new();
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(512 << 10, 10 + i)).collect();
+    let net = Arc::new(slow_and_honest(&blobs, &cancel).await);
+    let transfers = Transfers::default();
+    let mut held = Vec::new();
+    for b in &blobs[..MAX_TRANSFERS_PER_PEER] {
+        let (net, transfers, hash) = (net.clone(), transfers.clone(), Hash::of(b));
+        held.push(tokio::spawn(async move {
+            let c = &net.fetcher.client;
+            fetch_blob_tracked(
+                c,
+                &net.fetcher_store,
+                hash,
+                &[net.slow],
+                MAX_BLOB_BYTES,
+                &transfers,
+            )
+            .await
+        }));
+    }
+    blob_net::wait_until("both slow transfers under way", || {
+        let n = transfers.snapshot().len();
+        async move { n == MAX_TRANSFERS_PER_PEER }
+    })
+    .await;
+    let start = std::time::Instant::now();
+    let third = Hash::of(&blobs[2]);
+    let got = fetch_blob_tracked(
+        &net.fetcher.client,
+        &net.fetcher_store,
+        third,
+        &[net.slow, net.honest],
+        MAX_BLOB_BYTES,
+        &transfers,
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(got, Some(net.honest));
+    assert!(
+        took < Duration::from_secs(5),
+        "the third fetch took {took:?}"
+    );
+    cancel.cancel();
+    for h in held {
+        let _ = h.await;
+    }
+}

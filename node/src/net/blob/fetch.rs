@@ -58,6 +58,10 @@ impl Transfers {
     }
 }
 
+/// The longest a fetch waits for a transfer from a peer whose share
+/// ([`MAX_TRANSFERS_PER_PEER`]) is in use.
+const PEER_SHARE_WAIT: Duration = Duration::from_secs(600);
+
 /// Removes its transfer from [`Transfers`] when the transfer ends, however it ends.
 struct Tracked<'a> {
     transfers: &'a Transfers,
@@ -65,17 +69,48 @@ struct Tracked<'a> {
 }
 
 impl<'a> Tracked<'a> {
-    fn start(transfers: &'a Transfers, hash: Hash, peer: PeerId, total: u64) -> Self {
-        let t = Transfer {
-            peer,
-            bytes: 0,
-            total,
-            started: std::time::Instant::now(),
-        };
+    /// Registers a transfer of `hash` from `peer`, unless [`MAX_TRANSFERS_PER_PEER`] from it
+    /// are under way already.
+    fn start(transfers: &'a Transfers, hash: Hash, peer: PeerId) -> Option<Self> {
+        let mut started = false;
         transfers.update(|m| {
-            m.insert(hash, t);
+            let from_peer = m.values().filter(|t| t.peer == peer).count();
+            if from_peer < MAX_TRANSFERS_PER_PEER {
+                let t = Transfer {
+                    peer,
+                    bytes: 0,
+                    total: 0,
+                    started: std::time::Instant::now(),
+                };
+                m.insert(hash, t);
+                started = true;
+            }
         });
-        Tracked { transfers, hash }
+        started.then_some(Tracked { transfers, hash })
+    }
+
+    /// [`Tracked::start`], waiting (at most [`PEER_SHARE_WAIT`]) for one of the peer's
+    /// transfers to end.
+    async fn wait(transfers: &'a Transfers, hash: Hash, peer: PeerId) -> Option<Self> {
+        let until = std::time::Instant::now() + PEER_SHARE_WAIT;
+        loop {
+            if let Some(t) = Tracked::start(transfers, hash, peer) {
+                return Some(t);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn set_total(&self, total: u64) {
+        let hash = self.hash;
+        self.transfers.update(|m| {
+            if let Some(t) = m.get_mut(&hash) {
+                t.total = total;
+            }
+        });
     }
 
     fn progress(&self, bytes: u64) {
@@ -164,23 +199,26 @@ async fn fetch_pass(
     transfers: &Transfers,
 ) -> Pass {
     let mut busy = Vec::new();
+    // Peers we already receive our share of transfers from are asked last, once one of
+    // those transfers ends (waiting is not a failed pass).
+    let mut capped = Vec::new();
     for peer in peers {
-        match fetch_from(client, store, hash, *peer, max_len, transfers).await {
-            Ok(()) => return Pass::Done(*peer),
-            Err(PeerFailure::Busy) => busy.push(*peer),
-            Err(PeerFailure::Unavailable(why)) => {
-                tracing::debug!(%peer, hash = %hash.short(), %why, "blob fetch failed; trying the next peer")
-            }
-            Err(PeerFailure::Lied(why)) => {
-                tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad blob; penalising");
-                client
-                    .penalise(*peer, format!("bad blob {}: {why}", hash.short()))
-                    .await;
-            }
-            Err(PeerFailure::Local(why)) => {
-                tracing::error!(hash = %hash.short(), %why, "store failure while fetching");
-                return Pass::Failed;
-            }
+        let Some(tracked) = Tracked::start(transfers, hash, *peer) else {
+            capped.push(*peer);
+            continue;
+        };
+        let r = fetch_from(client, store, hash, *peer, max_len, tracked).await;
+        if let Some(done) = settle(client, hash, *peer, r, &mut busy).await {
+            return done;
+        }
+    }
+    for peer in capped {
+        let Some(tracked) = Tracked::wait(transfers, hash, peer).await else {
+            continue;
+        };
+        let r = fetch_from(client, store, hash, peer, max_len, tracked).await;
+        if let Some(done) = settle(client, hash, peer, r, &mut busy).await {
+            return done;
         }
     }
     if busy.is_empty() {
@@ -190,13 +228,42 @@ async fn fetch_pass(
     }
 }
 
+/// What one peer's attempt means for the pass: `Some` ends it (delivered, or our store
+/// failed); a busy peer is noted for the next pass; a liar is penalised.
+async fn settle(
+    client: &Client,
+    hash: Hash,
+    peer: PeerId,
+    result: Result<(), PeerFailure>,
+    busy: &mut Vec<PeerId>,
+) -> Option<Pass> {
+    match result {
+        Ok(()) => return Some(Pass::Done(peer)),
+        Err(PeerFailure::Busy) => busy.push(peer),
+        Err(PeerFailure::Unavailable(why)) => {
+            tracing::debug!(%peer, hash = %hash.short(), %why, "blob fetch failed; trying the next peer")
+        }
+        Err(PeerFailure::Lied(why)) => {
+            tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad blob; penalising");
+            client
+                .penalise(peer, format!("bad blob {}: {why}", hash.short()))
+                .await;
+        }
+        Err(PeerFailure::Local(why)) => {
+            tracing::error!(hash = %hash.short(), %why, "store failure while fetching");
+            return Some(Pass::Failed);
+        }
+    }
+    None
+}
+
 async fn fetch_from(
     client: &Client,
     store: &Store,
     hash: Hash,
     peer: PeerId,
     max_len: u64,
-    transfers: &Transfers,
+    tracked: Tracked<'_>,
 ) -> Result<(), PeerFailure> {
     let req = BlobRequest {
         hash,
@@ -226,8 +293,20 @@ async fn fetch_from(
         .await
         .map_err(|e| PeerFailure::Local(e.to_string()))?
         .map_err(|e| PeerFailure::Local(e.to_string()))?;
-    let tracked = Tracked::start(transfers, hash, peer, total);
-    let result = receive_range(&mut stream, writer, total, &tracked).await;
+    tracked.set_total(total);
+    // The whole range within the request's time plus its length at the minimum rate.
+    let limit = REQUEST_TIMEOUT + Duration::from_secs(total / MIN_FETCH_RATE);
+    let result = match tokio::time::timeout(
+        limit,
+        receive_range(&mut stream, writer, total, &tracked),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(PeerFailure::Unavailable(format!(
+            "slower than {MIN_FETCH_RATE} B/s: {total} bytes not in within {limit:?}"
+        ))),
+    };
     drop(tracked);
     let _ = timed("closing", stream.close()).await;
     result

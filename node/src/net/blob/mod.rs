@@ -68,6 +68,15 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The slowest a peer may read a blob a node serves unless configured otherwise: 64 KiB/s
 /// (a slow home link). Before, a reader at ~9 KB/s held a serving slot for 40 minutes a blob.
 pub const DEFAULT_MIN_SERVE_RATE: u64 = 64 << 10;
+/// The slowest a peer may send a blob this node fetches: a transfer must end within
+/// [`REQUEST_TIMEOUT`] plus the blob's length at this rate, or the peer counts as unavailable
+/// and the next is tried. Before, each 256 KiB frame only had to arrive within 30 s, so a
+/// peer sending ~9 KB/s held one of our fetch slots for 40 minutes a blob.
+pub const MIN_FETCH_RATE: u64 = DEFAULT_MIN_SERVE_RATE;
+/// Transfers this node receives from one peer at once; a fetch that would start one more
+/// treats that peer as busy (and asks the others first). So one peer, however slow, holds at
+/// most this many of the fetch slots.
+pub const MAX_TRANSFERS_PER_PEER: usize = 2;
 /// Blob streams a node serves at once unless configured otherwise; more are answered
 /// "busy". One peer gets at most a quarter of them (at least one).
 pub const DEFAULT_SERVE_LIMIT: usize = 32;
