@@ -653,3 +653,34 @@ fn an_upload_larger_than_any_adapter_of_the_network_is_refused_while_reading() {
     assert_eq!(code, 413, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("exceeds"), "{v}");
 }
+
+/// A gateway whose disk is below the floor it keeps free (`--min-free-mb`, here out of reach)
+/// refuses uploads with 507 and a message that names the problem, and stores nothing. Before,
+/// uploads were stored until the disk was full (one client grew a node's disk by 3.7 GB in
+/// 35 s) and the node's own writes failed.
+#[test]
+fn uploads_are_refused_with_507_while_the_disk_is_below_the_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &data,
+        &["--round-secs", "3600", "--min-free-mb", "1000000000000"],
+    );
+    let api = Api {
+        base: server.line("gateway on "),
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+    let before = blob_count(&data);
+    let bytes = adapter(70, RANK, 32).to_safetensors_bytes().unwrap();
+    let (code, v) = api.upload(Some(("a.safetensors", bytes)), &[("user_id", "alice")]);
+    assert_eq!(code, 507, "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("disk is nearly full"), "{v}");
+    assert!(!detail.contains(&*data.to_string_lossy()), "a path in {v}");
+    assert_eq!(blob_count(&data), before, "the refused upload was stored");
+    let (_, status) = api.get("/api/v1/status");
+    assert_eq!(status["total_adapters"], 0, "{status}");
+}

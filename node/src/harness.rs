@@ -161,6 +161,11 @@ impl Cluster {
         .await
     }
 
+    /// The nodes, to stop or keep one by one.
+    pub fn into_nodes(self) -> Vec<Node> {
+        self.nodes
+    }
+
     /// Stops every node and waits for their tasks.
     pub async fn shutdown(self) {
         for n in self.nodes {

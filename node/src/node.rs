@@ -111,7 +111,13 @@ pub struct NodeConfig {
     /// A closed network's other members: this node connects with no one else and ignores
     /// messages signed by anyone else, relayed or fetched. `None`: an open network.
     pub allow_peers: Option<BTreeSet<PeerId>>,
+    /// Bytes to keep free on the data dir's disk ([`DEFAULT_MIN_FREE_BYTES`] for nodes): a
+    /// peer's adapter or a gateway upload that would go below it is not taken in.
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`NodeConfig::min_free_bytes`]: 512 MiB.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 512 << 20;
 
 impl NodeConfig {
     /// A node on loopback (one free TCP port) with the default LoRA shape and rounds of
@@ -131,6 +137,7 @@ impl NodeConfig {
             chat: None,
             http: None,
             allow_peers: None,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -215,11 +222,12 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node> {
         let data_dir = cfg.data_dir.clone();
         let (model_path, lora) = (cfg.model.clone(), cfg.lora.clone());
+        let min_free = cfg.min_free_bytes;
         let dd = data_dir.clone();
         let (model, base_hash, store, key, spec) = tokio::task::spawn_blocking(move || {
             let (model, base_hash) = model_id(&model_path, &lora)?;
             dd.create()?;
-            let store = dd.open_store()?;
+            let store = dd.open_store()?.with_min_free(min_free);
             let key = dd.node_key()?;
             let spec = NetSpec::for_model(
                 &model_path,

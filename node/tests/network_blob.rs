@@ -551,11 +551,14 @@ async fn a_peer_sending_below_the_minimum_rate_is_cut_off_and_the_next_one_asked
 
 /// One peer holds at most `MAX_TRANSFERS_PER_PEER` (2) of a node's transfers at once: with two
 /// trickling transfers from the slow peer under way, a third blob that both peers hold comes
-/// from the honest peer at once instead of waiting out the slow one first. Before, every fetch
-/// slot could be held by the same slow peer.
+/// from the honest peer at once instead of waiting out the slow one first, and one only the
+/// slow peer holds is deferred at once. Before, every fetch slot could be held by the same
+/// slow peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_holds_at_most_its_share_of_the_transfers() {
-    use hivemind_node::net::blob::{fetch_blob_tracked, Transfers, MAX_TRANSFERS_PER_PEER};
+    use hivemind_node::net::blob::{
+        fetch_blob_fair, fetch_blob_tracked, Fetched, Transfers, MAX_TRANSFERS_PER_PEER,
+    };
     let cancel = CancellationToken::new();
     let blobs: Vec<Vec<u8>> = (0..3).map(|i| pattern(512 << 10, 10 + i)).collect();
     let net = Arc::new(slow_and_honest(&blobs, &cancel).await);
@@ -598,6 +601,20 @@ async fn one_peer_holds_at_most_its_share_of_the_transfers() {
         took < Duration::from_secs(5),
         "the third fetch took {took:?}"
     );
+    // A blob only the slow peer is asked for is deferred at once: the fetch waits for
+    // nothing while holding a slot, and nobody is blamed.
+    let start = std::time::Instant::now();
+    let only_slow = fetch_blob_fair(
+        &net.fetcher.client,
+        &net.fetcher_store,
+        Hash::of(b"another blob"),
+        &[net.slow],
+        MAX_BLOB_BYTES,
+        &transfers,
+    )
+    .await;
+    assert_eq!(only_slow, Fetched::Deferred);
+    assert!(start.elapsed() < Duration::from_secs(1));
     cancel.cancel();
     for h in held {
         let _ = h.await;

@@ -22,6 +22,21 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Keeping `needed` more bytes would leave less free space on the data directory's
+    /// disk than the floor the node keeps ([`crate::Store::with_min_free`]).
+    #[error(
+        "the disk is nearly full: {available} bytes free, {needed} more would go below the \
+         {floor} bytes this node keeps free"
+    )]
+    LowDisk {
+        /// Bytes free for this process on the data directory's file system.
+        available: u64,
+        /// Bytes asked for.
+        needed: u64,
+        /// The floor.
+        floor: u64,
+    },
+
     /// Another process (or another `Store` in this one) holds the data directory open.
     #[error(
         "the data directory's database {} is in use by another process (is a node running on it?)",

@@ -70,6 +70,38 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
+/// Bytes an unprivileged process may still write on the file system holding `path`
+/// (`statvfs`: available blocks times the fragment size).
+#[cfg(unix)]
+pub(crate) fn available_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let io_err = |source: std::io::Error| crate::error::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` points to
+    // writable memory of the right type, which statvfs fills on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it initialised the whole struct (and it was zeroed).
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u64 here, u32 on some).
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(blocks.saturating_mul(size))
+}
+
+/// Without `statvfs`, the floor cannot be checked: report no limit.
+#[cfg(not(unix))]
+pub(crate) fn available_bytes(_path: &Path) -> Result<u64> {
+    Ok(u64::MAX)
+}
+
 /// Creates a fresh file `dir/<prefix><random>` that did not exist before, with
 /// permission bits `mode` applied at creation (Unix), open for reading and writing.
 pub(crate) fn create_temp(dir: &Path, prefix: &str, mode: u32) -> Result<(File, PathBuf)> {

@@ -94,6 +94,8 @@ pub struct Store {
     /// transaction as `uploads`).
     upload_users: sled::Tree,
     recovery: Recovery,
+    /// Bytes to keep free on the data directory's disk ([`Store::ensure_room`]).
+    min_free: u64,
 }
 
 impl fmt::Debug for Store {
@@ -129,10 +131,39 @@ impl Store {
             root,
             blobs_dir,
             recovery: Recovery::default(),
+            min_free: 0,
         };
         store.recovery = store.recover()?;
         store.recovery.uploads_reindexed = store.reindex_uploads_if_stale()?;
         Ok(store)
+    }
+
+    /// This store (and its clones made from now on) keeps `bytes` free on the data
+    /// directory's disk: [`Store::ensure_room`] refuses what would go below it. Writes
+    /// themselves do not check it, so what the node must write (its round adapters, its
+    /// records) still goes through; callers check before taking in what others send.
+    pub fn with_min_free(mut self, bytes: u64) -> Store {
+        self.min_free = bytes;
+        self
+    }
+
+    /// Bytes this process may still write on the data directory's file system.
+    pub fn available_bytes(&self) -> Result<u64> {
+        fsutil::available_bytes(&self.root)
+    }
+
+    /// Fails with [`Error::LowDisk`] when keeping `needed` more bytes would leave less than
+    /// the floor ([`Store::with_min_free`]) free.
+    pub fn ensure_room(&self, needed: u64) -> Result<()> {
+        let available = self.available_bytes()?;
+        if available < needed.saturating_add(self.min_free) {
+            return Err(Error::LowDisk {
+                available,
+                needed,
+                floor: self.min_free,
+            });
+        }
+        Ok(())
     }
 
     /// The data directory.
@@ -188,6 +219,34 @@ fn is_lock_error(e: &sled::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The floor against `df`'s own figure, an independent reading of the same file system.
+    #[test]
+    fn the_disk_floor_is_measured_and_enforced() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let free = store.available_bytes()?;
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(dir.path())
+            .output()?;
+        let text = String::from_utf8(out.stdout)?;
+        let df: u64 = text.lines().nth(1).unwrap_or_default().trim().parse()?;
+        // Other processes write meanwhile: allow 1% of drift.
+        assert!(
+            free.abs_diff(df) <= df / 100 + (1 << 20),
+            "statvfs {free}, df {df}"
+        );
+        store.ensure_room(1 << 20)?;
+        let strict = store.clone().with_min_free(free.saturating_add(1 << 30));
+        match strict.ensure_room(1) {
+            Err(Error::LowDisk { needed: 1, .. }) => {}
+            other => panic!("below the floor: {other:?}"),
+        }
+        // The floor does not stop the store's own writes.
+        strict.put_blob(b"still written")?;
+        Ok(())
+    }
 
     #[test]
     fn a_closed_store_reopens_at_once_and_an_open_one_is_refused_by_name() -> anyhow::Result<()> {

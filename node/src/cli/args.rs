@@ -169,6 +169,10 @@ pub struct NodeArgs {
     /// messages signed by anyone else. Without it the network is open.
     #[arg(long = "allow-peer", env = "HIVE_ALLOW_PEERS", value_delimiter = ',')]
     pub allow_peers: Vec<PeerId>,
+    /// Megabytes to keep free on the data dir's disk: peers' adapters and gateway uploads
+    /// that would go below it are not taken in (uploads get 507) until space returns.
+    #[arg(long, env = "HIVE_MIN_FREE_MB", default_value_t = 512)]
+    pub min_free_mb: u64,
     /// Serve the dashboard (`/ui/`) and the OpenAI-compatible chat API (`/v1/...`) on this
     /// address; `--http` alone means 127.0.0.1:8080 (`serve` also serves them on its port).
     #[arg(long, env = "HIVE_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
@@ -232,6 +236,7 @@ impl NodeArgs {
             http: args.http.clone(),
             allow_peers: (!args.allow_peers.is_empty())
                 .then(|| args.allow_peers.iter().copied().collect()),
+            min_free_bytes: args.min_free_mb.saturating_mul(1 << 20),
         })
         .await
         .context("starting the node")?;

@@ -34,7 +34,7 @@ use crate::clock::now_ms;
 use crate::data_dir::{AggregationView, DataDir, OwnAdapter, RoundView, StatusFile, TransferView};
 use crate::error::{Error, Result};
 use crate::identity::peer_id_of;
-use crate::net::blob::{fetch_blob_tracked, Transfers};
+use crate::net::blob::{fetch_blob_fair, Fetched, Transfers};
 use crate::net::{with_peer, Client, NetEvent};
 
 mod aggregate;
@@ -729,16 +729,32 @@ impl Driver {
             // Adapter transfers (and their validation, which loads the adapter) take a slot;
             // announcements (a few KiB) and blobs already held do not wait behind them.
             let held = matches!(store.has_blob(&hash), Ok(true));
+            if !announcement && !held {
+                if let Err(why) = store.ensure_room(max_len) {
+                    // Not the sources' fault: the machine retries at its fetch timeout.
+                    tracing::warn!(blob = %hash.short(), %why, "not fetching");
+                    let reason = FetchFailure::Local;
+                    let _ = tx.send(Event::FetchFailed { hash, reason }).await;
+                    return;
+                }
+            }
             let _slot = if announcement || held {
                 None
             } else {
                 slots.acquire_owned().await.ok()
             };
-            let got = held
-                || fetch_blob_tracked(&client, &store, hash, &peers, max_len, &transfers)
-                    .await
-                    .is_some();
-            let ev = if !got {
+            let got = if held {
+                Fetched::From(client.local_peer_id())
+            } else {
+                fetch_blob_fair(&client, &store, hash, &peers, max_len, &transfers).await
+            };
+            let ev = if got == Fetched::Deferred {
+                // Its sources were not asked (we receive our share from them already).
+                Event::FetchFailed {
+                    hash,
+                    reason: FetchFailure::Local,
+                }
+            } else if got == Fetched::Failed {
                 Event::FetchFailed {
                     hash,
                     reason: FetchFailure::Unavailable,
@@ -751,12 +767,13 @@ impl Driver {
                     .and_then(|r| r.ok())
                     .flatten();
                 match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
-                    // An outsider's announcement, named by a peer of a closed network, is no
-                    // valid input here: the namer is at fault.
+                    // An outsider's announcement, named by a member of a closed network, is
+                    // no input here. Not the namer's fault (its list may differ from ours for
+                    // a while): dropped without blame.
                     Some(Ok(a)) if !allowed(allow.as_deref(), &a.payload().contributor) => {
                         Event::FetchFailed {
                             hash,
-                            reason: FetchFailure::Invalid,
+                            reason: FetchFailure::Local,
                         }
                     }
                     Some(Ok(a)) => Event::Announcement(a),

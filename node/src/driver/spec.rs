@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
-use hivemind_model::aggregate::{AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge};
+use hivemind_model::aggregate::{
+    AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
+};
 use hivemind_protocol::{Hash, RuleId};
 use hivemind_store::Store;
 
@@ -234,6 +236,20 @@ impl NetSpec {
             .check_shape(&self.shape)
             .map_err(|e| Error::NotOfNetwork {
                 detail: e.to_string(),
+            })?;
+        // What the network's rule cannot merge even alone (values near f32's limit, whose
+        // flattened spectrum no f32 holds) would only be left out of the round, and its
+        // announcer blamed: refused here, before anyone announces or fetches it.
+        let alone = WeightedAdapter {
+            hash: Hash([0; 32]),
+            samples: 1,
+            adapter: adapter.clone(),
+        };
+        self.merge_rule()
+            .aggregate(&[alone])
+            .map(|_| ())
+            .map_err(|e| Error::NotOfNetwork {
+                detail: format!("the network's rule ({}) cannot merge it: {e}", self.rule),
             })
     }
 

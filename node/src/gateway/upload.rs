@@ -383,6 +383,15 @@ pub(super) async fn upload(
     let (record, len) = blocking(move || {
         let canonical = validate_upload(&spec, &filename, &bytes, max)
             .map_err(|e| ApiError::bad(format!("invalid adapter: {e}")))?;
+        store
+            .ensure_room(canonical.len() as u64)
+            .map_err(|e| match e {
+                low @ hivemind_store::Error::LowDisk { .. } => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("upload refused, try again later: {low}"),
+                ),
+                other => ApiError::internal(other),
+            })?;
         let hash = store.put_blob(&canonical).map_err(ApiError::internal)?;
         let now = crate::clock::now_ms();
         let stamp = utc(now);

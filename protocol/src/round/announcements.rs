@@ -159,6 +159,7 @@ impl RoundMachine {
                     state: BlobState::Held,
                     sources: BTreeSet::new(),
                     round_adapter: false,
+                    local: false,
                 },
             );
         } else {

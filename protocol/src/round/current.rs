@@ -294,7 +294,7 @@ impl RoundMachine {
         self.anns = kept;
         self.seen.retain(|_, r| *r >= keep_from);
         self.banned.retain(|_, until| *until >= round);
-        self.unserved.retain(|_, until| *until >= round);
+        self.unserved.retain(|_, (until, _)| *until >= round);
         self.invalid.retain(|_, r| *r >= keep_from);
         self.requests.retain(|_, r| r.round >= keep_from);
         let referenced: BTreeSet<Hash> = self.anns.values().map(|a| a.adapter).collect();

@@ -53,6 +53,11 @@ pub enum FetchFailure {
     /// A peer served bytes with the right hash that do not decode as a valid signed
     /// announcement. Whoever named it misbehaved.
     Invalid,
+    /// This node will not take it in (its disk is below the floor it keeps free, it waits
+    /// for its share of a peer's transfers, or an outsider of its closed network signed it):
+    /// nobody's fault. Retried at the fetch timeout like `Unavailable`, but its sources are not held
+    /// to have failed to serve it.
+    Local,
 }
 
 /// One adapter of an aggregation job, with its FedAvg weight.

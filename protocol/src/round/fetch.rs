@@ -21,6 +21,8 @@ pub(super) struct Blob {
     pub(super) sources: BTreeSet<NodeId>,
     /// A parent round adapter rather than an input adapter.
     pub(super) round_adapter: bool,
+    /// The last attempt failed on our side ([`FetchFailure::Local`]), not the sources'.
+    pub(super) local: bool,
 }
 
 impl Blob {
@@ -44,6 +46,9 @@ pub(super) struct AnnRequest {
     pub(super) round: u64,
     pub(super) deadline: u64,
     pub(super) attempts: u32,
+    /// Asked for only to verify a record of another history (fork choice, catch-up): its
+    /// namers are not held to serve it.
+    pub(super) catch_up: bool,
 }
 
 impl RoundMachine {
@@ -81,16 +86,23 @@ impl RoundMachine {
             );
             return;
         }
-        self.request_announcement(now, input.announcement, round, input.adapter, namer, out);
+        self.request_announcement(
+            now,
+            input.announcement,
+            (round, input.adapter),
+            namer,
+            false,
+            out,
+        );
     }
 
     pub(super) fn request_announcement(
         &mut self,
         now: u64,
         id: Hash,
-        round: u64,
-        adapter: Hash,
+        (round, adapter): (u64, Hash),
         namer: NodeId,
+        catch_up: bool,
         out: &mut Vec<Action>,
     ) {
         // A namer that did not serve what it named is not asked again for a while (and
@@ -100,6 +112,7 @@ impl RoundMachine {
         }
         if let Some(req) = self.requests.get_mut(&id) {
             req.claims.entry(namer).or_insert((round, adapter));
+            req.catch_up &= catch_up;
             return;
         }
         if self.requests.len() >= MAX_REQUESTS {
@@ -114,6 +127,7 @@ impl RoundMachine {
                 round,
                 deadline: now.saturating_add(self.config.fetch_timeout_ms),
                 attempts: 1,
+                catch_up,
             },
         );
         self.dirty = true;
@@ -166,6 +180,7 @@ impl RoundMachine {
             },
             sources: BTreeSet::new(),
             round_adapter,
+            local: false,
         });
         let mut added = false;
         for s in trusted {
@@ -173,10 +188,10 @@ impl RoundMachine {
         }
         let start = match b.state {
             BlobState::Held => false,
-            BlobState::Fetching { attempts, .. } if b.sources.is_empty() => {
+            BlobState::Fetching { .. } if b.sources.is_empty() => {
                 // Nobody we still trust to serve it: not waited for.
                 b.state = BlobState::Failed;
-                self.dirty = attempts > 0;
+                self.dirty = true;
                 false
             }
             BlobState::Fetching { attempts, .. } => attempts == 0,
@@ -207,9 +222,9 @@ impl RoundMachine {
                 self.dirty = true;
                 if reason == FetchFailure::Unavailable {
                     if let Some(req) = &req {
-                        self.distrust_namers(req);
+                        self.distrust_namers(now, req);
                     }
-                } else if let Some(req) = req {
+                } else if let Some(req) = req.filter(|_| reason == FetchFailure::Invalid) {
                     self.invalid.insert(hash, req.round);
                     for namer in req.claims.keys() {
                         self.penalise(
@@ -219,7 +234,7 @@ impl RoundMachine {
                         );
                     }
                 }
-            } else {
+            } else if reason == FetchFailure::Unavailable {
                 req.attempts += 1;
                 req.deadline = now.saturating_add(timeout);
                 out.push(Action::FetchAnnouncement {
@@ -227,6 +242,7 @@ impl RoundMachine {
                     from: req.claims.keys().copied().collect(),
                 });
             }
+            // `Local`: asked again at the attempt's deadline.
             return;
         }
         if let Some(b) = self.blobs.get_mut(&hash) {
@@ -250,11 +266,16 @@ impl RoundMachine {
                 }
                 return;
             }
+            b.local = reason == FetchFailure::Local;
             if let BlobState::Fetching { attempts, .. } = b.state {
                 if attempts >= max {
                     b.state = BlobState::Failed;
                     self.dirty = true;
-                    self.blob_unserved(hash);
+                    if !b.local {
+                        self.blob_unserved(now, hash);
+                    }
+                } else if b.local {
+                    // Our disk: try again at the attempt's deadline, not at once.
                 } else {
                     b.state = BlobState::Fetching {
                         deadline: now.saturating_add(timeout),
@@ -273,6 +294,7 @@ impl RoundMachine {
             state: BlobState::Failed,
             sources: BTreeSet::new(),
             round_adapter: false,
+            local: false,
         });
         if b.state != BlobState::Held {
             b.state = BlobState::Held;
@@ -284,14 +306,15 @@ impl RoundMachine {
     pub(super) fn retry_fetches(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let timeout = self.config.fetch_timeout_ms;
         let max = self.config.fetch_attempts;
-        let mut failed = Vec::new();
         for (hash, b) in self.blobs.iter_mut() {
             if let BlobState::Fetching { deadline, attempts } = b.state {
                 if now_ms >= deadline {
                     if attempts >= max {
+                        // Failed, but nobody is held to blame on our timer alone (the
+                        // fetch may have waited here for a slot): only a fetch that asked
+                        // its sources and got nothing makes them unserved.
                         b.state = BlobState::Failed;
                         self.dirty = true;
-                        failed.push(*hash);
                     } else {
                         b.state = BlobState::Fetching {
                             deadline: now_ms.saturating_add(timeout),
@@ -302,9 +325,7 @@ impl RoundMachine {
                 }
             }
         }
-        for hash in failed {
-            self.blob_unserved(hash);
-        }
+        self.unserved.retain(|_, (_, expires)| *expires > now_ms);
         let mut expired = Vec::new();
         for (id, r) in self.requests.iter_mut() {
             if now_ms >= r.deadline {
@@ -321,9 +342,7 @@ impl RoundMachine {
             }
         }
         for id in expired {
-            if let Some(req) = self.requests.remove(&id) {
-                self.distrust_namers(&req);
-            }
+            self.requests.remove(&id);
             self.dirty = true;
         }
     }
@@ -333,27 +352,38 @@ impl RoundMachine {
     pub(super) fn is_unserved(&self, who: &NodeId) -> bool {
         self.unserved
             .get(who)
-            .is_some_and(|until| *until >= self.cur.round)
+            .is_some_and(|(until, _)| *until >= self.cur.round)
+    }
+
+    /// Marks `who` unserved for this round and the next, and for at most as long as a
+    /// fetch's attempts take.
+    fn mark_unserved(&mut self, now: u64, who: NodeId) {
+        let span = self
+            .config
+            .fetch_timeout_ms
+            .saturating_mul(u64::from(self.config.fetch_attempts));
+        self.unserved
+            .insert(who, (self.cur.round + 1, now.saturating_add(span)));
     }
 
     /// No source of adapter blob `hash` served it: they are not asked again this round and
     /// the next, and blobs only they could serve are no longer waited for. Before, one key
     /// announcing dozens of adapters it never served, again and again, kept every round
     /// waiting (each adapter took its fetch attempts before the round could close).
-    fn blob_unserved(&mut self, hash: Hash) {
+    fn blob_unserved(&mut self, now: u64, hash: Hash) {
         let Some(b) = self.blobs.get(&hash) else {
             return;
         };
         if b.round_adapter {
             return;
         }
-        let until = self.cur.round + 1;
         for s in b.sources.clone() {
-            self.unserved.insert(s, until);
+            self.mark_unserved(now, s);
         }
         let unserved = &self.unserved;
         for b in self.blobs.values_mut() {
-            if matches!(b.state, BlobState::Fetching { .. })
+            if !b.round_adapter
+                && matches!(b.state, BlobState::Fetching { .. })
                 && b.sources.iter().all(|s| unserved.contains_key(s))
             {
                 b.state = BlobState::Failed;
@@ -366,10 +396,12 @@ impl RoundMachine {
     /// digests are not reconciled this round and the next, and what they alone named is
     /// no longer waited for. Before, a digest naming hundreds of announcements that do not
     /// exist, sent again with fresh ids, kept the round pending for good.
-    fn distrust_namers(&mut self, req: &AnnRequest) {
-        let until = self.cur.round + 1;
+    fn distrust_namers(&mut self, now: u64, req: &AnnRequest) {
+        if req.catch_up {
+            return;
+        }
         for namer in req.claims.keys() {
-            self.unserved.insert(*namer, until);
+            self.mark_unserved(now, *namer);
         }
         let unserved = &self.unserved;
         let before = self.requests.len();

@@ -112,9 +112,9 @@ impl RoundMachine {
                         self.request_announcement(
                             now,
                             input.announcement,
-                            record.round,
-                            input.adapter,
+                            (record.round, input.adapter),
                             *s,
+                            true,
                             out,
                         );
                     }

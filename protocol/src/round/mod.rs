@@ -154,10 +154,11 @@ pub struct RoundMachine {
     tip_since: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
-    /// Signers who named announcements they then did not serve: their digests are not
-    /// reconciled up to and including a round (no penalty: a crashed honest node looks the
+    /// Signers who did not serve what they named or announced: up to and including a
+    /// round, and until a time (so a node stuck behind forgets it too), they are not asked
+    /// and their digests are not reconciled (no penalty: a crashed honest node looks the
     /// same).
-    unserved: BTreeMap<NodeId, u64>,
+    unserved: BTreeMap<NodeId, (u64, u64)>,
     heartbeat: Heartbeat,
     dirty: bool,
 }

@@ -58,10 +58,6 @@ impl Transfers {
     }
 }
 
-/// The longest a fetch waits for a transfer from a peer whose share
-/// ([`MAX_TRANSFERS_PER_PEER`]) is in use.
-const PEER_SHARE_WAIT: Duration = Duration::from_secs(600);
-
 /// Removes its transfer from [`Transfers`] when the transfer ends, however it ends.
 struct Tracked<'a> {
     transfers: &'a Transfers,
@@ -87,21 +83,6 @@ impl<'a> Tracked<'a> {
             }
         });
         started.then_some(Tracked { transfers, hash })
-    }
-
-    /// [`Tracked::start`], waiting (at most [`PEER_SHARE_WAIT`]) for one of the peer's
-    /// transfers to end.
-    async fn wait(transfers: &'a Transfers, hash: Hash, peer: PeerId) -> Option<Self> {
-        let until = std::time::Instant::now() + PEER_SHARE_WAIT;
-        loop {
-            if let Some(t) = Tracked::start(transfers, hash, peer) {
-                return Some(t);
-            }
-            if std::time::Instant::now() >= until {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     fn set_total(&self, total: u64) {
@@ -158,8 +139,36 @@ pub async fn fetch_blob_tracked(
     max_len: u64,
     transfers: &Transfers,
 ) -> Option<PeerId> {
+    match fetch_blob_fair(client, store, hash, peers, max_len, transfers).await {
+        Fetched::From(peer) => Some(peer),
+        Fetched::Failed | Fetched::Deferred => None,
+    }
+}
+
+/// How [`fetch_blob_fair`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// Stored, from this peer (this node's own id when it was stored already).
+    From(PeerId),
+    /// No peer delivered.
+    Failed,
+    /// No peer delivered, and some were not asked: this node already receives its share
+    /// of transfers from them ([`MAX_TRANSFERS_PER_PEER`]). Not their fault; ask later.
+    Deferred,
+}
+
+/// [`fetch_blob_tracked`], saying when peers were left unasked for their share of
+/// `transfers` being in use (the caller holds no slot while it waits for them).
+pub async fn fetch_blob_fair(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    peers: &[PeerId],
+    max_len: u64,
+    transfers: &Transfers,
+) -> Fetched {
     if matches!(store.has_blob(&hash), Ok(true)) {
-        return Some(client.local_peer_id());
+        return Fetched::From(client.local_peer_id());
     }
     let max_len = max_len.min(MAX_BLOB_BYTES);
     let mut ask = peers.to_vec();
@@ -170,12 +179,13 @@ pub async fn fetch_blob_tracked(
             tokio::time::sleep(wait).await;
         }
         match fetch_pass(client, store, hash, &ask, max_len, transfers).await {
-            Pass::Done(peer) => return Some(peer),
-            Pass::Failed => return None,
+            Pass::Done(peer) => return Fetched::From(peer),
+            Pass::Failed => return Fetched::Failed,
+            Pass::Deferred => return Fetched::Deferred,
             Pass::Busy(busy) => ask = busy,
         }
     }
-    None
+    Fetched::Failed
 }
 
 /// The first wait after a pass in which every peer that holds the blob was busy; doubled
@@ -188,6 +198,8 @@ enum Pass {
     Failed,
     /// No peer delivered; these were busy.
     Busy(Vec<PeerId>),
+    /// No peer delivered, none was busy, and some were left unasked for their share.
+    Deferred,
 }
 
 async fn fetch_pass(
@@ -199,12 +211,11 @@ async fn fetch_pass(
     transfers: &Transfers,
 ) -> Pass {
     let mut busy = Vec::new();
-    // Peers we already receive our share of transfers from are asked last, once one of
-    // those transfers ends (waiting is not a failed pass).
-    let mut capped = Vec::new();
+    // Peers we already receive our share of transfers from are not asked now.
+    let mut capped = false;
     for peer in peers {
         let Some(tracked) = Tracked::start(transfers, hash, *peer) else {
-            capped.push(*peer);
+            capped = true;
             continue;
         };
         let r = fetch_from(client, store, hash, *peer, max_len, tracked).await;
@@ -212,19 +223,10 @@ async fn fetch_pass(
             return done;
         }
     }
-    for peer in capped {
-        let Some(tracked) = Tracked::wait(transfers, hash, peer).await else {
-            continue;
-        };
-        let r = fetch_from(client, store, hash, peer, max_len, tracked).await;
-        if let Some(done) = settle(client, hash, peer, r, &mut busy).await {
-            return done;
-        }
-    }
-    if busy.is_empty() {
-        Pass::Failed
-    } else {
-        Pass::Busy(busy)
+    match (busy.is_empty(), capped) {
+        (false, _) => Pass::Busy(busy),
+        (true, true) => Pass::Deferred,
+        (true, false) => Pass::Failed,
     }
 }
 

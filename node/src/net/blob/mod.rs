@@ -40,7 +40,9 @@ use tokio::sync::mpsc;
 mod fetch;
 mod serve;
 
-pub use fetch::{fetch_blob, fetch_blob_tracked, request_blob, Transfer, Transfers};
+pub use fetch::{
+    fetch_blob, fetch_blob_fair, fetch_blob_tracked, request_blob, Fetched, Transfer, Transfers,
+};
 
 /// Passes over the busy peers before a fetch gives up (about 30 s of waiting in all).
 pub const BUSY_PASSES: u32 = 8;
@@ -74,8 +76,9 @@ pub const DEFAULT_MIN_SERVE_RATE: u64 = 64 << 10;
 /// peer sending ~9 KB/s held one of our fetch slots for 40 minutes a blob.
 pub const MIN_FETCH_RATE: u64 = DEFAULT_MIN_SERVE_RATE;
 /// Transfers this node receives from one peer at once; a fetch that would start one more
-/// treats that peer as busy (and asks the others first). So one peer, however slow, holds at
-/// most this many of the fetch slots.
+/// does not ask that peer now ([`Fetched::Deferred`] when no other peer delivered: the
+/// fetch gives its slot back and is tried again later). So one peer, however slow, holds
+/// at most this many of the fetch slots.
 pub const MAX_TRANSFERS_PER_PEER: usize = 2;
 /// Blob streams a node serves at once unless configured otherwise; more are answered
 /// "busy". One peer gets at most a quarter of them (at least one).
