@@ -873,6 +873,7 @@ fn net_spec() -> Result<NetSpec> {
         config,
         shape,
         rule: Default::default(),
+        dp: None,
     })
 }
 

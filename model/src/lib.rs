@@ -17,6 +17,7 @@ pub mod chat;
 pub mod config;
 pub mod dataset;
 pub mod decoder;
+pub mod dp;
 mod error;
 pub mod eval;
 pub mod facts;

@@ -46,6 +46,9 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
     /// How rounds merge the adapters.
     pub rule: NetRule,
+    /// Differential privacy of what contributors announce (opt-in; part of the network's
+    /// identity).
+    pub dp: Option<hivemind_model::dp::DpSettings>,
 }
 
 impl Default for LoraSettings {
@@ -56,6 +59,7 @@ impl Default for LoraSettings {
             alpha: 32.0,
             target_modules: Module::ALL.iter().map(|m| m.to_string()).collect(),
             rule: NetRule::default(),
+            dp: None,
         }
     }
 }
@@ -177,7 +181,14 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
         alpha: lora.alpha as f32,
         target_modules: lora.target_modules.clone(),
     };
-    let id = ModelId::derive(&BaseModel::File(hash), &shape).with_rule(lora.rule.id());
+    let mut id = ModelId::derive(&BaseModel::File(hash), &shape).with_rule(lora.rule.id());
+    if let Some(dp) = &lora.dp {
+        dp.validate().map_err(|e| Error::Config {
+            option: "dp",
+            detail: e.to_string(),
+        })?;
+        id = id.with_dp(dp.clip, dp.noise_multiplier);
+    }
     Ok((id, hash))
 }
 
@@ -229,13 +240,14 @@ impl Node {
             dd.create()?;
             let store = dd.open_store()?.with_min_free(min_free);
             let key = dd.node_key()?;
-            let spec = NetSpec::for_model(
+            let mut spec = NetSpec::for_model(
                 &model_path,
                 lora.rank,
                 lora.alpha,
                 &lora.target_modules,
                 lora.rule,
             )?;
+            spec.dp = lora.dp;
             Ok::<_, Error>((model, base_hash, store, key, spec))
         })
         .await??;

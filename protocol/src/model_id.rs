@@ -90,6 +90,16 @@ impl ModelId {
         ModelId(Hash::from(h.finalize()))
     }
 
+    /// The id of the network whose contributors release their adapters with differential
+    /// privacy (clip, noise multiplier): a private network is another network.
+    pub fn with_dp(self, clip: f64, noise_multiplier: f64) -> ModelId {
+        let mut h = blake3::Hasher::new_derive_key("hivemind 2026 model id with dp v1");
+        h.update(self.0.as_bytes());
+        h.update(&clip.to_le_bytes());
+        h.update(&noise_multiplier.to_le_bytes());
+        ModelId(Hash::from(h.finalize()))
+    }
+
     /// Lower-case hex, 64 characters.
     pub fn to_hex(&self) -> String {
         self.0.to_hex()

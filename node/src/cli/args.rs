@@ -9,6 +9,7 @@ use crate::node::{round_config, ChatSettings, GatewaySettings, LoraSettings, Nod
 use anyhow::{Context, Result};
 use clap::Args;
 use hivemind_model::adapter::LoraAdapter;
+use hivemind_model::dp::DpSettings;
 use hivemind_protocol::RoundConfig;
 use libp2p::{Multiaddr, PeerId};
 
@@ -161,6 +162,17 @@ pub struct NodeArgs {
     /// identity.
     #[arg(long, default_value = "iso")]
     pub rule: NetRule,
+    /// Differential privacy (opt-in, part of the network's identity): every contributor's
+    /// adapter is clipped to L2 norm --dp-clip and Gaussian noise of this many times the clip
+    /// is added to each value before it is announced; `status` reports ε.
+    #[arg(long)]
+    pub dp_noise: Option<f64>,
+    /// The L2 norm adapters are clipped to under --dp-noise.
+    #[arg(long, default_value_t = 1.0)]
+    pub dp_clip: f64,
+    /// The δ that ε is reported for under --dp-noise.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
@@ -195,6 +207,11 @@ impl NodeArgs {
             alpha: self.alpha,
             target_modules: self.target_modules.clone(),
             rule: self.rule,
+            dp: self.dp_noise.map(|z| DpSettings {
+                clip: self.dp_clip,
+                noise_multiplier: z,
+                delta: self.dp_delta,
+            }),
         }
     }
 

@@ -91,5 +91,17 @@ pub(super) fn run(args: StatusArgs) -> Result<()> {
         ),
         None => println!("latest round:    none yet"),
     }
+    if let Some(p) = &s.privacy {
+        println!(
+            "privacy:         clip {} noise x{}: epsilon {:.3} a round, {:.3} over the {} rounds \
+             this node released in (delta {:e})",
+            p.clip,
+            p.noise_multiplier,
+            p.epsilon_per_round,
+            p.epsilon_total,
+            p.rounds_released,
+            p.delta
+        );
+    }
     Ok(())
 }

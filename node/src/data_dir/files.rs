@@ -30,6 +30,23 @@ impl RoundView {
     }
 }
 
+/// What differential privacy this node's own releases have had.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PrivacyView {
+    /// L2 norm every release is clipped to.
+    pub clip: f64,
+    /// Noise standard deviation in units of the clip.
+    pub noise_multiplier: f64,
+    /// The δ of the ε figures.
+    pub delta: f64,
+    /// ε of one round's release.
+    pub epsilon_per_round: f64,
+    /// Rounds in which this node released its own adapter.
+    pub rounds_released: u64,
+    /// ε over all of them (RDP composition).
+    pub epsilon_total: f64,
+}
+
 /// An adapter this node announced.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OwnAdapter {
@@ -107,6 +124,9 @@ pub struct StatusFile {
     /// Aggregations running (or waiting to retry).
     #[serde(default)]
     pub aggregating: Vec<AggregationView>,
+    /// Differential privacy, in a network that has it.
+    #[serde(default)]
+    pub privacy: Option<PrivacyView>,
     /// All committed rounds, oldest first.
     pub rounds: Vec<RoundView>,
     /// When this file was written (unix ms).

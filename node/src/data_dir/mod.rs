@@ -29,8 +29,8 @@ use hivemind_store::Store;
 use serde::Serialize;
 
 pub use files::{
-    AggregationView, NetworkFile, OwnAdapter, RoundView, StatusFile, TrainingFile, TrainingStep,
-    TransferView,
+    AggregationView, NetworkFile, OwnAdapter, PrivacyView, RoundView, StatusFile, TrainingFile,
+    TrainingStep, TransferView,
 };
 
 use crate::error::{Error, IoContext, Result};
@@ -41,6 +41,7 @@ const EVALS_FILE: &str = "evals.json";
 /// Round evals kept in `evals.json` (the newest).
 const MAX_EVALS: usize = 256;
 const NETWORK_FILE: &str = "network.json";
+const PRIVACY_FILE: &str = "privacy.json";
 const INBOX_DIR: &str = "inbox";
 const READY_FILE: &str = "READY";
 const ROUND_ADAPTERS_DIR: &str = "round-adapters";
@@ -192,6 +193,24 @@ impl DataDir {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
+    }
+
+    // --- privacy.json ------------------------------------------------------------------
+
+    /// The rounds in which this node released its own adapter under differential privacy
+    /// (empty when none, or when the file is unreadable: then the count starts again, and
+    /// ε is under-reported, which `status` says nothing about; the file is small and written
+    /// atomically).
+    pub fn released_rounds(&self) -> std::collections::BTreeSet<u64> {
+        std::fs::read(self.root.join(PRIVACY_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records the rounds of [`DataDir::released_rounds`].
+    pub fn write_released_rounds(&self, rounds: &std::collections::BTreeSet<u64>) -> Result<()> {
+        write_json_atomic(&self.root.join(PRIVACY_FILE), rounds)
     }
 
     // --- network.json ------------------------------------------------------------------

@@ -31,7 +31,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::data_dir::{AggregationView, DataDir, OwnAdapter, RoundView, StatusFile, TransferView};
+use crate::data_dir::{
+    AggregationView, DataDir, OwnAdapter, PrivacyView, RoundView, StatusFile, TransferView,
+};
 use crate::error::{Error, Result};
 use crate::identity::peer_id_of;
 use crate::net::blob::{fetch_blob_fair, Fetched, Transfers};
@@ -215,6 +217,9 @@ pub struct Driver {
     /// Adapters this node announced (its own, and its gateway's uploads), by round; the last
     /// [`OWN_ROUNDS`] rounds (shown in status.json).
     own: BTreeMap<u64, BTreeSet<Hash>>,
+    /// Rounds in which this node released its own adapter under differential privacy
+    /// (persisted: `privacy.json`).
+    released: BTreeSet<u64>,
     unpublished: Vec<(String, Vec<u8>)>,
     rounds: Vec<RoundView>,
     /// Gateway uploads waiting for the next round, by user id.
@@ -250,6 +255,7 @@ impl Driver {
         let machine =
             RoundMachine::new(cfg.round.clone(), cfg.model, key.node_id(), tip, now_ms())?;
         let (done_tx, done_rx) = mpsc::channel(1024);
+        let released = cfg.data_dir.released_rounds();
         Ok(Driver {
             rounds: stored.iter().map(RoundView::of).collect(),
             cfg,
@@ -266,6 +272,7 @@ impl Driver {
             fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
             announced: BTreeMap::new(),
             own: BTreeMap::new(),
+            released,
             unpublished: Vec::new(),
             deferred: BTreeMap::new(),
             queued: Vec::new(),
@@ -576,7 +583,7 @@ impl Driver {
         let (hash, len) = tokio::task::spawn_blocking(move || -> Result<(Hash, u64)> {
             let adapter = LoraAdapter::read_dir(&dir)?;
             spec.check(&adapter)?;
-            let bytes = adapter.to_safetensors_bytes()?;
+            let bytes = spec.release(&adapter)?;
             let hash = store.put_blob(&bytes)?;
             Ok((hash, bytes.len() as u64))
         })
@@ -671,6 +678,14 @@ impl Driver {
                     self.own.pop_first();
                 }
                 self.keep_announcement(p.round, p.adapter, s.as_bytes().to_vec());
+                if self.cfg.spec.dp.is_some()
+                    && p.user_id.is_none()
+                    && self.released.insert(p.round)
+                {
+                    if let Err(e) = self.cfg.data_dir.write_released_rounds(&self.released) {
+                        tracing::error!(error = %e, "cannot record the release for privacy accounting");
+                    }
+                }
                 self.publish(announce_topic(&self.cfg.model), s.encode())
                     .await;
             }
@@ -1021,6 +1036,17 @@ impl Driver {
                     bytes_per_s: t.bytes as f64 / t.started.elapsed().as_secs_f64().max(1e-3),
                 })
                 .collect(),
+            privacy: self.cfg.spec.dp.map(|dp| {
+                let n = self.released.len() as u64;
+                PrivacyView {
+                    clip: dp.clip,
+                    noise_multiplier: dp.noise_multiplier,
+                    delta: dp.delta,
+                    epsilon_per_round: dp.epsilon(1),
+                    rounds_released: n,
+                    epsilon_total: dp.epsilon(n),
+                }
+            }),
             aggregating: self
                 .aggregating
                 .lock()

@@ -7,8 +7,10 @@ use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, 
 use hivemind_model::aggregate::{
     AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
 };
+use hivemind_model::dp::DpSettings;
 use hivemind_protocol::{Hash, RuleId};
 use hivemind_store::Store;
+use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 
@@ -133,6 +135,8 @@ pub struct NetSpec {
     pub shape: AdapterShape,
     /// The aggregation rule.
     pub rule: NetRule,
+    /// Differential privacy of what this network's contributors announce ([`NetSpec::release`]).
+    pub dp: Option<DpSettings>,
 }
 
 impl NetSpec {
@@ -157,6 +161,7 @@ impl NetSpec {
             config,
             shape,
             rule,
+            dp: None,
         })
     }
 
@@ -275,6 +280,30 @@ impl NetSpec {
         per_layer * self.shape.num_layers as u64 * 4 + Limits::DEFAULT.max_header_bytes + 8
     }
 
+    /// The bytes a contributor announces for `adapter`: its canonical bytes, or in a network
+    /// with differential privacy, the adapter clipped and noised ([`hivemind_model::dp`], with
+    /// the OS's random generator) and the settings and per-round ε in its metadata.
+    pub fn release(&self, adapter: &LoraAdapter) -> Result<Vec<u8>> {
+        let Some(dp) = &self.dp else {
+            return Ok(adapter.to_safetensors_bytes()?);
+        };
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let noised = hivemind_model::dp::privatize(adapter, dp, &mut rng)?;
+        let meta = std::collections::BTreeMap::from([
+            ("hivemind.dp_clip".to_string(), dp.clip.to_string()),
+            (
+                "hivemind.dp_noise_multiplier".to_string(),
+                dp.noise_multiplier.to_string(),
+            ),
+            ("hivemind.dp_delta".to_string(), dp.delta.to_string()),
+            (
+                "hivemind.dp_epsilon_round".to_string(),
+                format!("{:.4}", dp.epsilon(1)),
+            ),
+        ]);
+        Ok(noised.to_safetensors_bytes_with_metadata(&meta)?)
+    }
+
     /// Parses untrusted safetensors bytes as an adapter of this network.
     pub fn parse(&self, bytes: &[u8], limits: &Limits) -> Result<LoraAdapter> {
         let adapter = LoraAdapter::from_safetensors_bytes(self.config.clone(), bytes, limits)
@@ -308,6 +337,7 @@ mod tests {
             config,
             shape: shape.clone(),
             rule: NetRule::FedAvg,
+            dp: None,
         };
         let adapter = random_adapter(&shape, 16.0, 3).unwrap();
         let meta = BTreeMap::from([
@@ -336,6 +366,7 @@ mod tests {
             config: AdapterConfig::new(4, 8.0, TargetModules::from_names(names.clone())),
             shape: cfg.adapter_shape(4, &names).unwrap(),
             rule: NetRule::ExactMean,
+            dp: None,
         };
         let bytes_of_rank = |rank: usize| {
             let shape = cfg.adapter_shape(rank, &names).unwrap();

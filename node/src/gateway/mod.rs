@@ -207,12 +207,24 @@ async fn status(State(gw): State<Gateway>) -> ApiResult<Json<Value>> {
     })
     .await?;
     let latest = gw.view.borrow().latest.as_ref().map(|r| r.version.clone());
-    Ok(Json(json!({
+    let mut body = json!({
         "total_adapters": stats.uploads,
         "total_users": stats.users,
         "latest_aggregated_version": latest,
         "pending_for_aggregation": pending,
-    })))
+    });
+    // In a private network: what each upload's release costs a user (one upload a round is
+    // announced per user, so a user's ε after k rounds is that of k releases).
+    if let Some(dp) = &gw.spec.dp {
+        body["privacy"] = json!({
+            "clip": dp.clip,
+            "noise_multiplier": dp.noise_multiplier,
+            "delta": dp.delta,
+            "epsilon_per_round": dp.epsilon(1),
+            "epsilon_after_10_rounds": dp.epsilon(10),
+        });
+    }
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

@@ -381,8 +381,16 @@ pub(super) async fn upload(
         form.base_model,
     );
     let (record, len) = blocking(move || {
-        let canonical = validate_upload(&spec, &filename, &bytes, max)
+        let mut canonical = validate_upload(&spec, &filename, &bytes, max)
             .map_err(|e| ApiError::bad(format!("invalid adapter: {e}")))?;
+        if spec.dp.is_some() {
+            // The gateway announces for its users: it releases what they uploaded the way
+            // every contributor of a private network does.
+            let adapter = spec
+                .parse(&canonical, &Limits::DEFAULT)
+                .map_err(ApiError::internal)?;
+            canonical = spec.release(&adapter).map_err(ApiError::internal)?;
+        }
         store
             .ensure_room(canonical.len() as u64)
             .map_err(|e| match e {
@@ -533,6 +541,7 @@ mod tests {
             config: config.clone(),
             shape: shape.clone(),
             rule: NetRule::Iso,
+            dp: None,
         };
         let weights = random_adapter(&shape, 8.0, 1)
             .unwrap()
