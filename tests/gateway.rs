@@ -684,3 +684,60 @@ fn uploads_are_refused_with_507_while_the_disk_is_below_the_floor() {
     let (_, status) = api.get("/api/v1/status");
     assert_eq!(status["total_adapters"], 0, "{status}");
 }
+
+/// A gateway of a network with differential privacy releases what its users upload noised,
+/// reports ε in its status, keeps the sample counts out of what it lists, and lets a user have
+/// one upload waiting at a time (a second, superseding one would be a second release of the
+/// user's data for the same round).
+#[test]
+fn a_private_gateway_releases_uploads_noised_and_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        &model,
+        &data,
+        &[
+            "--round-secs",
+            "3600",
+            "--dp-noise",
+            "0.5",
+            "--dp-clip",
+            "1",
+        ],
+    );
+    let api = Api {
+        base: server.line("gateway on "),
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+    let upload = |seed| {
+        let bytes = adapter(seed, RANK, 32).to_safetensors_bytes().unwrap();
+        api.upload(
+            Some(("a.safetensors", bytes)),
+            &[("user_id", "alice"), ("training_samples", "123")],
+        )
+    };
+    let (code, v) = upload(80);
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = upload(81);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("one upload waiting"),
+        "{v}"
+    );
+    let (_, status) = api.get("/api/v1/status");
+    let eps = status["privacy"]["epsilon_per_round"].as_f64().unwrap();
+    let want = hivemind_model::dp::epsilon(0.5, 1, 1e-5);
+    assert!((eps - want).abs() < 1e-9, "{status}");
+    let (_, list) = api.get("/api/v1/adapter/list");
+    let listed = list.to_string();
+    assert!(
+        !listed.contains("123"),
+        "the sample count is listed: {list}"
+    );
+    // The stored release is not the uploaded adapter.
+    let original =
+        hivemind_protocol::Hash::of(&adapter(80, RANK, 32).to_safetensors_bytes().unwrap());
+    assert!(!listed.contains(&original.to_hex()), "{list}");
+}

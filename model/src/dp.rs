@@ -6,7 +6,8 @@
 //! independent Gaussian noise of standard deviation `noise_multiplier * clip` to each value.
 //! Whatever the user's data, two clipped vectors are at most `2 * clip` apart, so this is the
 //! Gaussian mechanism with sensitivity `Δ = 2·clip` and `σ = z·clip`, at the user level (all of
-//! a user's data) and local (no one, not even an aggregator, sees the unnoised adapter). The
+//! a user's data) and local (no peer sees the unnoised adapter; a gateway sees its users' uploads
+//! before it releases them for them). The
 //! merged update `s·B·A` is computed from the released factors, so it is covered too
 //! (post-processing).
 //!

@@ -67,7 +67,7 @@ fn the_accountant_bounds_the_exact_curve_and_stays_close_to_it() {
                 "z {z}, {rounds} rounds: {rdp} < exact {exact}"
             );
             assert!(
-                rdp <= exact * 1.35 + 0.05,
+                rdp <= exact * 1.12 + 0.01,
                 "z {z}, {rounds} rounds: {rdp} far above exact {exact}"
             );
         }

@@ -805,3 +805,57 @@ fn an_adapter_that_is_no_adapter_is_not_refetched_and_its_announcer_is_penalised
     // Nor later, when fetches are retried.
     assert!(fetched_blobs(&a.tick(5_000)).is_empty());
 }
+
+/// A source that keeps our share of its transfers busy through every attempt (the driver
+/// reports `Busy`: it did not ask it) counts as not serving: its next adapter of the round is
+/// not waited for. Before, such a source was never blamed, so one key trickling two transfers
+/// and announcing one adapter after another (each under a new user id) held the round open
+/// for the fetch attempts of each.
+#[test]
+fn a_source_that_keeps_our_share_busy_is_not_waited_for_again() {
+    let (ka, kb) = (key(1), key(2));
+    let mut a = machine(&ka);
+    a.handle(
+        0,
+        Event::LocalContribution(ann(&ka, 1, Hash::of(b"a"), None, 0)),
+    );
+    let out = a.handle(
+        10,
+        Event::Announcement(ann(&kb, 1, Hash::of(b"slow"), None, 0)),
+    );
+    assert_eq!(fetched_blobs(&out), vec![Hash::of(b"slow")]);
+    let busy = Event::FetchFailed {
+        hash: Hash::of(b"slow"),
+        reason: FetchFailure::Busy,
+    };
+    // Not asked: no retry at once, one at each deadline (fetch timeout 1 s, 3 attempts).
+    assert!(fetched_blobs(&a.handle(20, busy.clone())).is_empty());
+    assert_eq!(fetched_blobs(&a.tick(1_100)).len(), 1);
+    a.handle(1_120, busy.clone());
+    assert_eq!(fetched_blobs(&a.tick(2_200)).len(), 1);
+    a.handle(2_220, busy);
+    // The window is over by now; the next adapter it announces (as another user, just before
+    // the blob fails) is not fetched nor waited for.
+    let mut second = ann(&kb, 1, Hash::of(b"slow too"), None, 3_250)
+        .payload()
+        .clone();
+    second.user_id = Some("another".into());
+    let mut all = a.tick(3_300);
+    assert!(fetched_blobs(&all).is_empty());
+    let out = a.handle(
+        3_400,
+        Event::Announcement(Signed::sign(second, &kb).unwrap()),
+    );
+    assert!(fetched_blobs(&out).is_empty(), "{out:?}");
+    all.extend(out);
+    all.extend(a.tick(4_000));
+    let js = jobs(&all);
+    let adapters: Vec<Hash> = js
+        .last()
+        .expect("a job")
+        .inputs
+        .iter()
+        .map(|i| i.adapter)
+        .collect();
+    assert_eq!(adapters, vec![Hash::of(b"a")]);
+}

@@ -6,6 +6,7 @@
 //!     identity.key                  ed25519 key: signs messages, is the libp2p key
 //!     db/  blobs/                   the store (sled index, content-addressed blob files)
 //!     network.json                  the network the node last joined  (NetworkFile)
+//!     privacy.json                  rounds this node released its own adapter in (DP networks)
 //!     status.json                   kept by the running node, every 300 ms (StatusFile)
 //!     training.json                 the last `train` run with this data dir, as it goes
 //!     evals.json                    `eval` scores of round adapters, by round hash

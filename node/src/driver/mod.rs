@@ -328,6 +328,7 @@ impl Driver {
         };
         // Our own announcements of this round, by user.
         let mut ours: BTreeMap<String, SignedAnnouncement> = BTreeMap::new();
+        let mut own = None;
         for (_, bytes) in stored {
             let Ok(a) = SignedAnnouncement::decode_for(&bytes, &self.cfg.model) else {
                 continue;
@@ -336,9 +337,20 @@ impl Driver {
             if p.contributor != self.key.node_id() || p.round != round {
                 continue;
             }
-            if let Some(user) = p.user_id.clone() {
-                ours.entry(user).or_insert(a);
+            match p.user_id.clone() {
+                Some(user) => {
+                    ours.entry(user).or_insert(a);
+                }
+                None => own = own.or(Some(a)),
             }
+        }
+        // This node's own adapter of this round, announced before a restart: the round has it
+        // (the same signed bytes go out again), so a hand-over waiting in the inbox waits for
+        // the next round instead of becoming a second contribution (and, in a private
+        // network, a second release of the user's data) in this one.
+        if let Some(a) = own {
+            let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
+            self.act(actions).await;
         }
         for (u, len) in pending {
             let Some(len) = len else {
@@ -560,6 +572,13 @@ impl Driver {
         user_id: Option<String>,
     ) -> Result<bool> {
         let now = now_ms();
+        // A sample count says something about the user's data outside the noise: a private
+        // network announces 1 for everyone.
+        let samples = if self.cfg.spec.dp.is_some() {
+            1
+        } else {
+            samples
+        };
         let draft = self
             .machine
             .draft_announcement(hash, byte_len, samples, user_id, now);
@@ -767,7 +786,7 @@ impl Driver {
                 // Its sources were not asked (we receive our share from them already).
                 Event::FetchFailed {
                     hash,
-                    reason: FetchFailure::Local,
+                    reason: FetchFailure::Busy,
                 }
             } else if got == Fetched::Failed {
                 Event::FetchFailed {

@@ -289,6 +289,8 @@ impl NetSpec {
         };
         let mut rng = rand::rngs::StdRng::from_entropy();
         let noised = hivemind_model::dp::privatize(adapter, dp, &mut rng)?;
+        // What peers will check of it (a large clip could make it unmergeable).
+        self.check(&noised)?;
         let meta = std::collections::BTreeMap::from([
             ("hivemind.dp_clip".to_string(), dp.clip.to_string()),
             (

@@ -374,16 +374,35 @@ pub(super) async fn upload(
     let max = gw.cfg.max_upload_bytes;
     let store = gw.store.clone();
     let current = gw.view.borrow().current_round;
+    // A private network keeps the sample and epoch counts (they say something about the
+    // user's data outside the noise) out of what it stores, lists and announces.
+    let private = spec.dp.is_some();
     let (user, samples, epochs, base_model) = (
         user_id.clone(),
-        form.training_samples,
-        form.epochs,
+        if private { 0 } else { form.training_samples },
+        if private { 0 } else { form.epochs },
         form.base_model,
     );
     let (record, len) = blocking(move || {
         let mut canonical = validate_upload(&spec, &filename, &bytes, max)
             .map_err(|e| ApiError::bad(format!("invalid adapter: {e}")))?;
-        if spec.dp.is_some() {
+        if private {
+            // Each upload is a release; one that would wait behind another (and supersede it)
+            // would be a second release of the same user's data for one round.
+            let waiting = store
+                .list_uploads_by_user(&user)
+                .map_err(ApiError::internal)?
+                .iter()
+                .any(|u| u.round.is_none());
+            if waiting {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{user} already has an upload waiting for a round; in a network with \
+                         differential privacy a user has one upload waiting at a time"
+                    ),
+                ));
+            }
             // The gateway announces for its users: it releases what they uploaded the way
             // every contributor of a private network does.
             let adapter = spec

@@ -159,7 +159,7 @@ impl RoundMachine {
                     state: BlobState::Held,
                     sources: BTreeSet::new(),
                     round_adapter: false,
-                    local: false,
+                    last_failure: None,
                 },
             );
         } else {

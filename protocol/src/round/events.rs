@@ -53,11 +53,14 @@ pub enum FetchFailure {
     /// A peer served bytes with the right hash that do not decode as a valid signed
     /// announcement. Whoever named it misbehaved.
     Invalid,
-    /// This node will not take it in (its disk is below the floor it keeps free, it waits
-    /// for its share of a peer's transfers, or an outsider of its closed network signed it):
-    /// nobody's fault. Retried at the fetch timeout like `Unavailable`, but its sources are not held
-    /// to have failed to serve it.
+    /// This node will not take it in (its disk is below the floor it keeps free, or an
+    /// outsider of its closed network signed it): nobody's fault. Retried at the fetch
+    /// timeout, and its sources are not held to have failed to serve it.
     Local,
+    /// Its sources were not asked: this node already receives as many transfers from each as
+    /// it allows at once. Retried at the fetch timeout; if every attempt ends this way, the
+    /// sources count as not serving it (they kept our share busy throughout).
+    Busy,
 }
 
 /// One adapter of an aggregation job, with its FedAvg weight.

@@ -21,8 +21,8 @@ pub(super) struct Blob {
     pub(super) sources: BTreeSet<NodeId>,
     /// A parent round adapter rather than an input adapter.
     pub(super) round_adapter: bool,
-    /// The last attempt failed on our side ([`FetchFailure::Local`]), not the sources'.
-    pub(super) local: bool,
+    /// How the last attempt failed, if it did.
+    pub(super) last_failure: Option<FetchFailure>,
 }
 
 impl Blob {
@@ -180,7 +180,7 @@ impl RoundMachine {
             },
             sources: BTreeSet::new(),
             round_adapter,
-            local: false,
+            last_failure: None,
         });
         let mut added = false;
         for s in trusted {
@@ -266,16 +266,16 @@ impl RoundMachine {
                 }
                 return;
             }
-            b.local = reason == FetchFailure::Local;
+            b.last_failure = Some(reason);
             if let BlobState::Fetching { attempts, .. } = b.state {
                 if attempts >= max {
                     b.state = BlobState::Failed;
                     self.dirty = true;
-                    if !b.local {
+                    if reason != FetchFailure::Local {
                         self.blob_unserved(now, hash);
                     }
-                } else if b.local {
-                    // Our disk: try again at the attempt's deadline, not at once.
+                } else if matches!(reason, FetchFailure::Local | FetchFailure::Busy) {
+                    // Not asked: try again at the attempt's deadline, not at once.
                 } else {
                     b.state = BlobState::Fetching {
                         deadline: now.saturating_add(timeout),
@@ -294,7 +294,7 @@ impl RoundMachine {
             state: BlobState::Failed,
             sources: BTreeSet::new(),
             round_adapter: false,
-            local: false,
+            last_failure: None,
         });
         if b.state != BlobState::Held {
             b.state = BlobState::Held;
@@ -306,15 +306,20 @@ impl RoundMachine {
     pub(super) fn retry_fetches(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let timeout = self.config.fetch_timeout_ms;
         let max = self.config.fetch_attempts;
+        let mut busy_out = Vec::new();
         for (hash, b) in self.blobs.iter_mut() {
             if let BlobState::Fetching { deadline, attempts } = b.state {
                 if now_ms >= deadline {
                     if attempts >= max {
                         // Failed, but nobody is held to blame on our timer alone (the
                         // fetch may have waited here for a slot): only a fetch that asked
-                        // its sources and got nothing makes them unserved.
+                        // its sources and got nothing makes them unserved, or sources that
+                        // kept our share of their transfers busy through every attempt.
                         b.state = BlobState::Failed;
                         self.dirty = true;
+                        if b.last_failure == Some(FetchFailure::Busy) {
+                            busy_out.push(*hash);
+                        }
                     } else {
                         b.state = BlobState::Fetching {
                             deadline: now_ms.saturating_add(timeout),
@@ -324,6 +329,9 @@ impl RoundMachine {
                     }
                 }
             }
+        }
+        for hash in busy_out {
+            self.blob_unserved(now_ms, hash);
         }
         self.unserved.retain(|_, (_, expires)| *expires > now_ms);
         let mut expired = Vec::new();
