@@ -844,7 +844,7 @@ fn a_source_that_keeps_our_share_busy_is_not_waited_for_again() {
     assert!(fetched_blobs(&all).is_empty());
     let out = a.handle(
         3_400,
-        Event::Announcement(Signed::sign(second, &kb).unwrap()),
+        Event::Announcement(Signed::sign(second, &kb).expect("sign")),
     );
     assert!(fetched_blobs(&out).is_empty(), "{out:?}");
     all.extend(out);
