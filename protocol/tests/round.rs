@@ -859,3 +859,42 @@ fn a_source_that_keeps_our_share_busy_is_not_waited_for_again() {
         .collect();
     assert_eq!(adapters, vec![Hash::of(b"a")]);
 }
+
+/// One namer's unknown announcement ids take at most a record's worth (512) of the fetches in
+/// flight: a second digest of the same key naming 512 more unknown ids starts none, while
+/// another key's digest still gets its fetch. Before, four such digests filled all 2048 and
+/// honest digests' announcements were no longer fetched.
+#[test]
+fn one_namer_cannot_fill_the_announcement_fetches() {
+    let (ka, kb, kc) = (key(1), key(2), key(3));
+    let mut a = machine(&ka);
+    let unknown = |salt: u32| -> RoundRecord {
+        let mut inputs: Vec<RoundInput> = (0..512u32)
+            .map(|i| RoundInput {
+                adapter: Hash::of(&(salt + i).to_le_bytes()),
+                announcement: Hash::of(&(salt + i + 1_000_000).to_le_bytes()),
+            })
+            .collect();
+        inputs.sort();
+        RoundRecord {
+            model: model(),
+            round: 1,
+            parent: None,
+            inputs,
+            weight: 1,
+            rule: RuleId::FEDAVG,
+            result: Hash::of(&salt.to_le_bytes()),
+        }
+    };
+    let out = a.handle(10, Event::Digest(digest(&kb, unknown(0), false, 10)));
+    assert_eq!(fetched_announcements(&out).len(), 512);
+    let out = a.handle(20, Event::Digest(digest(&kb, unknown(5_000), false, 20)));
+    assert!(
+        fetched_announcements(&out).is_empty(),
+        "the same namer got more fetches"
+    );
+    let theirs = ann(&kc, 1, Hash::of(b"c"), None, 0);
+    let view = record(1, None, &[&theirs], 1);
+    let out = a.handle(30, Event::Digest(digest(&kc, view, false, 30)));
+    assert_eq!(fetched_announcements(&out), vec![theirs.id()]);
+}

@@ -4,6 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Action, FetchFailure, Misbehaviour, RoundMachine, MAX_REQUESTS};
+
+/// Announcement fetches one namer's digests or records may have in flight: one record's
+/// inputs.
+const MAX_REQUESTS_PER_NAMER: usize = crate::MAX_ROUND_INPUTS;
 use crate::{Hash, NodeId, RoundInput};
 
 /// Where an adapter blob is in the local store.
@@ -116,6 +120,16 @@ impl RoundMachine {
             return;
         }
         if self.requests.len() >= MAX_REQUESTS {
+            return;
+        }
+        // One namer's unknown ids take at most a record's worth of the fetches in flight, so
+        // one key cannot fill them and crowd out what honest digests name.
+        let by_namer = self
+            .requests
+            .values()
+            .filter(|r| r.claims.contains_key(&namer))
+            .count();
+        if by_namer >= MAX_REQUESTS_PER_NAMER {
             return;
         }
         let mut claims = BTreeMap::new();
