@@ -95,6 +95,24 @@ impl Api {
     }
 }
 
+/// A `serve` gateway alone on the tiny network in `data`, rounds of an hour, with `extra`
+/// flags, and a client of its API.
+fn lone_gateway(model: &Path, data: &Path, extra: &[&str]) -> (Proc, Api) {
+    let mut flags = vec!["--round-secs", "3600"];
+    flags.extend_from_slice(extra);
+    let server = Proc::tiny(
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+        model,
+        data,
+        &flags,
+    );
+    let api = Api {
+        base: server.line("gateway on "),
+        http: Client::builder().timeout(WAIT).build().unwrap(),
+    };
+    (server, api)
+}
+
 fn blob_count(data: &Path) -> usize {
     std::fs::read_dir(data.join(hivemind_store::BLOBS_DIR))
         .map(|d| d.count())
@@ -593,16 +611,7 @@ fn uploads_from_one_address_are_rate_limited() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), 1);
     let data = tmp.path().join("gateway");
-    let server = Proc::tiny(
-        &["serve", "--host", "127.0.0.1", "--port", "0"],
-        &model,
-        &data,
-        &["--round-secs", "3600", "--uploads-per-minute", "3"],
-    );
-    let api = Api {
-        base: server.line("gateway on "),
-        http: Client::builder().timeout(WAIT).build().unwrap(),
-    };
+    let (_server, api) = lone_gateway(&model, &data, &["--uploads-per-minute", "3"]);
     let mut codes = Vec::new();
     for i in 0..4u64 {
         let bytes = adapter(60 + i, RANK, 32).to_safetensors_bytes().unwrap();
@@ -638,16 +647,7 @@ fn uploads_from_one_address_are_rate_limited() {
 fn an_upload_larger_than_any_adapter_of_the_network_is_refused_while_reading() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), 1);
-    let server = Proc::tiny(
-        &["serve", "--host", "127.0.0.1", "--port", "0"],
-        &model,
-        &tmp.path().join("gateway"),
-        &["--round-secs", "3600"],
-    );
-    let api = Api {
-        base: server.line("gateway on "),
-        http: Client::builder().timeout(WAIT).build().unwrap(),
-    };
+    let (_server, api) = lone_gateway(&model, &tmp.path().join("gateway"), &[]);
     let junk = vec![7u8; 40 << 20];
     let (code, v) = api.upload(Some(("a.safetensors", junk)), &[("user_id", "mallory")]);
     assert_eq!(code, 413, "{v}");
@@ -663,16 +663,7 @@ fn uploads_are_refused_with_507_while_the_disk_is_below_the_floor() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), 1);
     let data = tmp.path().join("gateway");
-    let server = Proc::tiny(
-        &["serve", "--host", "127.0.0.1", "--port", "0"],
-        &model,
-        &data,
-        &["--round-secs", "3600", "--min-free-mb", "1000000000000"],
-    );
-    let api = Api {
-        base: server.line("gateway on "),
-        http: Client::builder().timeout(WAIT).build().unwrap(),
-    };
+    let (_server, api) = lone_gateway(&model, &data, &["--min-free-mb", "1000000000000"]);
     let before = blob_count(&data);
     let bytes = adapter(70, RANK, 32).to_safetensors_bytes().unwrap();
     let (code, v) = api.upload(Some(("a.safetensors", bytes)), &[("user_id", "alice")]);
@@ -694,23 +685,7 @@ fn a_private_gateway_releases_uploads_noised_and_one_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), 1);
     let data = tmp.path().join("gateway");
-    let server = Proc::tiny(
-        &["serve", "--host", "127.0.0.1", "--port", "0"],
-        &model,
-        &data,
-        &[
-            "--round-secs",
-            "3600",
-            "--dp-noise",
-            "0.5",
-            "--dp-clip",
-            "1",
-        ],
-    );
-    let api = Api {
-        base: server.line("gateway on "),
-        http: Client::builder().timeout(WAIT).build().unwrap(),
-    };
+    let (_server, api) = lone_gateway(&model, &data, &["--dp-noise", "0.5", "--dp-clip", "1"]);
     let upload = |seed| {
         let bytes = adapter(seed, RANK, 32).to_safetensors_bytes().unwrap();
         api.upload(

@@ -405,9 +405,13 @@ pub(super) async fn upload(
             }
             // The gateway announces for its users: it releases what they uploaded the way
             // every contributor of a private network does.
-            let adapter = spec
-                .parse(&canonical, &Limits::DEFAULT)
-                .map_err(ApiError::internal)?;
+            // Checked against the network a moment ago by `validate_upload`: read back only.
+            let adapter = LoraAdapter::from_safetensors_bytes(
+                spec.config.clone(),
+                &canonical,
+                &Limits::DEFAULT,
+            )
+            .map_err(ApiError::internal)?;
             canonical = spec.release(&adapter).map_err(ApiError::internal)?;
         }
         store
