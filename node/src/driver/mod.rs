@@ -12,16 +12,21 @@
 //! Everything CPU- or disk-heavy (aggregation, hashing, store writes) runs on blocking
 //! threads; results come back as [`Event`]s on an internal channel. Shutdown: the
 //! cancellation token is checked first in a `biased` select.
+//!
+//! Where the driver's parts live: the event loop and the round machine's actions here;
+//! `local` (this node's contributions, the inbox, gateway uploads and their deferral),
+//! `fetch` (blob fetches and their checks), `commit` (aggregation jobs and commits),
+//! `status` (status.json); `spec` is the network's adapter contract and `aggregate` the
+//! round adapter's bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hivemind_model::adapter::LoraAdapter;
 use hivemind_protocol::{
-    announce_topic, digest_topic, Action, Event, FetchFailure, Hash, ModelId, NodeKey, RoundConfig,
-    RoundDigest, RoundMachine, Signed, SignedAnnouncement, SignedDigest, Verdict,
+    announce_topic, digest_topic, Action, Event, Hash, ModelId, NodeKey, RoundConfig, RoundMachine,
+    Signed, SignedAnnouncement, SignedDigest, Verdict,
 };
 use hivemind_store::Store;
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -31,26 +36,28 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::data_dir::{
-    AggregationView, DataDir, OwnAdapter, PrivacyView, RoundView, StatusFile, TransferView,
-};
-use crate::error::{Error, Result};
+use crate::data_dir::{AggregationView, DataDir, RoundView};
+use crate::error::Result;
 use crate::identity::peer_id_of;
-use crate::net::blob::{fetch_blob_fair, Fetched, Transfers};
-use crate::net::{with_peer, Client, NetEvent};
+use crate::net::blob::Transfers;
+use crate::net::{Client, NetEvent};
 
 mod aggregate;
+mod commit;
+mod fetch;
+mod local;
 mod spec;
+mod status;
+
+use fetch::Fetch;
+pub use fetch::MAX_CONCURRENT_FETCHES;
+use local::DeferredUpload;
 
 pub use aggregate::{aggregate, merge_excluding, round_metadata, version_name, Aggregated, Merge};
 pub use spec::{
     check_adapter_blob, check_round_adapter_blob, NetRule, NetSpec, ISO_SCALE, ROUND_RANK_FACTOR,
     TSV_SCALE,
 };
-
-/// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
-/// (the round machine's fetch deadline covers the wait). Announcements do not count.
-pub const MAX_CONCURRENT_FETCHES: usize = 8;
 
 /// What the driver needs to know about its network.
 #[derive(Clone, Debug)]
@@ -121,75 +128,11 @@ pub struct DriverView {
     pub latest: Option<RoundView>,
 }
 
-/// What a blob fetch is for, which decides its size bound and its check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fetch {
-    Announcement,
-    Adapter,
-    RoundAdapter,
-}
-
-/// An aggregation shown in status.json while it runs: each try updates it, and it goes when
-/// this is dropped (the job's task ends, however it ends).
-struct Aggregating {
-    shown: Arc<std::sync::Mutex<BTreeMap<u64, AggregationView>>>,
-    round: u64,
-    inputs: usize,
-    since_ms: u64,
-}
-
-impl Aggregating {
-    fn new(
-        shown: Arc<std::sync::Mutex<BTreeMap<u64, AggregationView>>>,
-        job: &hivemind_protocol::AggregationJob,
-    ) -> Self {
-        Aggregating {
-            shown,
-            round: job.round,
-            inputs: job.inputs.len(),
-            since_ms: now_ms(),
-        }
-    }
-
-    fn attempt(&self, attempt: u32) {
-        if let Ok(mut m) = self.shown.lock() {
-            let view = AggregationView {
-                round: self.round,
-                inputs: self.inputs,
-                since_ms: self.since_ms,
-                attempt,
-            };
-            m.insert(self.round, view);
-        }
-    }
-}
-
-impl Drop for Aggregating {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.shown.lock() {
-            m.remove(&self.round);
-        }
-    }
-}
-
 /// Rounds of this node's own announcements that status.json lists.
 const OWN_ROUNDS: usize = 16;
 
 /// Rounds whose inputs (adapters and announcements) a node keeps; older ones are collected.
 pub const RETAIN_ROUNDS: u64 = 16;
-
-/// The first pause before a failed aggregation is retried; it doubles up to
-/// [`AGGREGATE_RETRY_MAX`], for at most [`AGGREGATE_ATTEMPTS`] tries (about an hour).
-const AGGREGATE_RETRY_FIRST: Duration = Duration::from_secs(1);
-const AGGREGATE_RETRY_MAX: Duration = Duration::from_secs(60);
-const AGGREGATE_ATTEMPTS: u32 = 64;
-
-struct DeferredUpload {
-    hash: Hash,
-    byte_len: u64,
-    samples: u64,
-    after_round: u64,
-}
 
 struct PendingMsg {
     id: MessageId,
@@ -305,86 +248,6 @@ impl Driver {
         });
     }
 
-    /// Announces gateway uploads that were waiting when the node stopped: each user's newest
-    /// upload not in a committed round. Where we had already announced an upload of that user
-    /// in this very round, that stored envelope is handed back (the same message, so peers see
-    /// no second announcement), and a newer upload of the user waits for the next round again,
-    /// as it did before the restart (one adapter per node, user and round).
-    async fn resume_uploads(&mut self) {
-        let store = self.store.clone();
-        let round = self.machine.current_round();
-        let found = tokio::task::spawn_blocking(move || -> hivemind_store::Result<_> {
-            let mut pending = Vec::new();
-            for u in store.pending_uploads()? {
-                let len = store.blob_len(&u.blob)?;
-                pending.push((u, len));
-            }
-            Ok((pending, store.list_announcements(round)?))
-        })
-        .await;
-        let Ok(Ok((pending, stored))) = found else {
-            tracing::error!("cannot read pending uploads from the store");
-            return;
-        };
-        // Our own announcements of this round, by user.
-        let mut ours: BTreeMap<String, SignedAnnouncement> = BTreeMap::new();
-        let mut own = None;
-        for (_, bytes) in stored {
-            let Ok(a) = SignedAnnouncement::decode_for(&bytes, &self.cfg.model) else {
-                continue;
-            };
-            let p = a.payload();
-            if p.contributor != self.key.node_id() || p.round != round {
-                continue;
-            }
-            match p.user_id.clone() {
-                Some(user) => {
-                    ours.entry(user).or_insert(a);
-                }
-                None => own = own.or(Some(a)),
-            }
-        }
-        // This node's own adapter of this round, announced before a restart: the round has it
-        // (the same signed bytes go out again), so a hand-over waiting in the inbox waits for
-        // the next round instead of becoming a second contribution (and, in a private
-        // network, a second release of the user's data) in this one.
-        if let Some(a) = own {
-            let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
-            self.act(actions).await;
-        }
-        for (u, len) in pending {
-            let Some(len) = len else {
-                continue;
-            };
-            match ours.remove(&u.user_id) {
-                Some(a) => {
-                    let announced = a.payload().adapter;
-                    let actions = self.machine.handle(now_ms(), Event::LocalContribution(a));
-                    self.act(actions).await;
-                    if announced != u.blob {
-                        self.deferred.insert(
-                            u.user_id.clone(),
-                            DeferredUpload {
-                                hash: u.blob,
-                                byte_len: len,
-                                samples: u.training_samples,
-                                after_round: round,
-                            },
-                        );
-                    }
-                }
-                None => {
-                    let r = self
-                        .announce_upload(u.blob, len, u.training_samples, u.user_id.clone())
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!(upload = %u.id, error = %e, "cannot announce a pending upload");
-                    }
-                }
-            }
-        }
-    }
-
     /// Runs until `cancel` fires.
     pub async fn run(mut self, cancel: CancellationToken) {
         self.resume_uploads().await;
@@ -495,123 +358,6 @@ impl Driver {
         }
     }
 
-    async fn on_local(&mut self, req: Local) {
-        match req {
-            Local::Contribute {
-                dir,
-                samples,
-                reply,
-            } => {
-                let round = self.machine.current_round();
-                let r = match self.contribute(&dir, samples).await {
-                    Ok(Some(hash)) => Ok(hash),
-                    Ok(None) => Err(Error::Refused {
-                        detail: format!(
-                            "round {round} already has this node's adapter (one per node and \
-                             round); offer it in the next round"
-                        ),
-                    }),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(r);
-            }
-            Local::Upload {
-                hash,
-                byte_len,
-                samples,
-                user_id,
-                reply,
-            } => {
-                let r = self.announce_upload(hash, byte_len, samples, user_id).await;
-                let _ = reply.send(r);
-                self.publish_view();
-            }
-            Local::CloseNow => {
-                let actions = self.machine.handle(now_ms(), Event::CloseNow);
-                self.act(actions).await;
-            }
-        }
-    }
-
-    /// Announces a stored gateway upload for `user_id` in the current round, or defers it to
-    /// the next round when that user already has one in this round.
-    async fn announce_upload(
-        &mut self,
-        hash: Hash,
-        byte_len: u64,
-        samples: u64,
-        user_id: String,
-    ) -> Result<Placement> {
-        let round = self.machine.current_round();
-        let accepted = self.announce(hash, byte_len, samples, Some(user_id.clone()))?;
-        self.flush_queued().await;
-        if accepted {
-            Ok(Placement::Round(round))
-        } else {
-            // The newest upload of a user is the one that waits.
-            self.deferred.insert(
-                user_id,
-                DeferredUpload {
-                    hash,
-                    byte_len,
-                    samples,
-                    after_round: round,
-                },
-            );
-            Ok(Placement::Deferred(round + 1))
-        }
-    }
-
-    /// Signs and hands one of our adapters to the round machine; `true` when it was
-    /// accepted for the current round (and is being published).
-    fn announce(
-        &mut self,
-        hash: Hash,
-        byte_len: u64,
-        samples: u64,
-        user_id: Option<String>,
-    ) -> Result<bool> {
-        let now = now_ms();
-        // A sample count says something about the user's data outside the noise: a private
-        // network announces 1 for everyone.
-        let samples = if self.cfg.spec.dp.is_some() {
-            1
-        } else {
-            samples
-        };
-        let draft = self
-            .machine
-            .draft_announcement(hash, byte_len, samples, user_id, now);
-        let signed = Signed::sign(draft, &self.key)?;
-        let id = signed.id();
-        tracing::info!(adapter = %hash.short(), round = self.machine.current_round(), "contributing");
-        let actions = self.machine.handle(now, Event::LocalContribution(signed));
-        let accepted = actions
-            .iter()
-            .any(|a| matches!(a, Action::PublishAnnouncement(s) if s.id() == id));
-        self.queued.extend(actions);
-        Ok(accepted)
-    }
-
-    /// Reads, checks and stores an adapter dir, then announces it in the current round;
-    /// `None` when this round already has this node's adapter (one per node and round).
-    pub async fn contribute(&mut self, dir: &Path, samples: u64) -> Result<Option<Hash>> {
-        let dir = dir.to_path_buf();
-        let store = self.store.clone();
-        let spec = self.cfg.spec.clone();
-        let (hash, len) = tokio::task::spawn_blocking(move || -> Result<(Hash, u64)> {
-            let adapter = LoraAdapter::read_dir(&dir)?;
-            spec.check(&adapter)?;
-            let bytes = spec.release(&adapter)?;
-            let hash = store.put_blob(&bytes)?;
-            Ok((hash, bytes.len() as u64))
-        })
-        .await??;
-        let accepted = self.announce(hash, len, samples, None)?;
-        self.flush_queued().await;
-        Ok(accepted.then_some(hash))
-    }
-
     async fn flush_queued(&mut self) {
         let actions = std::mem::take(&mut self.queued);
         self.act(actions).await;
@@ -652,43 +398,7 @@ impl Driver {
             Action::FetchAnnouncement { id, from } => {
                 self.spawn_fetch(id, from, Fetch::Announcement).await
             }
-            Action::Aggregate(job) => {
-                let store = self.store.clone();
-                let spec = self.cfg.spec.clone();
-                let tx = self.done_tx.clone();
-                let (client, model) = (self.client.clone(), self.cfg.model);
-                // A failure (the disk full, a blob unreadable) is retried with a growing
-                // pause: the machine waits for this job's result, and before, one failure
-                // left the round stuck for good, even after space came back.
-                let shown = Aggregating::new(self.aggregating.clone(), &job);
-                self.tasks.spawn(async move {
-                    let mut pause = AGGREGATE_RETRY_FIRST;
-                    for attempt in 1..=AGGREGATE_ATTEMPTS {
-                        shown.attempt(attempt);
-                        let (st, sp, j) = (store.clone(), spec.clone(), job.clone());
-                        let r = tokio::task::spawn_blocking(move || aggregate(&st, &sp, &j)).await;
-                        match r {
-                            Ok(Ok(done)) => {
-                                drop(shown);
-                                penalise_blamed(&client, &store, &model, job.round, &done.blamed).await;
-                                let result = done.hash;
-                                let _ = tx.send(Event::AggregationFinished { job, result }).await;
-                                return;
-                            }
-                            Ok(Err(e)) => tracing::error!(
-                                round = job.round, attempt, error = %e,
-                                "aggregation failed; retrying in {pause:?}"
-                            ),
-                            Err(e) => tracing::error!(round = job.round, error = %e, "aggregation task failed"),
-                        }
-                        if tx.is_closed() {
-                            return;
-                        }
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(AGGREGATE_RETRY_MAX);
-                    }
-                });
-            }
+            Action::Aggregate(job) => self.spawn_aggregation(job),
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();
                 self.announced.entry(p.round).or_default().insert(p.adapter);
@@ -728,138 +438,6 @@ impl Driver {
         }
     }
 
-    /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
-    /// reports the outcome as an event.
-    async fn spawn_fetch(&mut self, hash: Hash, from: Vec<hivemind_protocol::NodeId>, kind: Fetch) {
-        let announcement = kind == Fetch::Announcement;
-        if !self.fetching.insert(hash) {
-            return;
-        }
-        let mut peers: Vec<PeerId> = from.iter().filter_map(peer_id_of).collect();
-        if let Ok(info) = self.client.info().await {
-            for p in info.connected {
-                if !peers.contains(&p) {
-                    peers.push(p);
-                }
-            }
-        }
-        let me = self.client.local_peer_id();
-        peers.retain(|p| *p != me);
-        let client = self.client.clone();
-        let store = self.store.clone();
-        let tx = self.done_tx.clone();
-        let model = self.cfg.model;
-        let spec = self.cfg.spec.clone();
-        let allow = self.cfg.allow.clone();
-        // A peer that claims more bytes than the blob can have is skipped unread.
-        let max_len = match kind {
-            Fetch::Announcement => hivemind_protocol::MAX_MESSAGE_BYTES as u64,
-            Fetch::Adapter => spec.max_adapter_bytes(),
-            Fetch::RoundAdapter => spec.max_round_adapter_bytes(),
-        };
-        let slots = self.fetch_slots.clone();
-        let transfers = self.transfers.clone();
-        self.tasks.spawn(async move {
-            // Adapter transfers (and their validation, which loads the adapter) take a slot;
-            // announcements (a few KiB) and blobs already held do not wait behind them.
-            let held = matches!(store.has_blob(&hash), Ok(true));
-            if !announcement && !held {
-                if let Err(why) = store.ensure_room(max_len) {
-                    // Not the sources' fault: the machine retries at its fetch timeout.
-                    tracing::warn!(blob = %hash.short(), %why, "not fetching");
-                    let reason = FetchFailure::Local;
-                    let _ = tx.send(Event::FetchFailed { hash, reason }).await;
-                    return;
-                }
-            }
-            let _slot = if announcement || held {
-                None
-            } else {
-                slots.acquire_owned().await.ok()
-            };
-            let got = if held {
-                Fetched::From(client.local_peer_id())
-            } else {
-                fetch_blob_fair(&client, &store, hash, &peers, max_len, &transfers).await
-            };
-            let ev = if got == Fetched::Deferred {
-                // Its sources were not asked (we receive our share from them already).
-                Event::FetchFailed {
-                    hash,
-                    reason: FetchFailure::Busy,
-                }
-            } else if got == Fetched::Failed {
-                Event::FetchFailed {
-                    hash,
-                    reason: FetchFailure::Unavailable,
-                }
-            } else if announcement {
-                let st = store.clone();
-                let bytes = tokio::task::spawn_blocking(move || st.get_blob(&hash))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .flatten();
-                match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
-                    // An outsider's announcement, named by a member of a closed network, is
-                    // no input here. Not the namer's fault (its list may differ from ours for
-                    // a while): dropped without blame.
-                    Some(Ok(a)) if !allowed(allow.as_deref(), &a.payload().contributor) => {
-                        Event::FetchFailed {
-                            hash,
-                            reason: FetchFailure::Local,
-                        }
-                    }
-                    Some(Ok(a)) => Event::Announcement(a),
-                    Some(Err(_)) => Event::FetchFailed {
-                        hash,
-                        reason: FetchFailure::Invalid,
-                    },
-                    None => Event::FetchFailed {
-                        hash,
-                        reason: FetchFailure::Unavailable,
-                    },
-                }
-            } else {
-                // An adapter blob: its hash is right, but its content must be an adapter
-                // of this network's shape, or aggregation could not use it.
-                let st = store.clone();
-                let valid = tokio::task::spawn_blocking(move || {
-                    if kind == Fetch::RoundAdapter {
-                        check_round_adapter_blob(&st, &spec, &hash)
-                    } else {
-                        check_adapter_blob(&st, &spec, &hash)
-                    }
-                })
-                .await
-                .unwrap_or_else(|e| Err(Error::Task(e)));
-                match valid {
-                    Ok(()) => Event::BlobAvailable { hash },
-                    Err(why) => {
-                        tracing::warn!(adapter = %hash.short(), %why, "fetched adapter is not usable; dropped");
-                        Event::FetchFailed {
-                            hash,
-                            reason: FetchFailure::Invalid,
-                        }
-                    }
-                }
-            };
-            let _ = tx.send(ev).await;
-        });
-    }
-
-    fn keep_announcement(&mut self, round: u64, adapter: Hash, envelope: Vec<u8>) {
-        let store = self.store.clone();
-        self.tasks.spawn_blocking(move || {
-            if let Err(e) = store
-                .put_blob(&envelope)
-                .and_then(|_| store.put_announcement(round, &adapter, &envelope))
-            {
-                tracing::error!(error = %e, "cannot store announcement");
-            }
-        });
-    }
-
     async fn publish(&mut self, topic: String, data: Vec<u8>) {
         if let Err(e) = self.client.publish(topic.clone(), data.clone()).await {
             tracing::debug!(error = %e, "publish failed; will retry");
@@ -867,98 +445,8 @@ impl Driver {
         }
     }
 
-    async fn commit(&mut self, record: hivemind_protocol::RoundRecord, replaces: Option<Hash>) {
-        let digest = RoundDigest {
-            record: record.clone(),
-            signer: self.key.node_id(),
-            committed: true,
-            time_ms: now_ms(),
-        };
-        let digest = match Signed::sign(digest, &self.key) {
-            Ok(d) => d.encode(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot sign the committed digest");
-                return;
-            }
-        };
-        let stored = hivemind_store::RoundRecord {
-            number: record.round,
-            hash: record.result,
-            version: version_name(record.round),
-            parent: record.parent,
-            contributors: record.inputs.iter().map(|i| i.adapter).collect(),
-            rule: aggregate::rule_name(record.rule).to_string(),
-            digest,
-            committed_at_ms: now_ms(),
-        };
-        tracing::info!(round = record.round, hash = %record.result.short(), contributors = record.inputs.len(), ?replaces, "round committed");
-        let store = self.store.clone();
-        let s2 = stored.clone();
-        let retain = self.cfg.retain_rounds.max(1);
-        let committed = tokio::task::spawn_blocking(move || -> hivemind_store::Result<()> {
-            // The new tip: rounds above it (orphaned by a rewind) leave the store too.
-            let orphaned = store.commit_round(&s2)?;
-            if !orphaned.is_empty() {
-                tracing::info!(?orphaned, "dropped rounds orphaned by the commit");
-            }
-            // Gateway uploads that made it into this round are no longer pending.
-            for u in store.list_uploads()? {
-                if s2.contributors.contains(&u.blob) && u.round != Some(s2.number) {
-                    store.mark_upload_included(&u.id, s2.number)?;
-                }
-            }
-            // Inputs of rounds far behind are forgotten (round adapters and pending uploads
-            // are kept): the disk holds `retain_rounds` rounds of inputs, not all of them.
-            if let Some(cut) = (s2.number + 1).checked_sub(retain) {
-                let done = store.collect_rounds_before(cut)?;
-                if done.blobs > 0 {
-                    tracing::info!(
-                        before_round = cut,
-                        blobs = done.blobs,
-                        bytes = done.bytes,
-                        "collected old round inputs"
-                    );
-                }
-            }
-            Ok(())
-        });
-        match committed.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot store the committed round"),
-            Err(e) => tracing::error!(error = %e, "commit task failed"),
-        }
-        // Our records of later rounds are orphaned by a commit of an earlier one.
-        self.rounds.retain(|r| r.number < stored.number);
-        self.rounds.push(RoundView::of(&stored));
-        self.rounds.sort_by_key(|r| r.number);
-        self.announced.retain(|r, _| *r > record.round);
-        // status.json first: whoever sees the commit in the view (a test, the gateway) then
-        // finds it in the data dir too (`export`, `rounds` read status.json).
-        self.write_status().await;
-        self.publish_view();
-    }
-
     async fn housekeeping(&mut self) {
-        let round = self.machine.current_round();
-        let due: Vec<String> = self
-            .deferred
-            .iter()
-            .filter(|(_, d)| d.after_round < round)
-            .map(|(u, _)| u.clone())
-            .collect();
-        for user in due {
-            if let Some(d) = self.deferred.remove(&user) {
-                match self
-                    .announce_upload(d.hash, d.byte_len, d.samples, user)
-                    .await
-                {
-                    Ok(p) => {
-                        tracing::info!(adapter = %d.hash.short(), placement = ?p, "deferred upload announced")
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot announce a deferred upload"),
-                }
-            }
-        }
+        self.announce_due_uploads().await;
         self.publish_view();
         let retry = std::mem::take(&mut self.unpublished);
         for (topic, data) in retry {
@@ -966,153 +454,6 @@ impl Driver {
         }
         self.poll_inbox().await;
         self.write_status().await;
-    }
-
-    async fn poll_inbox(&mut self) {
-        let ready = self.cfg.data_dir.inbox_ready();
-        let round = self.machine.current_round();
-        self.inbox_waiting.retain(|_, r| *r >= round);
-        for dir in ready {
-            if self.inbox_waiting.contains_key(&dir) {
-                continue;
-            }
-            let samples = DataDir::inbox_samples(&dir);
-            match self.contribute(&dir, samples).await {
-                Ok(Some(h)) => tracing::info!(adapter = %h.short(), "contributed from the inbox"),
-                Ok(None) => {
-                    // This round has our adapter already: the dir waits for the next round.
-                    tracing::info!(dir = %dir.display(), round, "inbox adapter waits for the next round");
-                    self.inbox_waiting.insert(dir, round);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, dir = %dir.display(), "inbox contribution refused")
-                }
-            }
-            DataDir::inbox_done(&dir);
-        }
-    }
-
-    async fn write_status(&self) {
-        let Ok(info) = self.client.info().await else {
-            return;
-        };
-        let peer = self.client.local_peer_id();
-        let round = self.machine.current_round();
-        let status = StatusFile {
-            pid: std::process::id(),
-            peer_id: peer.to_string(),
-            listen_addrs: info
-                .listen_addrs
-                .iter()
-                .map(|a| with_peer(a, peer).to_string())
-                .collect(),
-            connected_peers: info.connected.len(),
-            current_round: round,
-            current_contributors: self
-                .announced
-                .get(&round)
-                .map(|s| s.iter().map(Hash::to_hex).collect())
-                .unwrap_or_default(),
-            latest_round: self.rounds.last().cloned(),
-            model_id: self.cfg.model.to_hex(),
-            adapter_config: serde_json::to_value(&self.cfg.spec.config)
-                .unwrap_or(serde_json::Value::Null),
-            inbox_waiting: self
-                .inbox_waiting
-                .keys()
-                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .collect(),
-            penalties: info
-                .penalties
-                .iter()
-                .map(|(p, n)| (p.to_string(), *n))
-                .collect(),
-            scores: info
-                .scores
-                .iter()
-                .map(|(p, s)| (p.to_string(), *s))
-                .collect(),
-            own_adapters: self
-                .own
-                .iter()
-                .flat_map(|(round, hashes)| {
-                    hashes.iter().map(|h| OwnAdapter {
-                        round: *round,
-                        hash: h.to_hex(),
-                    })
-                })
-                .collect(),
-            transfers: self
-                .transfers
-                .snapshot()
-                .into_iter()
-                .map(|(hash, t)| TransferView {
-                    hash: hash.to_hex(),
-                    peer: t.peer.to_string(),
-                    bytes: t.bytes,
-                    total: t.total,
-                    bytes_per_s: t.bytes as f64 / t.started.elapsed().as_secs_f64().max(1e-3),
-                })
-                .collect(),
-            privacy: self.cfg.spec.dp.map(|dp| {
-                let n = self.released.len() as u64;
-                PrivacyView {
-                    clip: dp.clip,
-                    noise_multiplier: dp.noise_multiplier,
-                    delta: dp.delta,
-                    epsilon_per_round: dp.epsilon(1),
-                    rounds_released: n,
-                    epsilon_total: dp.epsilon(n),
-                }
-            }),
-            aggregating: self
-                .aggregating
-                .lock()
-                .map(|m| m.values().cloned().collect())
-                .unwrap_or_default(),
-            links: info
-                .links
-                .iter()
-                .map(|(p, l)| (p.to_string(), l.clone()))
-                .collect(),
-            rounds: self.rounds.clone(),
-            updated_ms: now_ms(),
-        };
-        let dir = self.cfg.data_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || dir.write_status(&status)).await;
-    }
-}
-
-/// Penalises the contributors of round `round`'s inputs an aggregation had to leave out
-/// because they fail on their own (each named by its stored announcement; this node's own
-/// are skipped).
-async fn penalise_blamed(
-    client: &Client,
-    store: &Store,
-    model: &ModelId,
-    round: u64,
-    blamed: &[Hash],
-) {
-    for adapter in blamed {
-        let envelope = store.get_announcement(round, adapter).ok().flatten();
-        let Some(a) = envelope.and_then(|e| SignedAnnouncement::decode_for(&e, model).ok()) else {
-            continue;
-        };
-        let Some(peer) = peer_id_of(&a.payload().contributor) else {
-            continue;
-        };
-        if peer != client.local_peer_id() {
-            client
-                .penalise(
-                    peer,
-                    format!(
-                        "input {} of round {round} cannot be aggregated",
-                        adapter.short()
-                    ),
-                )
-                .await;
-        }
     }
 }
 

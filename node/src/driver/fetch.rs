@@ -1,0 +1,161 @@
+//! Blob fetches (adapters, round adapters, announcement envelopes) in tasks of their own,
+//! each checked before the round machine hears of it.
+
+use hivemind_protocol::{Event, FetchFailure, Hash, SignedAnnouncement};
+use libp2p::PeerId;
+
+use super::{allowed, check_adapter_blob, check_round_adapter_blob, Driver};
+use crate::error::Error;
+use crate::identity::peer_id_of;
+use crate::net::blob::{fetch_blob_fair, Fetched};
+
+/// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
+/// (the round machine's fetch deadline covers the wait). Announcements do not count.
+pub const MAX_CONCURRENT_FETCHES: usize = 8;
+
+/// What a blob fetch is for, which decides its size bound and its check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fetch {
+    Announcement,
+    Adapter,
+    RoundAdapter,
+}
+
+impl Driver {
+    /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
+    /// reports the outcome as an event.
+    pub(super) async fn spawn_fetch(
+        &mut self,
+        hash: Hash,
+        from: Vec<hivemind_protocol::NodeId>,
+        kind: Fetch,
+    ) {
+        let announcement = kind == Fetch::Announcement;
+        if !self.fetching.insert(hash) {
+            return;
+        }
+        let mut peers: Vec<PeerId> = from.iter().filter_map(peer_id_of).collect();
+        if let Ok(info) = self.client.info().await {
+            for p in info.connected {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| *p != me);
+        let client = self.client.clone();
+        let store = self.store.clone();
+        let tx = self.done_tx.clone();
+        let model = self.cfg.model;
+        let spec = self.cfg.spec.clone();
+        let allow = self.cfg.allow.clone();
+        // A peer that claims more bytes than the blob can have is skipped unread.
+        let max_len = match kind {
+            Fetch::Announcement => hivemind_protocol::MAX_MESSAGE_BYTES as u64,
+            Fetch::Adapter => spec.max_adapter_bytes(),
+            Fetch::RoundAdapter => spec.max_round_adapter_bytes(),
+        };
+        let slots = self.fetch_slots.clone();
+        let transfers = self.transfers.clone();
+        self.tasks.spawn(async move {
+            // Adapter transfers (and their validation, which loads the adapter) take a slot;
+            // announcements (a few KiB) and blobs already held do not wait behind them.
+            let held = matches!(store.has_blob(&hash), Ok(true));
+            if !announcement && !held {
+                if let Err(why) = store.ensure_room(max_len) {
+                    // Not the sources' fault: the machine retries at its fetch timeout.
+                    tracing::warn!(blob = %hash.short(), %why, "not fetching");
+                    let reason = FetchFailure::Local;
+                    let _ = tx.send(Event::FetchFailed { hash, reason }).await;
+                    return;
+                }
+            }
+            let _slot = if announcement || held {
+                None
+            } else {
+                slots.acquire_owned().await.ok()
+            };
+            let got = if held {
+                Fetched::From(client.local_peer_id())
+            } else {
+                fetch_blob_fair(&client, &store, hash, &peers, max_len, &transfers).await
+            };
+            let ev = if got == Fetched::Deferred {
+                // Its sources were not asked (we receive our share from them already).
+                Event::FetchFailed {
+                    hash,
+                    reason: FetchFailure::Busy,
+                }
+            } else if got == Fetched::Failed {
+                Event::FetchFailed {
+                    hash,
+                    reason: FetchFailure::Unavailable,
+                }
+            } else if announcement {
+                let st = store.clone();
+                let bytes = tokio::task::spawn_blocking(move || st.get_blob(&hash))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten();
+                match bytes.map(|b| SignedAnnouncement::decode_for(&b, &model)) {
+                    // An outsider's announcement, named by a member of a closed network, is
+                    // no input here. Not the namer's fault (its list may differ from ours for
+                    // a while): dropped without blame.
+                    Some(Ok(a)) if !allowed(allow.as_deref(), &a.payload().contributor) => {
+                        Event::FetchFailed {
+                            hash,
+                            reason: FetchFailure::Local,
+                        }
+                    }
+                    Some(Ok(a)) => Event::Announcement(a),
+                    Some(Err(_)) => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Invalid,
+                    },
+                    None => Event::FetchFailed {
+                        hash,
+                        reason: FetchFailure::Unavailable,
+                    },
+                }
+            } else {
+                // An adapter blob: its hash is right, but its content must be an adapter
+                // of this network's shape, or aggregation could not use it.
+                let st = store.clone();
+                let valid = tokio::task::spawn_blocking(move || {
+                    if kind == Fetch::RoundAdapter {
+                        check_round_adapter_blob(&st, &spec, &hash)
+                    } else {
+                        check_adapter_blob(&st, &spec, &hash)
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::Task(e)));
+                match valid {
+                    Ok(()) => Event::BlobAvailable { hash },
+                    Err(why) => {
+                        tracing::warn!(adapter = %hash.short(), %why, "fetched adapter is not usable; dropped");
+                        Event::FetchFailed {
+                            hash,
+                            reason: FetchFailure::Invalid,
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(ev).await;
+        });
+    }
+
+    pub(super) fn keep_announcement(&mut self, round: u64, adapter: Hash, envelope: Vec<u8>) {
+        let store = self.store.clone();
+        self.tasks.spawn_blocking(move || {
+            if let Err(e) = store
+                .put_blob(&envelope)
+                .and_then(|_| store.put_announcement(round, &adapter, &envelope))
+            {
+                tracing::error!(error = %e, "cannot store announcement");
+            }
+        });
+    }
+}
