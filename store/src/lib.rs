@@ -6,7 +6,7 @@
 //! <data dir>/
 //!   identity.key     ed25519 key pair, 64 bytes, mode 0600   (identity.rs)
 //!   db/              sled database: the blob index and all records
-//!   blobs/<hex>      one file per blob, named by the blake3 hash of its bytes (blobs.rs)
+//!   blobs/<hex>      one file per blob, named by the blake3 hash of its bytes (blobs/)
 //!   blobs/.tmp-*     in-flight writes; removed when the store is opened
 //! ```
 //!
@@ -15,7 +15,7 @@
 //! ```text
 //!   node (round driver, blob protocol, gateway)
 //!     |  put_blob / BlobWriter / get_blob / read_blob_range     records: rounds, announcements,
-//!     v                                                          peers, uploads (records.rs)
+//!     v                                                          peers, uploads (records/)
 //!   Store ---- blobs/ (files, written temp -> fsync -> rename -> fsync dir)
 //!     \------- db/    (sled trees, flushed before every write returns)
 //! ```
