@@ -63,7 +63,7 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
         Some(path) => Some(GatewayAuth::read_user_tokens(path)?),
         None => None,
     };
-    let auth = GatewayAuth::new(args.admin_token.as_deref(), users).map_err(anyhow::Error::msg)?;
+    let auth = GatewayAuth::new(args.admin_token.as_deref(), users)?;
     let gateway = GatewaySettings {
         bind: if args.host.contains(':') {
             format!("[{}]:{}", args.host, args.port)

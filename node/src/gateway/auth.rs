@@ -24,6 +24,34 @@ pub struct GatewayAuth {
     users: Option<BTreeMap<[u8; 32], String>>,
 }
 
+/// Credentials [`GatewayAuth::new`] refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialsError {
+    /// The admin token is too short to be safe.
+    #[error("the admin token must be at least {MIN_TOKEN_LEN} characters")]
+    ShortAdminToken,
+    /// A user's token is too short to be safe.
+    #[error("the token of user {user:?} must be at least {MIN_TOKEN_LEN} characters")]
+    ShortUserToken {
+        /// The user.
+        user: String,
+    },
+    /// A user id that cannot upload.
+    #[error("user id {user:?}: {reason}")]
+    BadUserId {
+        /// The user id.
+        user: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two users share a token, so an upload could not say who sent it.
+    #[error("user {user:?} shares its token with another user")]
+    SharedToken {
+        /// One of the two.
+        user: String,
+    },
+}
+
 /// What can be wrong with a user-tokens file.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthFileError {
@@ -66,28 +94,25 @@ impl GatewayAuth {
     pub fn new(
         admin: Option<&str>,
         users: Option<BTreeMap<String, String>>,
-    ) -> Result<Self, String> {
-        if let Some(t) = admin {
-            if t.len() < MIN_TOKEN_LEN {
-                return Err(format!(
-                    "the admin token must be at least {MIN_TOKEN_LEN} characters"
-                ));
-            }
+    ) -> Result<Self, CredentialsError> {
+        if admin.is_some_and(|t| t.len() < MIN_TOKEN_LEN) {
+            return Err(CredentialsError::ShortAdminToken);
         }
         let users = match users {
             None => None,
             Some(map) => {
                 let mut by_hash = BTreeMap::new();
                 for (user, token) in map {
-                    super::check_user_id(&user).map_err(|e| format!("user id {user:?}: {e}"))?;
+                    super::check_user_id(&user).map_err(|e| CredentialsError::BadUserId {
+                        user: user.clone(),
+                        reason: e.to_string(),
+                    })?;
                     if token.len() < MIN_TOKEN_LEN {
-                        return Err(format!(
-                            "the token of user {user:?} must be at least {MIN_TOKEN_LEN} characters"
-                        ));
+                        return Err(CredentialsError::ShortUserToken { user });
                     }
                     let h = *blake3::hash(token.as_bytes()).as_bytes();
                     if by_hash.insert(h, user.clone()).is_some() {
-                        return Err(format!("user {user:?} shares its token with another user"));
+                        return Err(CredentialsError::SharedToken { user });
                     }
                 }
                 Some(by_hash)
@@ -185,7 +210,9 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
             )
         };
-        let err = |r: Result<GatewayAuth, String>| r.err().unwrap_or_default();
+        let err = |r: Result<GatewayAuth, CredentialsError>| {
+            r.err().map(|e| e.to_string()).unwrap_or_default()
+        };
         assert!(err(GatewayAuth::new(Some("short"), None)).contains("admin token"));
         assert!(err(GatewayAuth::new(None, users(&[("amy", "tiny")]))).contains("\"amy\""));
         let shared = users(&[
