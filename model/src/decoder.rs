@@ -19,7 +19,7 @@ use crate::qweight::BlockWeight;
 /// A frozen base weight `[out, in]`.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// A block format with a HiveMind SIMD kernel (Q4_1, Q8_0).
+    /// A block format with a HiveMind SIMD kernel (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K).
     Blocks(Arc<BlockWeight>),
     /// Another GGUF block format, multiplied by candle's kernels.
     Quant(Arc<QTensor>),

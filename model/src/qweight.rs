@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::{self, Format, BLOCK};
+use crate::kernels::{self, Format};
 
 /// A `[rows, cols]` weight in a block format with a fast kernel.
 #[derive(Debug)]
@@ -23,17 +23,15 @@ pub struct BlockWeight {
 impl BlockWeight {
     /// Takes over a quantized tensor if its format has a fast kernel.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let fmt = match q.dtype() {
-            GgmlDType::Q4_1 => Format::Q4_1,
-            GgmlDType::Q8_0 => Format::Q8_0,
-            _ => return Ok(None),
+        let Some(fmt) = Format::of(q.dtype()) else {
+            return Ok(None);
         };
         let (rows, cols) = q.shape().dims2()?;
-        if cols % BLOCK != 0 {
+        if cols % kernels::BLOCK != 0 {
             return Ok(None);
         }
         let data = q.data()?.into_owned();
-        if data.len() != rows * cols / BLOCK * fmt.block_bytes() {
+        if data.len() != rows * cols / kernels::BLOCK * fmt.block_bytes() {
             return Ok(None);
         }
         Ok(Some(BlockWeight {
@@ -55,16 +53,17 @@ impl BlockWeight {
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.fmt.block_bytes()
+        self.cols / kernels::BLOCK * self.fmt.block_bytes()
     }
 
     fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let bb = self.fmt.block_bytes();
         let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        let mut deq = [0f32; BLOCK];
-        for (b, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            kernels::dequant_block(self.fmt, &row[b * bb..(b + 1) * bb], &mut deq);
-            chunk.copy_from_slice(&deq);
+        for (blk, chunk) in row
+            .chunks_exact(bb)
+            .zip(out.chunks_exact_mut(kernels::BLOCK))
+        {
+            kernels::dequant_block(self.fmt, blk, chunk);
         }
     }
 

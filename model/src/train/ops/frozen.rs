@@ -93,24 +93,23 @@ pub fn dequantize_rows(w: &Weight, rows: Range<usize>, out: &mut [f32]) -> Resul
     Ok(())
 }
 
-/// Dequantizes consecutive blocks `w` into `out` (`w.len() / block_bytes * 32` values) with the
-/// arithmetic of [`kernels::dequant_block`] (`q * d + m` as a multiply then an add), so the values
-/// equal [`Weight::dequantize`]'s bit for bit; vectorised with AVX2 where the CPU has it.
+/// Dequantizes consecutive blocks `w` into `out` (`w.len() / block_bytes * block_elems` values)
+/// with the arithmetic of [`kernels::dequant_block`] (`q * d + m` as a multiply then an add), so
+/// the values equal [`Weight::dequantize`]'s bit for bit; Q4_1 and Q8_0 vectorised with AVX2
+/// where the CPU has it.
 pub fn dequant_blocks(fmt: Format, w: &[u8], out: &mut [f32]) {
-    let bb = fmt.block_bytes();
-    assert!(w.len() % bb == 0 && out.len() == w.len() / bb * BLOCK);
+    let (bb, be) = (fmt.block_bytes(), BLOCK);
+    assert!(w.len() % bb == 0 && out.len() == w.len() / bb * be);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
+        if matches!(fmt, Format::Q4_1 | Format::Q8_0) && std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked above); lengths are checked above.
             unsafe { dequant_blocks_avx2(fmt, w, out) };
             return;
         }
     }
-    let mut deq = [0f32; BLOCK];
-    for (b, chunk) in w.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
-        kernels::dequant_block(fmt, b, &mut deq);
-        chunk.copy_from_slice(&deq);
+    for (b, chunk) in w.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+        kernels::dequant_block(fmt, b, chunk);
     }
 }
 
@@ -158,6 +157,7 @@ unsafe fn dequant_blocks_avx2(fmt: Format, w: &[u8], out: &mut [f32]) {
                     None,
                 )
             }
+            _ => unreachable!("dequant_blocks calls this for Q4_1 and Q8_0 only"),
         };
         for (j, v) in q.iter().enumerate() {
             let x = _mm256_mul_ps(*v, d);

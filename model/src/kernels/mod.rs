@@ -1,0 +1,147 @@
+//! CPU kernels for `y = x W^T` with `W` in a GGUF block format, on f32 activations.
+//!
+//! candle's CPU path quantizes activations to 8 bits and has no SIMD dot product for Q4_1. Here the
+//! weights are dequantized block by block in registers (AVX2/FMA when the CPU has them) and multiplied
+//! with the f32 activations, so the result equals `x` times the dequantized weight up to f32
+//! summation order, the same arithmetic as a reference that dequantizes first. Each weight block is
+//! decoded once and applied to every row of `x`, so prefill reuses it from registers.
+//!
+//! Formats ([`Format`]): Q4_0, Q4_1, Q5_0, Q8_0. Every kernel can read a block as
+//! `scale * q + offset` ([`formats::chunk`], the scalar reference); Q4_1 and Q8_0, the default
+//! model's formats, keep decoders of their own. The K-quants (Q4_K, Q5_K, Q6_K: llama.cpp's
+//! Q4_K_M files) stay with candle: its int8 kernels for them (ggml's, ported) ran 2-6x faster
+//! here than these kernels' 16-bit ones (`examples/kquant_bench.rs`, issue 15's notes).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod formats;
+
+pub use formats::{chunk, dequant_block, Chunk, Format, BLOCK};
+
+/// `y[t, r] = sum_k x[t, k] W[r, k]` for `t < m`, `r` in `rows`, with `W` given as `w` (row-major
+/// blocks, `k / 32` blocks per row). `y` holds `m` rows of `y_stride` floats; only columns `rows`
+/// are written. Requires `k % 32 == 0`.
+#[allow(clippy::too_many_arguments)] // a kernel: the shapes are its arguments
+pub fn matmul_rows(
+    fmt: Format,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are bounds-checked
+            // inside except for the SIMD loads, which stay within one block / one x row.
+            if m == 1 {
+                let xq = quantize_x16(&x[..k]);
+                // SAFETY: as above.
+                unsafe { avx2::matvec(fmt, w, k, &xq, rows, y) };
+            } else {
+                // SAFETY: as above.
+                unsafe { avx2::matmul_rows(fmt, w, k, x, m, rows, y, y_stride) };
+            }
+            return;
+        }
+    }
+    matmul_rows_scalar(fmt, w, k, x, m, rows, y, y_stride)
+}
+/// One activation row as 16-bit integers with a scale per block of 32: `x ~= scale[b] * q`.
+#[derive(Debug, Clone)]
+pub struct X16 {
+    /// The integers, `|q| <= 32767`.
+    pub q: Vec<i16>,
+    /// Per-block scale (`max |x| / 32767`).
+    pub scale: Vec<f32>,
+    /// Per-block exact f32 sum of `x` (for the Q4_1 offset term).
+    pub sum: Vec<f32>,
+}
+
+/// Quantizes `x` (length a multiple of 32) to [`X16`]. The rounding error is at most
+/// `max|x| / 65534` per element of a block, about 1.5e-5 relative: far below the gaps between
+/// competing logits, and it keeps every integer product in the dot products exact.
+pub fn quantize_x16(x: &[f32]) -> X16 {
+    let nb = x.len() / BLOCK;
+    let mut out = X16 {
+        q: vec![0; nb * BLOCK],
+        scale: vec![0.0; nb],
+        sum: vec![0.0; nb],
+    };
+    for (b, xs) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        out.sum[b] = xs.iter().sum();
+        if amax == 0.0 || !amax.is_finite() {
+            continue;
+        }
+        let scale = amax / 32767.0;
+        let inv = 1.0 / scale;
+        out.scale[b] = scale;
+        for (q, v) in out.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
+            *q = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+        }
+    }
+    out
+}
+
+/// [`matmul_rows`] without the single-row specialisation (for benchmarks).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows_tiled(
+    fmt: Format,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA.
+            unsafe { avx2::matmul_rows(fmt, w, k, x, m, rows, y, y_stride) };
+            return;
+        }
+    }
+    matmul_rows_scalar(fmt, w, k, x, m, rows, y, y_stride)
+}
+
+/// The portable version of [`matmul_rows`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows_scalar(
+    fmt: Format,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    let be = BLOCK;
+    let nb = k / be;
+    let bb = fmt.block_bytes();
+    let mut acc = vec![0f32; m];
+    let mut deq = [0f32; BLOCK];
+    for r in rows {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for b in 0..nb {
+            let off = (r * nb + b) * bb;
+            dequant_block(fmt, &w[off..off + bb], &mut deq);
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xs = &x[t * k + b * be..t * k + (b + 1) * be];
+                *a += deq.iter().zip(xs).map(|(w, x)| w * x).sum::<f32>();
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            y[t * y_stride + r] = *a;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
