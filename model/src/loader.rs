@@ -100,12 +100,69 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Files at least this large have their hash remembered (see [`file_hash_cached`]); smaller ones
+/// are hashed on every load (well under a second).
+pub const HASH_CACHE_MIN_BYTES: u64 = 256 << 20;
+
 fn file_hash(path: &Path) -> Result<Hash> {
+    let cache = crate::pull::hive_home().join("model-hashes");
+    file_hash_cached(path, &cache, HASH_CACHE_MIN_BYTES)
+}
+
+/// blake3 of the file at `path`. For a file of at least `min_len` bytes the hash is remembered in
+/// `cache_dir`, under the blake3 of the file's canonical path, with the file's length,
+/// modification time and inode: a 7B model (4-5 GB) is read through once, not on every load.
+/// Any change to those three hashes the file again. The cache is best effort: when it cannot be
+/// read or written, the file is hashed.
+pub fn file_hash_cached(path: &Path, cache_dir: &Path, min_len: u64) -> Result<Hash> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    let entry = (meta.len() >= min_len)
+        .then(|| std::fs::canonicalize(path).ok())
+        .flatten()
+        .map(|p| {
+            let name = blake3::hash(p.as_os_str().as_encoded_bytes()).to_hex();
+            cache_dir.join(name.as_str())
+        });
+    let stamp = file_stamp(&meta);
+    if let Some(entry) = &entry {
+        let cached = std::fs::read_to_string(entry).ok().and_then(|text| {
+            let (hash, rest) = text.trim().split_once(' ')?;
+            (rest == stamp).then(|| hash.parse::<Hash>().ok()).flatten()
+        });
+        if let Some(hash) = cached {
+            return Ok(hash);
+        }
+    }
     let mut hasher = blake3::Hasher::new();
     hasher
         .update_mmap(path)
         .map_err(|e| ModelError::io(path, e))?;
-    Ok(hasher.finalize().into())
+    let hash: Hash = hasher.finalize().into();
+    if let Some(entry) = entry {
+        // Written to a temp name and renamed, so a reader never sees half an entry.
+        let tmp = entry.with_extension("tmp");
+        let written = std::fs::create_dir_all(cache_dir)
+            .and_then(|()| std::fs::write(&tmp, format!("{} {stamp}\n", hash.to_hex())))
+            .and_then(|()| std::fs::rename(&tmp, &entry));
+        if let Err(e) = written {
+            tracing::debug!(entry = %entry.display(), error = %e, "cannot remember the model hash");
+        }
+    }
+    Ok(hash)
+}
+
+/// Length, modification time (ns) and inode of a file, as one string.
+fn file_stamp(meta: &std::fs::Metadata) -> String {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(meta);
+    #[cfg(not(unix))]
+    let ino = 0u64;
+    format!("{} {mtime} {ino}", meta.len())
 }
 
 fn metadata_string(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<String> {
