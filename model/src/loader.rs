@@ -241,6 +241,7 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
         });
     }
     check_shapes(path, &cfg, &embed, &layers)?;
+    prepack(&layers, lm_head.as_ref())?;
     let eos_ids = eos_ids(
         &tokenizer,
         metadata_u32(&content.metadata, "tokenizer.ggml.eos_token_id"),
@@ -280,6 +281,39 @@ fn eos_ids(tok: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
 }
 
 /// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
+/// Has candle repack, now, the weights it multiplies with its own kernels (the K-quants and other
+/// formats without a HiveMind kernel). candle tiles such a weight for its many-row kernels the
+/// first time it multiplies several rows, and keeps that copy; done in the first prompt, that
+/// made a 7B Q4_K_M prompt 7x slower than the same prompt afterwards. Done here, in parallel
+/// across weights, it costs load time instead, as llama.cpp's own repacking at load does. Weights
+/// with a HiveMind kernel (the default model's) have nothing to pack.
+fn prepack(layers: &[Layer], lm_head: Option<&Weight>) -> Result<()> {
+    use rayon::prelude::*;
+    let weights: Vec<&Weight> = layers
+        .iter()
+        .flat_map(|l| {
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+            .map(|lin| &lin.weight)
+        })
+        .chain(lm_head)
+        .filter(|w| matches!(w, Weight::Quant(_)))
+        .collect();
+    weights.par_iter().try_for_each(|w| -> Result<()> {
+        let (_, k) = w.dims()?;
+        // Several rows, as a prompt has: the path that packs.
+        w.matmul_t(&Tensor::zeros((4, k), DType::F32, &Device::Cpu)?)?;
+        Ok(())
+    })
+}
+
 fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
     if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
