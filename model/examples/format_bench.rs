@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
+        if k % dtype.block_size() != 0 {
+            continue; // the K-quants need rows of whole 256-blocks
+        }
         let q = QTensor::quantize(&dense, dtype)?;
         let candle = QMatMul::from_qtensor(QTensor::quantize(&dense, dtype)?)?;
         // What a loaded model uses: a HiveMind kernel where there is one, else candle's.

@@ -71,7 +71,7 @@ unsafe fn decode(fmt: Format, b: *const u8) -> [__m256; 4] {
 /// `madd_epi16` multiplies 16 pairs per instruction with exact integer products, so a block
 /// costs about ten instructions instead of the seventeen of the f32 path; the Q4_1 offset term
 /// `m sum(x)` uses the exact f32 block sums.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn matvec(
     fmt: Format,
     w: &[u8],
@@ -80,10 +80,26 @@ pub(super) unsafe fn matvec(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    if !matches!(fmt, Format::Q4_1 | Format::Q8_0) {
-        // SAFETY: as this function's.
-        return unsafe { matvec_chunks(fmt, w, k, xq, rows, y) };
+    // SAFETY (all three): as this function's.
+    match fmt {
+        Format::Q4_1 => unsafe { matvec_q::<false>(w, k, xq, rows, y) },
+        Format::Q8_0 => unsafe { matvec_q::<true>(w, k, xq, rows, y) },
+        _ => unsafe { matvec_chunks(fmt, w, k, xq, rows, y) },
     }
+}
+
+/// [`matvec`] for Q4_1 (`Q8 = false`) or Q8_0 (`Q8 = true`): one loop per format, two
+/// accumulators (even and odd blocks) so consecutive blocks do not wait on one FMA chain, and the
+/// f16 scales converted by the CPU (F16C), exactly as `half` converts them.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matvec_q<const Q8: bool>(
+    w: &[u8],
+    k: usize,
+    xq: &super::X16,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    let fmt = if Q8 { Format::Q8_0 } else { Format::Q4_1 };
     let nb = k / BLOCK;
     let bb = fmt.block_bytes();
     assert!(w.len() >= rows.end * nb * bb && xq.q.len() >= k && y.len() >= rows.end);
@@ -91,54 +107,77 @@ pub(super) unsafe fn matvec(
     let wp = w.as_ptr();
     let xp = xq.q.as_ptr();
     let nib = _mm256_set1_epi16(0x0f);
-    for r in rows {
-        let mut acc = _mm256_setzero_ps();
-        let mut macc = 0f32;
-        for b in 0..nb {
-            // SAFETY: b * 32 + 32 <= k <= xq.q.len().
-            let (xa, xb) = unsafe {
-                let p = xp.add(b * BLOCK) as *const __m256i;
-                (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-            };
-            // SAFETY: (r * nb + b + 1) * bb <= w.len() by the assert above.
-            let blk = unsafe { wp.add((r * nb + b) * bb) };
-            let (dot, d, m) = match fmt {
-                Format::Q4_1 => {
-                    // SAFETY: blk points at a whole 20-byte block.
-                    let (head, q) = unsafe {
-                        (
-                            std::slice::from_raw_parts(blk, 4),
-                            _mm_loadu_si128(blk.add(4) as *const __m128i),
-                        )
-                    };
-                    let w16 = _mm256_cvtepu8_epi16(q);
-                    let lo = _mm256_and_si256(w16, nib);
-                    let hi = _mm256_srli_epi16(w16, 4);
-                    let dot =
-                        _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
-                    (dot, f16_at(head, 0), f16_at(head, 2))
-                }
-                Format::Q8_0 => {
-                    // SAFETY: blk points at a whole 34-byte block.
-                    let (head, q) = unsafe {
-                        (
-                            std::slice::from_raw_parts(blk, 2),
-                            _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                        )
-                    };
-                    let wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                    let wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
-                    let dot =
-                        _mm256_add_epi32(_mm256_madd_epi16(wa, xa), _mm256_madd_epi16(wb, xb));
-                    (dot, f16_at(head, 0), 0.0)
-                }
-                _ => unreachable!("handled by matvec_chunks"),
-            };
-            let scale = _mm256_set1_ps(d * xq.scale[b]);
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
-            macc += m * xq.sum[b];
+    // The integer dot product of block `b` of the row at `row`, its scale `d` and offset `m`.
+    let block = |row: *const u8, b: usize| -> (__m256i, f32, f32) {
+        // SAFETY: b * 32 + 32 <= k <= xq.q.len(); `row` holds nb whole blocks (the callers'
+        // bounds, asserted above).
+        unsafe {
+            let p = xp.add(b * BLOCK) as *const __m256i;
+            let (xa, xb) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+            let blk = row.add(b * bb);
+            if Q8 {
+                let head = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk as *const u16,
+                ) as i32));
+                let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                let wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+                let dot = _mm256_add_epi32(_mm256_madd_epi16(wa, xa), _mm256_madd_epi16(wb, xb));
+                (dot, _mm_cvtss_f32(head), 0.0)
+            } else {
+                let head = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk as *const i32,
+                )));
+                let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let w16 = _mm256_cvtepu8_epi16(q);
+                let lo = _mm256_and_si256(w16, nib);
+                let hi = _mm256_srli_epi16(w16, 4);
+                let dot = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
+                (
+                    dot,
+                    _mm_cvtss_f32(head),
+                    _mm_cvtss_f32(_mm_movehdup_ps(head)),
+                )
+            }
         }
-        y[r] = unsafe { hsum(acc) } + macc;
+    };
+    for r in rows {
+        // SAFETY: (r + 1) * nb * bb <= w.len() by the assert above.
+        let row = unsafe { wp.add(r * nb * bb) };
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut m0, mut m1) = (0f32, 0f32);
+        let mut b = 0;
+        while b + 1 < nb {
+            let (dot0, d0, o0) = block(row, b);
+            let (dot1, d1, o1) = block(row, b + 1);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(d0 * xq.scale[b]),
+                _mm256_cvtepi32_ps(dot0),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                _mm256_set1_ps(d1 * xq.scale[b + 1]),
+                _mm256_cvtepi32_ps(dot1),
+                acc1,
+            );
+            if !Q8 {
+                m0 += o0 * xq.sum[b];
+                m1 += o1 * xq.sum[b + 1];
+            }
+            b += 2;
+        }
+        if b < nb {
+            let (dot0, d0, o0) = block(row, b);
+            acc0 = _mm256_fmadd_ps(
+                _mm256_set1_ps(d0 * xq.scale[b]),
+                _mm256_cvtepi32_ps(dot0),
+                acc0,
+            );
+            if !Q8 {
+                m0 += o0 * xq.sum[b];
+            }
+        }
+        y[r] = unsafe { hsum(_mm256_add_ps(acc0, acc1)) } + (m0 + m1);
     }
 }
 

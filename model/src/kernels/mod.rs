@@ -34,9 +34,13 @@ pub fn matmul_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are bounds-checked
-            // inside except for the SIMD loads, which stay within one block / one x row.
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); slices are
+            // bounds-checked inside except for the SIMD loads, which stay within one block / one
+            // x row.
             if m == 1 {
                 let xq = quantize_x16(&x[..k]);
                 // SAFETY: as above.
