@@ -101,6 +101,7 @@ pub(crate) fn net_config(bootstrap: Vec<Multiaddr>, topics: Vec<String>) -> Resu
         max_incoming: hivemind_node::net::DEFAULT_MAX_INCOMING,
         min_serve_rate: hivemind_node::net::blob::DEFAULT_MIN_SERVE_RATE,
         allow: None,
+        relay: false,
     })
 }
 

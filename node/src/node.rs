@@ -115,6 +115,8 @@ pub struct NodeConfig {
     /// A closed network's other members: this node connects with no one else and ignores
     /// messages signed by anyone else, relayed or fetched. `None`: an open network.
     pub allow_peers: Option<BTreeSet<PeerId>>,
+    /// Serve as a circuit relay for nodes behind NATs (`--relay`; see [`crate::net::RELAY_LIMITS`]).
+    pub relay: bool,
     /// Bytes to keep free on the data dir's disk ([`DEFAULT_MIN_FREE_BYTES`] for nodes): a
     /// peer's adapter or a gateway upload that would go below it is not taken in.
     pub min_free_bytes: u64,
@@ -141,6 +143,7 @@ impl NodeConfig {
             chat: None,
             http: None,
             allow_peers: None,
+            relay: false,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
@@ -278,6 +281,7 @@ impl Node {
                 max_incoming: crate::net::DEFAULT_MAX_INCOMING,
                 min_serve_rate: crate::net::blob::DEFAULT_MIN_SERVE_RATE,
                 allow: cfg.allow_peers.clone(),
+                relay: cfg.relay,
             },
             Arc::new(store.clone()),
             cancel.clone(),

@@ -176,6 +176,12 @@ pub struct NodeArgs {
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// Relay for nodes behind NATs (circuit relay v2): for a node others can reach, such as a
+    /// bootstrap node on a public address. At most 128 reservations (4 per peer), 64 circuits
+    /// (8 per peer), 256 MiB and 30 minutes per circuit. Nodes behind a NAT listen through
+    /// relays by themselves and try to connect directly (hole punching) when they meet.
+    #[arg(long)]
+    pub relay: bool,
     /// A closed network: the peer ids of its other members (repeat, or separate with commas;
     /// `hive-node identity` prints a node's). This node connects with no one else and ignores
     /// messages signed by anyone else. Without it the network is open.
@@ -253,6 +259,7 @@ impl NodeArgs {
             http: args.http.clone(),
             allow_peers: (!args.allow_peers.is_empty())
                 .then(|| args.allow_peers.iter().copied().collect()),
+            relay: args.relay,
             min_free_bytes: args.min_free_mb.saturating_mul(1 << 20),
         })
         .await

@@ -43,12 +43,22 @@ pub(super) fn run(args: StatusArgs) -> Result<()> {
     for a in &s.listen_addrs {
         println!("listening on:    {a}");
     }
+    println!("reachability:    {}", s.reachability);
+    for r in &s.relays {
+        println!("listening via:   relay {r}");
+    }
     println!("connected peers: {}", s.connected_peers);
     for (peer, links) in &s.links {
         for l in links {
             println!(
                 "  {peer}  {} {}  {}",
-                if l.relayed { "relayed" } else { "direct" },
+                if l.relayed {
+                    "relayed"
+                } else if l.upgraded {
+                    "upgraded"
+                } else {
+                    "direct"
+                },
                 if l.outbound { "dialled" } else { "inbound" },
                 l.addr
             );

@@ -115,6 +115,15 @@ pub struct StatusFile {
     /// How each connected peer is connected (one entry per open connection).
     #[serde(default)]
     pub links: BTreeMap<String, Vec<crate::net::Link>>,
+    /// What AutoNAT concluded: `public`, `private` or `unknown`.
+    #[serde(default)]
+    pub reachability: String,
+    /// Relays this node listens through (peer ids).
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// Blob bytes this node has served to peers since it started, by blob (hex).
+    #[serde(default)]
+    pub served: BTreeMap<String, u64>,
     /// Adapters this node announced (its own and its gateway's uploads) in recent rounds.
     #[serde(default)]
     pub own_adapters: Vec<OwnAdapter>,

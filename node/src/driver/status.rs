@@ -86,6 +86,14 @@ impl Driver {
                 .lock()
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default(),
+            reachability: info.reachability.clone(),
+            served: self
+                .client
+                .served()
+                .into_iter()
+                .map(|(h, n)| (h.to_hex(), n))
+                .collect(),
+            relays: info.relays.iter().map(|p| p.to_string()).collect(),
             links: info
                 .links
                 .iter()

@@ -57,6 +57,7 @@ pub struct Client {
     pub(super) local: PeerId,
     pub(super) streams: libp2p_stream::Control,
     pub(super) banned: Banned,
+    pub(super) served: super::blob::Served,
 }
 
 impl std::fmt::Debug for Client {
@@ -71,6 +72,11 @@ impl Client {
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local
+    }
+
+    /// Blob bytes this node has served to peers, by blob.
+    pub fn served(&self) -> std::collections::BTreeMap<hivemind_protocol::Hash, u64> {
+        self.served.snapshot()
     }
 
     async fn send(&self, cmd: Command) -> Result<(), NetError> {

@@ -14,6 +14,13 @@ pub(super) struct EventLoop {
     pub(super) bootstrapped: bool,
     /// Open connections by peer.
     pub(super) links: BTreeMap<PeerId, BTreeMap<libp2p::swarm::ConnectionId, Link>>,
+    /// Connected peers that offer to relay (circuit relay v2 HOP), with an address of theirs.
+    pub(super) relays: BTreeMap<PeerId, Multiaddr>,
+    /// Relays this node asked to listen through, and those that accepted (a reservation).
+    pub(super) relay_listens: BTreeSet<PeerId>,
+    pub(super) reserved: BTreeSet<PeerId>,
+    /// Peers a relayed connection with was upgraded to a direct one (DCUtR).
+    pub(super) upgraded: BTreeSet<PeerId>,
 }
 
 impl EventLoop {
@@ -83,6 +90,13 @@ impl EventLoop {
                         .iter()
                         .map(|(p, l)| (*p, l.values().cloned().collect()))
                         .collect(),
+                    reachability: match self.swarm.behaviour().autonat.nat_status() {
+                        autonat::NatStatus::Public(_) => "public",
+                        autonat::NatStatus::Private => "private",
+                        autonat::NatStatus::Unknown => "unknown",
+                    }
+                    .to_string(),
+                    relays: self.reserved.iter().copied().collect(),
                 });
             }
             Command::Dial { addr, reply } => {
@@ -115,12 +129,23 @@ impl EventLoop {
                     return;
                 }
                 let addr = endpoint.get_remote_address();
+                let circuit = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+                // An inbound relayed connection arrives on our `/p2p-circuit` listen address,
+                // from `/p2p/<peer>`.
+                let relayed = match &endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => circuit(address),
+                    libp2p::core::ConnectedPoint::Listener {
+                        local_addr,
+                        send_back_addr,
+                    } => circuit(local_addr) || circuit(send_back_addr),
+                };
                 self.links.entry(peer_id).or_default().insert(
                     connection_id,
                     Link {
                         addr: addr.to_string(),
                         outbound: endpoint.is_dialer(),
-                        relayed: addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)),
+                        relayed,
+                        upgraded: !relayed && self.upgraded.contains(&peer_id),
                     },
                 );
                 if endpoint.is_dialer() {
@@ -172,9 +197,68 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                let relays = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                // A peer's loopback addresses lead to that peer only from its own host (the
+                // tests): from anywhere else they lead back to ourselves, and a dial that meets
+                // the wrong peer there fails as a whole, the useful addresses with it.
+                let same_host = self
+                    .links
+                    .get(&peer_id)
+                    .is_some_and(|l| l.values().any(|l| is_loopback_str(&l.addr)));
                 for addr in info.listen_addrs {
-                    if is_dialable(&addr) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    if !is_dialable(&addr) || (is_loopback(&addr) && !same_host) {
+                        continue;
+                    }
+                    let circuit = addr.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+                    if relays && !circuit && !self.relays.contains_key(&peer_id) {
+                        self.relays.insert(peer_id, addr.clone());
+                    }
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                self.listen_via_relays();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                old,
+                new,
+            })) => {
+                tracing::info!(?old, ?new, "reachability");
+                self.listen_via_relays();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) if self.reserved.insert(relay_peer_id) => {
+                tracing::info!(relay = %relay_peer_id, "listening through a relay");
+                // Look for peers again: those behind NATs are reachable now, through relays,
+                // where a first lookup found only their private addresses.
+                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one");
+                    self.upgraded.insert(remote_peer_id);
+                    for l in self
+                        .links
+                        .get_mut(&remote_peer_id)
+                        .into_iter()
+                        .flat_map(|l| l.values_mut())
+                    {
+                        l.upgraded = !l.relayed;
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+                }
+            },
+            SwarmEvent::ListenerClosed { addresses, .. } => {
+                // A relay that went away: its reservation is gone; listen again when one is back.
+                for a in addresses {
+                    self.listen_addrs.remove(&a);
+                    if let Some(relay) = circuit_relay(&a) {
+                        self.relay_listens.remove(&relay);
+                        self.reserved.remove(&relay);
                     }
                 }
             }
@@ -201,6 +285,58 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+impl EventLoop {
+    /// Once AutoNAT says this node cannot be reached, listens through relays it knows (at most
+    /// [`MAX_RELAYS`]: a peer that offers to relay and then drops the traffic costs one of
+    /// them, not every path to us): peers then reach it at `<relay>/p2p-circuit/p2p/<us>`, and
+    /// DCUtR tries to turn such connections into direct ones.
+    fn listen_via_relays(&mut self) {
+        if self.swarm.behaviour().autonat.nat_status() != autonat::NatStatus::Private {
+            return;
+        }
+        let todo: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(p, _)| !self.relay_listens.contains(p) && !self.banned.contains(p))
+            .take(MAX_RELAYS.saturating_sub(self.relay_listens.len()))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (relay, addr) in todo {
+            let circuit = with_peer(&addr, relay).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => {
+                    self.relay_listens.insert(relay);
+                }
+                Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through relay"),
+            }
+        }
+    }
+}
+
+/// The relay of a `/p2p/<relay>/p2p-circuit` address.
+fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(peer) => relay = Some(peer),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().next().is_some_and(|p| {
+        matches!(p, Protocol::Ip4(ip) if ip.is_loopback())
+            || matches!(p, Protocol::Ip6(ip) if ip.is_loopback())
+    })
+}
+
+fn is_loopback_str(addr: &str) -> bool {
+    addr.parse::<Multiaddr>().is_ok_and(|a| is_loopback(&a))
 }
 
 fn is_dialable(addr: &Multiaddr) -> bool {

@@ -29,7 +29,8 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol, Swarm,
+    autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux, Multiaddr, PeerId, Stream,
+    StreamProtocol, Swarm,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,9 @@ pub const IDENTIFY_PROTOCOL: &str = "/hivemind/id/1.0.0";
 /// Largest gossip message: a protocol message plus gossipsub's envelope (signature, key,
 /// topic, sequence number).
 pub const MAX_TRANSMIT_BYTES: usize = hivemind_protocol::MAX_MESSAGE_BYTES + 4096;
+/// Relays a node behind a NAT listens through at once.
+const MAX_RELAYS: usize = 2;
+
 /// Most peers dialled from discovery at once.
 const MAX_DISCOVERED_DIALS: usize = 50;
 /// Application-specific score step per penalty.
@@ -126,7 +130,40 @@ pub struct NetConfig {
     /// A closed network's members: connections with any other peer are refused (dialled or
     /// incoming). `None`: an open network.
     pub allow: Option<BTreeSet<PeerId>>,
+    /// Serve as a circuit relay (v2) for nodes behind NATs, within [`RELAY_LIMITS`]. Every node
+    /// uses relays that peers offer when AutoNAT finds it unreachable, and tries to upgrade
+    /// relayed connections to direct ones (DCUtR hole punching).
+    pub relay: bool,
 }
+
+/// What a relaying node grants (`--relay`): reservations (nodes listening through it),
+/// circuits (relayed connections) and what one circuit may carry. A circuit that reaches its
+/// byte or time limit is closed; the peers open a new one when they need it.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayLimits {
+    /// Reservations held at once, and by one peer.
+    pub reservations: usize,
+    /// Reservations one peer may hold.
+    pub reservations_per_peer: usize,
+    /// Circuits open at once.
+    pub circuits: usize,
+    /// Circuits one peer may have open.
+    pub circuits_per_peer: usize,
+    /// Bytes one circuit carries (both ways) before it is closed: a few round adapters.
+    pub circuit_bytes: u64,
+    /// How long one circuit lasts.
+    pub circuit_duration: Duration,
+}
+
+/// The relay limits of a `--relay` node.
+pub const RELAY_LIMITS: RelayLimits = RelayLimits {
+    reservations: 128,
+    reservations_per_peer: 4,
+    circuits: 64,
+    circuits_per_peer: 8,
+    circuit_bytes: 256 << 20,
+    circuit_duration: Duration::from_secs(30 * 60),
+};
 
 /// Default of [`NetConfig::max_incoming`].
 pub const DEFAULT_MAX_INCOMING: u32 = 256;
@@ -164,6 +201,11 @@ pub struct NetInfo {
     pub penalties: BTreeMap<PeerId, u32>,
     /// How each connected peer is connected: one entry per open connection.
     pub links: BTreeMap<PeerId, Vec<Link>>,
+    /// What AutoNAT concluded about this node: `public`, `private` (behind a NAT or firewall:
+    /// it listens through relays) or `unknown`.
+    pub reachability: String,
+    /// Relays this node listens through (has a reservation with).
+    pub relays: Vec<PeerId>,
 }
 
 /// One open connection to a peer.
@@ -175,6 +217,9 @@ pub struct Link {
     pub outbound: bool,
     /// Whether the connection runs through a relay (`/p2p-circuit`).
     pub relayed: bool,
+    /// A direct connection that replaced a relayed one by hole punching (DCUtR).
+    #[serde(default)]
+    pub upgraded: bool,
 }
 
 /// The running network: its client, its events and its task.
@@ -236,6 +281,7 @@ impl Network {
             })?;
         let banned = Banned::default();
         let refused = banned.clone();
+        let served = blob::Served::default();
         let serving = tokio::spawn(blob::serve_incoming(
             incoming,
             source,
@@ -244,6 +290,7 @@ impl Network {
                 min_rate: cfg.min_serve_rate,
             },
             move |peer| refused.contains(peer),
+            served.clone(),
             cancel.clone(),
         ));
         let (tx, rx) = mpsc::channel(256);
@@ -258,6 +305,10 @@ impl Network {
             dialled: BTreeSet::new(),
             bootstrapped: false,
             links: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            relay_listens: BTreeSet::new(),
+            reserved: BTreeSet::new(),
+            upgraded: BTreeSet::new(),
         };
         // Wait for the listeners to report their addresses (so callers can print them).
         let want = cfg.listen.len();
@@ -275,6 +326,7 @@ impl Network {
                 local,
                 streams,
                 banned,
+                served,
             },
             events: ev_rx,
             tasks: vec![task, serving],

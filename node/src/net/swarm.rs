@@ -1,6 +1,7 @@
 //! The libp2p behaviour of a node and how its swarm is built: transports, noise, yamux,
 //! identify, ping, Kademlia, gossipsub (scoring, strict signing, manual validation), the
-//! blob stream protocol and mDNS.
+//! blob stream protocol, mDNS, and the NAT traversal of issue 16: AutoNAT (reachability), circuit
+//! relay v2 (client always, server with `--relay`) and DCUtR (hole punching).
 
 use super::*;
 use libp2p::{allow_block_list, connection_limits};
@@ -22,6 +23,41 @@ pub(super) struct Behaviour {
     pub(super) ping: ping::Behaviour,
     pub(super) blob: libp2p_stream::Behaviour,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Listening and dialling through relays.
+    pub(super) relay_client: relay::client::Behaviour,
+    /// Relaying for others ([`NetConfig::relay`]).
+    pub(super) relay: Toggle<relay::Behaviour>,
+    /// Upgrading relayed connections to direct ones.
+    pub(super) dcutr: dcutr::Behaviour,
+    /// Whether this node is reachable from outside (and answering others' probes).
+    pub(super) autonat: autonat::Behaviour,
+}
+
+/// AutoNAT's settings: first probe soon after start, retries every 30 s until it knows. Private
+/// addresses count (`only_global_ips: false`): home networks, containers and test namespaces
+/// use them.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(30),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(10),
+        only_global_ips: false,
+        ..Default::default()
+    }
+}
+
+fn relay_config() -> relay::Config {
+    let l = RELAY_LIMITS;
+    relay::Config {
+        max_reservations: l.reservations,
+        max_reservations_per_peer: l.reservations_per_peer,
+        max_circuits: l.circuits,
+        max_circuits_per_peer: l.circuits_per_peer,
+        max_circuit_bytes: l.circuit_bytes,
+        max_circuit_duration: l.circuit_duration,
+        ..Default::default()
+    }
 }
 
 fn score_params(topics: &[String]) -> gossipsub::PeerScoreParams {
@@ -67,6 +103,7 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
         .with_max_pending_incoming(Some((cfg.max_incoming / 4).max(1)))
         .with_max_established_per_peer(Some(MAX_PER_PEER));
     let topics = cfg.topics.clone();
+    let relay_on = cfg.relay;
     let allow = cfg.allow.as_ref().map(|peers| {
         let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
         for p in peers {
@@ -85,7 +122,9 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
         .with_quic()
         .with_dns()
         .map_err(|e| err(&e))?
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_behaviour(|key, relay_client| {
             let peer = key.public().to_peer_id();
             let mut gossipsub =
                 gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gcfg)?;
@@ -95,14 +134,18 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
             )?;
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(Duration::from_secs(30));
+            // Peers that become reachable later (through a relay) are found within half a minute
+            // (the default is five).
+            kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
             // Kademlia serves peer routing only: records others PUT are never stored (they
             // come back as events, which the event loop drops).
             kcfg.set_record_filtering(kad::StoreInserts::FilterBoth);
             let kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kcfg);
-            let identify = identify::Behaviour::new(identify::Config::new(
-                IDENTIFY_PROTOCOL.to_string(),
-                key.public(),
-            ));
+            // Listen addresses gained later (a relay reservation) reach connected peers at once.
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_push_listen_addr_updates(true),
+            );
             let ping = ping::Behaviour::new(ping::Config::new());
             let blob = libp2p_stream::Behaviour::new();
             let mdns = if mdns_on {
@@ -119,6 +162,10 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
                 ping,
                 blob,
                 mdns: Toggle::from(mdns),
+                relay_client,
+                relay: Toggle::from(relay_on.then(|| relay::Behaviour::new(peer, relay_config()))),
+                dcutr: dcutr::Behaviour::new(peer),
+                autonat: autonat::Behaviour::new(peer, autonat_config()),
             })
         })
         .map_err(|e| err(&e))?

@@ -47,6 +47,7 @@ pub(crate) async fn node_with(
         max_incoming: hivemind_node::net::DEFAULT_MAX_INCOMING,
         min_serve_rate: hivemind_node::net::blob::DEFAULT_MIN_SERVE_RATE,
         allow: None,
+        relay: false,
     };
     tune(&mut cfg);
     Network::spawn(keypair_of(&key).unwrap(), cfg, source, cancel.clone())

@@ -46,7 +46,7 @@ pub use fetch::{
 
 /// Passes over the busy peers before a fetch gives up (about 30 s of waiting in all).
 pub const BUSY_PASSES: u32 = 8;
-pub use serve::{serve_incoming, ServeLimits};
+pub use serve::{serve_incoming, ServeLimits, Served};
 
 /// The protocol id; the version changes with any wire change.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hivemind/blob/2.0.0");

@@ -23,13 +23,36 @@ pub struct ServeLimits {
     pub min_rate: u64,
 }
 
+/// Blob bytes this node has served, by blob, since it started (shown in status.json: how
+/// much a relay or bootstrap node uploads for others).
+#[derive(Clone, Debug, Default)]
+pub struct Served(Arc<Mutex<std::collections::BTreeMap<Hash, u64>>>);
+
+impl Served {
+    fn add(&self, hash: Hash, bytes: u64) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = m.entry(hash).or_insert(0);
+        *n = n.saturating_add(bytes);
+    }
+
+    /// Bytes served so far, by blob.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<Hash, u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Accepts inbound blob streams until `cancel` fires and answers each on its own task,
-/// within `limits`. Streams from peers `refuse` names are dropped unanswered.
+/// within `limits`, counting what it sends in `served`. Streams from peers `refuse` names are
+/// dropped unanswered.
 pub async fn serve_incoming(
     mut incoming: libp2p_stream::IncomingStreams,
     source: SharedSource,
     limits: ServeLimits,
     refuse: impl Fn(&PeerId) -> bool + Send + 'static,
+    served: Served,
     cancel: CancellationToken,
 ) {
     let slots = Slots::new(limits.streams);
@@ -47,9 +70,9 @@ pub async fn serve_incoming(
         if refuse(&peer) {
             continue;
         }
-        let (source, slots) = (source.clone(), slots.clone());
+        let (source, slots, served) = (source.clone(), slots.clone(), served.clone());
         streams.spawn(async move {
-            match serve_stream(&mut stream, peer, source, &slots, min_rate).await {
+            match serve_stream(&mut stream, peer, source, &slots, &served, min_rate).await {
                 Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
                 Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
             }
@@ -119,6 +142,7 @@ async fn serve_stream(
     peer: PeerId,
     source: SharedSource,
     slots: &Slots,
+    served: &Served,
     min_rate: u64,
 ) -> io::Result<u64> {
     let mut buf = [0u8; REQUEST_BYTES];
@@ -153,6 +177,7 @@ async fn serve_stream(
     let limit = REQUEST_TIMEOUT + std::time::Duration::from_secs(len / min_rate);
     within(limit, "sending at the minimum rate", async {
         let sent = send_range(blob.reader, len, stream).await?;
+        served.add(req.hash, sent);
         timed("closing", stream.close()).await?;
         Ok(sent)
     })
