@@ -177,8 +177,8 @@ pub struct NodeArgs {
     #[arg(long)]
     pub mdns: bool,
     /// Relay for nodes behind NATs (circuit relay v2): for a node others can reach, such as a
-    /// bootstrap node on a public address. At most 128 reservations (4 per peer), 64 circuits
-    /// (8 per peer), 256 MiB and 30 minutes per circuit. Nodes behind a NAT listen through
+    /// bootstrap node on a public address. At most 128 reservations (4 per peer), 32 circuits
+    /// (4 per peer), 64 MiB and 10 minutes per circuit. Nodes behind a NAT listen through
     /// relays by themselves and try to connect directly (hole punching) when they meet.
     #[arg(long)]
     pub relay: bool,

@@ -16,15 +16,29 @@ pub(super) struct EventLoop {
     pub(super) links: BTreeMap<PeerId, BTreeMap<libp2p::swarm::ConnectionId, Link>>,
     /// Connected peers that offer to relay (circuit relay v2 HOP), with an address of theirs.
     pub(super) relays: BTreeMap<PeerId, Multiaddr>,
-    /// Relays this node asked to listen through, and those that accepted (a reservation).
-    pub(super) relay_listens: BTreeSet<PeerId>,
+    /// Our listeners through relays, by listener (what `listen_on` returned: the relay's own
+    /// reply cannot redirect this bookkeeping), and the relays that accepted (a reservation).
+    pub(super) relay_listens:
+        std::collections::HashMap<libp2p::core::transport::ListenerId, PeerId>,
     pub(super) reserved: BTreeSet<PeerId>,
-    /// Peers a relayed connection with was upgraded to a direct one (DCUtR).
-    pub(super) upgraded: BTreeSet<PeerId>,
+    /// Relays whose listener closed (refused, dropped, gone): not asked again before the
+    /// instant, and the pause the next failure gets.
+    pub(super) relay_backoff: BTreeMap<PeerId, (std::time::Instant, Duration)>,
+    /// Direct connections DCUtR reported before the swarm did.
+    pub(super) upgrades: BTreeSet<libp2p::swarm::ConnectionId>,
 }
+
+/// How often the event loop looks again for relays to listen through, and (while this node
+/// is unreachable) for peers that became reachable through relays.
+const RELAY_TICK: Duration = Duration::from_secs(15);
+/// The first pause before a relay whose listener closed is asked again; doubled per failure.
+const RELAY_BACKOFF_FIRST: Duration = Duration::from_secs(15);
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 impl EventLoop {
     pub(super) async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(RELAY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -34,6 +48,7 @@ impl EventLoop {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
+                _ = tick.tick() => self.on_tick(),
             }
         }
         tracing::debug!("network event loop stopped");
@@ -139,13 +154,30 @@ impl EventLoop {
                         send_back_addr,
                     } => circuit(local_addr) || circuit(send_back_addr),
                 };
+                let upgraded = self.upgrades.remove(&connection_id);
+                // Peers arriving through relays share one TCP connection of the relay's: however
+                // many ids a relay brings, they get MAX_RELAYED_INBOUND slots, not all of ours.
+                let relayed_in = relayed && !endpoint.is_dialer();
+                if relayed_in
+                    && self
+                        .links
+                        .values()
+                        .flat_map(|l| l.values())
+                        .filter(|l| l.relayed && !l.outbound)
+                        .count()
+                        >= MAX_RELAYED_INBOUND
+                {
+                    tracing::debug!(peer = %peer_id, "too many relayed inbound connections; closing");
+                    let _ = self.swarm.close_connection(connection_id);
+                    return;
+                }
                 self.links.entry(peer_id).or_default().insert(
                     connection_id,
                     Link {
                         addr: addr.to_string(),
                         outbound: endpoint.is_dialer(),
                         relayed,
-                        upgraded: !relayed && self.upgraded.contains(&peer_id),
+                        upgraded,
                     },
                 );
                 if endpoint.is_dialer() {
@@ -166,6 +198,8 @@ impl EventLoop {
                     l.remove(&connection_id);
                     if l.is_empty() {
                         self.links.remove(&peer_id);
+                        // A relay we are no longer connected to is no candidate.
+                        self.relays.remove(&peer_id);
                     }
                 }
             }
@@ -236,30 +270,52 @@ impl EventLoop {
                 remote_peer_id,
                 result,
             })) => match result {
-                Ok(_) => {
+                Ok(direct) => {
                     tracing::info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one");
-                    self.upgraded.insert(remote_peer_id);
-                    for l in self
-                        .links
-                        .get_mut(&remote_peer_id)
-                        .into_iter()
-                        .flat_map(|l| l.values_mut())
-                    {
-                        l.upgraded = !l.relayed;
+                    let links = self.links.entry(remote_peer_id).or_default();
+                    match links.get_mut(&direct) {
+                        Some(l) => l.upgraded = true,
+                        None => {
+                            self.upgrades.insert(direct);
+                        }
+                    }
+                    // Traffic takes the direct path from now on: the relayed connections go,
+                    // and the relay carries nothing more between us.
+                    let relayed: Vec<_> = links
+                        .iter()
+                        .filter(|(_, l)| l.relayed)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in relayed {
+                        self.swarm.close_connection(id);
                     }
                 }
                 Err(e) => {
                     tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
                 }
             },
-            SwarmEvent::ListenerClosed { addresses, .. } => {
-                // A relay that went away: its reservation is gone; listen again when one is back.
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                ..
+            } => {
                 for a in addresses {
                     self.listen_addrs.remove(&a);
-                    if let Some(relay) = circuit_relay(&a) {
-                        self.relay_listens.remove(&relay);
-                        self.reserved.remove(&relay);
-                    }
+                }
+                // A relay that refused, dropped or lost our reservation: asked again after a
+                // growing pause, another one (if any) in the meantime.
+                if let Some(relay) = self.relay_listens.remove(&listener_id) {
+                    self.reserved.remove(&relay);
+                    let pause = self
+                        .relay_backoff
+                        .get(&relay)
+                        .map_or(RELAY_BACKOFF_FIRST, |(_, p)| {
+                            (*p * 2).min(RELAY_BACKOFF_MAX)
+                        });
+                    tracing::info!(%relay, ?pause, "no longer listening through relay");
+                    self.relay_backoff
+                        .insert(relay, (std::time::Instant::now() + pause, pause));
+                    self.listen_via_relays();
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
@@ -296,36 +352,40 @@ impl EventLoop {
         if self.swarm.behaviour().autonat.nat_status() != autonat::NatStatus::Private {
             return;
         }
-        let todo: Vec<(PeerId, Multiaddr)> = self
+        let now = std::time::Instant::now();
+        let mut candidates: Vec<(PeerId, Multiaddr)> = self
             .relays
             .iter()
-            .filter(|(p, _)| !self.relay_listens.contains(p) && !self.banned.contains(p))
-            .take(MAX_RELAYS.saturating_sub(self.relay_listens.len()))
+            .filter(|(p, _)| {
+                !self.relay_listens.values().any(|r| r == *p)
+                    && !self.banned.contains(p)
+                    && self.relay_backoff.get(p).is_none_or(|(at, _)| *at <= now)
+            })
             .map(|(p, a)| (*p, a.clone()))
             .collect();
-        for (relay, addr) in todo {
+        // In random order: peers that grind low ids cannot count on being picked first.
+        rand::seq::SliceRandom::shuffle(&mut candidates[..], &mut rand::thread_rng());
+        let room = MAX_RELAYS.saturating_sub(self.relay_listens.len());
+        for (relay, addr) in candidates.into_iter().take(room) {
             let circuit = with_peer(&addr, relay).with(Protocol::P2pCircuit);
             match self.swarm.listen_on(circuit.clone()) {
-                Ok(_) => {
-                    self.relay_listens.insert(relay);
+                Ok(id) => {
+                    self.relay_listens.insert(id, relay);
                 }
                 Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through relay"),
             }
         }
     }
-}
 
-/// The relay of a `/p2p/<relay>/p2p-circuit` address.
-fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
-    let mut relay = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::P2p(peer) => relay = Some(peer),
-            Protocol::P2pCircuit => return relay,
-            _ => {}
+    /// Every [`RELAY_TICK`]: relays whose pause ended are tried again, and a node that cannot be
+    /// reached looks again for peers that became reachable through relays (Kademlia's own
+    /// lookup runs every five minutes).
+    fn on_tick(&mut self) {
+        self.listen_via_relays();
+        if self.swarm.behaviour().autonat.nat_status() == autonat::NatStatus::Private {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
-    None
 }
 
 fn is_loopback(addr: &Multiaddr) -> bool {

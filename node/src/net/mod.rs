@@ -57,6 +57,10 @@ pub const MAX_TRANSMIT_BYTES: usize = hivemind_protocol::MAX_MESSAGE_BYTES + 409
 /// Relays a node behind a NAT listens through at once.
 const MAX_RELAYS: usize = 2;
 
+/// Inbound connections through relays a node keeps at once (a share of
+/// [`DEFAULT_MAX_INCOMING`]).
+const MAX_RELAYED_INBOUND: usize = 64;
+
 /// Most peers dialled from discovery at once.
 const MAX_DISCOVERED_DIALS: usize = 50;
 /// Application-specific score step per penalty.
@@ -156,13 +160,16 @@ pub struct RelayLimits {
 }
 
 /// The relay limits of a `--relay` node.
+/// Beyond these, libp2p's default rate limits hold (reservations and circuits per peer and per
+/// IP address and minute). Nodes that hole-punch close their relayed connection at once, so a
+/// relay carries long transfers only between nodes behind symmetric NATs.
 pub const RELAY_LIMITS: RelayLimits = RelayLimits {
     reservations: 128,
     reservations_per_peer: 4,
-    circuits: 64,
-    circuits_per_peer: 8,
-    circuit_bytes: 256 << 20,
-    circuit_duration: Duration::from_secs(30 * 60),
+    circuits: 32,
+    circuits_per_peer: 4,
+    circuit_bytes: 64 << 20,
+    circuit_duration: Duration::from_secs(10 * 60),
 };
 
 /// Default of [`NetConfig::max_incoming`].
@@ -306,9 +313,10 @@ impl Network {
             bootstrapped: false,
             links: BTreeMap::new(),
             relays: BTreeMap::new(),
-            relay_listens: BTreeSet::new(),
+            relay_listens: std::collections::HashMap::new(),
             reserved: BTreeSet::new(),
-            upgraded: BTreeSet::new(),
+            relay_backoff: BTreeMap::new(),
+            upgrades: BTreeSet::new(),
         };
         // Wait for the listeners to report their addresses (so callers can print them).
         let want = cfg.listen.len();
@@ -317,6 +325,25 @@ impl Network {
             tokio::select! {
                 ev = lp.swarm.select_next_some() => lp.on_swarm_event(ev).await,
                 _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if cfg.relay {
+            // A relay's operator says others can reach it: its listen addresses are its
+            // external ones, so the reservations it grants name them from the start (instead of
+            // after its own AutoNAT probes, until which a reservation carries no address).
+            let public: Vec<Multiaddr> = lp
+                .listen_addrs
+                .iter()
+                .filter(|a| {
+                    !a.iter().any(|p| {
+                        matches!(p, Protocol::Ip4(ip) if ip.is_loopback() || ip.is_unspecified())
+                            || matches!(p, Protocol::Ip6(ip) if ip.is_loopback() || ip.is_unspecified())
+                    })
+                })
+                .cloned()
+                .collect();
+            for a in public {
+                lp.swarm.add_external_address(a);
             }
         }
         let task = tokio::spawn(lp.run(cancel));

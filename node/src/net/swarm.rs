@@ -41,7 +41,7 @@ fn autonat_config() -> autonat::Config {
         boot_delay: Duration::from_secs(2),
         retry_interval: Duration::from_secs(30),
         refresh_interval: Duration::from_secs(5 * 60),
-        throttle_server_period: Duration::from_secs(10),
+        throttle_server_period: Duration::from_secs(30),
         only_global_ips: false,
         ..Default::default()
     }
@@ -134,9 +134,6 @@ pub(super) fn build_swarm(key: Keypair, cfg: &NetConfig) -> Result<Swarm<Behavio
             )?;
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(Duration::from_secs(30));
-            // Peers that become reachable later (through a relay) are found within half a minute
-            // (the default is five).
-            kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
             // Kademlia serves peer routing only: records others PUT are never stored (they
             // come back as events, which the event loop drops).
             kcfg.set_record_filtering(kad::StoreInserts::FilterBoth);
