@@ -142,9 +142,9 @@ impl Lab {
                     "netns",
                     "exec",
                     &router,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
+                    "sh",
+                    "-c",
+                    "echo 1 > /proc/sys/net/ipv4/ip_forward",
                 ],
                 None,
             )?;
@@ -216,10 +216,16 @@ impl Drop for Lab {
 /// The lab, or `None` (having said why) where the machine cannot make network namespaces or
 /// has no nftables. Past that check, a lab that cannot be built fails the test.
 fn lab(prefix: &str, symmetric: bool) -> Option<Lab> {
+    // A namespace that can hold a masquerade: what the lab needs of the kernel and the tools.
     let probe = format!("{prefix}-probe");
-    let can = run(&["ip", "netns", "add", &probe], None)
-        .and_then(|()| run(&["ip", "netns", "del", &probe], None))
-        .and_then(|()| run(&["nft", "--version"], None));
+    let can = run(&["ip", "netns", "add", &probe], None).and_then(|()| {
+        let nat = run(
+            &["ip", "netns", "exec", &probe, "nft", "-f", "-"],
+            Some("table ip nat {\n chain post { type nat hook postrouting priority 100; masquerade; }\n}\n"),
+        );
+        let _ = run(&["ip", "netns", "del", &probe], None);
+        nat
+    });
     match can {
         Ok(()) => Some(Lab::up(prefix, symmetric).unwrap()),
         Err(why) => {
