@@ -226,36 +226,30 @@ pub(super) unsafe fn matmul_rows(
     }
 }
 
-/// The block at `b` as 16-bit integers (elements 0..16, 16..32) with its scale and offset: the
-/// SIMD twin of [`super::formats::chunk`].
+/// The block at `b` as 16-bit integers (elements 0..16, 16..32) with its scale: the
+/// SIMD twin of [`super::formats::chunk`] for the formats without a decoder of their own (Q4_1
+/// and Q8_0 have theirs: [`matvec_q`], [`decode`]).
 ///
 /// # Safety
 /// The CPU has AVX2; `b` points at a whole block of `fmt`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn chunk_i16(fmt: Format, b: *const u8) -> (__m256i, __m256i, f32, f32) {
+unsafe fn chunk_i16(fmt: Format, b: *const u8) -> (__m256i, __m256i, f32) {
     let nib = _mm_set1_epi8(0x0f);
     // SAFETY (caller): `b` points at a whole block, so every read below stays inside it.
     unsafe {
         let head = std::slice::from_raw_parts(b, fmt.block_bytes());
         match fmt {
-            Format::Q4_0 | Format::Q4_1 => {
-                let off = if fmt == Format::Q4_0 { 2 } else { 4 };
-                let q = _mm_loadu_si128(b.add(off) as *const __m128i);
+            Format::Q4_0 => {
+                let q = _mm_loadu_si128(b.add(2) as *const __m128i);
                 let lo = _mm256_cvtepu8_epi16(_mm_and_si128(q, nib));
                 let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), nib));
-                let d = f16_at(head, 0);
-                if fmt == Format::Q4_0 {
-                    let eight = _mm256_set1_epi16(8);
-                    (
-                        _mm256_sub_epi16(lo, eight),
-                        _mm256_sub_epi16(hi, eight),
-                        d,
-                        0.0,
-                    )
-                } else {
-                    (lo, hi, d, f16_at(head, 2))
-                }
+                let eight = _mm256_set1_epi16(8);
+                (
+                    _mm256_sub_epi16(lo, eight),
+                    _mm256_sub_epi16(hi, eight),
+                    f16_at(head, 0),
+                )
             }
             Format::Q5_0 => {
                 let qh = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
@@ -272,19 +266,9 @@ unsafe fn chunk_i16(fmt: Format, b: *const u8) -> (__m256i, __m256i, f32, f32) {
                     _mm256_sub_epi16(_mm256_cvtepu8_epi16(lo), sixteen),
                     _mm256_sub_epi16(_mm256_cvtepu8_epi16(hi), sixteen),
                     d,
-                    0.0,
                 )
             }
-            Format::Q8_0 => {
-                let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
-                let d = f16_at(head, 0);
-                (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)),
-                    d,
-                    0.0,
-                )
-            }
+            Format::Q4_1 | Format::Q8_0 => unreachable!("{fmt:?} has a decoder of its own"),
         }
     }
 }
@@ -304,7 +288,8 @@ unsafe fn bits_to_bytes(bits: u32, value: i8) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(value))
 }
 
-/// [`matvec`] for every format, through [`chunk_i16`].
+/// [`matvec`] for Q4_0 and Q5_0, through [`chunk_i16`] (no offset term: their blocks are
+/// `d q`).
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn matvec_chunks(
     fmt: Format,
@@ -317,17 +302,16 @@ pub(super) unsafe fn matvec_chunks(
     let nb = k / BLOCK;
     let bb = fmt.block_bytes();
     assert!(w.len() >= rows.end * nb * bb && xq.q.len() >= k && y.len() >= rows.end);
-    assert!(xq.scale.len() >= nb && xq.sum.len() >= nb);
+    assert!(xq.scale.len() >= nb);
     let wp = w.as_ptr();
     let xp = xq.q.as_ptr();
     for r in rows {
         let mut acc = _mm256_setzero_ps();
-        let mut macc = 0f32;
         for b in 0..nb {
             // SAFETY: (r * nb + b + 1) * bb <= w.len() by the assert above.
             let blk = unsafe { wp.add((r * nb + b) * bb) };
             // SAFETY: blk is a whole block.
-            let (qa, qb, d, o) = unsafe { chunk_i16(fmt, blk) };
+            let (qa, qb, d) = unsafe { chunk_i16(fmt, blk) };
             // SAFETY: b * 32 + 32 <= k <= xq.q.len().
             let (xa, xb) = unsafe {
                 let p = xp.add(b * BLOCK) as *const __m256i;
@@ -336,11 +320,8 @@ pub(super) unsafe fn matvec_chunks(
             let (da, db) = (_mm256_madd_epi16(qa, xa), _mm256_madd_epi16(qb, xb));
             let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(da, db));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xq.scale[b]), dot, acc);
-            if o != 0.0 {
-                macc += o * xq.sum[b];
-            }
         }
-        y[r] = unsafe { hsum(acc) } + macc;
+        y[r] = unsafe { hsum(acc) };
     }
 }
 
@@ -352,13 +333,17 @@ pub(super) unsafe fn matvec_chunks(
 #[inline]
 unsafe fn chunk_f32(fmt: Format, b: *const u8) -> [__m256; 4] {
     // SAFETY (caller): as chunk_i16.
-    let (qa, qb, s, o) = unsafe { chunk_i16(fmt, b) };
-    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v));
-    let (s, o) = (_mm256_set1_ps(s), _mm256_set1_ps(o));
+    let (qa, qb, d) = unsafe { chunk_i16(fmt, b) };
+    let f = |v: __m128i| {
+        _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)),
+            _mm256_set1_ps(d),
+        )
+    };
     [
-        _mm256_fmadd_ps(f(_mm256_castsi256_si128(qa)), s, o),
-        _mm256_fmadd_ps(f(_mm256_extracti128_si256(qa, 1)), s, o),
-        _mm256_fmadd_ps(f(_mm256_castsi256_si128(qb)), s, o),
-        _mm256_fmadd_ps(f(_mm256_extracti128_si256(qb, 1)), s, o),
+        f(_mm256_castsi256_si128(qa)),
+        f(_mm256_extracti128_si256(qa, 1)),
+        f(_mm256_castsi256_si128(qb)),
+        f(_mm256_extracti128_si256(qb, 1)),
     ]
 }

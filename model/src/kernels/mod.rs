@@ -34,10 +34,7 @@ pub fn matmul_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if simd() {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); slices are
             // bounds-checked inside except for the SIMD loads, which stay within one block / one
             // x row.
@@ -54,6 +51,16 @@ pub fn matmul_rows(
     }
     matmul_rows_scalar(fmt, w, k, x, m, rows, y, y_stride)
 }
+
+/// Whether this CPU runs the kernels of [`avx2`]: AVX2, FMA and F16C (every AVX2 CPU has the
+/// other two).
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
 /// One activation row as 16-bit integers with a scale per block of 32: `x ~= scale[b] * q`.
 #[derive(Debug, Clone)]
 pub struct X16 {
@@ -105,8 +112,8 @@ pub fn matmul_rows_tiled(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA.
+        if simd() {
+            // SAFETY: the CPU supports AVX2 and FMA (and F16C).
             unsafe { avx2::matmul_rows(fmt, w, k, x, m, rows, y, y_stride) };
             return;
         }

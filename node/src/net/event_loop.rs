@@ -388,7 +388,7 @@ impl EventLoop {
     }
 }
 
-fn is_loopback(addr: &Multiaddr) -> bool {
+pub(super) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().next().is_some_and(|p| {
         matches!(p, Protocol::Ip4(ip) if ip.is_loopback())
             || matches!(p, Protocol::Ip6(ip) if ip.is_loopback())
@@ -399,7 +399,7 @@ fn is_loopback_str(addr: &str) -> bool {
     addr.parse::<Multiaddr>().is_ok_and(|a| is_loopback(&a))
 }
 
-fn is_dialable(addr: &Multiaddr) -> bool {
+pub(super) fn is_dialable(addr: &Multiaddr) -> bool {
     !addr.iter().any(|p| {
         matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
             || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())

@@ -334,12 +334,7 @@ impl Network {
             let public: Vec<Multiaddr> = lp
                 .listen_addrs
                 .iter()
-                .filter(|a| {
-                    !a.iter().any(|p| {
-                        matches!(p, Protocol::Ip4(ip) if ip.is_loopback() || ip.is_unspecified())
-                            || matches!(p, Protocol::Ip6(ip) if ip.is_loopback() || ip.is_unspecified())
-                    })
-                })
+                .filter(|a| event_loop::is_dialable(a) && !event_loop::is_loopback(a))
                 .cloned()
                 .collect();
             for a in public {
