@@ -42,6 +42,7 @@ use clap::{Parser, ValueEnum};
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
+use hivemind_node::harness::hive_node_bin;
 use reqwest::blocking::{multipart, Client};
 use serde_json::json;
 
@@ -262,20 +263,7 @@ fn main() -> Result<()> {
         args.uploads > 0 && args.users > 0 && args.iters > 0,
         "counts must be positive"
     );
-    let bin = match &args.bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("no directory above this example")?
-            .join("hive-node"),
-    };
-    ensure!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p hivemind-node --bin hive-node --example \
-         gateway_bench` (or pass --bin)",
-        bin.display()
-    );
+    let bin = hive_node_bin(args.bin.as_deref())?;
     let tmp = tempfile::tempdir()?;
     let (_serve, base) = start_serve(&bin, tmp.path())?;
     let http = Client::builder()

@@ -99,6 +99,13 @@ pub struct StatusFile {
     pub current_round: u64,
     /// Adapters announced for the current round so far (hex).
     pub current_contributors: Vec<String>,
+    /// When this node first held each of those announcements (unix ms, by adapter hex): its
+    /// own when it published it, a peer's when gossip delivered it.
+    #[serde(default)]
+    pub current_seen_ms: BTreeMap<String, u64>,
+    /// When the current round's window closed on this node (unix ms), once it has.
+    #[serde(default)]
+    pub current_closed_ms: Option<u64>,
     /// The last committed round.
     pub latest_round: Option<RoundView>,
     /// Model id (hex).
@@ -138,6 +145,10 @@ pub struct StatusFile {
     pub privacy: Option<PrivacyView>,
     /// All committed rounds, oldest first.
     pub rounds: Vec<RoundView>,
+    /// When this node committed each of them (unix ms, by round number; the same round
+    /// commits at different times on different nodes, so it is not part of [`RoundView`]).
+    #[serde(default)]
+    pub committed_ms: BTreeMap<u64, u64>,
     /// When this file was written (unix ms).
     pub updated_ms: u64,
 }

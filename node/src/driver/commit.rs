@@ -207,6 +207,9 @@ impl Driver {
         // Our records of later rounds are orphaned by a commit of an earlier one.
         self.rounds.retain(|r| r.number < stored.number);
         self.rounds.push(RoundView::of(&stored));
+        self.committed_ms.retain(|n, _| *n < stored.number);
+        self.committed_ms
+            .insert(stored.number, stored.committed_at_ms);
         self.rounds.sort_by_key(|r| r.number);
         self.announced.retain(|r, _| *r > record.round);
         // status.json first: whoever sees the commit in the view (a test, the gateway) then

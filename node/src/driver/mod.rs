@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hivemind_protocol::{
-    announce_topic, digest_topic, Action, Event, Hash, ModelId, NodeKey, RoundConfig, RoundMachine,
-    Signed, SignedAnnouncement, SignedDigest, Verdict,
+    announce_topic, digest_topic, Action, Event, Hash, ModelId, NodeKey, Phase, RoundConfig,
+    RoundMachine, Signed, SignedAnnouncement, SignedDigest, Verdict,
 };
 use hivemind_store::Store;
 use libp2p::gossipsub::{MessageAcceptance, MessageId};
@@ -156,7 +156,10 @@ pub struct Driver {
     fetching: BTreeSet<Hash>,
     /// Bounds the blob transfers in flight (each holds a few MiB of frames and two threads).
     fetch_slots: Arc<tokio::sync::Semaphore>,
-    announced: BTreeMap<u64, BTreeSet<Hash>>,
+    /// Announcements accepted, by round: adapter hash and when it was first held (unix ms).
+    announced: BTreeMap<u64, BTreeMap<Hash, u64>>,
+    /// The round whose window this node saw close, and when (unix ms).
+    closed: Option<(u64, u64)>,
     /// Adapters this node announced (its own, and its gateway's uploads), by round; the last
     /// [`OWN_ROUNDS`] rounds (shown in status.json).
     own: BTreeMap<u64, BTreeSet<Hash>>,
@@ -165,6 +168,8 @@ pub struct Driver {
     released: BTreeSet<u64>,
     unpublished: Vec<(String, Vec<u8>)>,
     rounds: Vec<RoundView>,
+    /// When this node committed each round (unix ms, by number).
+    committed_ms: BTreeMap<u64, u64>,
     /// Gateway uploads waiting for the next round, by user id.
     deferred: BTreeMap<String, DeferredUpload>,
     /// Actions produced outside `act` (by `announce`), run next.
@@ -201,6 +206,10 @@ impl Driver {
         let released = cfg.data_dir.released_rounds();
         Ok(Driver {
             rounds: stored.iter().map(RoundView::of).collect(),
+            committed_ms: stored
+                .iter()
+                .map(|r| (r.number, r.committed_at_ms))
+                .collect(),
             cfg,
             key,
             store,
@@ -214,6 +223,7 @@ impl Driver {
             fetching: BTreeSet::new(),
             fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
             announced: BTreeMap::new(),
+            closed: None,
             own: BTreeMap::new(),
             released,
             unpublished: Vec::new(),
@@ -238,7 +248,7 @@ impl Driver {
             current_contributors: self
                 .announced
                 .get(&self.machine.current_round())
-                .map_or(0, BTreeSet::len),
+                .map_or(0, BTreeMap::len),
             latest: self.rounds.last().cloned(),
         };
         self.view.send_if_modified(|old| {
@@ -367,6 +377,19 @@ impl Driver {
         for a in actions {
             self.act_one(a).await;
         }
+        let round = self.machine.current_round();
+        if self.machine.phase() == Phase::Closed && self.closed.is_none_or(|(r, _)| r != round) {
+            self.closed = Some((round, now_ms()));
+        }
+    }
+
+    /// Records an accepted announcement and when it was first held.
+    fn note_announced(&mut self, round: u64, adapter: Hash) {
+        self.announced
+            .entry(round)
+            .or_default()
+            .entry(adapter)
+            .or_insert_with(now_ms);
     }
 
     async fn act_one(&mut self, action: Action) {
@@ -385,7 +408,7 @@ impl Driver {
                 };
                 if verdict == Verdict::Accept {
                     if let Some((round, adapter)) = p.announcement {
-                        self.announced.entry(round).or_default().insert(adapter);
+                        self.note_announced(round, adapter);
                         self.keep_announcement(round, adapter, p.data.clone());
                     }
                 }
@@ -401,7 +424,7 @@ impl Driver {
             Action::Aggregate(job) => self.spawn_aggregation(job),
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();
-                self.announced.entry(p.round).or_default().insert(p.adapter);
+                self.note_announced(p.round, p.adapter);
                 self.own.entry(p.round).or_default().insert(p.adapter);
                 while self.own.len() > OWN_ROUNDS {
                     self.own.pop_first();

@@ -27,9 +27,16 @@ impl Driver {
             current_contributors: self
                 .announced
                 .get(&round)
-                .map(|s| s.iter().map(Hash::to_hex).collect())
+                .map(|s| s.keys().map(Hash::to_hex).collect())
                 .unwrap_or_default(),
+            current_seen_ms: self
+                .announced
+                .get(&round)
+                .map(|s| s.iter().map(|(h, ms)| (h.to_hex(), *ms)).collect())
+                .unwrap_or_default(),
+            current_closed_ms: self.closed.filter(|(r, _)| *r == round).map(|(_, ms)| ms),
             latest_round: self.rounds.last().cloned(),
+            committed_ms: self.committed_ms.clone(),
             model_id: self.cfg.model.to_hex(),
             adapter_config: serde_json::to_value(&self.cfg.spec.config)
                 .unwrap_or(serde_json::Value::Null),

@@ -9,6 +9,7 @@
 //!   NodeProcess::start(bin, args) ─▶ child process, stdout lines on a channel, status.json
 //!   wait_until / wait_until_blocking ─▶ poll f() until Some, or fail naming what timed out
 //!   TinyNetwork::write(dir) ─▶ a tiny generated model, its LoRA shape, adapters, node configs
+//!   churn::run(bin, root, plan) ─▶ N `join` processes killed, restarted and joined round by round
 //! ```
 
 use std::future::Future;
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+pub mod churn;
 
 use crate::data_dir::{DataDir, RoundView, StatusFile};
 use crate::error::Result;
@@ -219,6 +222,23 @@ impl NodeProcess {
         &self.data_dir
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process now (from `/proc`, Linux), in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let kb = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+        kb.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(1024)
+    }
+
     /// The process.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
@@ -277,6 +297,30 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The `hive-node` binary next to the running example (`target/<profile>/examples/x` ->
+/// `target/<profile>/hive-node`), or `explicit` when given.
+pub fn hive_node_bin(explicit: Option<&Path>) -> std::io::Result<PathBuf> {
+    let bin = match explicit {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| std::io::Error::other("no directory above this program"))?
+            .join("hive-node"),
+    };
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "{} is missing: build it with `cargo build --bin hive-node` (or pass --bin)",
+                bin.display()
+            ),
+        ))
     }
 }
 
@@ -358,6 +402,23 @@ impl TinyNetwork {
                 Err(e)
             }
         }
+    }
+
+    /// The `hive-node join`/`serve` flags that put a process on this network, listening on
+    /// loopback.
+    pub fn join_flags(&self) -> Vec<String> {
+        vec![
+            "--model".into(),
+            self.model.display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--rank".into(),
+            self.lora.rank.to_string(),
+            "--alpha".into(),
+            self.lora.alpha.to_string(),
+            "--target-modules".into(),
+            self.lora.target_modules.join(","),
+        ]
     }
 
     /// A node of this network on `data_dir`, rounds of `round_secs`.
