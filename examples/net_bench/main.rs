@@ -21,6 +21,10 @@
 //! * `commit`: 5 full nodes (network + round driver), one tiny adapter each. Measured: the
 //!   time from the earliest window end to the last commit. Baseline: the configured grace
 //!   period, the protocol's designed quiet time before a commit.
+//! * `multi` (not in `all`: it needs root): a blob held by 4 peers whose uplinks tc shapes
+//!   to 5 MB/s each, in a network namespace the benchmark makes. Measured: the fetch from
+//!   all 4 at once (`fetch_blob_multi`). Baseline: the fetch from one (`fetch_blob`). Then
+//!   with a holder serving garbage added: what that cost. See `multi.rs`.
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
@@ -28,6 +32,7 @@ use clap::{Parser, ValueEnum};
 mod commit;
 mod common;
 mod gossip;
+mod multi;
 mod transfer;
 
 use commit::commit;
@@ -40,6 +45,7 @@ enum Which {
     Gossip,
     Transfer,
     Commit,
+    Multi,
     All,
 }
 
@@ -73,6 +79,12 @@ struct Args {
     /// Collection window of the commit benchmark's round, in seconds.
     #[arg(long, env = "BENCH_ROUND_SECS", default_value_t = 3.0)]
     round_secs: f64,
+    /// Holders of the blob in the multi-source benchmark.
+    #[arg(long, default_value_t = 4)]
+    holders: usize,
+    /// Each holder's uplink in the multi-source benchmark, MB/s.
+    #[arg(long, default_value_t = 5.0)]
+    uplink_mbs: f64,
 }
 
 fn main() -> Result<()> {
@@ -97,6 +109,13 @@ fn main() -> Result<()> {
         }
         if all || args.which == Which::Commit {
             print(commit(&args).await?);
+        }
+        if args.which == Which::Multi {
+            if std::env::var_os(multi::INSIDE).is_some() {
+                print(multi::multi_inside(&args).await?);
+            } else {
+                print(multi::multi_outside(&args)?);
+            }
         }
         Ok(())
     })

@@ -41,15 +41,27 @@ impl std::io::Read for ArcReader {
     }
 }
 
-impl BlobSource for MemSource {
-    fn open(&self, hash: &Hash, offset: u64) -> std::io::Result<Option<OpenBlob>> {
+impl MemSource {
+    /// Serves `bytes`, whose blake3 is `hash`.
+    pub(crate) fn new(hash: Hash, bytes: Arc<Vec<u8>>) -> Self {
+        MemSource { hash, bytes }
+    }
+
+    /// The blob's length and a reader at `offset`, when `hash` names it and `offset` is in it.
+    pub(crate) fn open_arc(&self, hash: &Hash, offset: u64) -> Option<(u64, ArcReader)> {
         let total_len = self.bytes.len() as u64;
         if *hash != self.hash || offset > total_len {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(OpenBlob {
+        Some((total_len, ArcReader(self.bytes.clone(), offset as usize)))
+    }
+}
+
+impl BlobSource for MemSource {
+    fn open(&self, hash: &Hash, offset: u64) -> std::io::Result<Option<OpenBlob>> {
+        Ok(self.open_arc(hash, offset).map(|(total_len, r)| OpenBlob {
             total_len,
-            reader: Box::new(ArcReader(self.bytes.clone(), offset as usize)),
+            reader: Box::new(r),
         }))
     }
 }

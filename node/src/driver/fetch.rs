@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use super::{allowed, check_adapter_blob, check_round_adapter_blob, Driver};
 use crate::error::Error;
 use crate::identity::peer_id_of;
-use crate::net::blob::{fetch_blob_fair, Fetched};
+use crate::net::blob::{fetch_blob_fair, fetch_blob_multi, Fetched};
 
 /// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
 /// (the round machine's fetch deadline covers the wait). Announcements do not count.
@@ -78,8 +78,11 @@ impl Driver {
             };
             let got = if held {
                 Fetched::From(client.local_peer_id())
-            } else {
+            } else if announcement {
                 fetch_blob_fair(&client, &store, hash, &peers, max_len, &transfers).await
+            } else {
+                // Adapters from several holders at once when they are large enough.
+                fetch_blob_multi(&client, &store, hash, &peers, max_len, &transfers).await
             };
             let ev = if got == Fetched::Deferred {
                 // Its sources were not asked (we receive our share from them already).

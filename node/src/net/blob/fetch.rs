@@ -13,7 +13,7 @@ use crate::net::Client;
 
 /// Why one peer could not deliver a blob.
 #[derive(Debug)]
-enum PeerFailure {
+pub(super) enum PeerFailure {
     /// Not found, unreachable, or the stream broke: try the next peer, no penalty.
     Unavailable(String),
     /// It holds the blob but serves as many streams as it will: try again later.
@@ -24,10 +24,11 @@ enum PeerFailure {
     Local(String),
 }
 
-/// Blob transfers in progress, by blob hash, for whoever shows them (`status.json`, the
-/// dashboard): from whom, how many bytes of how many, since when.
+/// Blob transfers in progress, by blob hash and sending peer, for whoever shows them
+/// (`status.json`, the dashboard): how many bytes of how many, since when. A blob fetched
+/// from several holders at once has one entry per holder.
 #[derive(Clone, Debug, Default)]
-pub struct Transfers(std::sync::Arc<std::sync::Mutex<BTreeMap<Hash, Transfer>>>);
+pub struct Transfers(std::sync::Arc<std::sync::Mutex<BTreeMap<(Hash, PeerId), Transfer>>>);
 
 /// One transfer in progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +37,7 @@ pub struct Transfer {
     pub peer: PeerId,
     /// Bytes received so far.
     pub bytes: u64,
-    /// Bytes in all.
+    /// Bytes in all (of the blob).
     pub total: u64,
     /// When the first byte was asked for.
     pub started: std::time::Instant,
@@ -47,11 +48,11 @@ impl Transfers {
     pub fn snapshot(&self) -> Vec<(Hash, Transfer)> {
         self.0
             .lock()
-            .map(|m| m.iter().map(|(h, t)| (*h, t.clone())).collect())
+            .map(|m| m.iter().map(|((h, _), t)| (*h, t.clone())).collect())
             .unwrap_or_default()
     }
 
-    fn update(&self, f: impl FnOnce(&mut BTreeMap<Hash, Transfer>)) {
+    fn update(&self, f: impl FnOnce(&mut BTreeMap<(Hash, PeerId), Transfer>)) {
         if let Ok(mut m) = self.0.lock() {
             f(&mut m);
         }
@@ -59,45 +60,58 @@ impl Transfers {
 }
 
 /// Removes its transfer from [`Transfers`] when the transfer ends, however it ends.
-struct Tracked<'a> {
+pub(super) struct Tracked<'a> {
     transfers: &'a Transfers,
-    hash: Hash,
+    key: (Hash, PeerId),
 }
 
 impl<'a> Tracked<'a> {
     /// Registers a transfer of `hash` from `peer`, unless [`MAX_TRANSFERS_PER_PEER`] from it
     /// are under way already.
-    fn start(transfers: &'a Transfers, hash: Hash, peer: PeerId) -> Option<Self> {
+    pub(super) fn start(transfers: &'a Transfers, hash: Hash, peer: PeerId) -> Option<Self> {
         let mut started = false;
         transfers.update(|m| {
-            let from_peer = m.values().filter(|t| t.peer == peer).count();
-            if from_peer < MAX_TRANSFERS_PER_PEER {
+            let from_peer = m.keys().filter(|(_, p)| *p == peer).count();
+            if from_peer < MAX_TRANSFERS_PER_PEER && !m.contains_key(&(hash, peer)) {
                 let t = Transfer {
                     peer,
                     bytes: 0,
                     total: 0,
                     started: std::time::Instant::now(),
                 };
-                m.insert(hash, t);
+                m.insert((hash, peer), t);
                 started = true;
             }
         });
-        started.then_some(Tracked { transfers, hash })
+        started.then_some(Tracked {
+            transfers,
+            key: (hash, peer),
+        })
     }
 
-    fn set_total(&self, total: u64) {
-        let hash = self.hash;
+    pub(super) fn set_total(&self, total: u64) {
+        let key = self.key;
         self.transfers.update(|m| {
-            if let Some(t) = m.get_mut(&hash) {
+            if let Some(t) = m.get_mut(&key) {
                 t.total = total;
             }
         });
     }
 
-    fn progress(&self, bytes: u64) {
-        let hash = self.hash;
+    /// Adds `bytes` to what arrived.
+    pub(super) fn add(&self, bytes: u64) {
+        let key = self.key;
         self.transfers.update(|m| {
-            if let Some(t) = m.get_mut(&hash) {
+            if let Some(t) = m.get_mut(&key) {
+                t.bytes = t.bytes.saturating_add(bytes);
+            }
+        });
+    }
+
+    fn progress(&self, bytes: u64) {
+        let key = self.key;
+        self.transfers.update(|m| {
+            if let Some(t) = m.get_mut(&key) {
                 t.bytes = bytes;
             }
         });
@@ -106,9 +120,9 @@ impl<'a> Tracked<'a> {
 
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
-        let hash = self.hash;
+        let key = self.key;
         self.transfers.update(|m| {
-            m.remove(&hash);
+            m.remove(&key);
         });
     }
 }

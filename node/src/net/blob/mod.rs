@@ -12,7 +12,12 @@
 //! response: 0u8 | 0u64                              (not found, or offset past the end)
 //!         | 2u8 | 0u64                              (busy: the server is at its upload limit)
 //!         | 1u8 | total_len u64 | data [min(len, total_len - offset)]
+//! tree    : hash [32] | u64::MAX | 0                (offset TREE_OFFSET: the chunk tree)
+//! response: 1u8 | total_len u64 | 32-byte chunk value [per 1 MiB chunk; none for one chunk]
 //! ```
+//!
+//! The tree request needs no new version: a server from before it sees an offset past the
+//! end and answers "not found", and the fetcher then fetches from one holder as before.
 //!
 //! Version 1 was a libp2p request-response protocol with one request per 1 MiB chunk.
 //! Every chunk paid a new stream, a fresh 1 MiB buffer on both sides (page faults and
@@ -21,7 +26,9 @@
 //! answer, with a fixed pool of reused buffers per transfer and the disk on a blocking
 //! thread that overlaps the network on both ends (see ARCHITECTURE.md).
 //!
-//! [`fetch_blob`] is the receiving side: it fetches a blob from a list of peers, writes it
+//! [`fetch_blob_multi`] fetches a blob of 2 MiB or more from up to [`MAX_SOURCES`] holders
+//! at once, each 1 MiB chunk checked against the blob's chunk tree ([`tree`]) on arrival.
+//! [`fetch_blob`] is the receiving side from one holder at a time: it fetches a blob from a list of peers, writes it
 //! through a [`hivemind_store::BlobWriter`] (which verifies blake3 before the blob enters
 //! the store), penalises a peer whose bytes do not hash to the name, and tries the next
 //! peer on any failure. [`serve_incoming`] is the serving side, spawned by the network next
@@ -38,11 +45,14 @@ use libp2p::StreamProtocol;
 use tokio::sync::mpsc;
 
 mod fetch;
+mod multi;
 mod serve;
+pub mod tree;
 
 pub use fetch::{
     fetch_blob, fetch_blob_fair, fetch_blob_tracked, request_blob, Fetched, Transfer, Transfers,
 };
+pub use multi::{fetch_blob_multi, MAX_SOURCES};
 
 /// Passes over the busy peers before a fetch gives up (about 30 s of waiting in all).
 pub const BUSY_PASSES: u32 = 8;
@@ -56,6 +66,8 @@ pub const MAX_BLOB_BYTES: u64 = 4 << 30;
 pub const FRAME_BYTES: usize = 256 << 10;
 /// Frames per transfer (reused; they bound its memory to about 1 MiB per end).
 const FRAMES: usize = 4;
+/// A request at this offset asks for the blob's chunk tree instead of its bytes.
+pub const TREE_OFFSET: u64 = u64::MAX;
 /// Request length on the wire.
 pub const REQUEST_BYTES: usize = 32 + 8 + 8;
 const HEADER_BYTES: usize = 1 + 8;
@@ -186,6 +198,16 @@ pub trait BlobSource: Send + Sync + 'static {
     /// Opens blob `hash` at `offset` (blocking: called on a blocking thread). `Ok(None)`
     /// when the blob is not held or `offset` is past its end.
     fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>>;
+
+    /// The length and chunk values ([`tree`]) of blob `hash` (blocking), `Ok(None)` when
+    /// it is not held. Computed from [`BlobSource::open`] unless a source knows better.
+    fn tree(&self, hash: &Hash) -> io::Result<Option<(u64, Vec<tree::Value>)>> {
+        let Some(blob) = self.open(hash, 0)? else {
+            return Ok(None);
+        };
+        let values = tree::values_of(blob.reader, blob.total_len)?;
+        Ok(Some((blob.total_len, values)))
+    }
 }
 
 impl BlobSource for Store {

@@ -56,6 +56,7 @@ pub async fn serve_incoming(
     cancel: CancellationToken,
 ) {
     let slots = Slots::new(limits.streams);
+    let trees = Trees::default();
     let min_rate = limits.min_rate.max(1);
     let mut streams = JoinSet::new();
     loop {
@@ -71,8 +72,10 @@ pub async fn serve_incoming(
             continue;
         }
         let (source, slots, served) = (source.clone(), slots.clone(), served.clone());
+        let trees = trees.clone();
         streams.spawn(async move {
-            match serve_stream(&mut stream, peer, source, &slots, &served, min_rate).await {
+            let served = (&served, &trees);
+            match serve_stream(&mut stream, peer, source, &slots, served, min_rate).await {
                 Ok(sent) => tracing::trace!(%peer, sent, "blob stream served"),
                 Err(e) => tracing::debug!(%peer, error = %e, "blob stream failed"),
             }
@@ -142,7 +145,7 @@ async fn serve_stream(
     peer: PeerId,
     source: SharedSource,
     slots: &Slots,
-    served: &Served,
+    (served, trees): (&Served, &Trees),
     min_rate: u64,
 ) -> io::Result<u64> {
     let mut buf = [0u8; REQUEST_BYTES];
@@ -156,6 +159,9 @@ async fn serve_stream(
     let Some(_slot) = slots.try_take(peer) else {
         return answer_only(stream, BlobHeader::Busy).await;
     };
+    if req.offset == TREE_OFFSET {
+        return serve_tree(stream, req.hash, source, trees).await;
+    }
     let opened = tokio::task::spawn_blocking(move || source.open(&req.hash, req.offset))
         .await
         .map_err(join_error)?
@@ -182,6 +188,96 @@ async fn serve_stream(
         Ok(sent)
     })
     .await
+}
+
+/// Chunk trees this server computed lately, by blob (a blob's tree never changes), oldest
+/// first out; and the right to compute one, which one request holds at a time.
+#[derive(Clone, Default)]
+struct Trees {
+    kept: Arc<Mutex<Kept>>,
+    computing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A blob's length and its chunk values as sent.
+type Tree = (u64, Arc<Vec<u8>>);
+/// Kept trees, and their hashes oldest first.
+type Kept = (HashMap<Hash, Tree>, std::collections::VecDeque<Hash>);
+
+/// Trees kept.
+const TREES_KEPT: usize = 64;
+/// How long a tree request waits for another one's computation before it is answered busy.
+const TREE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Trees {
+    fn get(&self, hash: &Hash) -> Option<Tree> {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.0.get(hash).cloned()
+    }
+
+    fn put(&self, hash: Hash, tree: Tree) {
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        let (map, order) = &mut *kept;
+        if map.insert(hash, tree).is_none() {
+            order.push_back(hash);
+        }
+        while order.len() > TREES_KEPT {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+}
+
+/// Answers a tree request: the blob's length and its chunk values. Computing one reads and
+/// hashes the whole blob, so one request computes at a time (others for the same blob then
+/// find it kept) and a request that waits longer than [`TREE_WAIT`] is answered busy: a
+/// peer asking for many trees costs this node one blocking thread, not all of them.
+async fn serve_tree(
+    stream: &mut Stream,
+    hash: Hash,
+    source: SharedSource,
+    trees: &Trees,
+) -> io::Result<u64> {
+    let tree = match trees.get(&hash) {
+        Some(t) => Some(t),
+        None => {
+            let Ok(_computing) = tokio::time::timeout(TREE_WAIT, trees.computing.lock()).await
+            else {
+                return answer_only(stream, BlobHeader::Busy).await;
+            };
+            match trees.get(&hash) {
+                Some(t) => Some(t),
+                None => {
+                    let got = tokio::task::spawn_blocking(move || source.tree(&hash))
+                        .await
+                        .map_err(join_error)?
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(hash = %hash.short(), error = %e, "cannot read a blob's tree");
+                            None
+                        });
+                    got.map(|(len, values)| {
+                        let t = (len, Arc::new(values.concat()));
+                        // A blob of one chunk has no values; nothing was hashed to keep.
+                        if !t.1.is_empty() {
+                            trees.put(hash, t.clone());
+                        }
+                        t
+                    })
+                }
+            }
+        }
+    };
+    let Some((total_len, raw)) = tree else {
+        return answer_only(stream, BlobHeader::NotFound).await;
+    };
+    timed(
+        "writing",
+        stream.write_all(&encode_header(BlobHeader::Found { total_len })),
+    )
+    .await?;
+    timed("writing", stream.write_all(&raw)).await?;
+    timed("closing", stream.close()).await?;
+    Ok(0)
 }
 
 /// Answers with a header and no data.
