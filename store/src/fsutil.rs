@@ -52,6 +52,14 @@ impl Writeback {
             self.kicked = upto;
         }
     }
+
+    /// Records that `[offset, offset + len)` was written out of order; kicks writeback for
+    /// it when it is at least a MiB (smaller pieces wait for the closing fsync).
+    pub(crate) fn wrote_range(&self, file: &File, offset: u64, len: u64) {
+        if len >= 1 << 20 {
+            start_writeback(file, offset, len);
+        }
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -102,6 +102,10 @@ impl BlobWriter {
             self.hasher.update(data);
             self.hashed_upto = end;
             self.writeback.wrote(&self.file, end);
+        } else {
+            // Out of order (a fetch from several holders): hand this range to writeback
+            // now, so the closing fsync does not find it all still dirty.
+            self.writeback.wrote_range(&self.file, offset, n);
         }
         self.received.insert(offset, end);
         Ok(())
