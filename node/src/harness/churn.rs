@@ -372,10 +372,15 @@ impl Run<'_> {
             round: r,
             ..Default::default()
         };
-        // Contributors: nodes that committed the round before (or were there at the start).
+        // Contributors: nodes whose current round is this one (they committed the round
+        // before). A node still catching up would announce into the round it is in, which
+        // the others closed already: that adapter would be lost (see ARCHITECTURE.md, Churn).
+        let st = self.observe();
         let mut eligible: Vec<usize> = self
             .live()
-            .filter(|(i, _)| self.members[*i].started_in < r)
+            .filter(|(i, _)| {
+                self.members[*i].started_in < r && st.get(i).is_some_and(|s| s.current_round == r)
+            })
             .map(|(i, _)| i)
             .collect();
         eligible.shuffle(&mut self.rng);
