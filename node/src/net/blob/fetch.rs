@@ -259,18 +259,21 @@ async fn settle(
         Err(PeerFailure::Unavailable(why)) => {
             tracing::debug!(%peer, hash = %hash.short(), %why, "blob fetch failed; trying the next peer")
         }
-        Err(PeerFailure::Lied(why)) => {
-            tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad blob; penalising");
-            client
-                .penalise(peer, format!("bad blob {}: {why}", hash.short()))
-                .await;
-        }
+        Err(PeerFailure::Lied(why)) => penalise_liar(client, peer, hash, &why).await,
         Err(PeerFailure::Local(why)) => {
             tracing::error!(hash = %hash.short(), %why, "store failure while fetching");
             return Some(Pass::Failed);
         }
     }
     None
+}
+
+/// Penalises `peer` for serving bytes of blob `hash` that failed verification (`why`).
+pub(super) async fn penalise_liar(client: &Client, peer: PeerId, hash: Hash, why: &str) {
+    tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad blob; penalising");
+    client
+        .penalise(peer, format!("bad blob {}: {why}", hash.short()))
+        .await;
 }
 
 async fn fetch_from(

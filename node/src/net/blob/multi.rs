@@ -30,7 +30,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use hivemind_store::{BlobWriter, Store};
 use libp2p::{PeerId, Stream};
 
-use super::fetch::{fetch_blob_fair, Fetched, PeerFailure, Tracked, Transfers};
+use super::fetch::{fetch_blob_fair, penalise_liar, Fetched, PeerFailure, Tracked, Transfers};
 use super::tree::{self, CHUNK_BYTES};
 use super::*;
 use crate::net::Client;
@@ -176,7 +176,7 @@ async fn find_tree(
             // Not held, busy, or a server from before trees.
             Ok(Tree::None) => {}
             Err(PeerFailure::Lied(why)) => {
-                penalise(client, *peer, hash, &why).await;
+                penalise_liar(client, *peer, hash, &why).await;
                 liars.push(*peer);
             }
             Err(e) => tracing::debug!(%peer, hash = %hash.short(), error = ?e, "no chunk tree"),
@@ -305,13 +305,6 @@ async fn fetch_chunk(
         )));
     }
     Ok(buf)
-}
-
-async fn penalise(client: &Client, peer: PeerId, hash: Hash, why: &str) {
-    tracing::warn!(%peer, hash = %hash.short(), %why, "peer served a bad chunk; penalising");
-    client
-        .penalise(peer, format!("bad blob {}: {why}", hash.short()))
-        .await;
 }
 
 /// Which chunks are in, which are being written, and how many workers are receiving each.
@@ -518,7 +511,7 @@ impl Fetch<'_> {
                     tokio::time::sleep(Duration::from_millis(250 << (busy - 1).min(4))).await;
                 }
                 Err(PeerFailure::Lied(why)) => {
-                    penalise(self.client, peer, self.hash, &why).await;
+                    penalise_liar(self.client, peer, self.hash, &why).await;
                     return Ended::Dropped;
                 }
                 Err(PeerFailure::Unavailable(why)) => {
