@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's reference tools (llama-tokenize, llama-bench, llama-completion; add
-# llama-quantize for gguf_llamacpp_check.sh) from the
+# llama-quantize for gguf_llamacpp_check.sh), and llama-logits (tools/reference/llama_logits.cpp,
+# linked against the static libraries) from the
 # llama.cpp source vendored in the `llama-cpp-python` sdist on PyPI. Used to produce the
 # tokenizer reference ids (tools/reference/tokenizer_refs.sh) and as a speed baseline.
 #
@@ -79,8 +80,15 @@ cmake -S "$src" -B "$build_root/build" -G Ninja \
 # shellcheck disable=SC2086 # word splitting of the target list is intended
 cmake --build "$build_root/build" --config Release -j "$jobs" --target $targets
 
+# llama-logits: one C++ file against the static libraries just built (a second or two).
+"${CXX:-c++}" -O2 -std=c++17 -I"$src/include" -I"$src/ggml/include" \
+    "$repo_root/tools/reference/llama_logits.cpp" -o "$build_root/build/bin/llama-logits" \
+    "$build_root/build/src/libllama.a" "$build_root/build/ggml/src/libggml.a" \
+    "$build_root/build/ggml/src/libggml-cpu.a" "$build_root/build/ggml/src/libggml-base.a" \
+    -fopenmp -lpthread -ldl -lm
+
 end=$(date +%s)
 echo "llama.cpp (llama-cpp-python $version) built in $((end - start)) s"
-for t in $targets; do
+for t in $targets llama-logits; do
     ls -l "$build_root/build/bin/$t"
 done
