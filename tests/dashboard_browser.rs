@@ -8,6 +8,9 @@
 //! - in the chat tab, an answer streamed from the round adapter in more than one piece, equal
 //!   to the chat API's own greedy answer.
 //!
+//! Node 0 has an API key (`--api-key`): the page first asks for it, refuses a wrong one, and
+//! shows the dashboard once the right one is typed in.
+//!
 //! Screenshots of each tab go to `$CARGO_TARGET_TMPDIR/dashboard/` for a reviewer to look at.
 //! Without chromium and chromedriver (`HIVE_CHROMIUM`, `HIVE_CHROMEDRIVER`, default
 //! /usr/bin/chromium and /usr/bin/chromedriver) the test prints a notice and passes, unless
@@ -92,7 +95,14 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     let work = tempfile::tempdir().unwrap();
     let net = TinyNetwork::write(work.path()).unwrap();
     let cluster = net
-        .start_with_round(work.path(), 2, 2.0, 70, WAIT, common::http_on_first)
+        .start_with_round(
+            work.path(),
+            2,
+            2.0,
+            70,
+            WAIT,
+            common::http_with_key_on_first,
+        )
         .await
         .unwrap();
     let base = format!("http://{}", cluster.node(0).http_addr().unwrap());
@@ -140,6 +150,7 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     let http = reqwest::Client::new();
     let want: Value = http
         .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(common::API_KEY)
         .json(&json!({
             "model": "round", "temperature": 0,
             "messages": [{"role": "user", "content": "Hello node"}],
@@ -199,6 +210,35 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
         c.current_url().await.unwrap().path().ends_with("/ui/"),
         "/ redirects to the dashboard"
     );
+
+    // The key: asked for first; a wrong one is refused; the right one opens the dashboard.
+    wait_js(
+        &c,
+        "the page to ask for the key",
+        "return !document.querySelector('#login').hidden && document.querySelector('main').hidden",
+    )
+    .await;
+    screenshot(&c, "login").await;
+    let submit = |key: &str| {
+        format!(
+            "document.querySelector('#login-key').value = {};              document.querySelector('#login-form').requestSubmit(); return 1",
+            json!(key)
+        )
+    };
+    js(&c, &submit("not-the-key-0000000000")).await;
+    wait_js(
+        &c,
+        "a wrong key to be refused",
+        "return document.querySelector('#login-error').textContent || null",
+    )
+    .await;
+    js(&c, &submit(common::API_KEY)).await;
+    wait_js(
+        &c,
+        "the dashboard after the key",
+        "return document.querySelector('#login').hidden && !document.querySelector('main').hidden",
+    )
+    .await;
 
     // Overview: live, node 1 among the peers, the graph drawn, the latest round's hash.
     let peer1 = cluster.node(1).peer_id().to_string();
@@ -265,6 +305,17 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     )
     .await;
     assert_eq!(yours, json!("1"), "node 0 put one adapter into round 1");
+    // The rule that made round 1, as `hive-node rounds --json` names it.
+    let rule = js(
+        &c,
+        "return document.querySelector('#rounds-table tr[data-round=\"1\"] .rule').textContent",
+    )
+    .await;
+    assert!(
+        printed[0]["rule"].as_str().is_some_and(|r| !r.is_empty()),
+        "{printed}"
+    );
+    assert_eq!(rule, printed[0]["rule"]);
     let bars = js(
         &c,
         "return document.querySelectorAll('#rounds-plot svg rect').length",

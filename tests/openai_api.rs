@@ -1,11 +1,14 @@
 //! The OpenAI-compatible chat API of a node (`join --http`, and `serve` on its gateway port),
 //! over real HTTP, on in-process nodes of a tiny generated network that commit one round:
+//! - the node has an API key: requests without it, or with another, get 401;
 //! - `GET /v1/models` lists base, round and round-1;
 //! - a greedy answer from model `round` equals an independent computation: the committed
 //!   round adapter exported and applied to a freshly loaded model, answered through
 //!   `ChatSession` (the code path of `hive-node chat`); `base` answers without the adapter;
 //! - streaming sends OpenAI chunks whose deltas add up to the same answer, then `[DONE]`;
-//! - stop strings cut the answer; bad requests get 400/404 in OpenAI's error shape;
+//! - stop strings cut the answer; bad requests get 400/404 in OpenAI's error shape, and so do
+//!   parameters the server does not implement (tools, logprobs, response_format, n > 1);
+//! - frequency and presence penalties change a greedy answer;
 //! - the official `openai` Python client (tools/openai/client_check.py) sees the same
 //!   answers streaming and not. Its interpreter is `$HIVE_TEST_PYTHON` (default `python3`);
 //!   without the `openai` package that part prints a notice and passes, unless
@@ -31,6 +34,16 @@ const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/openai/client_c
 /// The greedy answer of `hive-node chat`'s code path: a fresh model, the adapter in `dir` (if
 /// any), one `ChatSession::ask` at temperature 0 without repeat penalty.
 fn reference_answer(model: &std::path::Path, adapter: Option<&std::path::Path>) -> String {
+    reference_answer_penalised(model, adapter, 0.0, 0.0)
+}
+
+/// [`reference_answer`] with OpenAI's frequency and presence penalties.
+fn reference_answer_penalised(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+) -> String {
     let mut m = BaseModel::load(model, &LoadOptions::default()).unwrap();
     if let Some(dir) = adapter {
         let a = hivemind_model::adapter::LoraAdapter::read_dir(dir).unwrap();
@@ -39,6 +52,8 @@ fn reference_answer(model: &std::path::Path, adapter: Option<&std::path::Path>) 
     let params = SamplingParams {
         temperature: 0.0,
         repeat_penalty: 1.0,
+        frequency_penalty,
+        presence_penalty,
         ..Default::default()
     };
     let mut s = ChatSession::new(&m, None, params, MAX_TOKENS).unwrap();
@@ -92,12 +107,46 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
     let work = tempfile::tempdir().unwrap();
     let net = TinyNetwork::write(work.path()).unwrap();
     let cluster = net
-        .start_with_round(work.path(), 2, 2.0, 50, WAIT, common::http_on_first)
+        .start_with_round(
+            work.path(),
+            2,
+            2.0,
+            50,
+            WAIT,
+            common::http_with_key_on_first,
+        )
         .await
         .unwrap();
     let round = cluster.node(0).view().borrow().latest.clone().unwrap();
     let base = format!("http://{}/v1", cluster.node(0).http_addr().unwrap());
-    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+
+    // The node has an API key: without it, or with another, every route answers 401.
+    let bare = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    for key in [None, Some("Bearer test-key-2a9f0c41d7e4")] {
+        let mut get = bare.get(format!("{base}/models"));
+        let mut post = bare
+            .post(format!("{base}/chat/completions"))
+            .json(&request("round", json!({})));
+        if let Some(k) = key {
+            get = get.header("authorization", k);
+            post = post.header("authorization", k);
+        }
+        for r in [get.send().await.unwrap(), post.send().await.unwrap()] {
+            assert_eq!(r.status(), 401, "{key:?}");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+        }
+    }
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        "authorization",
+        format!("Bearer {}", common::API_KEY).parse().unwrap(),
+    );
+    let http = reqwest::Client::builder()
+        .timeout(WAIT)
+        .default_headers(auth)
+        .build()
+        .unwrap();
 
     // The models.
     let models: Value = http
@@ -125,14 +174,19 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
         .export_round(Some(1), &exported)
         .unwrap();
     let (model_path, ex) = (net.model.clone(), exported.clone());
-    let (want_round, want_base) = tokio::task::spawn_blocking(move || {
+    let (want_round, want_base, want_penalised) = tokio::task::spawn_blocking(move || {
         (
             reference_answer(&model_path, Some(&ex)),
             reference_answer(&model_path, None),
+            reference_answer_penalised(&model_path, Some(&ex), 2.0, 1.0),
         )
     })
     .await
     .unwrap();
+    assert_ne!(
+        want_penalised, want_round,
+        "the penalties change nothing: the check below would not tell them apart"
+    );
     assert_ne!(
         want_round, want_base,
         "the round adapter changes nothing: the check below would not tell them apart"
@@ -174,6 +228,20 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
             "{v}"
         );
     }
+
+    // Frequency and presence penalties: the answer of the same penalties through ChatSession.
+    let r = post(request(
+        "round",
+        json!({"frequency_penalty": 2.0, "presence_penalty": 1.0}),
+    ))
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        want_penalised,
+        "{v}"
+    );
 
     // Streaming: a role chunk, content chunks adding up to the answer, a finish chunk, [DONE].
     let r = post(request("round", json!({"stream": true}))).await;
@@ -255,6 +323,27 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
             400,
             "messages",
         ),
+        // What this server does not implement is refused, naming the parameter.
+        (
+            request(
+                "round",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            ),
+            400,
+            "tools",
+        ),
+        (request("round", json!({"logprobs": true})), 400, "logprobs"),
+        (
+            request("round", json!({"response_format": {"type": "json_object"}})),
+            400,
+            "response_format",
+        ),
+        (request("round", json!({"n": 2})), 400, "n"),
+        (
+            request("round", json!({"frequency_penalty": 3})),
+            400,
+            "frequency_penalty",
+        ),
     ] {
         let r = post(body.clone()).await;
         assert_eq!(r.status(), status, "{body}");
@@ -289,6 +378,7 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
                 .arg(CLIENT)
                 .args(["--base-url", &base, "--model", "round", "--model", "base"])
                 .args(["--prompt", PROMPT, "--max-tokens", &MAX_TOKENS.to_string()])
+                .args(["--api-key", common::API_KEY])
                 .stdin(Stdio::null())
                 .output()
                 .unwrap()
@@ -318,6 +408,10 @@ async fn chat_api_answers_with_the_round_adapter_streaming_and_not() {
         }
         assert_eq!(seen["unknown_model"]["status"], 404, "{seen}");
         assert_eq!(seen["unknown_model"]["code"], "model_not_found", "{seen}");
+        assert_eq!(seen["wrong_key"]["status"], 401, "{seen}");
+        assert_eq!(seen["wrong_key"]["code"], "invalid_api_key", "{seen}");
+        assert_eq!(seen["tools"]["status"], 400, "{seen}");
+        assert_eq!(seen["tools"]["param"], "tools", "{seen}");
     }
     assert_eq!(
         cluster

@@ -24,8 +24,14 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Penalty on tokens seen in the last `repeat_last_n` (1.0 disables).
     pub repeat_penalty: f32,
-    /// Window of the repeat penalty.
+    /// Window of the repeat penalty (and of the frequency and presence penalties).
     pub repeat_last_n: usize,
+    /// Subtracted from a token's logit once per time it occurs in the window (OpenAI's
+    /// `frequency_penalty`; 0 disables).
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token that occurs in the window (OpenAI's
+    /// `presence_penalty`; 0 disables).
+    pub presence_penalty: f32,
     /// RNG seed.
     pub seed: u64,
 }
@@ -38,6 +44,8 @@ impl Default for SamplingParams {
             top_k: 40,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 42,
         }
     }
@@ -72,6 +80,17 @@ impl Sampler {
                     } else {
                         *l * p.repeat_penalty
                     };
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            // As llama.cpp's penalties sampler: over the same window as the repeat penalty.
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut seen: Vec<u32> = history[start..].to_vec();
+            seen.sort_unstable();
+            for run in seen.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -374,4 +393,43 @@ pub fn complete(
         finish,
         stats,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greedy(frequency_penalty: f32, presence_penalty: f32, window: usize) -> u32 {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: window,
+            frequency_penalty,
+            presence_penalty,
+            ..Default::default()
+        });
+        // Token 0 occurs twice in the history, tokens 1 and 3 once, token 2 never.
+        s.sample(vec![3.0, 2.5, 2.0, 1.0], &[0, 0, 1, 3])
+    }
+
+    /// Penalised logits are `l - count f - (count > 0) p` over the window: token 0 (3.0, twice)
+    /// falls below token 2 (2.0, never) once `2 f + p` exceeds 1.0.
+    #[test]
+    fn frequency_and_presence_penalties_count_tokens_in_the_window() {
+        assert_eq!(greedy(0.0, 0.0, 64), 0);
+        assert_eq!(greedy(0.4, 0.0, 64), 0, "3.0 - 0.8 = 2.2 beats 2.1 and 2.0");
+        assert_eq!(greedy(0.6, 0.0, 64), 2, "1.8, 1.9 and 2.0");
+        assert_eq!(greedy(0.0, 0.7, 64), 0, "2.3 beats 2.0");
+        assert_eq!(greedy(0.0, 1.2, 64), 2, "1.8, 1.3 and 2.0");
+        assert_eq!(
+            greedy(0.6, 0.0, 2),
+            0,
+            "the window holds only tokens 1 and 3"
+        );
+        assert_eq!(
+            greedy(-1.0, 0.0, 64),
+            0,
+            "a negative penalty favours seen tokens"
+        );
+    }
 }

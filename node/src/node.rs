@@ -83,6 +83,8 @@ pub struct ChatSettings {
     /// Whether the dashboard and the chat API on the gateway's port answer every client
     /// (else only clients on loopback; the `http` server answers whoever reaches its address).
     pub gateway_public: bool,
+    /// The key the chat API and the dashboard's data then need (see `web::ApiKey`).
+    pub api_key: Option<Arc<crate::web::ApiKey>>,
 }
 
 /// Everything a node needs to start.
@@ -337,6 +339,7 @@ impl Node {
                 detail: "an HTTP server needs the chat API (NodeConfig::chat)".into(),
             });
         }
+        let api_key = cfg.chat.as_ref().and_then(|c| c.api_key.clone());
         let mut gateway_addr = None;
         let has_gateway = cfg.gateway.is_some();
         if let Some(g) = cfg.gateway {
@@ -347,7 +350,13 @@ impl Node {
             if let Some(engine) = &chat {
                 let board = Arc::new(Dashboard::new(data_dir.clone(), Some(store.clone())));
                 let local_only = !cfg.chat.as_ref().is_some_and(|c| c.gateway_public);
-                router = router.merge(crate::web::router(engine.clone(), board, false, local_only));
+                router = router.merge(crate::web::router(
+                    engine.clone(),
+                    board,
+                    false,
+                    local_only,
+                    api_key.clone(),
+                ));
             }
             let (listener, addr) = bind(&g.bind).await?;
             gateway_addr = Some(addr);
@@ -367,7 +376,7 @@ impl Node {
             let board = Arc::new(Dashboard::new(data_dir.clone(), store));
             all.push(tokio::spawn(crate::web::serve(
                 listener,
-                crate::web::router(engine.clone(), board, true, false),
+                crate::web::router(engine.clone(), board, true, false, api_key.clone()),
                 GatewayConfig::MAX_CONNECTIONS,
                 GatewayConfig::HEADER_TIMEOUT,
                 cancel.clone(),

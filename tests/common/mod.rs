@@ -120,6 +120,19 @@ pub(crate) fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_until_blocking(what, WAIT, f).unwrap()
 }
 
+/// The `--api-key` of [`http_with_key_on_first`].
+pub(crate) const API_KEY: &str = "test-key-2a9f0c41d7e3";
+
+/// [`http_on_first`], the dashboard and chat API behind [`API_KEY`].
+pub(crate) fn http_with_key_on_first(i: usize, cfg: &mut hivemind_node::NodeConfig) {
+    http_on_first(i, cfg);
+    if let Some(chat) = cfg.chat.as_mut() {
+        chat.api_key = Some(std::sync::Arc::new(
+            hivemind_node::web::ApiKey::new(API_KEY).unwrap(),
+        ));
+    }
+}
+
 /// For [`hivemind_node::harness::TinyNetwork::start_with_round`]: node 0 serves the dashboard
 /// and the chat API on a free loopback port (`Node::http_addr`).
 pub(crate) fn http_on_first(i: usize, cfg: &mut hivemind_node::NodeConfig) {

@@ -21,10 +21,11 @@ def main() -> int:
     p.add_argument("--model", action="append", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--api-key", default="unused", help="the node's --api-key (any text when it has none)")
     args = p.parse_args()
 
-    # A node needs no key; the client insists on one being set.
-    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0, timeout=120)
+    # A node without --api-key needs no key; the client insists on one being set.
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
     out = {"client_version": openai.__version__, "models": [m.id for m in client.models.list()]}
     answers = {}
     for model in args.model:
@@ -70,6 +71,23 @@ def main() -> int:
         out["unknown_model"] = "accepted"
     except openai.NotFoundError as e:
         out["unknown_model"] = {"status": e.status_code, "code": e.code, "message": e.message}
+    # The same calls with a wrong key.
+    wrong = openai.OpenAI(base_url=args.base_url, api_key=args.api_key + "-wrong", max_retries=0, timeout=120)
+    try:
+        wrong.models.list()
+        out["wrong_key"] = "accepted"
+    except openai.AuthenticationError as e:
+        out["wrong_key"] = {"status": e.status_code, "code": e.code}
+    # Parameters this server does not implement are refused, naming the parameter.
+    try:
+        client.chat.completions.create(
+            model=args.model[0],
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        )
+        out["tools"] = "accepted"
+    except openai.BadRequestError as e:
+        out["tools"] = {"status": e.status_code, "param": e.param, "code": e.code}
     print(json.dumps(out))
     return 0
 

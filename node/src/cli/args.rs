@@ -2,6 +2,7 @@
 //! them. Commands import these and the library, never each other.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::data_dir::DataDir;
 use crate::driver::NetRule;
@@ -195,6 +196,12 @@ pub struct NodeArgs {
     /// address; `--http` alone means 127.0.0.1:8080 (`serve` also serves them on its port).
     #[arg(long, env = "HIVE_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
     pub http: Option<String>,
+    /// A key (at least 16 characters) the chat API and the dashboard's data then need:
+    /// OpenAI clients send it as their api_key (`Authorization: Bearer`), the dashboard asks
+    /// for it once. Without it they answer whoever reaches them (only this machine unless
+    /// `--http` binds another address or `serve --web-public`).
+    #[arg(long, env = "HIVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// The personal adapter the chat API offers as model `personal` (when `train` made it
     /// for this network's base model).
     #[arg(long, default_value = PERSONAL_ADAPTER)]
@@ -236,6 +243,10 @@ impl NodeArgs {
     pub async fn run_node(self, gateway: Option<GatewaySettings>, web_public: bool) -> Result<()> {
         let args = self;
         let serves_chat = gateway.is_some() || args.http.is_some();
+        let api_key = match &args.api_key {
+            Some(k) => Some(Arc::new(crate::web::ApiKey::new(k).context("--api-key")?)),
+            None => None,
+        };
         let spec = args.model.clone();
         let model = tokio::task::spawn_blocking(move || {
             hivemind_model::pull::resolve_model(Some(&spec), &mut progress)
@@ -255,6 +266,7 @@ impl NodeArgs {
             chat: serves_chat.then(|| ChatSettings {
                 personal: Some(args.personal.clone()),
                 gateway_public: web_public,
+                api_key: api_key.clone(),
             }),
             http: args.http.clone(),
             allow_peers: (!args.allow_peers.is_empty())
@@ -279,6 +291,14 @@ impl NodeArgs {
         }
         if let Some(addr) = node.http_addr() {
             println!("dashboard on http://{addr}/ui/, chat API on http://{addr}/v1");
+        }
+        let reachable = web_public && node.gateway_addr().is_some()
+            || node.http_addr().is_some_and(|a| !a.ip().is_loopback());
+        if reachable && api_key.is_none() {
+            eprintln!(
+                "hive-node: warning: the dashboard and the chat API answer every client that \
+                 reaches them; set --api-key to require a key"
+            );
         }
         if let Some(dir) = args.contribute.clone() {
             match node.contribute(dir, args.samples).await {

@@ -26,11 +26,12 @@ pub(super) fn run(args: RoundsArgs) -> Result<()> {
     } else {
         for r in rounds {
             println!(
-                "{:>6}  {:<12} {}  {} contributors",
+                "{:>6}  {:<12} {}  {} contributors  {}",
                 r.number,
                 r.version,
                 r.hash,
-                r.contributors.len()
+                r.contributors.len(),
+                r.rule
             );
         }
     }

@@ -16,6 +16,10 @@ pub struct RoundView {
     pub hash: String,
     /// Input adapter hashes, hex, sorted.
     pub contributors: Vec<String>,
+    /// The aggregation rule that made it (its metadata name, e.g. `fedavg-v2`, `iso-v2`);
+    /// empty in status files written before it was recorded.
+    #[serde(default)]
+    pub rule: String,
 }
 
 impl RoundView {
@@ -26,6 +30,7 @@ impl RoundView {
             version: r.version.clone(),
             hash: r.hash.to_hex(),
             contributors: r.contributors.iter().map(Hash::to_hex).collect(),
+            rule: r.rule.clone(),
         }
     }
 }

@@ -34,6 +34,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
+pub(crate) use auth::bearer;
 pub use auth::{AuthFileError, CredentialsError, GatewayAuth, MIN_TOKEN_LEN};
 pub use docs::{docs_html, openapi_document};
 pub use error::ApiError;

@@ -106,6 +106,7 @@ impl Dashboard {
                             "version": r.version,
                             "hash": r.hash,
                             "contributors": r.contributors.len(),
+                            "rule": r.rule,
                             "mine": r.contributors.iter().filter(|c| own.contains(c.as_str())).count(),
                             "eval": evals.get(&r.hash),
                         })

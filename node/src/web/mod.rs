@@ -8,11 +8,13 @@
 //!   serve --port N   ──▶ serve(gateway::router + web::router)  (GET / is the legacy JSON)
 //!   web::router: /ui/... ──▶ Dashboard (data dir files, gateway store)
 //!                /v1/models, /v1/chat/completions ──▶ Engine (base model + adapters)
+//!   every route: guard (local only, DNS rebinding, cross-site) ─▶ key (`--api-key`, if set)
 //! ```
 
 mod dashboard;
 mod engine;
 mod guard;
+mod key;
 mod openai;
 mod serve;
 
@@ -24,6 +26,7 @@ use axum::Router;
 
 pub use dashboard::Dashboard;
 pub use engine::{ChatError, ChatModel, Engine, ListedModel, DEFAULT_MAX_TOKENS};
+pub use key::{ApiKey, KeyError, MIN_KEY_LEN};
 pub(crate) use serve::serve;
 pub use serve::ClientAddr;
 
@@ -36,12 +39,14 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// router). `root` adds `GET /` as a redirect to the dashboard (not on a gateway, whose `/`
 /// is the legacy server's); `local_only` answers only clients on loopback (the gateway's port
 /// is public by default, the dashboard and chat API are not). Every route is behind
-/// [`guard::guard`] (DNS rebinding, cross-site requests).
+/// [`guard::guard`] (DNS rebinding, cross-site requests), then [`key::require`] when `key` is
+/// set.
 pub fn router(
     engine: Arc<Engine>,
     dashboard: Arc<Dashboard>,
     root: bool,
     local_only: bool,
+    key: Option<Arc<ApiKey>>,
 ) -> Router {
     let chat = Router::new()
         .route("/v1/models", get(openai::models))
@@ -59,14 +64,19 @@ pub fn router(
         .route("/ui/api/state", get(dashboard::state))
         .route("/ui/api/events", get(dashboard::events))
         .with_state(dashboard);
-    let mut r = chat.merge(ui);
+    let login = Router::new()
+        .route("/ui/api/login", post(key::login))
+        .layer(DefaultBodyLimit::max(4096))
+        .with_state(key.clone());
+    let mut r = chat.merge(ui).merge(login);
     if root {
         r = r.route("/", get(dashboard::to_index));
     }
-    r.layer(axum::middleware::from_fn_with_state(
-        local_only,
-        guard::guard,
-    ))
+    r.layer(axum::middleware::from_fn_with_state(key, key::require))
+        .layer(axum::middleware::from_fn_with_state(
+            local_only,
+            guard::guard,
+        ))
 }
 
 #[cfg(test)]
@@ -97,17 +107,18 @@ mod tests {
 
     const LOCAL: &[(&str, &str)] = &[("host", "127.0.0.1:8080")];
 
+    /// An engine (with no model: only the routes are exercised) and a dashboard on `dir`.
+    fn parts(dir: &std::path::Path) -> (Arc<Engine>, Arc<Dashboard>) {
+        let data = crate::DataDir::new(dir);
+        let engine = Arc::new(Engine::new(dir.join("none.gguf"), data.clone(), None));
+        (engine, Arc::new(Dashboard::new(data, None)))
+    }
+
     #[tokio::test]
     async fn the_guard_refuses_remote_clients_rebound_hosts_and_other_sites() {
         let dir = tempfile::tempdir().unwrap();
-        let data = crate::DataDir::new(dir.path());
-        let engine = Arc::new(Engine::new(
-            dir.path().join("none.gguf"),
-            data.clone(),
-            None,
-        ));
-        let board = Arc::new(Dashboard::new(data, None));
-        let guarded = router(engine.clone(), board.clone(), false, true);
+        let (engine, board) = parts(dir.path());
+        let guarded = router(engine.clone(), board.clone(), false, true, None);
         let status = |r: &Router, req: Request<Body>| {
             let r = r.clone();
             async move { r.oneshot(req).await.unwrap().status() }
@@ -184,7 +195,7 @@ mod tests {
             assert_eq!(status(&guarded, r).await, StatusCode::BAD_REQUEST);
         }
         // Public routes (`--web-public`, `--http` on an address the user chose) serve others.
-        let open = router(engine, board, true, false);
+        let open = router(engine, board, true, false, None);
         let r = request(
             "GET",
             "/v1/models",
@@ -192,5 +203,105 @@ mod tests {
             &[("host", "192.0.2.1")],
         );
         assert_eq!(status(&open, r).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn with_a_key_the_data_routes_need_it_as_bearer_or_login_cookie() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, board) = parts(dir.path());
+        const KEY: &str = "correct-horse-battery-staple";
+        assert_eq!(ApiKey::new("short").unwrap_err(), KeyError::Short);
+        assert_eq!(
+            ApiKey::new("sixteen chars and a space").unwrap_err(),
+            KeyError::Characters
+        );
+        let key = Some(Arc::new(ApiKey::new(KEY).unwrap()));
+        let app = router(engine, board, true, true, key);
+        let send = |req: Request<Body>| {
+            let r = app.clone();
+            async move { r.oneshot(req).await.unwrap() }
+        };
+        let local = Some("127.0.0.1:5000");
+        let json = ("content-type", "application/json");
+        let bearer = format!("Bearer {KEY}");
+        let wrong = "Bearer correct-horse-battery-stapler".to_string();
+        for path in ["/v1/models", "/ui/api/state"] {
+            let r = send(request("GET", path, local, LOCAL)).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            let r = send(request(
+                "GET",
+                path,
+                local,
+                &[LOCAL[0], ("authorization", &wrong)],
+            ))
+            .await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}: wrong key");
+            let r = send(request(
+                "GET",
+                path,
+                local,
+                &[LOCAL[0], ("authorization", &bearer)],
+            ))
+            .await;
+            assert_eq!(r.status(), StatusCode::OK, "{path} with the key");
+        }
+        // The chat API refuses before reading the request.
+        let r = send(request(
+            "POST",
+            "/v1/chat/completions",
+            local,
+            &[LOCAL[0], json],
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        // The page that asks for the key loads without it.
+        for path in ["/ui/", "/ui/app.js", "/ui/style.css"] {
+            let r = send(request("GET", path, local, LOCAL)).await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+        }
+        // Login: a wrong key gets 401 and no cookie; the right one a cookie that opens the
+        // dashboard's data (EventSource sends no headers but cookies).
+        let login = |key: &str| {
+            let mut req = Request::builder()
+                .method("POST")
+                .uri("/ui/api/login")
+                .header("host", "127.0.0.1:8080")
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::json!({ "key": key }).to_string()))
+                .unwrap();
+            req.extensions_mut()
+                .insert(ClientAddr("127.0.0.1:5000".parse().unwrap()));
+            send(req)
+        };
+        let r = login("correct-horse-battery-stapler").await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().get("set-cookie").is_none());
+        let r = login(KEY).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let pair = cookie.split(';').next().unwrap().to_string();
+        let with_cookie = format!("theme=dark; {pair}");
+        let r = send(request(
+            "GET",
+            "/ui/api/state",
+            local,
+            &[LOCAL[0], ("cookie", &with_cookie)],
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let forged = "hive_key=correct-horse-battery-stapler";
+        let r = send(request(
+            "GET",
+            "/ui/api/state",
+            local,
+            &[LOCAL[0], ("cookie", forged)],
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
 }

@@ -9,6 +9,12 @@
 //!        thread) ─pieces─▶ StopFilter ─▶ JSON answer, or SSE chunks then `data: [DONE]`
 //! ```
 //!
+//! `frequency_penalty` and `presence_penalty` work as in llama.cpp's server (over the last 64
+//! tokens). What this server does not implement is refused with a 400 naming the parameter,
+//! rather than ignored: `tools` (and `tool_choice`, `functions`, `function_call`), `logprobs`
+//! and `top_logprobs`, `logit_bias`, a `response_format` other than text, `n` other than 1, and
+//! audio output. Other unknown fields are ignored, as OpenAI-compatible servers do.
+//!
 //! Beyond OpenAI's fields, `top_k` and `repeat_penalty` are accepted as llama.cpp's server
 //! accepts them. Defaults are `hive-node chat`'s (temperature 0.7, top_p 0.9, top_k 40, 256
 //! tokens, fewer when the context has less room) except the repeat penalty, which is 1.0
@@ -190,6 +196,72 @@ struct ChatRequest {
     seed: Option<u64>,
     stop: Option<Stop>,
     n: Option<u64>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    // Refused when present (see the module docs).
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<Value>,
+    logit_bias: Option<Value>,
+    response_format: Option<Value>,
+    audio: Option<Value>,
+    modalities: Option<Vec<String>>,
+}
+
+impl ChatRequest {
+    /// The first parameter set to something this server does not implement.
+    fn unsupported(&self) -> Option<(&'static str, &'static str)> {
+        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        let tools = "tools and function calling are not supported: this node's models are not \
+                     trained for them";
+        if set(&self.tools) {
+            return Some(("tools", tools));
+        }
+        if set(&self.tool_choice) {
+            return Some(("tool_choice", tools));
+        }
+        if set(&self.functions) {
+            return Some(("functions", tools));
+        }
+        if set(&self.function_call) {
+            return Some(("function_call", tools));
+        }
+        if self.logprobs == Some(true) {
+            return Some(("logprobs", "logprobs are not supported"));
+        }
+        if set(&self.top_logprobs) {
+            return Some(("top_logprobs", "logprobs are not supported"));
+        }
+        if self
+            .logit_bias
+            .as_ref()
+            .is_some_and(|v| v.as_object().is_none_or(|m| !m.is_empty()))
+        {
+            return Some(("logit_bias", "logit_bias is not supported"));
+        }
+        if self
+            .response_format
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v["type"] != "text")
+        {
+            return Some((
+                "response_format",
+                "only response_format {\"type\": \"text\"} is supported (no JSON mode)",
+            ));
+        }
+        if set(&self.audio)
+            || self
+                .modalities
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|x| x != "text"))
+        {
+            return Some(("modalities", "only text output is supported"));
+        }
+        None
+    }
 }
 
 /// A checked request.
@@ -211,6 +283,9 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
             None,
         )
     })?;
+    if let Some((param, message)) = req.unsupported() {
+        return Err(ApiError::invalid(message, Some(param)));
+    }
     let model = ChatModel::parse(&req.model).ok_or_else(|| {
         ApiError::from(ChatError::UnknownModel(format!(
             "no model {:?}: this node serves base, round, round-N, personal and \
@@ -302,6 +377,20 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
             Some("repeat_penalty"),
         ));
     }
+    let mut penalties = [0f32; 2];
+    for (slot, (value, param)) in penalties.iter_mut().zip([
+        (req.frequency_penalty, "frequency_penalty"),
+        (req.presence_penalty, "presence_penalty"),
+    ]) {
+        let v = value.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::invalid(
+                format!("{param} must be between -2 and 2, got {v}"),
+                Some(param),
+            ));
+        }
+        *slot = v;
+    }
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     if max_tokens == Some(0) {
         return Err(ApiError::invalid(
@@ -333,6 +422,8 @@ fn check(body: &[u8]) -> Result<Checked, ApiError> {
         top_p,
         top_k: req.top_k.unwrap_or(40),
         repeat_penalty,
+        frequency_penalty: penalties[0],
+        presence_penalty: penalties[1],
         seed: req.seed.unwrap_or(42),
         ..Default::default()
     };
@@ -679,7 +770,43 @@ mod tests {
         let parts = check(br#"{"model":"round-3","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).unwrap();
         assert_eq!(parts.model, ChatModel::Round(Some(3)));
         assert_eq!(parts.messages[0], Message::new(Role::System, "ab"));
+        // Harmless forms of the refused parameters pass; the penalties reach the sampler.
+        let quiet = check(br#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":null,"logprobs":false,"logit_bias":{},"response_format":{"type":"text"},"modalities":["text"],"user":"u","frequency_penalty":0.5,"presence_penalty":-1}"#).unwrap();
+        assert_eq!(quiet.params.frequency_penalty, 0.5);
+        assert_eq!(quiet.params.presence_penalty, -1.0);
         for (bad, param) in [
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":[]}"#,
+                Some("tools"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"tool_choice":"auto"}"#,
+                Some("tool_choice"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
+                Some("logprobs"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                Some("top_logprobs"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"logit_bias":{"5":10}}"#,
+                Some("logit_bias"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
+                Some("response_format"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"modalities":["text","audio"]}"#,
+                Some("modalities"),
+            ),
+            (
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"presence_penalty":-2.5}"#,
+                Some("presence_penalty"),
+            ),
             (
                 r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#,
                 Some("model"),

@@ -70,7 +70,7 @@ function barChart(values, labels, { color = "#d97706", height = 180, yLabel = ""
   top.textContent = max;
   g.append(top);
   if (yLabel) {
-    const yl = svg("text", { x: 4, y: T + 8, "font-size": 10, fill: "#6b7280" });
+    const yl = svg("text", { x: 4, y: T + 24, "font-size": 10, fill: "#6b7280" });
     yl.textContent = yLabel;
     g.append(yl);
   }
@@ -186,6 +186,7 @@ function draw(s) {
     el("td", {}, r.version),
     el("td", {}, String(r.contributors)),
     el("td", {}, String(r.mine || 0)),
+    el("td", { class: "rule" }, r.rule || "–"),
     el("td", {}, r.eval ? `${(100 * r.eval.exact_match).toFixed(1)}% of ${r.eval.items}` : "–"),
     el("td", {}, el("code", { class: "hash" }, r.hash)))));
   // This node's adapters.
@@ -324,4 +325,37 @@ $("#chat-clear").addEventListener("click", () => {
   $("#chat-log").replaceChildren();
 });
 
-connect();
+// ---- key --------------------------------------------------------------------------------
+// A node started with --api-key answers 401 until POST api/login has set its cookie.
+function showLogin(show) {
+  $("#login").hidden = !show;
+  $("main").hidden = show;
+  $("nav").hidden = show;
+  if (show) $("#login-key").focus();
+}
+
+$("#login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const r = await fetch("api/login", { method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ key: $("#login-key").value }) });
+  if (r.ok) {
+    $("#login-key").value = "";
+    $("#login-error").textContent = "";
+    showLogin(false);
+    connect();
+  } else {
+    $("#login-error").textContent = r.status === 401 ? "That is not this node's key." : `error ${r.status}`;
+  }
+});
+
+async function start() {
+  const r = await fetch("api/state").catch(() => null);
+  if (r && r.status === 401) {
+    showLogin(true);
+  } else {
+    connect();
+  }
+}
+
+start();
