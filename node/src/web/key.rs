@@ -4,8 +4,10 @@
 //! - OpenAI clients send it as `Authorization: Bearer KEY` (the `api_key` of the `openai`
 //!   client);
 //! - the dashboard page asks for it once and `POST /ui/api/login` (`{"key": "..."}`) checks it
-//!   and sets it as an HttpOnly, SameSite=Strict cookie, because `EventSource` cannot send
-//!   headers.
+//!   and sets an HttpOnly, SameSite=Strict session cookie, because `EventSource` cannot send
+//!   headers. The cookie holds a random token of this process, not the key (browsers send a
+//!   host's cookies to all its ports), under a name of its own (two nodes on one host keep
+//!   theirs); it ends when the node restarts.
 //!
 //! The page itself (HTML, script, style: no data) loads without the key, so it can ask for it.
 //! Keys are compared by their blake3 hashes (constant time), never logged or echoed. Without a
@@ -21,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-/// The cookie the dashboard holds the key in.
-const COOKIE: &str = "hive_key";
+/// Prefix of the dashboard's session cookie's name.
+const COOKIE_PREFIX: &str = "hive_session_";
 
 /// Keys shorter than this are refused: they could be guessed.
 pub const MIN_KEY_LEN: usize = crate::gateway::MIN_TOKEN_LEN;
@@ -38,9 +40,13 @@ pub enum KeyError {
     Characters,
 }
 
-/// The web routes' key.
+/// The web routes' key, and this process's dashboard session token.
 #[derive(Clone, Debug)]
-pub struct ApiKey(blake3::Hash);
+pub struct ApiKey {
+    key: blake3::Hash,
+    /// The session cookie's value (hex of 32 random bytes).
+    session: String,
+}
 
 impl ApiKey {
     /// Checks `key` (length, characters a cookie can carry).
@@ -52,11 +58,20 @@ impl ApiKey {
         if !key.bytes().all(ok) {
             return Err(KeyError::Characters);
         }
-        Ok(ApiKey(blake3::hash(key.as_bytes())))
+        let session: [u8; 32] = rand::random();
+        Ok(ApiKey {
+            key: blake3::hash(key.as_bytes()),
+            session: blake3::Hash::from(session).to_hex().to_string(),
+        })
     }
 
     fn matches(&self, candidate: &str) -> bool {
-        blake3::hash(candidate.as_bytes()) == self.0
+        blake3::hash(candidate.as_bytes()) == self.key
+    }
+
+    /// The session cookie's name: its prefix and the start of its value.
+    fn cookie_name(&self) -> String {
+        format!("{COOKIE_PREFIX}{}", &self.session[..16])
     }
 
     /// Whether `headers` carry the key, as a bearer token or as the dashboard's cookie.
@@ -64,13 +79,16 @@ impl ApiKey {
         if crate::gateway::bearer(headers).is_some_and(|t| self.matches(t)) {
             return true;
         }
+        // Compared as hashes, like the key: the token's bytes leak nothing through timing.
+        let want = blake3::hash(self.session.as_bytes());
+        let name = self.cookie_name();
         headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-            .any(|v| self.matches(v))
+            .filter_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))
+            .any(|v| blake3::hash(v.as_bytes()) == want)
     }
 }
 
@@ -126,11 +144,14 @@ pub(crate) async fn login(
     let Some(key) = key else {
         return StatusCode::NO_CONTENT.into_response();
     };
-    // A key that matches passed ApiKey::new's character check, so it fits in a cookie.
     if !key.matches(&body.key) {
         return needs_key();
     }
-    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", body.key);
+    let cookie = format!(
+        "{}={}; HttpOnly; SameSite=Strict; Path=/",
+        key.cookie_name(),
+        key.session
+    );
     match HeaderValue::from_str(&cookie) {
         Ok(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
         Err(_) => needs_key(),

@@ -285,6 +285,10 @@ mod tests {
             "{cookie}"
         );
         let pair = cookie.split(';').next().unwrap().to_string();
+        assert!(
+            !pair.contains(KEY),
+            "the cookie holds a session token, not the key"
+        );
         let with_cookie = format!("theme=dark; {pair}");
         let r = send(request(
             "GET",
@@ -294,14 +298,40 @@ mod tests {
         ))
         .await;
         assert_eq!(r.status(), StatusCode::OK);
-        let forged = "hive_key=correct-horse-battery-stapler";
-        let r = send(request(
-            "GET",
-            "/ui/api/state",
-            local,
-            &[LOCAL[0], ("cookie", forged)],
-        ))
-        .await;
+        // A cookie of that name with another value, or the key itself as a cookie: refused.
+        let (name, _) = pair.split_once('=').unwrap();
+        for forged in [
+            format!("{name}=0000"),
+            format!("{name}={KEY}"),
+            format!("hive_key={KEY}"),
+        ] {
+            let r = send(request(
+                "GET",
+                "/ui/api/state",
+                local,
+                &[LOCAL[0], ("cookie", &forged)],
+            ))
+            .await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{forged}");
+        }
+        // Another process with the same key has its own session: this one's cookie does not open it.
+        let (engine2, board2) = parts(dir.path());
+        let other = router(
+            engine2,
+            board2,
+            true,
+            true,
+            Some(Arc::new(ApiKey::new(KEY).unwrap())),
+        );
+        let r = other
+            .oneshot(request(
+                "GET",
+                "/ui/api/state",
+                local,
+                &[LOCAL[0], ("cookie", &with_cookie)],
+            ))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
 }

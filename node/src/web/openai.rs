@@ -214,7 +214,11 @@ struct ChatRequest {
 impl ChatRequest {
     /// The first parameter set to something this server does not implement.
     fn unsupported(&self) -> Option<(&'static str, &'static str)> {
-        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        // null and [] (what some frameworks send by default) mean none.
+        let set = |v: &Option<Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        };
         let tools = "tools and function calling are not supported: this node's models are not \
                      trained for them";
         if set(&self.tools) {
@@ -252,11 +256,13 @@ impl ChatRequest {
                 "only response_format {\"type\": \"text\"} is supported (no JSON mode)",
             ));
         }
-        if set(&self.audio)
-            || self
-                .modalities
-                .as_ref()
-                .is_some_and(|m| m.iter().any(|x| x != "text"))
+        if set(&self.audio) {
+            return Some(("audio", "only text output is supported"));
+        }
+        if self
+            .modalities
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|x| x != "text"))
         {
             return Some(("modalities", "only text output is supported"));
         }
@@ -771,12 +777,12 @@ mod tests {
         assert_eq!(parts.model, ChatModel::Round(Some(3)));
         assert_eq!(parts.messages[0], Message::new(Role::System, "ab"));
         // Harmless forms of the refused parameters pass; the penalties reach the sampler.
-        let quiet = check(br#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":null,"logprobs":false,"logit_bias":{},"response_format":{"type":"text"},"modalities":["text"],"user":"u","frequency_penalty":0.5,"presence_penalty":-1}"#).unwrap();
+        let quiet = check(br#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":[],"functions":null,"logprobs":false,"logit_bias":{},"response_format":{"type":"text"},"modalities":["text"],"user":"u","frequency_penalty":0.5,"presence_penalty":-1}"#).unwrap();
         assert_eq!(quiet.params.frequency_penalty, 0.5);
         assert_eq!(quiet.params.presence_penalty, -1.0);
         for (bad, param) in [
             (
-                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":[]}"#,
+                r#"{"model":"base","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
                 Some("tools"),
             ),
             (

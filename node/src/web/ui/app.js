@@ -229,9 +229,15 @@ function connect() {
     $("#live").textContent = "live";
     draw(JSON.parse(e.data));
   });
-  es.onerror = () => {
+  es.onerror = async () => {
     $("#live").className = "pill off";
     $("#live").textContent = "reconnecting";
+    // A node restarted (its sessions end) or given another key: ask for the key again.
+    const r = await fetch("api/state").catch(() => null);
+    if (r && r.status === 401) {
+      es.close();
+      showLogin(true);
+    }
   };
 }
 
@@ -242,6 +248,10 @@ async function loadModels() {
   const sel = $("#chat-model");
   const keep = sel.value;
   const r = await fetch("/v1/models");
+  if (r.status === 401) {
+    showLogin(true);
+    return;
+  }
   const models = (await r.json()).data || [];
   sel.replaceChildren(...models.map((m) => el("option", { value: m.id, title: m.description || "" }, m.id)));
   const ids = models.map((m) => m.id);
