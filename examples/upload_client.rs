@@ -80,6 +80,7 @@ async fn main() -> Result<()> {
                     max_connections: GatewayConfig::MAX_CONNECTIONS,
                     header_timeout: GatewayConfig::HEADER_TIMEOUT,
                     uploads_per_minute: GatewayConfig::UPLOADS_PER_MINUTE,
+                    user_uploads_per_minute: GatewayConfig::USER_UPLOADS_PER_MINUTE,
                 },
             });
         }

@@ -261,8 +261,10 @@ fn legacy_api_validates_stores_announces_and_serves_the_round_adapter() {
             "no adapter_model",
         ),
     ];
-    for (name, bytes, why) in bad_files {
-        let (code, v) = api.upload(Some((name, bytes)), &[("user_id", "mallory")]);
+    // One user id each: a user id gets 10 uploads a minute (`--user-uploads-per-minute`).
+    for (i, (name, bytes, why)) in bad_files.into_iter().enumerate() {
+        let user = format!("mallory-{i}");
+        let (code, v) = api.upload(Some((name, bytes)), &[("user_id", &user)]);
         assert_eq!(code, 400, "{name} ({why}): {v}");
         let detail = v["detail"].as_str().unwrap();
         assert!(detail.contains(why), "{why}: {detail}");
@@ -637,6 +639,56 @@ fn uploads_from_one_address_are_rate_limited() {
             "the refused upload was stored: {status}"
         );
     }
+}
+
+/// One user id can make at most `--user-uploads-per-minute` uploads a minute, whatever the
+/// address (here the address limit is off): before, only addresses were limited, so one user
+/// behind many addresses could replace its upload without end. Another user is unaffected; the
+/// refused upload is a 429 and stores nothing.
+#[test]
+fn uploads_of_one_user_id_are_rate_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let (_server, api) = lone_gateway(
+        &model,
+        &data,
+        &[
+            "--uploads-per-minute",
+            "0",
+            "--user-uploads-per-minute",
+            "2",
+        ],
+    );
+    let mut codes = Vec::new();
+    let mut stored = serde_json::json!(0);
+    for (i, user) in ["alice", "alice", "alice", "bob"].iter().enumerate() {
+        let bytes = adapter(80 + i as u64, RANK, 32)
+            .to_safetensors_bytes()
+            .unwrap();
+        let (code, v) = api.upload(Some(("a.safetensors", bytes)), &[("user_id", user)]);
+        let (_, status) = api.get("/api/v1/status");
+        if code == 429 {
+            assert!(
+                v["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("2 uploads a minute for one user_id"),
+                "{v}"
+            );
+            assert_eq!(
+                status["total_adapters"], stored,
+                "the refused upload was stored"
+            );
+        }
+        stored = status["total_adapters"].clone();
+        codes.push(code);
+    }
+    // A minute boundary can fall inside the loop and reset the window once.
+    assert!(
+        codes == [200, 200, 429, 200] || codes.iter().filter(|c| **c == 200).count() == 4,
+        "{codes:?}"
+    );
 }
 
 /// An upload is read only as far as an adapter of the network (plus a PEFT dir's other files)

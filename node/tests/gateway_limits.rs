@@ -59,6 +59,7 @@ async fn half_sent_requests_are_dropped_and_connections_are_capped() {
             max_connections: CAP,
             header_timeout: HEADER_TIMEOUT,
             uploads_per_minute: GatewayConfig::UPLOADS_PER_MINUTE,
+            user_uploads_per_minute: GatewayConfig::USER_UPLOADS_PER_MINUTE,
         },
     });
     let node = Node::start(cfg).await.unwrap();

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Most uploads one client address may make in a minute (0: no limit); more get 429.
     #[arg(long, default_value_t = GatewayConfig::UPLOADS_PER_MINUTE)]
     pub uploads_per_minute: u32,
+    /// Most uploads one user_id may make in a minute, from any address (0: no limit); more get
+    /// 429.
+    #[arg(long, default_value_t = GatewayConfig::USER_UPLOADS_PER_MINUTE)]
+    pub user_uploads_per_minute: u32,
     /// Serve the dashboard (/ui/) and the chat API (/v1/) on the gateway's port to every
     /// client; without it they answer only clients on this machine.
     #[arg(long)]
@@ -78,6 +82,7 @@ pub(super) fn run(args: ServeArgs) -> Result<()> {
             max_connections: args.max_connections,
             header_timeout: GatewayConfig::HEADER_TIMEOUT,
             uploads_per_minute: args.uploads_per_minute,
+            user_uploads_per_minute: args.user_uploads_per_minute,
         },
     };
     super::runtime()?.block_on(args.node.run_node(Some(gateway), args.web_public))

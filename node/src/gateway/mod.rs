@@ -64,6 +64,8 @@ pub struct GatewayConfig {
     pub header_timeout: Duration,
     /// Most uploads one client address may make in a minute (0: no limit).
     pub uploads_per_minute: u32,
+    /// Most uploads one user id may make in a minute, from any address (0: no limit).
+    pub user_uploads_per_minute: u32,
 }
 
 impl GatewayConfig {
@@ -73,29 +75,67 @@ impl GatewayConfig {
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default of [`GatewayConfig::uploads_per_minute`].
     pub const UPLOADS_PER_MINUTE: u32 = 60;
+    /// Default of [`GatewayConfig::user_uploads_per_minute`]: a user uploads once a round,
+    /// and may replace a bad upload a few times.
+    pub const USER_UPLOADS_PER_MINUTE: u32 = 10;
 }
 
-/// Uploads per client IP address in the current minute (fixed windows).
-#[derive(Debug, Default)]
-struct UploadRate {
+/// Uploads per key (client IP address, user id) in the current minute (fixed windows).
+#[derive(Debug)]
+struct UploadRate<K> {
     minute: u64,
-    counts: std::collections::HashMap<std::net::IpAddr, u32>,
+    counts: std::collections::HashMap<K, u32>,
 }
 
-impl UploadRate {
-    /// Counts an upload from `ip` at `now_ms`; `false` when it is over `limit` this minute.
-    fn allow(&mut self, ip: std::net::IpAddr, now_ms: u64, limit: u32) -> bool {
+impl<K> Default for UploadRate<K> {
+    fn default() -> Self {
+        UploadRate {
+            minute: 0,
+            counts: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> UploadRate<K> {
+    /// Counts an upload of `key` at `now_ms`; `false` when it is over `limit` this minute.
+    fn allow(&mut self, key: K, now_ms: u64, limit: u32) -> bool {
         let minute = now_ms / 60_000;
         if minute != self.minute {
             self.minute = minute;
             self.counts.clear();
         }
-        let n = self.counts.entry(ip).or_insert(0);
+        let n = self.counts.entry(key).or_insert(0);
         if *n >= limit {
             return false;
         }
         *n += 1;
         true
+    }
+}
+
+/// Counts an upload of `key` in `rate` (no limit when `limit` is 0); a 429 naming `whose` when
+/// it is over the limit this minute.
+fn count<K: std::hash::Hash + Eq>(
+    rate: &std::sync::Mutex<UploadRate<K>>,
+    key: K,
+    limit: u32,
+    whose: &str,
+) -> Result<(), ApiError> {
+    if limit == 0 {
+        return Ok(());
+    }
+    let now = crate::clock::now_ms();
+    let allowed = rate
+        .lock()
+        .map(|mut r| r.allow(key, now, limit))
+        .unwrap_or(true);
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("at most {limit} uploads a minute {whose}; try again shortly"),
+        ))
     }
 }
 
@@ -107,33 +147,30 @@ pub struct Gateway {
     local: mpsc::Sender<Local>,
     view: watch::Receiver<DriverView>,
     cfg: Arc<GatewayConfig>,
-    upload_rate: Arc<std::sync::Mutex<UploadRate>>,
+    upload_rate: Arc<std::sync::Mutex<UploadRate<std::net::IpAddr>>>,
+    user_rate: Arc<std::sync::Mutex<UploadRate<String>>>,
 }
 
 impl Gateway {
     /// Counts an upload from `client` against the per-address limit.
     pub(crate) fn allow_upload(&self, client: Option<ClientAddr>) -> Result<(), ApiError> {
-        let limit = self.cfg.uploads_per_minute;
         let Some(ClientAddr(addr)) = client else {
             return Ok(());
         };
-        if limit == 0 {
-            return Ok(());
-        }
-        let now = crate::clock::now_ms();
-        let allowed = self
-            .upload_rate
-            .lock()
-            .map(|mut r| r.allow(addr.ip(), now, limit))
-            .unwrap_or(true);
-        if allowed {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("at most {limit} uploads a minute from one address; try again shortly"),
-            ))
-        }
+        let limit = self.cfg.uploads_per_minute;
+        count(&self.upload_rate, addr.ip(), limit, "from one address")
+    }
+
+    /// Counts an upload of `user_id` against the per-user limit (after the address's: one
+    /// user uploading from many addresses is still one user).
+    pub(crate) fn allow_user_upload(&self, user_id: &str) -> Result<(), ApiError> {
+        let limit = self.cfg.user_uploads_per_minute;
+        count(
+            &self.user_rate,
+            user_id.to_string(),
+            limit,
+            "for one user_id",
+        )
     }
 
     /// A gateway over a node's store, network spec, driver channel and driver view.
@@ -151,6 +188,7 @@ impl Gateway {
             view,
             cfg: Arc::new(cfg),
             upload_rate: Arc::default(),
+            user_rate: Arc::default(),
         }
     }
 }

@@ -361,6 +361,7 @@ pub(super) async fn upload(
         ));
     };
     check_user_id(&user_id).map_err(|e| ApiError::bad(e.to_string()))?;
+    gw.allow_user_upload(&user_id)?;
     if authed.as_ref().is_some_and(|u| *u != user_id) {
         return Err(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
