@@ -10,7 +10,7 @@
 # On the Q4_1 file itself greedy text cannot be the test: llama.cpp quantizes the activations to
 # 8 bits before each matmul, and that rounding amplifies any difference in the arithmetic around
 # it, llama.cpp's own included (its flash-attention path, the default, and its plain path part on
-# 3 of 4 of these answers). So on Q4_1 the check compares logits step by step with teacher forcing
+# 3 of 4 answers tried). So on Q4_1 the check compares logits step by step with teacher forcing
 # (tools/reference/llama_logits.cpp against `examples/greedy_logits`): llama.cpp's default greedy
 # tokens are fed to llama.cpp without flash attention and to HiveMind, and HiveMind must pick
 # llama.cpp's token at least as often as llama.cpp's other path does. The greedy text comparison
@@ -108,17 +108,23 @@ forced() { # prompt case llama-model [lora.gguf] -- [adapter-dir]
     shift
     [[ $# -gt 0 ]] && adapter="$1"
     render "$prompt" > forced.txt
-    FA=1 "$llama_logits" "$lmodel" forced.txt "$n" $lora > ref.jsonl 2>/dev/null
+    # A failing run says so (its stderr is in forced.log) and fails the check.
+    env -u FORCE FA=1 "$llama_logits" "$lmodel" forced.txt "$n" $lora > ref.jsonl 2>forced.log \
+        || { echo "llama-logits failed ($case, $prompt): see $work/forced.log" >&2; return 1; }
     local ids force
     ids="$(python3 -c 'import json,sys; print(",".join(map(str, json.loads(open(sys.argv[1]).readline())["prompt"])))' ref.jsonl)"
     force="$(python3 -c 'import json,sys; print(",".join(str(json.loads(l)["top"][0][0]) for l in open(sys.argv[1]) if "step" in l))' ref.jsonl)"
-    FA=0 FORCE="$force" "$llama_logits" "$lmodel" forced.txt "$n" $lora > off.jsonl 2>/dev/null
-    FORCE="$force" "$greedy_logits" "$model" "$ids" "$n" $adapter > ours.jsonl 2>/dev/null
-    python3 - "$prompt" "$case" <<'PY'
+    FA=0 FORCE="$force" "$llama_logits" "$lmodel" forced.txt "$n" $lora > off.jsonl 2>forced.log \
+        || { echo "llama-logits -fa off failed ($case, $prompt): see $work/forced.log" >&2; return 1; }
+    FORCE="$force" "$greedy_logits" "$model" "$ids" "$n" $adapter > ours.jsonl 2>forced.log \
+        || { echo "greedy_logits failed ($case, $prompt): see $work/forced.log" >&2; return 1; }
+    python3 - "$prompt" "$case" "$n" <<'PY'
 import json, sys
 def steps(path):
     return [dict((i, v) for i, v in json.loads(l)["top"]) for l in open(path) if '"step"' in l]
 ref, off, ours = steps("ref.jsonl"), steps("off.jsonl"), steps("ours.jsonl")
+if not len(ref) == len(off) == len(ours) == int(sys.argv[3]):
+    sys.exit(f"steps: llama.cpp {len(ref)}, -fa off {len(off)}, hive-node {len(ours)}, wanted {sys.argv[3]}")
 def agree(other):
     same, gap = 0, 0.0
     for a, b in zip(ref, other):
@@ -151,9 +157,9 @@ for prompt in "你是谁？" "What is HiveMind?" "Name three colours."; do
         "$(llama_answer -m "$model" -- "$prompt")"
     compare info "$prompt" lora "$q_lora_h" "$(llama_answer -m "$model" --lora lora.gguf -- "$prompt")"
     compare info "$prompt" merged "$q_lora_h" "$(llama_answer -m merged.gguf -- "$prompt")"
-    forced "$prompt" base "$model" -- | tee -a "$forced_log"
-    forced "$prompt" lora "$model" lora.gguf -- adapter | tee -a "$forced_log"
-    forced "$prompt" merged merged.gguf -- adapter | tee -a "$forced_log"
+    forced "$prompt" base "$model" -- | tee -a "$forced_log" || fail=1
+    forced "$prompt" lora "$model" lora.gguf -- adapter | tee -a "$forced_log" || fail=1
+    forced "$prompt" merged merged.gguf -- adapter | tee -a "$forced_log" || fail=1
 done
 # HiveMind must agree with llama.cpp at least as often as llama.cpp's other attention path does.
 python3 - "$forced_log" <<'PY' || fail=1

@@ -54,6 +54,10 @@ int main(int argc, char ** argv) {
         cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     }
     llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "cannot create a context for %s\n", argv[1]);
+        return 1;
+    }
     if (argc > 4) {
         llama_adapter_lora * lora = llama_adapter_lora_init(model, argv[4]);
         if (!lora) {

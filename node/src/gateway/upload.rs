@@ -361,13 +361,15 @@ pub(super) async fn upload(
         ));
     };
     check_user_id(&user_id).map_err(|e| ApiError::bad(e.to_string()))?;
-    gw.allow_user_upload(&user_id)?;
     if authed.as_ref().is_some_and(|u| *u != user_id) {
         return Err(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
             format!("this token does not belong to user_id {user_id:?}"),
         ));
     }
+    // Counted only once the user is who the token says (on a closed gateway): one token holder
+    // naming another user cannot use up that user's uploads.
+    gw.allow_user_upload(&user_id)?;
     if form.base_model.len() > 256 {
         return Err(ApiError::bad("base_model is longer than 256 bytes"));
     }
