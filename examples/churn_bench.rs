@@ -14,8 +14,8 @@
 //!
 //! Times come from the nodes' own clocks (status.json), so the harness's polling does not
 //! blur them. There is no baseline to divide by: the numbers to compare are the round
-//! window (`--round-secs`) and the grace period (a third of it), which bound close-to-commit
-//! from below.
+//! window (`--round-secs`) and the grace period (`grace_ms` in the report, a third of the
+//! window), which bounds close-to-commit from below.
 
 use std::path::PathBuf;
 

@@ -156,6 +156,9 @@ pub struct ChurnReport {
     pub gossip_missed: usize,
     /// Over the rounds: earliest window close to the last expected commit.
     pub close_to_commit_ms: Percentiles,
+    /// The grace period the nodes ran with (inputs stable this long before a commit): the
+    /// lower bound of `close_to_commit_ms`.
+    pub grace_ms: u64,
     /// Resident memory per node at the end, mean, MiB.
     pub rss_mib_mean: f64,
     /// Largest resident memory of any node at any round's end, MiB.
@@ -582,6 +585,7 @@ impl Run<'_> {
                     .filter_map(|r| r.close_to_commit_ms)
                     .collect(),
             ),
+            grace_ms: crate::node::round_config(self.plan.round_secs, None).grace_ms,
             rounds: std::mem::take(&mut self.rounds),
             gossip_ms: Percentiles::of(std::mem::take(&mut self.gossip)),
             gossip_to_all_ms: Percentiles::of(std::mem::take(&mut self.gossip_to_all)),
