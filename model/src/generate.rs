@@ -68,28 +68,26 @@ impl Sampler {
     /// The next token given `logits` and the tokens so far.
     pub fn sample(&mut self, mut logits: Vec<f32>, history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.repeat_penalty != 1.0 {
+        let frequency = p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+        if p.repeat_penalty != 1.0 || frequency {
+            // One pass over the window's tokens, each with how often it occurs, as llama.cpp's
+            // penalties sampler does: the repeat penalty scales a seen token's logit, then the
+            // frequency and presence penalties subtract from it.
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen: Vec<u32> = history[start..].to_vec();
             seen.sort_unstable();
-            seen.dedup();
-            for id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
+            for run in seen.chunk_by(|a, b| a == b) {
+                let Some(l) = logits.get_mut(run[0] as usize) else {
+                    continue;
+                };
+                if p.repeat_penalty != 1.0 {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
                     } else {
                         *l * p.repeat_penalty
                     };
                 }
-            }
-        }
-        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
-            // As llama.cpp's penalties sampler: over the same window as the repeat penalty.
-            let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen: Vec<u32> = history[start..].to_vec();
-            seen.sort_unstable();
-            for run in seen.chunk_by(|a, b| a == b) {
-                if let Some(l) = logits.get_mut(run[0] as usize) {
+                if frequency {
                     *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
@@ -400,9 +398,18 @@ mod tests {
     use super::*;
 
     fn greedy(frequency_penalty: f32, presence_penalty: f32, window: usize) -> u32 {
+        greedy_with_repeat(1.0, frequency_penalty, presence_penalty, window)
+    }
+
+    fn greedy_with_repeat(
+        repeat_penalty: f32,
+        frequency_penalty: f32,
+        presence_penalty: f32,
+        window: usize,
+    ) -> u32 {
         let mut s = Sampler::new(SamplingParams {
             temperature: 0.0,
-            repeat_penalty: 1.0,
+            repeat_penalty,
             repeat_last_n: window,
             frequency_penalty,
             presence_penalty,
@@ -430,6 +437,17 @@ mod tests {
             greedy(-1.0, 0.0, 64),
             0,
             "a negative penalty favours seen tokens"
+        );
+        // Both: token 0 is scaled by the repeat penalty, then penalised per occurrence.
+        assert_eq!(
+            greedy_with_repeat(1.25, 0.0, 0.0, 64),
+            0,
+            "3.0 / 1.25 = 2.4"
+        );
+        assert_eq!(
+            greedy_with_repeat(1.25, 0.25, 0.0, 64),
+            2,
+            "2.4 - 0.5 = 1.9 under 2.0"
         );
     }
 }

@@ -221,17 +221,15 @@ impl ChatRequest {
         };
         let tools = "tools and function calling are not supported: this node's models are not \
                      trained for them";
-        if set(&self.tools) {
-            return Some(("tools", tools));
-        }
-        if set(&self.tool_choice) {
-            return Some(("tool_choice", tools));
-        }
-        if set(&self.functions) {
-            return Some(("functions", tools));
-        }
-        if set(&self.function_call) {
-            return Some(("function_call", tools));
+        for (param, value) in [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+        ] {
+            if set(value) {
+                return Some((param, tools));
+            }
         }
         if self.logprobs == Some(true) {
             return Some(("logprobs", "logprobs are not supported"));
