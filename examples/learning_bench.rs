@@ -12,7 +12,9 @@
 //! Rules (`--rules`, comma-separated): `fedavg` (average A, average B: today's network rule),
 //! `exact` (the exact mean of the updates), `exact-svd` (that, truncated to the users' rank),
 //! `iso:S` (Iso-C style, flattened spectrum of the sum, times S), `tsv:S` (TSV-Merge style,
-//! decorrelated singular vectors, times S). Over several rounds, a `fedavg` round adapter is
+//! decorrelated singular vectors, times S), `geomedian` (the geometric median of the updates).
+//! Every rule but `fedavg` bounds its inputs as networks do (`Bounds::ROBUST`); each rule's
+//! `merge.left_out` counts the (module, user) pairs the distance bound left out. Over several rounds, a `fedavg` round adapter is
 //! every user's starting point (FedIT); for the others the round adapter is frozen under the
 //! users' training and each round adds the merge of their updates to it.
 //!
@@ -28,7 +30,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::aggregate::{
-    stack, AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
+    stack, AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IsoMerge, TsvMerge,
+    WeightedAdapter,
 };
 use hivemind_model::config::Arch;
 use hivemind_model::dataset::{self, Conversation, Example};
@@ -81,7 +84,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fedavg,exact,exact-svd,iso:1,iso:0.5,tsv:0.5,tsv:1"
+        default_value = "fedavg,exact,exact-svd,iso:1,iso:1.5,iso:0.5,tsv:0.5,tsv:1,geomedian"
     )]
     rules: Vec<String>,
     /// Base-model answers replayed per training step (`hive-node train --replay`); several
@@ -339,7 +342,14 @@ fn rule_named(spec: &str, args: &Args) -> Result<(String, Box<dyn AggregationRul
             bounds: Bounds::ROBUST,
             scale,
         }),
-        _ => anyhow::bail!("unknown rule {spec:?} (fedavg, exact, exact-svd, iso:S, tsv:S)"),
+        "geomedian" => Box::new(GeoMedian {
+            max_samples_per_input: cap_samples,
+            rank_cap: cap,
+            bounds: Bounds::ROBUST,
+        }),
+        _ => anyhow::bail!(
+            "unknown rule {spec:?} (fedavg, exact, exact-svd, iso:S, tsv:S, geomedian)"
+        ),
     };
     Ok((spec.to_string(), rule))
 }
@@ -523,16 +533,32 @@ fn main() -> Result<()> {
         let merge_s = t0.elapsed().as_secs_f64();
         let r = bench.eval(name, Some(&round))?;
         // Each user with the round adapter and their own personal adapter applied together,
-        // on their own facts.
+        // on their own facts; and with the merge of the others' adapters instead of the round
+        // adapter (the round without their own share, which the personal adapter holds whole).
         let mut with_personal = Vec::new();
+        let mut others_personal = Vec::new();
         let mut user0_all = None;
+        let mut user0_others_all = None;
         for (u, a) in users.iter().enumerate() {
             let both = stack(&[&round, a])?;
             let what = format!("{name} + user {u}'s own adapter, on user {u}'s facts");
             with_personal.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
+            let others: Vec<LoraAdapter> = users
+                .iter()
+                .enumerate()
+                .filter(|&(v, _)| v != u)
+                .map(|(_, x)| x.clone())
+                .collect();
+            let without = rule.aggregate(&weighted(&others, args.facts_per_user)?)?;
+            let mine = stack(&[&without, a])?;
+            let what = format!("{name} of the others + user {u}'s own, on user {u}'s facts");
+            others_personal.push(bench.eval_on(&what, Some(&mine), Some(u))?.exact_match);
             if u == 0 {
                 let all = bench.eval(&format!("{name} + user 0's own adapter"), Some(&both))?;
                 user0_all = Some(bench.summary(&all));
+                let all =
+                    bench.eval(&format!("{name} of the others + user 0's own"), Some(&mine))?;
+                user0_others_all = Some(bench.summary(&all));
             }
         }
         rule_out.push(json!({
@@ -546,6 +572,8 @@ fn main() -> Result<()> {
             "ratio_to_local_mean": r.exact_match / local_mean.max(1e-9),
             "round_plus_personal_own_shard": with_personal,
             "round_plus_personal_user0_all_facts": user0_all,
+            "others_plus_personal_own_shard": others_personal,
+            "others_plus_personal_user0_all_facts": user0_others_all,
         }));
     }
 

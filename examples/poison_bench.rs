@@ -23,7 +23,7 @@
 use anyhow::Result;
 use hivemind_model::adapter::{AdapterShape, LoraAdapter, LoraSide};
 use hivemind_model::aggregate::{
-    AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, WeightedAdapter,
+    AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IsoMerge, WeightedAdapter,
 };
 use hivemind_model::config::Arch;
 use hivemind_model::testing::{random_adapter, TinyModel};
@@ -246,6 +246,26 @@ fn main() -> Result<()> {
                 max_samples_per_input: FedAvg::DEFAULT_MAX_SAMPLES_PER_INPUT,
                 rank_cap: 64,
                 bounds: Bounds::ROBUST,
+            }),
+        ),
+        (
+            "geomedian (bounded)",
+            Box::new(GeoMedian {
+                max_samples_per_input: FedAvg::DEFAULT_MAX_SAMPLES_PER_INPUT,
+                rank_cap: 64,
+                bounds: Bounds::ROBUST,
+            }),
+        ),
+        (
+            "iso, norm and weight bounds only",
+            Box::new(IsoMerge {
+                max_samples_per_input: FedAvg::DEFAULT_MAX_SAMPLES_PER_INPUT,
+                rank_cap: 64,
+                bounds: Bounds {
+                    distance_over_median: f64::INFINITY,
+                    ..Bounds::ROBUST
+                },
+                scale: 1.5,
             }),
         ),
     ];

@@ -1,14 +1,16 @@
-//! The update-merging rules (exact mean, Iso, TSV) against dense `f64` references built from
-//! the users' `ΔW_k = s·B_k·A_k`: the exact mean is the mean, a rank cap keeps the best
-//! low-rank part and says how much, Iso flattens the spectrum of the sum, TSV of updates that
-//! are already orthogonal is their scaled sum; and every rule gives the same bytes for the
-//! same inputs in any order.
+//! The update-merging rules (exact mean, Iso, TSV, geometric median) against dense `f64`
+//! references built from the users' `ΔW_k = s·B_k·A_k`: the exact mean is the mean, a rank cap
+//! keeps the best low-rank part and says how much, Iso flattens the spectrum of the sum, TSV of
+//! updates that are already orthogonal is their scaled sum, the geometric median is the one a
+//! plain Weiszfeld iteration finds on the dense updates; every rule gives the same bytes for
+//! the same inputs in any order; bounds keep one input from owning a merge, and the geometric
+//! median keeps a colluding minority from choosing its direction.
 
 use std::collections::BTreeMap;
 
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
 use hivemind_model::aggregate::{
-    AggregationRule, Bounds, ExactMean, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
+    AggregationRule, Bounds, ExactMean, GeoMedian, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
 };
 use rand::{Rng, SeedableRng};
 
@@ -391,6 +393,11 @@ fn rules(exact_cap: usize, bounds: Bounds) -> Vec<Box<dyn AggregationRule>> {
             bounds,
             scale: 0.5,
         }),
+        Box::new(GeoMedian {
+            max_samples_per_input: 1000,
+            rank_cap: 64,
+            bounds,
+        }),
     ]
 }
 
@@ -503,6 +510,8 @@ fn bounds_keep_one_scaled_input_from_owning_the_merge() {
             "{}: the attacker moved the round {attacked} (one more honest input: {one_more})",
             bounded.id()
         );
+        // (Unbounded, the attacker's claimed samples are most of the weight: even the
+        // geometric median is its.)
         assert!(
             owned > 100.0,
             "{}: unbounded, the attack moved it only {owned}",
@@ -519,7 +528,242 @@ fn bounds_keep_one_scaled_input_from_owning_the_merge() {
     {
         let out = bounded.aggregate(&inputs);
         assert!(out.is_ok(), "{}: {:?}", bounded.id(), out.err());
-        // What halted every round before inputs were bounded: the merge overflows f32.
-        assert!(unbounded.aggregate(&inputs).is_err(), "{}", unbounded.id());
+        // What halted every round before inputs were bounded: the merge overflows f32; the
+        // geometric median, even unbounded, gives the outlier too little weight for that.
+        let unbounded_out = unbounded.aggregate(&inputs);
+        if unbounded.id() == GeoMedian::ID {
+            let reference = bounded.aggregate(&honest_inputs).expect("honest merge");
+            let moved = distance(&unbounded_out.expect("geometric median"), &reference);
+            assert!(moved < 1.0, "the 3e38 input moved the median {moved}");
+        } else {
+            assert!(unbounded_out.is_err(), "{}", unbounded.id());
+        }
+    }
+}
+
+/// The weighted geometric median of dense points by Weiszfeld's plain iteration (an
+/// independent computation: dense vectors, no Gram matrix, no smoothing unless a point is hit).
+fn dense_geometric_median(points: &[Vec<f64>], weights: &[f64]) -> Vec<f64> {
+    let total: f64 = weights.iter().sum();
+    let mut z = vec![0.0; points[0].len()];
+    for (p, w) in points.iter().zip(weights) {
+        for (x, y) in z.iter_mut().zip(p) {
+            *x += w / total * y;
+        }
+    }
+    for _ in 0..5000 {
+        let mut num = vec![0.0; z.len()];
+        let mut den = 0.0;
+        for (p, w) in points.iter().zip(weights) {
+            let d = p
+                .iter()
+                .zip(&z)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let c = w / d.max(1e-300);
+            den += c;
+            for (x, y) in num.iter_mut().zip(p) {
+                *x += c * y;
+            }
+        }
+        z = num.into_iter().map(|x| x / den).collect();
+    }
+    z
+}
+
+#[test]
+fn geomedian_is_the_geometric_median_of_the_updates() {
+    let inputs = vec![
+        weighted(random(61), 10),
+        weighted(random(62), 30),
+        weighted(random(63), 20),
+        weighted(honest(64), 20),
+        weighted(honest(65), 20),
+    ];
+    let rule = GeoMedian {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+        bounds: Bounds::NONE,
+    };
+    let merged = rule.aggregate(&inputs).expect("merge");
+    assert_eq!(merged.config.r, 5 * RANK);
+    let weights: Vec<f64> = inputs.iter().map(|w| w.samples as f64).collect();
+    for (p, out, inp) in paths() {
+        let points: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|w| delta(&w.adapter, &p, out, inp))
+            .collect();
+        let want = dense_geometric_median(&points, &weights);
+        assert_close(&delta(&merged, &p, out, inp), &want, &p);
+        // Not the mean: the test would pass for a rule that averaged.
+        let mut mean = vec![0.0; out * inp];
+        for (pt, w) in points.iter().zip(&weights) {
+            for (x, y) in mean.iter_mut().zip(pt) {
+                *x += w / 100.0 * y;
+            }
+        }
+        let off: f64 = mean.iter().zip(&want).map(|(x, y)| (x - y).powi(2)).sum();
+        assert!(
+            off.sqrt() > 1e-3 * frob2(&want).sqrt(),
+            "{p}: median = mean"
+        );
+    }
+}
+
+/// Three of ten inputs from colluders who send one update (three names) against the direction
+/// the honest inputs share (an honest-looking update with `B` negated, so of an honest norm):
+/// with the norm and weight bounds alone, the mean moves towards them by their whole share,
+/// far more than three more honest inputs would move it; with the distance bound too, they are left
+/// out and no rule moves further than three more honest inputs would. (Colluders who stay
+/// within the honest inputs' spread are kept, and then move a round as far as as many typical
+/// inputs pointing one way; `examples/poison_bench.rs` measures both.)
+#[test]
+fn a_colluding_minority_cannot_choose_the_direction() {
+    let honest_inputs: Vec<_> = (1..=7).map(|s| weighted(honest(s), 12)).collect();
+    let mut target = honest(99);
+    for (name, t) in &mut target.tensors {
+        if name.ends_with("lora_B.weight") {
+            t.data.iter_mut().for_each(|v| *v = -*v);
+        }
+    }
+    let mut with_attackers = honest_inputs.clone();
+    let mut with_honest = honest_inputs.clone();
+    for s in 0..3u64 {
+        // Equal updates under three names: one value nudged, so that each has its own hash
+        // (a merge refuses a hash given twice).
+        let mut a = target.clone();
+        if let Some(t) = a.tensors.values_mut().next() {
+            t.data[0] += s as f32 * 1e-6;
+        }
+        with_attackers.push(weighted(a, 12));
+        with_honest.push(weighted(honest(20 + s), 12));
+    }
+    let size_only = Bounds {
+        distance_over_median: f64::INFINITY,
+        ..Bounds::ROBUST
+    };
+    let moved = |rule: &dyn AggregationRule| {
+        let reference = rule.aggregate(&honest_inputs).expect("honest merge");
+        let attacked = rule.aggregate(&with_attackers).expect("merge");
+        (
+            distance(&attacked, &reference),
+            distance(&rule.aggregate(&with_honest).expect("merge"), &reference),
+            report(&attacked).left_out,
+        )
+    };
+    for (open, bounded) in rules(64, size_only).iter().zip(rules(64, Bounds::ROBUST)) {
+        let (open_attacked, open_honest, _) = moved(open.as_ref());
+        let (attacked, honest, left_out) = moved(bounded.as_ref());
+        eprintln!(
+            "{}: size bounds only: attacked {open_attacked:.3}, 3 more honest {open_honest:.3}; \
+             all bounds: attacked {attacked:.3}, 3 more honest {honest:.3}, left out {left_out}",
+            bounded.id()
+        );
+        if bounded.id() == ExactMean::ID {
+            // (Iso's flattened spectrum moves a lot with any input: its baseline is large.)
+            assert!(
+                open_attacked > 2.0 * open_honest,
+                "the attack should move the mean without the distance bound: {open_attacked} \
+                 vs {open_honest}"
+            );
+        }
+        assert!(
+            attacked <= honest,
+            "{}: the colluders moved the round {attacked} (3 more honest: {honest})",
+            bounded.id()
+        );
+        // Three inputs in each of the 6 modules.
+        assert_eq!(left_out, 3 * paths().len(), "{}", bounded.id());
+    }
+}
+
+/// Honest inputs with nothing in common (independent random updates, all about as far from
+/// each other) are all kept: the distance bound changes no byte of any rule's round.
+#[test]
+fn the_distance_bound_leaves_diverse_inputs_alone() {
+    let inputs: Vec<_> = (1..=6).map(|s| weighted(random(s + 70), 12)).collect();
+    let size_only = Bounds {
+        distance_over_median: f64::INFINITY,
+        ..Bounds::ROBUST
+    };
+    for (open, bounded) in rules(64, size_only).iter().zip(rules(64, Bounds::ROBUST)) {
+        let a = bounded.aggregate(&inputs).expect("merge");
+        let b = open.aggregate(&inputs).expect("merge");
+        assert_eq!(report(&a).left_out, 0, "{}", bounded.id());
+        assert_eq!(a.tensors, b.tensors, "{}", bounded.id());
+    }
+}
+
+/// `a` with `B` negated: the update `−ΔW`.
+fn flipped(mut a: LoraAdapter) -> LoraAdapter {
+    for (name, t) in &mut a.tensors {
+        if name.ends_with("lora_B.weight") {
+            t.data.iter_mut().for_each(|v| *v = -*v);
+        }
+    }
+    a
+}
+
+/// Five honest inputs of different weights and one sign-flipped: the flipped one is left out
+/// of every module, and the exact mean is the weighted mean of the other five's updates, each
+/// cut to the median norm of all six (as the norm bound cuts them before anything is left out).
+#[test]
+fn leaving_an_input_out_gives_the_mean_of_the_rest() {
+    let mut inputs: Vec<_> = (1..=5u64)
+        .map(|s| weighted(honest(s + 80), 8 + 2 * s))
+        .collect();
+    inputs.push(weighted(flipped(honest(89)), 14));
+    let rule = ExactMean {
+        max_samples_per_input: 1000,
+        rank_cap: 64,
+        bounds: Bounds {
+            weight_over_median: f64::INFINITY,
+            ..Bounds::ROBUST
+        },
+    };
+    let merged = rule.aggregate(&inputs).expect("merge");
+    assert_eq!(report(&merged).left_out, paths().len());
+    let total: f64 = inputs[..5].iter().map(|w| w.samples as f64).sum();
+    for (p, out, inp) in paths() {
+        let dense: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|w| delta(&w.adapter, &p, out, inp))
+            .collect();
+        let mut norms: Vec<f64> = dense.iter().map(|d| frob2(d).sqrt()).collect();
+        let unsorted = norms.clone();
+        norms.sort_by(f64::total_cmp);
+        let median = norms[(norms.len() - 1) / 2];
+        let mut want = vec![0.0; out * inp];
+        for ((d, w), n) in dense.iter().zip(&inputs).zip(&unsorted).take(5) {
+            let clip = (median / n).min(1.0);
+            for (x, y) in want.iter_mut().zip(d) {
+                *x += w.samples as f64 / total * clip * y;
+            }
+        }
+        assert_close(&delta(&merged, &p, out, inp), &want, &p);
+    }
+}
+
+/// Where the honest inputs nearly coincide (no spread to measure by), an update against them
+/// is still left out; and three inputs are never compared (of three, the two alike would make
+/// the third look far, honest or not).
+#[test]
+fn the_distance_bound_holds_when_the_others_agree_and_waits_for_four_inputs() {
+    let same = |nudge: u64| {
+        let mut a = honest(3);
+        if let Some(t) = a.tensors.values_mut().next() {
+            t.data[0] += nudge as f32 * 1e-7;
+        }
+        weighted(a, 12)
+    };
+    let mut inputs: Vec<_> = (0..4).map(same).collect();
+    inputs.push(weighted(flipped(honest(3)), 12));
+    let three = vec![same(0), same(1), weighted(flipped(honest(3)), 12)];
+    for rule in rules(64, Bounds::ROBUST) {
+        let merged = rule.aggregate(&inputs).expect("merge");
+        assert_eq!(report(&merged).left_out, paths().len(), "{}", rule.id());
+        let merged = rule.aggregate(&three).expect("merge");
+        assert_eq!(report(&merged).left_out, 0, "{}", rule.id());
     }
 }

@@ -119,12 +119,17 @@ impl RuleId {
     pub const ISO: RuleId = RuleId(3);
     /// TSV-Merge style merge of the users' updates (decorrelated), added to the parent.
     pub const TSV: RuleId = RuleId(4);
+    /// Geometric median of the users' updates (RFA), added to the parent.
+    pub const GEOMEDIAN: RuleId = RuleId(5);
 
     /// Whether a round's result is its parent's result plus the merge of the round's inputs
     /// (the inputs are updates trained on top of the parent): computing or verifying it
     /// needs the parent round adapter's bytes, not only the inputs'.
     pub fn builds_on_parent(self) -> bool {
-        matches!(self, RuleId::EXACT_MEAN | RuleId::ISO | RuleId::TSV)
+        matches!(
+            self,
+            RuleId::EXACT_MEAN | RuleId::ISO | RuleId::TSV | RuleId::GEOMEDIAN
+        )
     }
 }
 

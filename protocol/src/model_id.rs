@@ -79,12 +79,14 @@ impl ModelId {
 
     /// The id of the network that aggregates with `rule`: two networks that differ only in
     /// their rule are different networks (their round adapters mean different things). FedAvg
-    /// networks keep the id [`ModelId::derive`] gives, as before rules were a choice.
+    /// networks keep the id [`ModelId::derive`] gives, as before rules were a choice. (v2 of
+    /// the key: the update-merging rules gained a bound that changes their results, so nodes
+    /// from before it, which would commit other bytes, are another network.)
     pub fn with_rule(self, rule: crate::RuleId) -> ModelId {
         if rule == crate::RuleId::FEDAVG {
             return self;
         }
-        let mut h = blake3::Hasher::new_derive_key("hivemind 2026 model id with rule v1");
+        let mut h = blake3::Hasher::new_derive_key("hivemind 2026 model id with rule v2");
         h.update(self.0.as_bytes());
         h.update(&rule.0.to_le_bytes());
         ModelId(Hash::from(h.finalize()))

@@ -1,6 +1,7 @@
 //! Rules that merge the users' updates `ΔW_k = s·B_k·A_k` themselves, not their factors: the
-//! exact weighted mean ([`ExactMean`]) and two spectrum-aware merges from the model-merging
-//! literature ([`IsoMerge`], Iso-C style; [`TsvMerge`], TSV-Merge style).
+//! exact weighted mean ([`ExactMean`]), its robust counterpart the geometric median
+//! ([`GeoMedian`]), and two spectrum-aware merges from the model-merging literature
+//! ([`IsoMerge`], Iso-C style; [`TsvMerge`], TSV-Merge style).
 //!
 //! None forms a dense `out × in` matrix. A sum of low-rank updates is `B·A` with the factors
 //! stacked (`B = [c_1·B_1 | … | c_K·B_K]`, `A = [A_1; …; A_K]`, rank at most `K·r`); its SVD
@@ -17,7 +18,10 @@
 use std::collections::BTreeMap;
 
 use super::linalg::{qr, svd, Mat};
-use super::{canonical_inputs, finite, tensor, AggregationRule, Bounds, FedAvg, WeightedAdapter};
+use super::{
+    canonical_inputs, finite, lower_median, tensor, AggregationRule, Bounds, FedAvg,
+    WeightedAdapter,
+};
 use crate::adapter::{AdapterError, LoraAdapter, LoraTensor};
 
 const A_SUFFIX: &str = ".lora_A.weight";
@@ -37,7 +41,7 @@ pub struct ExactMean {
 
 impl ExactMean {
     /// The rule's identifier.
-    pub const ID: &'static str = "exact-mean-v2";
+    pub const ID: &'static str = "exact-mean-v3";
 }
 
 /// Iso-C style: the sample-weighted sum of the updates (scaled so equal weights give the plain
@@ -57,7 +61,7 @@ pub struct IsoMerge {
 
 impl IsoMerge {
     /// The rule's identifier.
-    pub const ID: &'static str = "iso-v2";
+    pub const ID: &'static str = "iso-v3";
 }
 
 /// TSV-Merge style: each user's update by its own SVD, its singular directions decorrelated
@@ -78,7 +82,39 @@ pub struct TsvMerge {
 
 impl TsvMerge {
     /// The rule's identifier.
-    pub const ID: &'static str = "tsv-v2";
+    pub const ID: &'static str = "tsv-v3";
+}
+
+/// The geometric median of the users' updates, module by module: the `ΔW` that minimises
+/// `Σ p_k·‖ΔW − ΔW_k‖_F` (RFA: Pillutla, Kakade and Harchaoui, "Robust Aggregation for
+/// Federated Learning", 2022), by Weiszfeld's iteration on the inputs' Gram matrix (inner
+/// products from the factors, never a dense matrix), so the result is a weighted mean
+/// `Σ β_k·ΔW_k` of the inputs with weights that fall with an input's distance from the rest.
+///
+/// Where [`Bounds`] limit how far one input can move a round, this also limits where: while
+/// the inputs of less than half the weight are malicious, the median stays within a bounded
+/// distance of the honest inputs' whatever the others send, and inputs that agree outweigh
+/// one that points elsewhere. With no attacker it is close to the mean (equal to it for two
+/// inputs of equal weight, or inputs symmetric about it), so it learns like [`ExactMean`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GeoMedian {
+    /// Most samples one input is credited with.
+    pub max_samples_per_input: u64,
+    /// Rank of the result.
+    pub rank_cap: usize,
+    /// How far one input can move the result (applied before the median).
+    pub bounds: Bounds,
+}
+
+impl GeoMedian {
+    /// The rule's identifier.
+    pub const ID: &'static str = "geomedian-v1";
+    /// Weiszfeld steps at most (it stops earlier once the median moves less than the smoothing
+    /// scale).
+    const MAX_STEPS: usize = 200;
+    /// Distances below this fraction of the median input's norm count as that much (RFA's
+    /// smoothing: the iteration never divides by zero when the median reaches an input).
+    const SMOOTHING: f64 = 1e-6;
 }
 
 /// What a merge kept, as recorded in the result's config (`extra.hivemind_merge`).
@@ -89,6 +125,10 @@ pub struct MergeReport {
     /// Squared singular values kept over all of them, summed over every module (1 when the
     /// cap cut nothing).
     pub kept_energy: f64,
+    /// (module, input) pairs left out for lying too far from the other inputs
+    /// ([`Bounds::distance_over_median`]).
+    #[serde(default)]
+    pub left_out: usize,
 }
 
 /// One module of one input: `B` (`out × r`, already times the input's coefficient) and `A`
@@ -99,13 +139,115 @@ struct Factors {
 }
 
 impl Factors {
-    /// `‖B·A‖_F` from the factors: `‖B·A‖² = Σ_ij (BᵀB)_ij·(A·Aᵀ)_ij`, never forming `B·A`.
-    fn norm(&self) -> f64 {
-        let gb = self.b.transpose().matmul(&self.b);
-        let ga = self.a.matmul(&self.a.transpose());
-        let sq: f64 = gb.data.iter().zip(&ga.data).map(|(x, y)| x * y).sum();
-        sq.max(0.0).sqrt()
+    /// The Frobenius inner product `⟨B·A, B'·A'⟩ = Σ_ij (BᵀB')_ij·(A·A'ᵀ)_ij` from the
+    /// factors, never forming `B·A`.
+    fn inner(&self, other: &Factors) -> f64 {
+        let gb = self.b.transpose().matmul(&other.b);
+        let ga = self.a.matmul(&other.a.transpose());
+        gb.data.iter().zip(&ga.data).map(|(x, y)| x * y).sum()
     }
+}
+
+/// The Gram matrix `⟨ΔW_i, ΔW_j⟩` of the updates in `factors` (only its diagonal, the squared
+/// norms, unless `full`).
+fn gram(factors: &[Factors], full: bool) -> Mat {
+    let k = factors.len();
+    let mut g = Mat::zeros(k, k);
+    for i in 0..k {
+        for j in i..k {
+            if i == j || full {
+                let v = factors[i].inner(&factors[j]);
+                g.set(i, j, v);
+                g.set(j, i, v);
+            }
+        }
+    }
+    g
+}
+
+/// Which inputs are typical: an input's typical distance is its median distance to the other
+/// inputs (`raw`: the updates' Gram matrix before `clips`), and inputs whose typical distance
+/// is more than `multiple` times the median input's are not. While fewer than half the inputs
+/// collude, an input's median distance to the others is a distance to an honest input, so a
+/// group sending one update (distance 0 to each other) gains nothing by it, and honest inputs
+/// with nothing in common, all about as far from each other, are all typical. The spread is
+/// never taken below 1e-3 of the median norm (most inputs may coincide), and `multiple` never
+/// below 1 (the median input is always kept).
+fn typical(raw: &Mat, clips: &[f64], multiple: f64) -> Vec<bool> {
+    let k = clips.len();
+    let at = |i: usize, j: usize| raw.at(i, j) * clips[i] * clips[j];
+    let scores: Vec<f64> = (0..k)
+        .map(|i| {
+            let others: Vec<f64> = (0..k)
+                .filter(|&j| j != i)
+                .map(|j| (at(i, i) + at(j, j) - 2.0 * at(i, j)).max(0.0).sqrt())
+                .collect();
+            lower_median(&others)
+        })
+        .collect();
+    let norms: Vec<f64> = (0..k).map(|i| at(i, i).max(0.0).sqrt()).collect();
+    // Where most inputs nearly coincide, the spread is measured from a floor, not from zero.
+    let spread = lower_median(&scores).max(lower_median(&norms) * 1e-3);
+    let limit = spread * multiple.max(1.0);
+    scores.iter().map(|&x| x <= limit).collect()
+}
+
+/// The distance of each point from `z = Σ β_k·x_k`, points known by their Gram matrix `g`:
+/// `‖z − x_i‖² = βᵀgβ − 2(gβ)_i + g_ii`.
+fn distances(g: &Mat, beta: &[f64]) -> Vec<f64> {
+    let k = beta.len();
+    let gb: Vec<f64> = (0..k)
+        .map(|i| (0..k).map(|j| g.at(i, j) * beta[j]).sum())
+        .collect();
+    let q: f64 = beta.iter().zip(&gb).map(|(b, x)| b * x).sum();
+    (0..k)
+        .map(|i| (q - 2.0 * gb[i] + g.at(i, i)).max(0.0).sqrt())
+        .collect()
+}
+
+/// The weights `β` (summing to 1) of the `alpha`-weighted geometric median `Σ β_k·x_k` of
+/// points known by their Gram matrix `g` (`g_ij = ⟨x_i, x_j⟩`): Weiszfeld's iteration
+/// `β_k ∝ alpha_k / max(‖z − x_k‖, ν)` from the weighted mean, with `‖z − x_k‖² = βᵀgβ −
+/// 2(gβ)_k + g_kk`. A fixed sequence of operations, so every node gets the same bits.
+fn weiszfeld(g: &Mat, alpha: &[f64]) -> Vec<f64> {
+    let k = alpha.len();
+    let total: f64 = alpha.iter().sum();
+    if k == 0 || total <= 0.0 || total.is_nan() {
+        return vec![1.0 / k.max(1) as f64; k];
+    }
+    let mut beta: Vec<f64> = alpha.iter().map(|a| a / total).collect();
+    // The smoothing scale: the median input's norm (the largest's would let one huge input
+    // blur every distance into the mean), or the largest where most inputs are zero.
+    let norms: Vec<f64> = (0..k).map(|i| g.at(i, i).max(0.0).sqrt()).collect();
+    let scale = match lower_median(&norms) {
+        m if m > 0.0 => m,
+        _ => norms.iter().copied().fold(0.0, f64::max),
+    };
+    if scale == 0.0 || !scale.is_finite() {
+        return beta;
+    }
+    let nu = scale * GeoMedian::SMOOTHING;
+    for _ in 0..GeoMedian::MAX_STEPS {
+        let mut next: Vec<f64> = distances(g, &beta)
+            .iter()
+            .zip(alpha)
+            .map(|(d, a)| a / d.max(nu))
+            .collect();
+        let sum: f64 = next.iter().sum();
+        next.iter_mut().for_each(|x| *x /= sum);
+        // How far the median moved, `‖Σ δ_k·x_k‖` with `δ = next − β`: done once it is below
+        // the smoothing scale (a test on the weights alone would stop with an outlier's tiny
+        // weight still times its huge norm).
+        let delta: Vec<f64> = next.iter().zip(&beta).map(|(x, y)| x - y).collect();
+        let moved: f64 = (0..k)
+            .map(|i| delta[i] * (0..k).map(|j| g.at(i, j) * delta[j]).sum::<f64>())
+            .sum();
+        beta = next;
+        if moved.max(0.0).sqrt() <= nu {
+            break;
+        }
+    }
+    beta
 }
 
 /// A merged module as its SVD: `U` (`out × k`), `σ`, `V` (`in × k`).
@@ -165,16 +307,26 @@ fn orthonormalize(m: &Mat) -> Mat {
     p.matmul(&q.transpose())
 }
 
-/// The merge rules' common frame: canonical inputs, each input's coefficient, every module's
-/// factors merged by `merge` into an SVD, written back as a rank-`cap` adapter.
+/// How the merge rules' common frame weighs inputs.
+#[derive(Clone, Copy)]
+enum Weighing {
+    /// Each input's factors are scaled by its share of `f(K)` (1 for a mean, `K` for a sum).
+    Scaled(fn(usize) -> f64),
+    /// The factors stay the updates themselves; `merge` gets the shares.
+    Passed,
+}
+
+/// The merge rules' common frame: canonical inputs, each input's share of the weight, every
+/// module's factors (bounded, weighed as `weighing` says) merged by `merge` into an SVD,
+/// written back as a rank-`cap` adapter.
 fn merge_adapters(
     inputs: &[WeightedAdapter],
     rule: &'static str,
     max_samples_per_input: u64,
     rank_cap: usize,
     bounds: Bounds,
-    coef_total: impl Fn(usize) -> f64,
-    merge: impl Fn(&[Factors]) -> Spectral,
+    weighing: Weighing,
+    merge: impl Fn(&[Factors], &[f64]) -> Spectral,
 ) -> Result<LoraAdapter, AdapterError> {
     let ordered = canonical_inputs(inputs)?;
     let reference = ordered[0];
@@ -186,17 +338,24 @@ fn merge_adapters(
     let weights = Bounds::cut(&claimed, bounds.weight_over_median);
     let total: f64 = weights.iter().sum();
     let scaling = reference.adapter.config.scaling();
-    // Coefficient of input k: its share of `coef_total(K)` (1 for a mean, K for a sum) times
-    // the LoRA scaling.
-    let share = coef_total(ordered.len());
-    let coefs: Vec<f64> = weights
-        .iter()
-        .map(|w| w / total * share * scaling)
-        .collect();
+    let shares: Vec<f64> = weights.iter().map(|w| w / total).collect();
+    // Coefficient of input k: its share of `f(K)` (1 for a mean, K for a sum) times the LoRA
+    // scaling; or the scaling alone.
+    let coefs: Vec<f64> = match weighing {
+        Weighing::Scaled(f) => {
+            let share = f(ordered.len());
+            weights
+                .iter()
+                .map(|w| w / total * share * scaling)
+                .collect()
+        }
+        Weighing::Passed => vec![scaling; ordered.len()],
+    };
     let rank = rank_cap
         .min(ordered.len().saturating_mul(reference.adapter.config.r))
         .max(1);
     let (mut kept, mut all) = (0.0f64, 0.0f64);
+    let mut left_out = 0usize;
     let mut tensors = BTreeMap::new();
     for name in reference.adapter.tensors.keys() {
         let Some(path) = name.strip_suffix(A_SUFFIX) else {
@@ -210,18 +369,48 @@ fn merge_adapters(
                 b: to_mat(tensor(reference, input, &b_name)?, 1.0),
             });
         }
-        // Each update's norm, cut to the bound; then its coefficient.
-        let norms: Vec<f64> = factors.iter().map(Factors::norm).collect();
+        // Each update's norm, cut to the bound.
+        let k = factors.len();
+        let trimming = bounds.distance_over_median.is_finite() && k >= Bounds::MIN_TO_COMPARE;
+        let raw = gram(&factors, trimming);
+        let norms: Vec<f64> = (0..k).map(|i| raw.at(i, i).max(0.0).sqrt()).collect();
         let bounded = Bounds::cut(&norms, bounds.norm_over_median);
-        for ((f, &c), (&n, &m)) in factors
-            .iter_mut()
-            .zip(&coefs)
-            .zip(norms.iter().zip(&bounded))
-        {
-            let clip = if n > m { m / n } else { 1.0 };
+        let clips: Vec<f64> = norms
+            .iter()
+            .zip(&bounded)
+            .map(|(&n, &m)| if n > m { m / n } else { 1.0 })
+            .collect();
+        // Inputs far from the others are left out of this module.
+        let keep = if trimming {
+            typical(&raw, &clips, bounds.distance_over_median)
+        } else {
+            vec![true; k]
+        };
+        let dropped = keep.iter().filter(|&&x| !x).count();
+        left_out += dropped;
+        // The kept inputs' coefficients, as if the others had not come.
+        let renorm = match weighing {
+            Weighing::Scaled(f) if dropped > 0 => {
+                let kept_share: f64 = (0..k).filter(|&i| keep[i]).map(|i| shares[i]).sum();
+                Some(f(k - dropped) / f(k) / kept_share)
+            }
+            _ => None,
+        };
+        let mut kept_factors = Vec::with_capacity(k - dropped);
+        let mut kept_shares = Vec::with_capacity(k - dropped);
+        for (i, mut f) in factors.into_iter().enumerate() {
+            if !keep[i] {
+                continue;
+            }
+            let (c, clip) = (coefs[i], clips[i]);
             f.b.data.iter_mut().for_each(|x| *x *= c * clip);
+            if let Some(r) = renorm {
+                f.b.data.iter_mut().for_each(|x| *x *= r);
+            }
+            kept_factors.push(f);
+            kept_shares.push(shares[i]);
         }
-        let m = merge(&factors);
+        let m = merge(&kept_factors, &kept_shares);
         all += m.s.iter().map(|x| x * x).sum::<f64>();
         kept += m.s.iter().take(rank).map(|x| x * x).sum::<f64>();
         let (out, inp) = (m.u.rows, m.v.rows);
@@ -257,10 +446,16 @@ fn merge_adapters(
     let report = MergeReport {
         rank,
         kept_energy: if all > 0.0 { kept / all } else { 1.0 },
+        left_out,
     };
     config.extra.insert(
         "hivemind_merge".into(),
-        serde_json::json!({ "rule": rule, "rank": report.rank, "kept_energy": report.kept_energy }),
+        serde_json::json!({
+            "rule": rule,
+            "rank": report.rank,
+            "kept_energy": report.kept_energy,
+            "left_out": report.left_out,
+        }),
     );
     LoraAdapter::new(config, tensors)
 }
@@ -277,8 +472,41 @@ impl AggregationRule for ExactMean {
             self.max_samples_per_input,
             self.rank_cap,
             self.bounds,
-            |_| 1.0,
-            sum_svd,
+            Weighing::Scaled(|_| 1.0),
+            |factors, _| sum_svd(factors),
+        )
+    }
+}
+
+impl AggregationRule for GeoMedian {
+    fn id(&self) -> &'static str {
+        Self::ID
+    }
+
+    fn aggregate(&self, inputs: &[WeightedAdapter]) -> Result<LoraAdapter, AdapterError> {
+        merge_adapters(
+            inputs,
+            Self::ID,
+            self.max_samples_per_input,
+            self.rank_cap,
+            self.bounds,
+            Weighing::Passed,
+            |factors, shares| {
+                let beta = weiszfeld(&gram(factors, true), shares);
+                let weighed: Vec<Factors> = factors
+                    .iter()
+                    .zip(&beta)
+                    .map(|(f, &w)| Factors {
+                        a: f.a.clone(),
+                        b: Mat {
+                            rows: f.b.rows,
+                            cols: f.b.cols,
+                            data: f.b.data.iter().map(|x| x * w).collect(),
+                        },
+                    })
+                    .collect();
+                sum_svd(&weighed)
+            },
         )
     }
 }
@@ -296,8 +524,8 @@ impl AggregationRule for IsoMerge {
             self.max_samples_per_input,
             self.rank_cap,
             self.bounds,
-            |k| k as f64,
-            |factors| {
+            Weighing::Scaled(|k| k as f64),
+            |factors, _| {
                 let mut m = sum_svd(factors);
                 // Only directions the update has: zero singular values stay zero.
                 let top = m.s.first().copied().unwrap_or(0.0);
@@ -327,8 +555,8 @@ impl AggregationRule for TsvMerge {
             self.max_samples_per_input,
             self.rank_cap,
             self.bounds,
-            |k| k as f64,
-            |factors| {
+            Weighing::Scaled(|k| k as f64),
+            |factors, _| {
                 let parts: Vec<Spectral> =
                     factors.iter().map(|f| lowrank_svd(&f.b, &f.a)).collect();
                 let u = orthonormalize(&hstack(

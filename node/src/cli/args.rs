@@ -159,8 +159,9 @@ pub struct NodeArgs {
     pub target_modules: Vec<String>,
     /// How rounds merge adapters: `fedavg` (average A and B; users continue from the round
     /// adapter), or a rule that adds the merge of the users' updates to the round adapter
-    /// (`exact-mean`, `iso`, `tsv`; users train updates on top of it). Part of the network's
-    /// identity.
+    /// (`exact-mean`, `iso`, `tsv`, `geomedian`; users train updates on top of it). `iso`
+    /// learns the most; `geomedian` (the geometric median of the updates) also keeps a
+    /// colluding minority from choosing where the round moves. Part of the network's identity.
     #[arg(long, default_value = "iso")]
     pub rule: NetRule,
     /// Differential privacy (opt-in, part of the network's identity): every contributor's

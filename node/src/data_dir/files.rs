@@ -16,7 +16,7 @@ pub struct RoundView {
     pub hash: String,
     /// Input adapter hashes, hex, sorted.
     pub contributors: Vec<String>,
-    /// The aggregation rule that made it (its metadata name, e.g. `fedavg-v2`, `iso-v2`);
+    /// The aggregation rule that made it (its metadata name, e.g. `fedavg-v2`, `iso-v3`);
     /// empty in status files written before it was recorded.
     #[serde(default)]
     pub rule: String,

@@ -216,14 +216,15 @@ pub fn round_metadata(job: &hivemind_protocol::AggregationJob) -> BTreeMap<Strin
 }
 
 /// The identifier a round adapter's metadata names its rule by (the rule's `ID`, e.g.
-/// `fedavg-v2`, `iso-v2`).
+/// `fedavg-v2`, `iso-v3`).
 pub(crate) fn rule_name(rule: hivemind_protocol::RuleId) -> &'static str {
-    use hivemind_model::aggregate::{IsoMerge, TsvMerge};
+    use hivemind_model::aggregate::{GeoMedian, IsoMerge, TsvMerge};
     use hivemind_protocol::RuleId;
     match rule {
         RuleId::EXACT_MEAN => ExactMean::ID,
         RuleId::ISO => IsoMerge::ID,
         RuleId::TSV => TsvMerge::ID,
+        RuleId::GEOMEDIAN => GeoMedian::ID,
         _ => FedAvg::ID,
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use hivemind_model::adapter::{AdapterConfig, AdapterShape, Limits, LoraAdapter, TargetModules};
 use hivemind_model::aggregate::{
-    AggregationRule, Bounds, ExactMean, FedAvg, IsoMerge, TsvMerge, WeightedAdapter,
+    AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IsoMerge, TsvMerge, WeightedAdapter,
 };
 use hivemind_model::dp::DpSettings;
 use hivemind_protocol::{Hash, RuleId};
@@ -56,6 +56,9 @@ pub enum NetRule {
     Iso,
     /// TSV-Merge style merge of the updates (decorrelated), added to the parent.
     Tsv,
+    /// The geometric median of the updates (RFA), added to the parent: robust in direction as
+    /// well as in size, at the cost of learning like the exact mean.
+    GeoMedian,
 }
 
 /// A round adapter's rank is at most this many times the network's rank (rules that build
@@ -70,11 +73,12 @@ pub const TSV_SCALE: f64 = 0.5;
 
 impl NetRule {
     /// Every rule, for help texts.
-    pub const ALL: [NetRule; 4] = [
+    pub const ALL: [NetRule; 5] = [
         NetRule::FedAvg,
         NetRule::ExactMean,
         NetRule::Iso,
         NetRule::Tsv,
+        NetRule::GeoMedian,
     ];
 
     /// The protocol's id of the rule.
@@ -84,6 +88,7 @@ impl NetRule {
             NetRule::ExactMean => RuleId::EXACT_MEAN,
             NetRule::Iso => RuleId::ISO,
             NetRule::Tsv => RuleId::TSV,
+            NetRule::GeoMedian => RuleId::GEOMEDIAN,
         }
     }
 
@@ -94,6 +99,7 @@ impl NetRule {
             NetRule::ExactMean => "exact-mean",
             NetRule::Iso => "iso",
             NetRule::Tsv => "tsv",
+            NetRule::GeoMedian => "geomedian",
         }
     }
 
@@ -119,7 +125,9 @@ impl std::str::FromStr for NetRule {
             .find(|r| r.name() == s)
             .ok_or_else(|| Error::Config {
                 option: "rule",
-                detail: format!("unknown aggregation rule {s:?} (fedavg, exact-mean, iso, tsv)"),
+                detail: format!(
+                    "unknown aggregation rule {s:?} (fedavg, exact-mean, iso, tsv, geomedian)"
+                ),
             })
     }
 }
@@ -196,6 +204,11 @@ impl NetSpec {
                 rank_cap,
                 bounds: Bounds::ROBUST,
                 scale: TSV_SCALE,
+            }),
+            NetRule::GeoMedian => Box::new(GeoMedian {
+                max_samples_per_input: cap,
+                rank_cap,
+                bounds: Bounds::ROBUST,
             }),
         }
     }
@@ -397,5 +410,32 @@ mod tests {
             .unwrap();
         let err = spec.parse_round(&foreign, &Limits::DEFAULT).unwrap_err();
         assert!(matches!(err, Error::NotOfNetwork { .. }), "{err}");
+    }
+
+    #[test]
+    fn every_rule_is_named_on_the_command_line_and_merges_as_its_id_says() {
+        for rule in NetRule::ALL {
+            let parsed: NetRule = rule.name().parse().unwrap();
+            assert_eq!(parsed, rule);
+            let spec = NetSpec {
+                config: AdapterConfig::new(4, 8.0, TargetModules::from_names(["q_proj"])),
+                shape: TinyModel::new(Arch::Llama, 1)
+                    .unwrap()
+                    .cfg
+                    .adapter_shape(4, &["q_proj".to_string()])
+                    .unwrap(),
+                rule,
+                dp: None,
+            };
+            assert_eq!(
+                spec.merge_rule().id(),
+                super::super::aggregate::rule_name(rule.id()),
+                "{rule}"
+            );
+        }
+        let ids: std::collections::BTreeSet<_> = NetRule::ALL.iter().map(|r| r.id()).collect();
+        assert_eq!(ids.len(), NetRule::ALL.len(), "two rules share an id");
+        let err = "median".parse::<NetRule>().unwrap_err().to_string();
+        assert!(err.contains("geomedian"), "{err}");
     }
 }
