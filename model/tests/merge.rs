@@ -3,14 +3,17 @@
 //! keeps the best low-rank part and says how much, Iso flattens the spectrum of the sum, TSV of
 //! updates that are already orthogonal is their scaled sum, the geometric median is the one a
 //! plain Weiszfeld iteration finds on the dense updates; every rule gives the same bytes for
-//! the same inputs in any order; bounds keep one input from owning a merge, and the geometric
-//! median keeps a colluding minority from choosing its direction.
+//! the same inputs in any order and merged a module at a time; bounds keep one input from owning
+//! a merge, and the distance bound keeps a minority far from the others out of it.
 
 use std::collections::BTreeMap;
 
-use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraSide, LoraTensor, TargetModules};
+use hivemind_model::adapter::{
+    AdapterConfig, Limits, LoraAdapter, LoraSide, LoraTensor, SafetensorsIndex, TargetModules,
+};
 use hivemind_model::aggregate::{
-    AggregationRule, Bounds, ExactMean, GeoMedian, IsoMerge, MergeReport, TsvMerge, WeightedAdapter,
+    aggregate_in_parts, AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IndexedInput,
+    IsoMerge, Median, MergeReport, TsvMerge, WeightedAdapter,
 };
 use rand::{Rng, SeedableRng};
 
@@ -765,5 +768,73 @@ fn the_distance_bound_holds_when_the_others_agree_and_waits_for_four_inputs() {
         assert_eq!(report(&merged).left_out, paths().len(), "{}", rule.id());
         let merged = rule.aggregate(&three).expect("merge");
         assert_eq!(report(&merged).left_out, 0, "{}", rule.id());
+    }
+}
+
+/// Merged a module at a time, each input's tensors read from its safetensors bytes as the module
+/// needs them (as nodes merge rounds), every rule gives the same tensors as over the whole
+/// inputs, and the same merge report (an input left out included).
+#[test]
+fn every_rule_merges_alike_a_module_at_a_time() {
+    let mut adapters: Vec<_> = (1..=5u64)
+        .map(|s| weighted(honest(s + 90), 10 + s))
+        .collect();
+    adapters.push(weighted(flipped(honest(99)), 12));
+    let files: Vec<Vec<u8>> = adapters
+        .iter()
+        .map(|w| w.adapter.to_safetensors_bytes().expect("bytes"))
+        .collect();
+    let indexed: Vec<IndexedInput> = adapters
+        .iter()
+        .zip(&files)
+        .map(|(w, bytes)| IndexedInput {
+            hash: w.hash,
+            samples: w.samples,
+            index: SafetensorsIndex::of(bytes, &Limits::DEFAULT).expect("index"),
+        })
+        .collect();
+    let mut all = rules(64, Bounds::ROBUST);
+    all.push(Box::new(FedAvg::default()));
+    all.push(Box::new(Median));
+    let config = adapters[0].adapter.config.clone();
+    for rule in all {
+        let mut reads = 0;
+        let parts = aggregate_in_parts(rule.as_ref(), &config, &indexed, |input, offset, len| {
+            reads += 1;
+            let k = indexed
+                .iter()
+                .position(|i| i.hash == input.hash)
+                .expect("input");
+            let (at, n) = (offset as usize, len as usize);
+            Ok::<_, std::convert::Infallible>(files[k][at..at + n].to_vec())
+        })
+        .expect("reads")
+        .expect("merge");
+        let whole = rule.aggregate(&adapters).expect("merge");
+        assert_eq!(parts.tensors, whole.tensors, "{}", rule.id());
+        assert_eq!(reads, 6 * 2 * paths().len(), "one read per tensor");
+        if let Some(m) = whole.config.extra.get("hivemind_merge") {
+            let (a, b) = (report(&parts), report(&whole));
+            assert_eq!(a.left_out, b.left_out, "{}", rule.id());
+            assert_eq!(
+                a.left_out,
+                paths().len(),
+                "{}: the flipped input",
+                rule.id()
+            );
+            assert!(
+                (a.kept_energy - b.kept_energy).abs() < 1e-12,
+                "{}",
+                rule.id()
+            );
+            assert!(
+                (a.energy - b.energy).abs() <= 1e-12 * b.energy,
+                "{}",
+                rule.id()
+            );
+            assert_eq!(parts.config.extra["hivemind_merge"]["rule"], m["rule"]);
+        } else {
+            assert_eq!(parts.config, whole.config, "{}", rule.id());
+        }
     }
 }

@@ -141,6 +141,12 @@ pub enum AdapterError {
         /// The normalised name.
         tensor: String,
     },
+    /// A tensor an index was asked for that the file does not hold.
+    #[error("tensor {tensor} is not in the file")]
+    MissingTensor {
+        /// Its name.
+        tensor: String,
+    },
     /// A LoRA A without its B, or a B without its A.
     #[error("tensor {tensor} has no partner {missing}")]
     MissingPair {

@@ -62,7 +62,7 @@ mod shape;
 pub use config::{AdapterConfig, TargetModules};
 pub use error::AdapterError;
 pub use names::{LoraSide, LoraTensor};
-pub use parse::{parse_safetensors, Limits};
+pub use parse::{parse_safetensors, Limits, SafetensorsIndex};
 pub use shape::{AdapterShape, ModuleDims};
 
 use error::Result;

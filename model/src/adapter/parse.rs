@@ -108,7 +108,7 @@ struct Entry {
     end: u64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Dtype {
     F32,
     F16,
@@ -132,6 +132,115 @@ impl Dtype {
 /// and non-finite values. Never panics; allocates at most the header plus about twice
 /// the input size.
 pub fn parse_safetensors(bytes: &[u8], limits: &Limits) -> Result<BTreeMap<String, LoraTensor>> {
+    let (entries, data) = entries(bytes, limits)?;
+    let mut tensors = BTreeMap::new();
+    for e in entries {
+        // In range: `entries` checked every end against `data.len()`.
+        let tensor = e.decode(&data[e.begin as usize..e.end as usize]);
+        if tensors.insert(e.name.clone(), tensor).is_some() {
+            return Err(AdapterError::DuplicateTensor { tensor: e.name });
+        }
+    }
+    check_tensors(&tensors)?;
+    Ok(tensors)
+}
+
+/// Where each tensor of a safetensors file lies, for reading one tensor at a time (an
+/// aggregation's peak memory is then a part of every input, not every input whole). Made by
+/// the header checks of [`parse_safetensors`]; it reads no tensor, so values are checked
+/// only by a full parse (`LoraAdapter::from_safetensors_bytes`) of the same bytes.
+#[derive(Debug, Clone)]
+pub struct SafetensorsIndex {
+    /// By normalised name: dtype, shape, and the absolute byte range in the file.
+    tensors: BTreeMap<String, Located>,
+}
+
+#[derive(Debug, Clone)]
+struct Located {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    offset: u64,
+    len: u64,
+}
+
+impl SafetensorsIndex {
+    /// The index of `bytes` (a whole safetensors file), checked as [`parse_safetensors`]
+    /// checks its header.
+    pub fn of(bytes: &[u8], limits: &Limits) -> Result<SafetensorsIndex> {
+        let (entries, data) = entries(bytes, limits)?;
+        let start = (bytes.len() - data.len()) as u64;
+        let mut tensors = BTreeMap::new();
+        for e in entries {
+            let located = Located {
+                dtype: e.dtype,
+                shape: e.shape,
+                offset: start + e.begin,
+                len: e.end - e.begin,
+            };
+            if tensors.insert(e.name.clone(), located).is_some() {
+                return Err(AdapterError::DuplicateTensor { tensor: e.name });
+            }
+        }
+        Ok(SafetensorsIndex { tensors })
+    }
+
+    /// The tensors' (normalised) names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The byte range (offset in the file, length) of tensor `name`.
+    pub fn range(&self, name: &str) -> Option<(u64, u64)> {
+        self.tensors.get(name).map(|l| (l.offset, l.len))
+    }
+
+    /// Tensor `name` from `raw`, the bytes of its [`SafetensorsIndex::range`].
+    pub fn decode(&self, name: &str, raw: &[u8]) -> Result<LoraTensor> {
+        let l = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| AdapterError::MissingTensor {
+                tensor: name.to_string(),
+            })?;
+        if raw.len() as u64 != l.len {
+            return Err(AdapterError::SizeMismatch {
+                tensor: name.to_string(),
+                expected: l.len,
+                actual: raw.len() as u64,
+            });
+        }
+        Ok(decode(l.dtype, l.shape.clone(), raw))
+    }
+}
+
+/// `raw` (little-endian values of `dtype`) as an f32 tensor of `shape`.
+fn decode(dtype: Dtype, shape: Vec<usize>, raw: &[u8]) -> LoraTensor {
+    let data: Vec<f32> = match dtype {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::Bf16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    };
+    LoraTensor { shape, data }
+}
+
+impl Entry {
+    fn decode(&self, raw: &[u8]) -> LoraTensor {
+        decode(self.dtype, self.shape.clone(), raw)
+    }
+}
+
+/// The header checks of [`parse_safetensors`]: its entries (sorted by offset, tiling the data
+/// section exactly) and the data section.
+fn entries<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Vec<Entry>, &'a [u8])> {
     let len = bytes.len() as u64;
     if len > limits.max_bytes {
         return Err(AdapterError::TooLarge {
@@ -272,32 +381,5 @@ pub fn parse_safetensors(bytes: &[u8], limits: &Limits) -> Result<BTreeMap<Strin
         });
     }
 
-    let mut tensors = BTreeMap::new();
-    for e in entries {
-        // In range: checked above, and every end fits in `data.len()`.
-        let raw = &data[e.begin as usize..e.end as usize];
-        let data: Vec<f32> = match e.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::Bf16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
-        let tensor = LoraTensor {
-            shape: e.shape,
-            data,
-        };
-        if tensors.insert(e.name.clone(), tensor).is_some() {
-            return Err(AdapterError::DuplicateTensor { tensor: e.name });
-        }
-    }
-    check_tensors(&tensors)?;
-    Ok(tensors)
+    Ok((entries, data))
 }

@@ -129,6 +129,10 @@ pub struct MergeReport {
     /// ([`Bounds::distance_over_median`]).
     #[serde(default)]
     pub left_out: usize,
+    /// The merged update's squared singular values before the cap, summed over every module
+    /// (what `kept_energy` is a fraction of).
+    #[serde(default)]
+    pub energy: f64,
 }
 
 /// One module of one input: `B` (`out × r`, already times the input's coefficient) and `A`
@@ -447,6 +451,7 @@ fn merge_adapters(
         rank,
         kept_energy: if all > 0.0 { kept / all } else { 1.0 },
         left_out,
+        energy: all,
     };
     config.extra.insert(
         "hivemind_merge".into(),
@@ -455,6 +460,7 @@ fn merge_adapters(
             "rank": report.rank,
             "kept_energy": report.kept_energy,
             "left_out": report.left_out,
+            "energy": report.energy,
         }),
     );
     LoraAdapter::new(config, tensors)

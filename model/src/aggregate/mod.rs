@@ -28,10 +28,12 @@ mod exact;
 mod fedavg;
 mod linalg;
 mod median;
+mod parts;
 
 pub use exact::{stack, ExactMean, GeoMedian, IsoMerge, MergeReport, TsvMerge};
 pub use fedavg::FedAvg;
 pub use median::Median;
+pub use parts::{aggregate_in_parts, IndexedInput};
 
 /// One aggregation input: an adapter, the blake3 hash naming its blob, and the number of
 /// training samples its contributor claims.

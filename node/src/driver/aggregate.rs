@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use hivemind_model::adapter::{Limits, LoraAdapter};
+use hivemind_model::adapter::{Limits, LoraAdapter, SafetensorsIndex};
 use hivemind_model::aggregate::{
-    stack, AggregationRule, Bounds, ExactMean, FedAvg, WeightedAdapter,
+    aggregate_in_parts, stack, AggregationRule, Bounds, ExactMean, FedAvg, IndexedInput,
+    WeightedAdapter,
 };
 use hivemind_protocol::Hash;
 use hivemind_store::Store;
@@ -33,8 +34,9 @@ pub struct Aggregated {
 }
 
 /// Runs one aggregation job over adapters in the store (blocking): the network's rule over
-/// the inputs and, for a rule that builds on the parent, the parent round adapter plus that
-/// merge, compressed to the network's round rank.
+/// the inputs, a module at a time ([`aggregate_in_parts`]: peak memory grows with the number
+/// of inputs only by one module of each), and, for a rule that builds on the parent, the parent round adapter plus
+/// that merge, compressed to the network's round rank.
 ///
 /// Only the store can make it fail (a missing blob, a full disk), and such a failure is
 /// worth retrying. What the inputs hold cannot: an input that does not parse, or that the
@@ -57,18 +59,20 @@ pub fn aggregate(
             rule: format!("{:?}", job.rule),
         });
     }
-    let mut inputs = Vec::with_capacity(job.inputs.len());
+    // Each input is checked whole, one at a time, and only where its tensors lie is kept; the
+    // merge reads them a module at a time. Peak memory: one input, or one module of every input.
+    let mut indexed = Vec::with_capacity(job.inputs.len());
     let mut blamed = Vec::new();
     for i in &job.inputs {
-        match LoraAdapter::from_safetensors_bytes(
-            spec.config.clone(),
-            &blob(&i.adapter)?,
-            &Limits::DEFAULT,
-        ) {
-            Ok(adapter) => inputs.push(WeightedAdapter {
+        let bytes = blob(&i.adapter)?;
+        let checked =
+            LoraAdapter::from_safetensors_bytes(spec.config.clone(), &bytes, &Limits::DEFAULT)
+                .and_then(|_| SafetensorsIndex::of(&bytes, &Limits::DEFAULT));
+        match checked {
+            Ok(index) => indexed.push(IndexedInput {
                 hash: i.adapter,
                 samples: i.samples,
-                adapter,
+                index,
             }),
             Err(why) => {
                 tracing::warn!(round = job.round, input = %i.adapter.short(), %why, "input is no adapter; excluded");
@@ -77,11 +81,54 @@ pub fn aggregate(
         }
     }
     let rule = spec.merge_rule();
+    let in_parts = aggregate_in_parts(
+        rule.as_ref(),
+        &spec.config,
+        &indexed,
+        |input, offset, len| -> Result<Vec<u8>> {
+            store
+                .read_blob_range(&input.hash, offset, len)?
+                .ok_or_else(|| Error::MissingBlob {
+                    hash: input.hash,
+                    dir: store.root().to_path_buf(),
+                })
+        },
+    )?;
     let Merge {
         merged,
         blamed: unmergeable,
         unblamed,
-    } = merge_excluding(rule.as_ref(), inputs);
+    } = match in_parts {
+        Ok(merged) => Merge {
+            merged: Some(merged),
+            blamed: Vec::new(),
+            unblamed: Vec::new(),
+        },
+        // Nothing to merge, or an input breaks the merge: the whole inputs (all in memory,
+        // only on this path) show which.
+        Err(why) => {
+            if !indexed.is_empty() {
+                tracing::warn!(round = job.round, %why, "merge failed; reading the inputs whole");
+            }
+            let mut inputs = Vec::with_capacity(indexed.len());
+            for i in &indexed {
+                let bytes = blob(&i.hash)?;
+                match LoraAdapter::from_safetensors_bytes(
+                    spec.config.clone(),
+                    &bytes,
+                    &Limits::DEFAULT,
+                ) {
+                    Ok(adapter) => inputs.push(WeightedAdapter {
+                        hash: i.hash,
+                        samples: i.samples,
+                        adapter,
+                    }),
+                    Err(_) => blamed.push(i.hash),
+                }
+            }
+            merge_excluding(rule.as_ref(), inputs)
+        }
+    };
     blamed.extend(unmergeable);
     let mut excluded: Vec<Hash> = blamed.iter().chain(&unblamed).copied().collect();
     let mut meta = round_metadata(job);
