@@ -94,6 +94,13 @@ struct Args {
     /// Seed of the facts and of the LoRA init (the same for every user).
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Global gradient-norm clip of every training (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Only the centralized run (one user holding every fact), once per clip value given here
+    /// (`--central-only 1,0` compares clipping at 1.0 with none).
+    #[arg(long, value_delimiter = ',')]
+    central_only: Vec<f64>,
 }
 
 fn load(args: &Args, work: &Path) -> Result<BaseModel> {
@@ -124,8 +131,41 @@ fn config(args: &Args, batch: usize, schedule: LrSchedule) -> TrainConfig {
         max_seq_len: 512,
         max_steps: Some(args.steps),
         seed: args.seed,
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         ..TrainConfig::default()
     }
+}
+
+/// The centralized run alone, once per gradient clip in `--central-only`: the training loss
+/// curve's ends and the score on every fact.
+fn central_only(
+    args: &Args,
+    model: BaseModel,
+    convs: &[Conversation],
+    ex: &[Example],
+) -> Result<Value> {
+    let mut bench = bench(model, convs, args)?;
+    let mut runs = Vec::new();
+    for &clip in &args.central_only {
+        let mut cfg = config(args, ex.len(), LrSchedule::Constant);
+        cfg.max_grad_norm = (clip > 0.0).then_some(clip);
+        let (adapter, info) = train_on(&bench.model, ex, None, &cfg)?;
+        eprintln!("centralized, clip {clip}: {info}");
+        let r = bench.eval(&format!("centralized, clip {clip}"), Some(&adapter))?;
+        runs.push(json!({
+            "max_grad_norm": clip,
+            "training": info,
+            "scores": bench.summary(&r),
+        }));
+    }
+    Ok(json!({
+        "bench": "learning-central",
+        "model": bench.model.name,
+        "facts": ex.len(),
+        "steps": args.steps,
+        "lr": args.lr,
+        "runs": runs,
+    }))
 }
 
 struct Bench<'a> {
@@ -455,6 +495,11 @@ fn main() -> Result<()> {
     let (examples, _) = dataset::encode_conversations(&model, Path::new("facts"), &convs, 512)?;
     anyhow::ensure!(examples.len() == n, "a fact does not fit the model");
 
+    if !args.central_only.is_empty() {
+        let out = central_only(&args, model, &convs, &examples)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     if args.rounds > 1 {
         let out = chains(&args, model, &convs, &examples)?;
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -1,6 +1,8 @@
 //! Poisoning: honest and malicious contributors through the real aggregation rules, FedAvg
-//! beside the network's default (iso) and the exact mean, both with the inputs bounded as
-//! networks bound them (`Bounds::ROBUST`). Prints one JSON object.
+//! beside the network's default (iso), the exact mean and the geometric median, with the
+//! inputs bounded as networks bound them (`Bounds::ROBUST`: norm, weight, distance from the
+//! others), and iso with the norm and weight bounds alone (before the distance bound). Prints
+//! one JSON object.
 //!
 //! ```sh
 //! cargo run --example poison_bench        # seconds
@@ -15,8 +17,8 @@
 //! (relative Frobenius distance of the merged update `ΔW` over every module) the round moves
 //! from the honest-only round of the same rule, and, as the baseline, how far the same number
 //! of extra honest contributors move it; `ratio` is the first over the second. Issue 13's
-//! target: ratio <= 1 for the default rule with 30% malicious inputs, in every attack.
-//! (Where an attacker *points* is not bounded yet, only how far; no held-out loss here.)
+//! target: ratio <= 1 for the default rule with 30% malicious inputs, in every attack. (No
+//! held-out loss here, and no attacker that stays within the honest inputs' spread.)
 //! The `privacy` section reports what differential privacy (`--dp-noise`) costs the same rules
 //! at ε 1, 4 and 8.
 

@@ -793,7 +793,31 @@ fn every_rule_merges_alike_a_module_at_a_time() {
             index: SafetensorsIndex::of(bytes, &Limits::DEFAULT).expect("index"),
         })
         .collect();
-    let mut all = rules(64, Bounds::ROBUST);
+    // Capped at rank 5, so that the kept energy is below 1 and its sums are compared too.
+    let mut all: Vec<Box<dyn AggregationRule>> = vec![
+        Box::new(ExactMean {
+            max_samples_per_input: 1000,
+            rank_cap: 5,
+            bounds: Bounds::ROBUST,
+        }),
+        Box::new(IsoMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 5,
+            bounds: Bounds::ROBUST,
+            scale: 1.0,
+        }),
+        Box::new(TsvMerge {
+            max_samples_per_input: 1000,
+            rank_cap: 5,
+            bounds: Bounds::ROBUST,
+            scale: 0.5,
+        }),
+        Box::new(GeoMedian {
+            max_samples_per_input: 1000,
+            rank_cap: 5,
+            bounds: Bounds::ROBUST,
+        }),
+    ];
     all.push(Box::new(FedAvg::default()));
     all.push(Box::new(Median));
     let config = adapters[0].adapter.config.clone();
@@ -811,30 +835,24 @@ fn every_rule_merges_alike_a_module_at_a_time() {
         .expect("reads")
         .expect("merge");
         let whole = rule.aggregate(&adapters).expect("merge");
-        assert_eq!(parts.tensors, whole.tensors, "{}", rule.id());
+        // Bit for bit (bytes, not f32 equality, which takes -0.0 for 0.0), config included.
+        assert_eq!(
+            parts.to_safetensors_bytes().expect("bytes"),
+            whole.to_safetensors_bytes().expect("bytes"),
+            "{}",
+            rule.id()
+        );
+        assert_eq!(parts.config, whole.config, "{}", rule.id());
         assert_eq!(reads, 6 * 2 * paths().len(), "one read per tensor");
-        if let Some(m) = whole.config.extra.get("hivemind_merge") {
-            let (a, b) = (report(&parts), report(&whole));
-            assert_eq!(a.left_out, b.left_out, "{}", rule.id());
+        if whole.config.extra.contains_key("hivemind_merge") {
+            let r = report(&parts);
             assert_eq!(
-                a.left_out,
+                r.left_out,
                 paths().len(),
                 "{}: the flipped input",
                 rule.id()
             );
-            assert!(
-                (a.kept_energy - b.kept_energy).abs() < 1e-12,
-                "{}",
-                rule.id()
-            );
-            assert!(
-                (a.energy - b.energy).abs() <= 1e-12 * b.energy,
-                "{}",
-                rule.id()
-            );
-            assert_eq!(parts.config.extra["hivemind_merge"]["rule"], m["rule"]);
-        } else {
-            assert_eq!(parts.config, whole.config, "{}", rule.id());
+            assert!(r.kept_energy < 1.0, "{}: the cap cut nothing", rule.id());
         }
     }
 }

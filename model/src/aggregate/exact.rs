@@ -133,6 +133,9 @@ pub struct MergeReport {
     /// (what `kept_energy` is a fraction of).
     #[serde(default)]
     pub energy: f64,
+    /// The part of `energy` the cap kept.
+    #[serde(default)]
+    pub energy_kept: f64,
 }
 
 /// One module of one input: `B` (`out × r`, already times the input's coefficient) and `A`
@@ -452,6 +455,7 @@ fn merge_adapters(
         kept_energy: if all > 0.0 { kept / all } else { 1.0 },
         left_out,
         energy: all,
+        energy_kept: kept,
     };
     config.extra.insert(
         "hivemind_merge".into(),
@@ -461,6 +465,7 @@ fn merge_adapters(
             "kept_energy": report.kept_energy,
             "left_out": report.left_out,
             "energy": report.energy,
+            "energy_kept": report.energy_kept,
         }),
     );
     LoraAdapter::new(config, tensors)

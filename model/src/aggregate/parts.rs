@@ -34,9 +34,8 @@ fn part_of(name: &str) -> &str {
 /// `rule` over `inputs`, a module at a time: for each module, every input's tensors of that
 /// module are read with `read(input, offset, len)` (the byte range of one tensor in the input's
 /// file) and paired with `config`, the rule merges them, and the results are joined. The
-/// tensors are those of `rule.aggregate` over the whole inputs, bit for bit; a merge report
-/// (`hivemind_merge`) is joined from the parts' (its kept energy summed in another order, so
-/// it may differ from the whole merge's in the last bits).
+/// result is `rule.aggregate` over the whole inputs, bit for bit: tensors, and a merge report
+/// (`hivemind_merge`) joined from the parts' energies summed in the whole merge's order.
 ///
 /// The outer error is `read`'s; the inner one is what the rule (or an input that does not
 /// hold what the first input in hash order holds) makes of the inputs.
@@ -65,15 +64,20 @@ pub fn aggregate_in_parts<E>(
             }));
         }
     }
-    let mut parts: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // Parts in the order of their first tensor's name, the order a whole merge visits them.
+    let mut parts: Vec<(&str, Vec<&str>)> = Vec::new();
     for name in &names {
-        parts.entry(part_of(name)).or_default().push(name);
+        let part = part_of(name);
+        match parts.iter_mut().find(|(p, _)| *p == part) {
+            Some((_, members)) => members.push(name),
+            None => parts.push((part, vec![name])),
+        }
     }
 
     let mut tensors = BTreeMap::new();
     let mut joined: Option<AdapterConfig> = None;
     let (mut kept, mut energy, mut left_out) = (0.0f64, 0.0f64, 0usize);
-    for part in parts.values() {
+    for (_, part) in &parts {
         let mut partial = Vec::with_capacity(ordered.len());
         for input in &ordered {
             let mut own = BTreeMap::new();
@@ -109,13 +113,19 @@ pub fn aggregate_in_parts<E>(
             Err(e) => return Ok(Err(e)),
         };
         drop(partial);
-        if let Some(report) = merged
-            .config
-            .extra
-            .get("hivemind_merge")
-            .and_then(|m| serde_json::from_value::<MergeReport>(m.clone()).ok())
-        {
-            kept += report.kept_energy * report.energy;
+        if let Some(m) = merged.config.extra.get("hivemind_merge") {
+            let report = match serde_json::from_value::<MergeReport>(m.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Ok(Err(AdapterError::InvalidConfig {
+                        field: "hivemind_merge",
+                        value: e.to_string(),
+                        expected: "a merge report",
+                    }))
+                }
+            };
+            // Summed module by module, in the order a whole merge sums them: the same bits.
+            kept += report.energy_kept;
             energy += report.energy;
             left_out += report.left_out;
         }
@@ -128,6 +138,7 @@ pub fn aggregate_in_parts<E>(
     if let Some(m) = config.extra.get_mut("hivemind_merge") {
         m["kept_energy"] = serde_json::json!(if energy > 0.0 { kept / energy } else { 1.0 });
         m["energy"] = serde_json::json!(energy);
+        m["energy_kept"] = serde_json::json!(kept);
         m["left_out"] = serde_json::json!(left_out);
     }
     Ok(LoraAdapter::new(config, tensors))

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use hivemind_model::adapter::{Limits, LoraAdapter, SafetensorsIndex};
+use hivemind_model::adapter::{AdapterConfig, Limits, LoraAdapter, SafetensorsIndex};
 use hivemind_model::aggregate::{
     aggregate_in_parts, stack, AggregationRule, Bounds, ExactMean, FedAvg, IndexedInput,
     WeightedAdapter,
@@ -81,54 +81,34 @@ pub fn aggregate(
         }
     }
     let rule = spec.merge_rule();
-    let in_parts = aggregate_in_parts(
-        rule.as_ref(),
-        &spec.config,
-        &indexed,
-        |input, offset, len| -> Result<Vec<u8>> {
-            store
-                .read_blob_range(&input.hash, offset, len)?
-                .ok_or_else(|| Error::MissingBlob {
-                    hash: input.hash,
-                    dir: store.root().to_path_buf(),
-                })
-        },
-    )?;
+    let read = |input: &IndexedInput, offset: u64, len: u64| -> Result<Vec<u8>> {
+        store
+            .read_blob_range(&input.hash, offset, len)?
+            .ok_or_else(|| Error::MissingBlob {
+                hash: input.hash,
+                dir: store.root().to_path_buf(),
+            })
+    };
+    let whole = |input: &IndexedInput| -> Result<Option<LoraAdapter>> {
+        let bytes = blob(&input.hash)?;
+        Ok(LoraAdapter::from_safetensors_bytes(spec.config.clone(), &bytes, &Limits::DEFAULT).ok())
+    };
     let Merge {
         merged,
         blamed: unmergeable,
         unblamed,
-    } = match in_parts {
-        Ok(merged) => Merge {
-            merged: Some(merged),
-            blamed: Vec::new(),
-            unblamed: Vec::new(),
-        },
-        // Nothing to merge, or an input breaks the merge: the whole inputs (all in memory,
-        // only on this path) show which.
-        Err(why) => {
-            if !indexed.is_empty() {
-                tracing::warn!(round = job.round, %why, "merge failed; reading the inputs whole");
-            }
-            let mut inputs = Vec::with_capacity(indexed.len());
-            for i in &indexed {
-                let bytes = blob(&i.hash)?;
-                match LoraAdapter::from_safetensors_bytes(
-                    spec.config.clone(),
-                    &bytes,
-                    &Limits::DEFAULT,
-                ) {
-                    Ok(adapter) => inputs.push(WeightedAdapter {
-                        hash: i.hash,
-                        samples: i.samples,
-                        adapter,
-                    }),
-                    Err(_) => blamed.push(i.hash),
-                }
-            }
-            merge_excluding(rule.as_ref(), inputs)
+    } = merge_excluding(rule.as_ref(), &spec.config, indexed.clone(), whole, read)?;
+    // The ranges read above are not hashed as they are read: the blobs must still be what the
+    // checks read (a file changed or damaged since would give a round adapter no other node
+    // has; the job then fails and is retried).
+    for i in &indexed {
+        if !store.verify_blob(&i.hash)? {
+            return Err(Error::MissingBlob {
+                hash: i.hash,
+                dir: store.root().to_path_buf(),
+            });
         }
-    };
+    }
     blamed.extend(unmergeable);
     let mut excluded: Vec<Hash> = blamed.iter().chain(&unblamed).copied().collect();
     let mut meta = round_metadata(job);
@@ -208,43 +188,64 @@ pub struct Merge {
     pub unblamed: Vec<Hash>,
 }
 
-/// The rule over `inputs`, leaving out what it cannot use. On failure, each input is
-/// merged alone and those that fail alone are left out; if the rest still fails together,
-/// all are left out (no single input is to blame, and trying subsets could cost a number of
-/// merges that grows with the square of the inputs). Deterministic: it depends only on the
-/// inputs, so every node leaves out the same ones.
-pub fn merge_excluding(rule: &dyn AggregationRule, inputs: Vec<WeightedAdapter>) -> Merge {
+/// The rule over `inputs`, a module at a time ([`aggregate_in_parts`], each tensor read with
+/// `read`), leaving out what it cannot use. On failure, each input is merged alone (read whole
+/// with `whole`, one at a time; `None`: it does not parse) and those that fail alone are left
+/// out; if the rest still fails together, all are left out (no single input is to blame, and
+/// trying subsets could cost a number of merges that grows with the square of the inputs).
+/// Deterministic: it depends only on the inputs, so every node leaves out the same ones. Peak
+/// memory is one input, or one module of every input, on every path. Errors are `read`'s and
+/// `whole`'s (the store's), worth retrying.
+pub fn merge_excluding<E>(
+    rule: &dyn AggregationRule,
+    config: &AdapterConfig,
+    inputs: Vec<IndexedInput>,
+    mut whole: impl FnMut(&IndexedInput) -> std::result::Result<Option<LoraAdapter>, E>,
+    mut read: impl FnMut(&IndexedInput, u64, u64) -> std::result::Result<Vec<u8>, E>,
+) -> std::result::Result<Merge, E> {
     let mut out = Merge {
         merged: None,
         blamed: Vec::new(),
         unblamed: Vec::new(),
     };
     if inputs.is_empty() {
-        return out;
+        return Ok(out);
     }
-    let why = match rule.aggregate(&inputs) {
+    let why = match aggregate_in_parts(rule, config, &inputs, &mut read)? {
         Ok(merged) => {
             out.merged = Some(merged);
-            return out;
+            return Ok(out);
         }
         Err(why) => why,
     };
     tracing::warn!(%why, inputs = inputs.len(), "merge failed; looking for the inputs that break it");
-    let (usable, unusable): (Vec<_>, Vec<_>) = inputs
-        .into_iter()
-        .partition(|i| rule.aggregate(std::slice::from_ref(i)).is_ok());
-    out.blamed = unusable.iter().map(|i| i.hash).collect();
-    if usable.is_empty() {
-        return out;
+    let mut usable = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let alone = whole(&input)?.is_some_and(|adapter| {
+            rule.aggregate(&[WeightedAdapter {
+                hash: input.hash,
+                samples: input.samples,
+                adapter,
+            }])
+            .is_ok()
+        });
+        if alone {
+            usable.push(input);
+        } else {
+            out.blamed.push(input.hash);
+        }
     }
-    match rule.aggregate(&usable) {
+    if usable.is_empty() {
+        return Ok(out);
+    }
+    match aggregate_in_parts(rule, config, &usable, &mut read)? {
         Ok(merged) => out.merged = Some(merged),
         Err(why) => {
             tracing::warn!(%why, "inputs that merge alone do not merge together; round merges nothing");
             out.unblamed = usable.iter().map(|i| i.hash).collect();
         }
     }
-    out
+    Ok(out)
 }
 
 /// What a round adapter's safetensors metadata binds: its round, its parent and its rule,
