@@ -66,6 +66,17 @@ fn shape() -> AdapterShape {
     }
 }
 
+/// One adapter of [`shape`] in f32, in MiB.
+fn adapter_mib() -> f64 {
+    let s = shape();
+    let per_layer: usize = s
+        .modules
+        .values()
+        .map(|d| s.rank * (d.in_features + d.out_features))
+        .sum();
+    (per_layer * s.num_layers * 4) as f64 / (1024.0 * 1024.0)
+}
+
 /// This process's peak resident set (`VmHWM`), in MiB.
 fn peak_rss_mib() -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -197,7 +208,7 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&json!({
             "bench": "aggregate-memory",
             "rule": args.rule.name(),
-            "adapter_mib": 9.8,
+            "adapter_mib": adapter_mib(),
             "rows": rows,
         }))?
     );

@@ -319,13 +319,15 @@ fn orthonormalize(m: &Mat) -> Mat {
 enum Weighing {
     /// Each input's factors are scaled by its share of `f(K)` (1 for a mean, `K` for a sum).
     Scaled(fn(usize) -> f64),
-    /// The factors stay the updates themselves; `merge` gets the shares.
+    /// The factors stay the updates themselves; `merge` gets the shares and their Gram matrix.
     Passed,
 }
 
 /// The merge rules' common frame: canonical inputs, each input's share of the weight, every
 /// module's factors (bounded, weighed as `weighing` says) merged by `merge` into an SVD,
-/// written back as a rank-`cap` adapter.
+/// written back as a rank-`cap` adapter. `merge` gets the kept inputs' factors, their shares
+/// and, with [`Weighing::Passed`], the Gram matrix of their (bounded) updates (empty
+/// otherwise).
 fn merge_adapters(
     inputs: &[WeightedAdapter],
     rule: &'static str,
@@ -333,7 +335,7 @@ fn merge_adapters(
     rank_cap: usize,
     bounds: Bounds,
     weighing: Weighing,
-    merge: impl Fn(&[Factors], &[f64]) -> Spectral,
+    merge: impl Fn(&[Factors], &[f64], &Mat) -> Spectral,
 ) -> Result<LoraAdapter, AdapterError> {
     let ordered = canonical_inputs(inputs)?;
     let reference = ordered[0];
@@ -379,7 +381,8 @@ fn merge_adapters(
         // Each update's norm, cut to the bound.
         let k = factors.len();
         let trimming = bounds.distance_over_median.is_finite() && k >= Bounds::MIN_TO_COMPARE;
-        let raw = gram(&factors, trimming);
+        let passed = matches!(weighing, Weighing::Passed);
+        let raw = gram(&factors, trimming || passed);
         let norms: Vec<f64> = (0..k).map(|i| raw.at(i, i).max(0.0).sqrt()).collect();
         let bounded = Bounds::cut(&norms, bounds.norm_over_median);
         let clips: Vec<f64> = norms
@@ -417,7 +420,21 @@ fn merge_adapters(
             kept_factors.push(f);
             kept_shares.push(shares[i]);
         }
-        let m = merge(&kept_factors, &kept_shares);
+        // The kept updates' Gram matrix, from the one above: updates `coef·clip·B·A`.
+        let kept_gram = if passed {
+            let kept: Vec<usize> = (0..k).filter(|&i| keep[i]).collect();
+            let scale = |i: usize| coefs[i] * clips[i];
+            let mut g = Mat::zeros(kept.len(), kept.len());
+            for (a, &i) in kept.iter().enumerate() {
+                for (b, &j) in kept.iter().enumerate() {
+                    g.set(a, b, raw.at(i, j) * scale(i) * scale(j));
+                }
+            }
+            g
+        } else {
+            Mat::zeros(0, 0)
+        };
+        let m = merge(&kept_factors, &kept_shares, &kept_gram);
         all += m.s.iter().map(|x| x * x).sum::<f64>();
         kept += m.s.iter().take(rank).map(|x| x * x).sum::<f64>();
         let (out, inp) = (m.u.rows, m.v.rows);
@@ -484,7 +501,7 @@ impl AggregationRule for ExactMean {
             self.rank_cap,
             self.bounds,
             Weighing::Scaled(|_| 1.0),
-            |factors, _| sum_svd(factors),
+            |factors, _, _| sum_svd(factors),
         )
     }
 }
@@ -502,8 +519,8 @@ impl AggregationRule for GeoMedian {
             self.rank_cap,
             self.bounds,
             Weighing::Passed,
-            |factors, shares| {
-                let beta = weiszfeld(&gram(factors, true), shares);
+            |factors, shares, gram| {
+                let beta = weiszfeld(gram, shares);
                 let weighed: Vec<Factors> = factors
                     .iter()
                     .zip(&beta)
@@ -536,7 +553,7 @@ impl AggregationRule for IsoMerge {
             self.rank_cap,
             self.bounds,
             Weighing::Scaled(|k| k as f64),
-            |factors, _| {
+            |factors, _, _| {
                 let mut m = sum_svd(factors);
                 // Only directions the update has: zero singular values stay zero.
                 let top = m.s.first().copied().unwrap_or(0.0);
@@ -567,7 +584,7 @@ impl AggregationRule for TsvMerge {
             self.rank_cap,
             self.bounds,
             Weighing::Scaled(|k| k as f64),
-            |factors, _| {
+            |factors, _, _| {
                 let parts: Vec<Spectral> =
                     factors.iter().map(|f| lowrank_svd(&f.b, &f.a)).collect();
                 let u = orthonormalize(&hstack(

@@ -66,9 +66,9 @@ pub struct Bounds {
     pub weight_over_median: f64,
     /// An input whose (bounded) update of a module has a median distance to the other inputs'
     /// more than this multiple of the median input's is left out of that module's merge (with
-    /// [`Bounds::MIN_TO_COMPARE`] inputs or more). Norm and weight bounds limit how far an input moves a round; this
-    /// keeps a minority that points elsewhere (a sign flip, a target of its own, colluders
-    /// sending one update) from choosing where.
+    /// [`Bounds::MIN_TO_COMPARE`] inputs or more). Norm and weight bounds limit how far an
+    /// input moves a round; this keeps a minority that points elsewhere (a sign flip, a
+    /// target of its own, colluders sending one update) from choosing where.
     pub distance_over_median: f64,
 }
 
@@ -86,15 +86,15 @@ impl Bounds {
     };
     /// What networks use: no input counts for more than the median input, in norm or in
     /// weight, and inputs 1.5 times as far from the others as the median input are left out.
-    /// That last bound cannot tell an attacker from an honest minority whose data differ from
-    /// the majority's alike (a few users writing in another language, say): such a group,
-    /// under half the inputs, farther from the rest than 1.5 times the majority's own spread,
-    /// is left out of the modules where it is, every round, and counted in the round
-    /// adapter's `hivemind_merge.left_out`. An attacker then moves a round about as far as one more honest user would,
-    /// or, pointing away from the others, not at all (`model/tests/merge.rs`,
-    /// `examples/poison_bench.rs`); the price is that users with more data than the median
-    /// user weigh as much as the median user, updates larger than the median are shrunk to
-    /// it, and an honest user whose update is far more unusual than the others' is left out.
+    /// An attacker then moves a round about as far as one more honest user would, or,
+    /// pointing away from the others, not at all (`model/tests/merge.rs`,
+    /// `examples/poison_bench.rs`). The price: users with more data than the median user
+    /// weigh as much as the median user; updates larger than the median are shrunk to it;
+    /// and the distance bound cannot tell an attacker from an honest minority whose data
+    /// differ from the majority's alike (a few users writing in another language, say): such
+    /// a group, under half the inputs and farther from the rest than 1.5 times the majority's
+    /// own spread, is left out of the modules where it is, every round, and counted in the
+    /// round adapter's `hivemind_merge.left_out`.
     pub const ROBUST: Bounds = Bounds {
         norm_over_median: 1.0,
         weight_over_median: 1.0,

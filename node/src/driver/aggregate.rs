@@ -35,8 +35,8 @@ pub struct Aggregated {
 
 /// Runs one aggregation job over adapters in the store (blocking): the network's rule over
 /// the inputs, a module at a time ([`aggregate_in_parts`]: peak memory grows with the number
-/// of inputs only by one module of each), and, for a rule that builds on the parent, the parent round adapter plus
-/// that merge, compressed to the network's round rank.
+/// of inputs only by one module of each), and, for a rule that builds on the parent, the
+/// parent round adapter plus that merge, compressed to the network's round rank.
 ///
 /// Only the store can make it fail (a missing blob, a full disk), and such a failure is
 /// worth retrying. What the inputs hold cannot: an input that does not parse, or that the
@@ -97,7 +97,7 @@ pub fn aggregate(
         merged,
         blamed: unmergeable,
         unblamed,
-    } = merge_excluding(rule.as_ref(), &spec.config, indexed.clone(), whole, read)?;
+    } = merge_excluding(rule.as_ref(), &spec.config, &indexed, whole, read)?;
     // The ranges read above are not hashed as they are read: the blobs must still be what the
     // checks read (a file changed or damaged since would give a round adapter no other node
     // has; the job then fails and is retried).
@@ -199,7 +199,7 @@ pub struct Merge {
 pub fn merge_excluding<E>(
     rule: &dyn AggregationRule,
     config: &AdapterConfig,
-    inputs: Vec<IndexedInput>,
+    inputs: &[IndexedInput],
     mut whole: impl FnMut(&IndexedInput) -> std::result::Result<Option<LoraAdapter>, E>,
     mut read: impl FnMut(&IndexedInput, u64, u64) -> std::result::Result<Vec<u8>, E>,
 ) -> std::result::Result<Merge, E> {
@@ -211,7 +211,7 @@ pub fn merge_excluding<E>(
     if inputs.is_empty() {
         return Ok(out);
     }
-    let why = match aggregate_in_parts(rule, config, &inputs, &mut read)? {
+    let why = match aggregate_in_parts(rule, config, inputs, &mut read)? {
         Ok(merged) => {
             out.merged = Some(merged);
             return Ok(out);
@@ -221,7 +221,7 @@ pub fn merge_excluding<E>(
     tracing::warn!(%why, inputs = inputs.len(), "merge failed; looking for the inputs that break it");
     let mut usable = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let alone = whole(&input)?.is_some_and(|adapter| {
+        let alone = whole(input)?.is_some_and(|adapter| {
             rule.aggregate(&[WeightedAdapter {
                 hash: input.hash,
                 samples: input.samples,
@@ -230,7 +230,7 @@ pub fn merge_excluding<E>(
             .is_ok()
         });
         if alone {
-            usable.push(input);
+            usable.push(input.clone());
         } else {
             out.blamed.push(input.hash);
         }
