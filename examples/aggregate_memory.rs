@@ -11,8 +11,8 @@
 //! cargo run --example aggregate_memory -- --inputs 4,16 --rule iso
 //! ```
 //!
-//! (The update-merging rules take minutes at 32 inputs of this shape: their SVDs grow with the
-//! inputs' summed rank.)
+//! (The update-merging rules take longer, growing with the inputs' summed rank: on a 2-core box
+//! an iso merge of 16 inputs of this shape takes 12 s, of 32 inputs 60 s.)
 
 use std::process::Command;
 
