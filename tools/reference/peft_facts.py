@@ -65,7 +65,9 @@ def load_base(path: Path, deltas: dict | None = None):
     return base
 
 
-def train(path: Path, examples: list[dict], args, out: Path, seed: int, deltas=None) -> list[float]:
+def train(
+    path: Path, examples: list[dict], args, out: Path, seed: int, steps: int, deltas=None
+) -> list[float]:
     base = load_base(path, deltas)
     torch.manual_seed(seed)
     cfg = LoraConfig(
@@ -82,7 +84,7 @@ def train(path: Path, examples: list[dict], args, out: Path, seed: int, deltas=N
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ids, mask, labels = batch(examples)
     losses = []
-    for _ in range(args.round_steps if deltas is not None else args.steps):
+    for _ in range(steps):
         # Hugging Face shifts the labels inside the model: label t is predicted from the tokens
         # before it, as HiveMind's target t is.
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -121,8 +123,8 @@ def greedy_scores(model, examples: list[dict], new_tokens: int, eos: set[int]) -
 
 def merged(adapters: list[Path], rule: str, scale: float) -> dict:
     """The users' LoRA updates merged densely by `rule`, by weight name: `exact` (the mean of
-    scale*B*A, times `scale`) or `iso` (their sum's spectrum flattened to its mean singular value,
-    times `scale`), an independent computation of HiveMind's `exact` and `iso:S` rules without
+    the updates (alpha/r)*B*A, times `scale`) or `iso` (their sum's spectrum flattened to its mean
+    singular value, times `scale`), an independent computation of HiveMind's `exact` and `iso:S` rules without
     their input bounds; `sum` and `disjoint` (below) are experiments."""
     from safetensors.torch import load_file
 
@@ -195,9 +197,10 @@ def main() -> int:
     users, per = spec["users"], spec["facts_per_user"]
     examples = spec["examples"]
     path = args.model.expanduser().resolve()
+    out = args.out or args.dir
+    eos = {int(t) for t in spec.get("eos", [0, 2])}
     if args.score:
-        eos = {int(t) for t in spec.get("eos", [0, 2])}
-        dirs = [(args.out or args.dir) / f"user{u}" for u in range(users)]
+        dirs = [out / f"user{u}" for u in range(users)]
         scores = {}
         for r in args.score.split(","):
             rule, _, scale = r.partition(":")
@@ -207,9 +210,7 @@ def main() -> int:
             print(f"{r}: exact match {scores[r]:.3f}", file=sys.stderr)
         print(json.dumps({"impl": "torch", "exact_match": scores}))
         return 0
-    out = args.out or args.dir
     if args.rounds:
-        eos = {int(t) for t in spec.get("eos", [0, 2])}
         rule, _, scale = args.round_rule.partition(":")
         deltas: dict = {}
         scores = []
@@ -218,7 +219,7 @@ def main() -> int:
             for u in range(users):
                 shard = examples[u * per : (u + 1) * per]
                 d = out / f"round{r}" / f"user{u}"
-                losses = train(path, shard, args, d, args.seed, deltas)
+                losses = train(path, shard, args, d, args.seed, args.round_steps, deltas)
                 print(f"round {r} user {u}: loss {losses[0]:.3f} -> {losses[-1]:.4f}", file=sys.stderr)
                 dirs.append(d)
             for name, delta in merged(dirs, rule, float(scale or 1.0)).items():
@@ -232,10 +233,10 @@ def main() -> int:
     for u in range(users):
         seed = args.seed + u if args.seed_per_user else args.seed
         shard = examples[u * per : (u + 1) * per]
-        runs[f"user{u}"] = train(path, shard, args, out / f"user{u}", seed)
+        runs[f"user{u}"] = train(path, shard, args, out / f"user{u}", seed, args.steps)
         print(f"user {u}: loss {runs[f'user{u}'][0]:.3f} -> {runs[f'user{u}'][-1]:.4f}", file=sys.stderr)
     if not args.skip_central:
-        runs["central"] = train(path, examples, args, out / "central", args.seed)
+        runs["central"] = train(path, examples, args, out / "central", args.seed, args.steps)
         print(f"central: loss {runs['central'][0]:.3f} -> {runs['central'][-1]:.4f}", file=sys.stderr)
     print(json.dumps({"impl": "peft", "losses": runs, "torch": torch.__version__}))
     return 0
