@@ -44,7 +44,7 @@ async fn main() -> Result<()> {
         alpha: 8.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         rule: args.rule.parse()?,
-        dp: None,
+        ..LoraSettings::default()
     };
     let shape = tiny.cfg.adapter_shape(lora.rank, &lora.target_modules)?;
     let dirs = node_dirs(work.path(), args.nodes);

@@ -744,7 +744,8 @@ fn uploads_are_refused_with_507_while_the_disk_is_below_the_floor() {
 }
 
 /// A gateway of a network with differential privacy releases what its users upload noised,
-/// reports ε in its status, keeps the sample counts out of what it lists, and lets a user have
+/// reports ε in its status, per round and what each user has spent (ε of as many releases as
+/// the user made uploads), keeps the sample counts out of what it lists, and lets a user have
 /// one upload waiting at a time (a second, superseding one would be a second release of the
 /// user's data for the same round).
 #[test]
@@ -752,26 +753,67 @@ fn a_private_gateway_releases_uploads_noised_and_one_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), 1);
     let data = tmp.path().join("gateway");
-    let (_server, api) = lone_gateway(&model, &data, &["--dp-noise", "0.5", "--dp-clip", "1"]);
-    let upload = |seed| {
+    let (_server, api) = lone_gateway(
+        &model,
+        &data,
+        &["--dp-noise", "0.5", "--dp-clip", "1", "--grace-secs", "1"],
+    );
+    let upload = |seed, user| {
         let bytes = adapter(seed, RANK, 32).to_safetensors_bytes().unwrap();
         api.upload(
             Some(("a.safetensors", bytes)),
-            &[("user_id", "alice"), ("training_samples", "123")],
+            &[("user_id", user), ("training_samples", "123")],
         )
     };
-    let (code, v) = upload(80);
+    let eps = |releases| hivemind_model::dp::epsilon(0.5, releases, 1e-5);
+    let close = |x: &serde_json::Value, want: f64| (x.as_f64().unwrap() - want).abs() < 1e-9;
+    let (code, v) = upload(80, "alice");
     assert_eq!(code, 200, "{v}");
-    let (code, v) = upload(81);
+    assert_eq!(v["privacy"]["releases"], 1, "{v}");
+    assert!(close(&v["privacy"]["epsilon"], eps(1)), "{v}");
+    let (code, v) = upload(81, "alice");
     assert_eq!(code, 409, "{v}");
     assert!(
         v["detail"].as_str().unwrap().contains("one upload waiting"),
         "{v}"
     );
     let (_, status) = api.get("/api/v1/status");
-    let eps = status["privacy"]["epsilon_per_round"].as_f64().unwrap();
-    let want = hivemind_model::dp::epsilon(0.5, 1, 1e-5);
-    assert!((eps - want).abs() < 1e-9, "{status}");
+    assert!(
+        close(&status["privacy"]["epsilon_per_round"], eps(1)),
+        "{status}"
+    );
+    // What each user has spent: alice one release (the refused upload is none), bob nothing.
+    let (_, status) = api.get("/api/v1/status?user_id=alice");
+    assert_eq!(status["privacy"]["user"]["releases"], 1, "{status}");
+    let (_, status) = api.get("/api/v1/status?user_id=bob");
+    assert_eq!(status["privacy"]["user"]["releases"], 0, "{status}");
+    assert!(
+        close(&status["privacy"]["user"]["epsilon"], 0.0),
+        "{status}"
+    );
+    // Once her upload is in a round, alice's next one is a second release: her ε is that of two.
+    let (code, v) = upload(82, "bob");
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = api.post("/api/v1/aggregate");
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = upload(83, "alice");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["privacy"]["releases"], 2, "{v}");
+    assert!(close(&v["privacy"]["epsilon"], eps(2)), "{v}");
+    assert!(eps(2) > eps(1));
+    let (_, status) = api.get("/api/v1/status?user_id=alice");
+    assert!(
+        close(&status["privacy"]["user"]["epsilon"], eps(2)),
+        "{status}"
+    );
+    assert_eq!(
+        status["privacy"]["most_releases_by_one_user"], 2,
+        "{status}"
+    );
+    assert!(
+        close(&status["privacy"]["epsilon_of_that_user"], eps(2)),
+        "{status}"
+    );
     let (_, list) = api.get("/api/v1/adapter/list");
     // (Not a search for "123" in the text: the upload time 12:33 once matched it.)
     let adapters = list["adapters"].as_array().unwrap();

@@ -49,6 +49,9 @@ pub struct LoraSettings {
     /// Differential privacy of what contributors announce (opt-in; part of the network's
     /// identity).
     pub dp: Option<hivemind_model::dp::DpSettings>,
+    /// Bits of proof of work a key must carry for what it signs to count (opt-in Sybil cost;
+    /// part of the network's identity): see [`hivemind_protocol::RoundConfig::min_key_work`].
+    pub key_work: u32,
 }
 
 impl Default for LoraSettings {
@@ -60,6 +63,7 @@ impl Default for LoraSettings {
             target_modules: Module::ALL.iter().map(|m| m.to_string()).collect(),
             rule: NetRule::default(),
             dp: None,
+            key_work: 0,
         }
     }
 }
@@ -172,6 +176,10 @@ pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
     round
 }
 
+/// The most key work a network may ask for: 32 bits is about 4 billion key generations, days
+/// of one core.
+pub const MAX_KEY_WORK: u32 = 32;
+
 /// The network's model id: the base model's content hash ([`hivemind_model::model_hash`],
 /// the same hash `BaseModel::load` computes) plus the LoRA shape. Reads the whole model:
 /// call it on a blocking thread.
@@ -194,7 +202,16 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
         })?;
         id = id.with_dp(dp.clip, dp.noise_multiplier);
     }
-    Ok((id, hash))
+    if lora.key_work > MAX_KEY_WORK {
+        return Err(Error::Config {
+            option: "key-work",
+            detail: format!(
+                "{} bits is more than {MAX_KEY_WORK}: a key would take about 2^{} tries to make",
+                lora.key_work, lora.key_work
+            ),
+        });
+    }
+    Ok((id.with_key_work(lora.key_work), hash))
 }
 
 /// A TCP listener on `addr` and the address it got.
@@ -244,7 +261,17 @@ impl Node {
             let (model, base_hash) = model_id(&model_path, &lora)?;
             dd.create()?;
             let store = dd.open_store()?.with_min_free(min_free);
-            let key = dd.node_key()?;
+            let key = dd.node_key_with_work(lora.key_work)?;
+            let work = key.node_id().key_work();
+            if work < lora.key_work {
+                tracing::warn!(
+                    work,
+                    needed = lora.key_work,
+                    "this node's key carries less work than the network asks for: peers refuse \
+                     what it signs (its adapters and digests); it still follows the rounds. A new \
+                     data dir makes a key with the work"
+                );
+            }
             let mut spec = NetSpec::for_model(
                 &model_path,
                 lora.rank,
@@ -308,6 +335,7 @@ impl Node {
                 model,
                 round: RoundConfig {
                     rule: spec.rule.id(),
+                    min_key_work: cfg.lora.key_work,
                     ..cfg.round.clone()
                 },
                 spec: spec.clone(),

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use hivemind_node::harness::{node_dirs, wait_until, Cluster, TinyNetwork};
+use hivemind_node::harness::{node_dirs, wait_round, Cluster, TinyNetwork};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_network_refuses_outsiders_even_when_a_member_relays_them() {
@@ -45,18 +45,11 @@ async fn a_closed_network_refuses_outsiders_even_when_a_member_relays_them() {
     assert_eq!(nb.peer_id(), b_peer);
     b.wait_connected(2, Duration::from_secs(30)).await.unwrap();
 
-    let mut inputs = Vec::new();
-    for (i, node) in [na, nb, nc].into_iter().enumerate() {
-        let dir = work.path().join(format!("adapter-{i}"));
-        net.adapter(i as u64 + 1).unwrap().write_dir(&dir).unwrap();
-        inputs.push(node.contribute(dir, 10).await.unwrap().to_hex());
-    }
-    let view = na.view();
-    let round = wait_until("A commits round 1", Duration::from_secs(60), || {
-        let latest = view.borrow().latest.clone();
-        async move { latest.filter(|r| r.number >= 1) }
-    })
-    .await;
+    let inputs = net
+        .contribute_each(work.path(), &[na, nb, nc], 1)
+        .await
+        .unwrap();
+    let round = wait_round(na, 1, Duration::from_secs(60)).await;
     // Give C time to find A through B (identify, Kademlia) and try to connect.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let a_info = na.client().info().await.unwrap();

@@ -9,7 +9,8 @@
 //! `--seed S` (exactly one seed), `--nodes M` (honest nodes, default 100),
 //! `--byzantine B`, `--duration-ms T`, `--no-partition`, `--trace-node I` (print every
 //! action of honest node I), `--sybil-floods` (Byzantine senders also pose as many users;
-//! see `SimConfig::sybil_floods`).
+//! see `SimConfig::sybil_floods`), `--sybil-keys` (they also make keys at will; see
+//! `SimConfig::sybil_keys`), `--key-work BITS` (the network refuses keys with less work).
 
 use anyhow::{bail, Context, Result};
 use hivemind_protocol::sim::{self, SimConfig};
@@ -39,6 +40,8 @@ fn main() -> Result<()> {
             "--duration-ms" => cfg.duration_ms = value("--duration-ms")?,
             "--no-partition" => cfg.partition = None,
             "--sybil-floods" => cfg.sybil_floods = true,
+            "--sybil-keys" => cfg.sybil_keys = true,
+            "--key-work" => cfg.round.min_key_work = value("--key-work")? as u32,
             "--trace-node" => cfg.trace_node = Some(value("--trace-node")? as usize),
             other => bail!("unknown argument {other:?} (see the example's doc comment)"),
         }

@@ -41,9 +41,41 @@ impl NodeKey {
     }
 }
 
+impl NodeKey {
+    /// The first key whose node id carries `bits` of work ([`NodeId::key_work`]), trying the
+    /// secrets `next_secret` gives in turn: about 2^`bits` tries (this crate has no RNG; the
+    /// node passes the OS's). `on_try` sees the count every 65,536 tries.
+    pub fn grind(
+        bits: u32,
+        mut next_secret: impl FnMut() -> [u8; 32],
+        mut on_try: impl FnMut(u64),
+    ) -> NodeKey {
+        let mut tries = 0u64;
+        loop {
+            let key = NodeKey::from_bytes(&next_secret());
+            tries += 1;
+            if key.node_id().key_work() >= bits {
+                return key;
+            }
+            if tries.is_multiple_of(65_536) {
+                on_try(tries);
+            }
+        }
+    }
+}
+
+/// blake3 key-derivation context of [`NodeId::key_work`].
+const KEY_WORK_CONTEXT: &str = "hivemind 2026 node key work v1";
+
 impl From<SigningKey> for NodeKey {
     fn from(key: SigningKey) -> Self {
         NodeKey(key)
+    }
+}
+
+impl From<NodeKey> for SigningKey {
+    fn from(key: NodeKey) -> Self {
+        key.0
     }
 }
 
@@ -75,6 +107,25 @@ impl NodeId {
     /// The first 8 hex characters, for logs.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..4])
+    }
+
+    /// The proof of work this key carries: the leading zero bits of its blake3 hash (keyed
+    /// for this purpose). A network that asks for `n` bits ([`crate::RoundConfig::min_key_work`])
+    /// refuses what weaker keys sign, so each key it weighs took about 2^n tries to make
+    /// ([`NodeKey::grind`]): many keys (Sybils) cost many times that. Independent of the
+    /// network, so one key serves every network that asks for as much or less.
+    pub fn key_work(&self) -> u32 {
+        let h = blake3::Hasher::new_derive_key(KEY_WORK_CONTEXT)
+            .update(&self.0)
+            .finalize();
+        let mut bits = 0;
+        for byte in h.as_bytes() {
+            bits += byte.leading_zeros();
+            if *byte != 0 {
+                break;
+            }
+        }
+        bits
     }
 
     /// The ed25519 verifying key, or [`Error::BadKey`] when the bytes are not a valid
@@ -125,6 +176,41 @@ mod tests {
         assert_eq!(id.to_string().parse::<NodeId>().ok(), Some(id));
         assert!(id.verifying_key().is_ok());
         assert_eq!(NodeKey::from_bytes(&key.to_secret_bytes()).node_id(), id);
+    }
+
+    /// Key work against a plain count of the leading zero bits of the hash, and grinding.
+    #[test]
+    fn key_work_counts_leading_zero_bits_and_grinding_reaches_it() {
+        let naive = |id: &NodeId| -> u32 {
+            let h = blake3::Hasher::new_derive_key(KEY_WORK_CONTEXT)
+                .update(&id.0)
+                .finalize();
+            let bits: String = h.as_bytes().iter().map(|b| format!("{b:08b}")).collect();
+            bits.chars().take_while(|c| *c == '0').count() as u32
+        };
+        let mut n = 0u64;
+        let mut next = || {
+            n += 1;
+            let mut s = [0u8; 32];
+            s[..8].copy_from_slice(&n.to_le_bytes());
+            s
+        };
+        let mut seen_nonzero = false;
+        for _ in 0..2000 {
+            let id = NodeKey::from_bytes(&next()).node_id();
+            assert_eq!(id.key_work(), naive(&id), "{id:?}");
+            seen_nonzero |= id.key_work() > 0;
+        }
+        assert!(seen_nonzero);
+        for bits in [0, 4, 10] {
+            let key = NodeKey::grind(bits, &mut next, |_| {});
+            assert!(key.node_id().key_work() >= bits);
+        }
+        // 10 bits is rare among plain keys: about one in 1024.
+        let strong = (0..2000)
+            .filter(|_| NodeKey::from_bytes(&next()).node_id().key_work() >= 10)
+            .count();
+        assert!(strong < 20, "{strong} of 2000 keys carry 10 bits");
     }
 
     #[test]

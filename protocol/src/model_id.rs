@@ -102,6 +102,18 @@ impl ModelId {
         ModelId(Hash::from(h.finalize()))
     }
 
+    /// The id of the network that counts only keys carrying `bits` of work
+    /// ([`crate::NodeId::key_work`]); 0 keeps the id (every key counts).
+    pub fn with_key_work(self, bits: u32) -> ModelId {
+        if bits == 0 {
+            return self;
+        }
+        let mut h = blake3::Hasher::new_derive_key("hivemind 2026 model id with key work v1");
+        h.update(self.0.as_bytes());
+        h.update(&bits.to_le_bytes());
+        ModelId(Hash::from(h.finalize()))
+    }
+
     /// Lower-case hex, 64 characters.
     pub fn to_hex(&self) -> String {
         self.0.to_hex()

@@ -898,3 +898,80 @@ fn one_namer_cannot_fill_the_announcement_fetches() {
     let out = a.handle(30, Event::Digest(digest(&kc, view, false, 30)));
     assert_eq!(fetched_announcements(&out), vec![theirs.id()]);
 }
+
+/// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys
+/// sign, announcements and digests, and penalises the signer; a ground key
+/// (`NodeKey::grind`) counts. Before, every key counted, so one party weighed as many
+/// contributors as it made keys, at no cost (Sybils).
+#[test]
+fn a_network_with_key_work_refuses_what_weak_keys_sign() {
+    let bits = 8;
+    let mut n = 0u64;
+    let mut next = || {
+        n += 1;
+        let mut s = [9u8; 32];
+        s[..8].copy_from_slice(&n.to_le_bytes());
+        s
+    };
+    let me = NodeKey::grind(bits, &mut next, |_| {});
+    let strong = NodeKey::grind(bits, &mut next, |_| {});
+    let mut weak_keys = Vec::new();
+    while weak_keys.len() < 2 {
+        let k = NodeKey::from_bytes(&next());
+        if k.node_id().key_work() < bits {
+            weak_keys.push(k);
+        }
+    }
+    let (weak, weak2) = (&weak_keys[0], &weak_keys[1]);
+    let strict = |k: &NodeKey| {
+        let cfg = RoundConfig {
+            min_key_work: bits,
+            ..cfg()
+        };
+        RoundMachine::new(cfg, model(), k.node_id(), None, 0).expect("machine")
+    };
+    let mut m = strict(&me);
+    let out = m.handle(
+        10,
+        Event::Announcement(ann(weak, 1, Hash::of(b"w"), None, 10)),
+    );
+    assert_eq!(
+        verdicts(&out),
+        vec![Verdict::Reject(Misbehaviour::WeakKey {
+            work: weak.node_id().key_work(),
+            needed: bits,
+        })]
+    );
+    assert_eq!(
+        penalties(&out).iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![weak.node_id()]
+    );
+    let strong_ann = ann(&strong, 1, Hash::of(b"s"), None, 11);
+    let out = m.handle(11, Event::Announcement(strong_ann.clone()));
+    assert_eq!(verdicts(&out), vec![Verdict::Accept]);
+    let out = m.handle(
+        12,
+        Event::Digest(digest(weak2, record(1, None, &[&strong_ann], 1), false, 12)),
+    );
+    assert!(
+        matches!(
+            verdicts(&out)[..],
+            [Verdict::Reject(Misbehaviour::WeakKey { .. })]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(penalties(&out).len(), 1);
+    // The node's own contribution is its own business (a follower with a weak key still
+    // runs; its peers refuse what it signs).
+    let out = strict(weak).handle(
+        13,
+        Event::LocalContribution(ann(weak, 1, Hash::of(b"own"), None, 13)),
+    );
+    assert!(penalties(&out).is_empty(), "{out:?}");
+    // Without key work the same weak key counts: the checks above are not vacuous.
+    let out = machine(weak).handle(
+        14,
+        Event::Announcement(ann(weak2, 1, Hash::of(b"w2"), None, 14)),
+    );
+    assert_eq!(verdicts(&out), vec![Verdict::Accept]);
+}

@@ -30,6 +30,16 @@ const KEY_FILE_LEN: usize = 64;
 /// A key file that cannot be read as a key pair gives [`Error::CorruptIdentity`];
 /// it is never replaced, since that would silently change the node's identity.
 pub fn load_or_create_identity(dir: impl AsRef<Path>) -> Result<SigningKey> {
+    load_or_create_identity_with(dir, || SigningKey::generate(&mut OsRng))
+}
+
+/// [`load_or_create_identity`], where `make` creates the key on first start (a key with a
+/// network's proof of work, say). An existing key is loaded as it is, whatever `make` would
+/// have made.
+pub fn load_or_create_identity_with(
+    dir: impl AsRef<Path>,
+    mut make: impl FnMut() -> SigningKey,
+) -> Result<SigningKey> {
     let dir = dir.as_ref();
     create_dir_private(dir)?;
     let path = dir.join(IDENTITY_FILE);
@@ -41,7 +51,7 @@ pub fn load_or_create_identity(dir: impl AsRef<Path>) -> Result<SigningKey> {
             }
             return Ok(key);
         }
-        let key = SigningKey::generate(&mut OsRng);
+        let key = make();
         let (mut file, temp) = create_temp(dir, TEMP_PREFIX, 0o600)?;
         let written = file
             .write_all(&key.to_keypair_bytes())

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 pub use blobs::BlobWriter;
 pub use error::{Error, Result};
-pub use identity::{load_or_create_identity, IDENTITY_FILE};
+pub use identity::{load_or_create_identity, load_or_create_identity_with, IDENTITY_FILE};
 pub use records::{PeerRecord, RoundRecord, UploadRecord, UploadStats};
 pub use retention::Collected;
 

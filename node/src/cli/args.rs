@@ -175,6 +175,14 @@ pub struct NodeArgs {
     /// The δ that ε is reported for under --dp-noise.
     #[arg(long, default_value_t = 1e-5)]
     pub dp_delta: f64,
+    /// Sybil cost (opt-in, part of the network's identity): what a key signs counts only if
+    /// the key carries this many bits of proof of work (its hash starts with as many zero
+    /// bits), so every key the network weighs took about 2^BITS key generations to make.
+    /// A new data dir makes such a key at first start (20 bits: about a minute of one core);
+    /// a node whose key has less still follows the rounds, but peers refuse what it signs.
+    /// At most 32.
+    #[arg(long, env = "HIVE_KEY_WORK", default_value_t = 0)]
+    pub key_work: u32,
     /// Discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
@@ -226,6 +234,7 @@ impl NodeArgs {
                 noise_multiplier: z,
                 delta: self.dp_delta,
             }),
+            key_work: self.key_work,
         }
     }
 

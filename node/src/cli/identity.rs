@@ -1,11 +1,57 @@
-//! `hive-node identity`: print the node's PeerId (the key is created on first use).
+//! `hive-node identity`: print the node's PeerId (the key is created on first use, with the
+//! key work a network asks for when `--key-work` says so).
+
+use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 
 use super::args::DataDirArg;
 
+/// `hive-node identity`.
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    #[command(flatten)]
+    data_dir: DataDirArg,
+    /// Make the key (on first use) with this many bits of key work, for networks that ask for
+    /// it (`join --key-work`), and say how much work the key carries.
+    #[arg(long, default_value_t = 0)]
+    key_work: u32,
+}
+
 /// Runs `hive-node identity`.
-pub(super) fn run(args: DataDirArg) -> Result<()> {
-    println!("{}", args.dir().peer_id()?);
+pub(super) fn run(args: IdentityArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.key_work <= crate::node::MAX_KEY_WORK,
+        "--key-work {} is more than {}",
+        args.key_work,
+        crate::node::MAX_KEY_WORK
+    );
+    let dir = args.data_dir.dir();
+    let t0 = Instant::now();
+    let key = dir.node_key_with_work(args.key_work)?;
+    println!("{}", dir.peer_id()?);
+    if args.key_work > 0 {
+        let work = key.node_id().key_work();
+        eprintln!(
+            "key work: {work} bits ({}; a network with --key-work {} {} it){}",
+            if work >= args.key_work {
+                "enough"
+            } else {
+                "too little: this key was made before, a new data dir makes one with the work"
+            },
+            args.key_work,
+            if work >= args.key_work {
+                "counts"
+            } else {
+                "refuses what it signs, but"
+            },
+            if t0.elapsed().as_secs_f64() > 0.5 {
+                format!(" in {:.1} s", t0.elapsed().as_secs_f64())
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }

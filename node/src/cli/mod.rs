@@ -44,7 +44,7 @@ pub enum Command {
     /// Chat with the model (interactive, or one answer with --prompt).
     Chat(chat::ChatArgs),
     /// Print this node's libp2p PeerId (creates the identity key in the data dir on first use).
-    Identity(args::DataDirArg),
+    Identity(identity::IdentityArgs),
     /// Train a LoRA adapter on local data (or write a sample dataset with --create-sample).
     Train(train::TrainArgs),
     /// Score the model with an adapter on a dataset: loss, perplexity, greedy exact match.

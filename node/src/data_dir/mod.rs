@@ -83,6 +83,34 @@ impl DataDir {
         )?))
     }
 
+    /// The node's signing key, created on first use with `bits` of key work
+    /// ([`hivemind_protocol::NodeId::key_work`]: about 2^`bits` key generations, logged as it
+    /// goes). A key that exists is loaded as it is, with whatever work it has.
+    pub fn node_key_with_work(&self, bits: u32) -> Result<NodeKey> {
+        let make = || {
+            if bits > 0 {
+                tracing::info!(bits, "making a node key with the network's key work");
+            }
+            let key = NodeKey::grind(
+                bits,
+                || {
+                    let mut secret = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+                    secret
+                },
+                |tries| {
+                    if tries.is_multiple_of(1 << 22) {
+                        tracing::info!(tries, bits, "still making a node key");
+                    }
+                },
+            );
+            key.into()
+        };
+        Ok(NodeKey::from(hivemind_store::load_or_create_identity_with(
+            &self.root, make,
+        )?))
+    }
+
     /// The node's libp2p peer id (from its key, created on first use).
     pub fn peer_id(&self) -> Result<libp2p::PeerId> {
         Ok(crate::identity::keypair_of(&self.node_key()?)?

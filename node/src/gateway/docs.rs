@@ -18,7 +18,9 @@ pub fn openapi_document() -> Value {
         },
         "paths": {
             "/": { "get": { "summary": "Liveness", "responses": { "200": ok("Server is running", json!({ "type": "object", "properties": { "message": { "type": "string" }, "version": { "type": "string" } } })) } } },
-            "/api/v1/status": { "get": { "summary": "Gateway status", "responses": { "200": ok("Counts and the latest round version", json!({ "$ref": "#/components/schemas/Status" })) } } },
+            "/api/v1/status": { "get": { "summary": "Gateway status",
+                "parameters": [ { "name": "user_id", "in": "query", "required": false, "schema": { "type": "string" }, "description": "in a network with differential privacy: also report this user's privacy spend (privacy.user)" } ],
+                "responses": { "200": ok("Counts and the latest round version", json!({ "$ref": "#/components/schemas/Status" })) } } },
             "/api/v1/adapter/upload": { "post": {
                 "summary": "Upload a PEFT LoRA adapter (.safetensors, or .zip of the adapter dir)",
                 "requestBody": { "required": true, "content": { "multipart/form-data": { "schema": {
@@ -31,7 +33,7 @@ pub fn openapi_document() -> Value {
                         "epochs": { "type": "integer", "default": 0, "minimum": 0 }
                     } } } } },
                 "responses": {
-                    "200": ok("Stored and announced", json!({ "type": "object", "properties": { "success": { "type": "boolean" }, "adapter_id": { "type": "string", "description": "<user_id>_<YYYYmmdd_HHMMSS>" }, "message": { "type": "string" } } })),
+                    "200": ok("Stored and announced", json!({ "type": "object", "properties": { "success": { "type": "boolean" }, "adapter_id": { "type": "string", "description": "<user_id>_<YYYYmmdd_HHMMSS>" }, "message": { "type": "string" }, "privacy": { "$ref": "#/components/schemas/UserPrivacy" } } })),
                     "400": err("Invalid file, adapter or user_id"),
                     "413": err("Upload over the size limit"),
                     "422": err("Missing or non-integer field")
@@ -61,7 +63,14 @@ pub fn openapi_document() -> Value {
             "Error": { "type": "object", "properties": { "detail": { "description": "a message, or for 422 a list of {type, loc, msg, input}" } } },
             "Status": { "type": "object", "properties": {
                 "total_adapters": { "type": "integer" }, "total_users": { "type": "integer" },
-                "latest_aggregated_version": { "type": ["string", "null"] }, "pending_for_aggregation": { "type": "integer" } } },
+                "latest_aggregated_version": { "type": ["string", "null"] }, "pending_for_aggregation": { "type": "integer" },
+                "privacy": { "type": "object", "description": "networks with differential privacy only", "properties": {
+                    "clip": { "type": "number" }, "noise_multiplier": { "type": "number" }, "delta": { "type": "number" },
+                    "epsilon_per_round": { "type": "number" }, "epsilon_after_10_rounds": { "type": "number" },
+                    "most_releases_by_one_user": { "type": "integer" }, "epsilon_of_that_user": { "type": "number" },
+                    "user": { "$ref": "#/components/schemas/UserPrivacy" } } } } },
+            "UserPrivacy": { "type": "object", "description": "a user's privacy spend: every upload is one release", "properties": {
+                "user_id": { "type": "string" }, "releases": { "type": "integer" }, "epsilon": { "type": "number" } } },
             "Upload": { "type": "object", "properties": {
                 "id": { "type": "string" }, "user_id": { "type": "string" }, "path": { "type": "string" },
                 "metadata": { "type": "object", "properties": {

@@ -236,13 +236,24 @@ async fn root() -> Json<Value> {
     }))
 }
 
-async fn status(State(gw): State<Gateway>) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+struct StatusQuery {
+    /// A user whose privacy spend to report (private networks).
+    user_id: Option<String>,
+}
+
+async fn status(State(gw): State<Gateway>, Query(q): Query<StatusQuery>) -> ApiResult<Json<Value>> {
     let store = gw.store.clone();
+    let user = q.user_id.clone();
     // One index entry per user, not every upload (see Store::upload_stats).
-    let (stats, pending) = blocking(move || {
+    let (stats, pending, user_uploads) = blocking(move || {
         let stats = store.upload_stats().map_err(ApiError::internal)?;
         let pending = store.pending_uploads().map_err(ApiError::internal)?;
-        Ok((stats, pending.len()))
+        let user_uploads = match &user {
+            Some(u) => Some(store.user_upload_count(u).map_err(ApiError::internal)?),
+            None => None,
+        };
+        Ok((stats, pending.len(), user_uploads))
     })
     .await?;
     let latest = gw.view.borrow().latest.as_ref().map(|r| r.version.clone());
@@ -252,8 +263,9 @@ async fn status(State(gw): State<Gateway>) -> ApiResult<Json<Value>> {
         "latest_aggregated_version": latest,
         "pending_for_aggregation": pending,
     });
-    // In a private network: what each upload's release costs a user (one upload a round is
-    // announced per user, so a user's ε after k rounds is that of k releases).
+    // In a private network: what each upload's release costs a user, and what the users have
+    // spent. Every upload is released once (noised at upload, one waiting per user at a
+    // time), so a user's ε is that of as many releases as the user made uploads.
     if let Some(dp) = &gw.spec.dp {
         body["privacy"] = json!({
             "clip": dp.clip,
@@ -261,9 +273,23 @@ async fn status(State(gw): State<Gateway>) -> ApiResult<Json<Value>> {
             "delta": dp.delta,
             "epsilon_per_round": dp.epsilon(1),
             "epsilon_after_10_rounds": dp.epsilon(10),
+            "most_releases_by_one_user": stats.most_by_one_user,
+            "epsilon_of_that_user": dp.epsilon(stats.most_by_one_user),
         });
+        if let (Some(user), Some(n)) = (q.user_id, user_uploads) {
+            body["privacy"]["user"] = user_privacy(dp, &user, n);
+        }
     }
     Ok(Json(body))
+}
+
+/// A gateway user's privacy spend after `releases` uploads.
+fn user_privacy(dp: &hivemind_model::dp::DpSettings, user: &str, releases: u64) -> Value {
+    json!({
+        "user_id": user,
+        "releases": releases,
+        "epsilon": dp.epsilon(releases),
+    })
 }
 
 #[derive(Deserialize)]

@@ -484,11 +484,20 @@ pub(super) async fn upload(
         ),
     };
     tracing::info!(upload = %record.id, adapter = %record.blob.short(), ?placement, "gateway upload");
-    Ok(Json(json!({
+    let mut body = json!({
         "success": true,
         "adapter_id": record.id,
         "message": message,
-    })))
+    });
+    // A private network tells the user what this release brings their spend to.
+    if let Some(dp) = &gw.spec.dp {
+        let store = gw.store.clone();
+        let user = record.user_id.clone();
+        let releases =
+            blocking(move || store.user_upload_count(&user).map_err(ApiError::internal)).await?;
+        body["privacy"] = super::user_privacy(dp, &record.user_id, releases);
+    }
+    Ok(Json(body))
 }
 
 /// A UTC calendar time, as the legacy server stamps uploads.

@@ -8,6 +8,7 @@
 //!   Cluster::wait_committed(round) ─▶ every node's DriverView shows the same round
 //!   NodeProcess::start(bin, args) ─▶ child process, stdout lines on a channel, status.json
 //!   wait_until / wait_until_blocking ─▶ poll f() until Some, or fail naming what timed out
+//!   wait_round(node, n) ─▶ what a node committed once it reached round n
 //!   TinyNetwork::write(dir) ─▶ a tiny generated model, its LoRA shape, adapters, node configs
 //!   churn::run(bin, root, plan) ─▶ N `join` processes killed, restarted and joined round by round
 //! ```
@@ -36,6 +37,17 @@ pub struct TimedOut {
     pub what: String,
     /// How long the wait took.
     pub after: Duration,
+}
+
+/// Waits (up to `limit`) until `node` has committed round `round` or later, and returns what
+/// it committed last.
+pub async fn wait_round(node: &Node, round: u64, limit: Duration) -> Result<RoundView, TimedOut> {
+    let view = node.view();
+    wait_until(&format!("a commit of round {round}"), limit, || {
+        let latest = view.borrow().latest.clone();
+        async move { latest.filter(|r| r.number >= round) }
+    })
+    .await
 }
 
 /// Polls `f` until it returns `Some`, for at most `limit`.
@@ -363,6 +375,24 @@ impl TinyNetwork {
             self.lora.alpha,
             seed,
         )?)
+    }
+
+    /// Has each of `nodes` contribute a random adapter (seed `seed + i` for the `i`-th,
+    /// written to `root/adapter-{seed + i}`), and returns the adapters' hashes in hex, in order.
+    pub async fn contribute_each(
+        &self,
+        root: &Path,
+        nodes: &[&Node],
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        let mut hashes = Vec::with_capacity(nodes.len());
+        for (i, node) in nodes.iter().enumerate() {
+            let seed = seed + i as u64;
+            let dir = root.join(format!("adapter-{seed}"));
+            self.adapter(seed)?.write_dir(&dir)?;
+            hashes.push(node.contribute(dir, 10).await?.to_hex());
+        }
+        Ok(hashes)
     }
 
     /// Starts `n` nodes of this network in `root/node-i` (rounds of `round_secs`; `adjust`

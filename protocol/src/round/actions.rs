@@ -157,6 +157,14 @@ pub enum Misbehaviour {
         /// The model id it named.
         got: ModelId,
     },
+    /// Signed with a key that carries less work than the network asks for
+    /// ([`crate::RoundConfig::min_key_work`]).
+    WeakKey {
+        /// The key's work, in bits.
+        work: u32,
+        /// The network's.
+        needed: u32,
+    },
     /// Announced two different adapters for one round (the lowest hash is used).
     Equivocation {
         /// The round.

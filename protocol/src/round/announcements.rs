@@ -55,11 +55,18 @@ impl RoundMachine {
             return verdict(Verdict::Ignore(Ignored::Duplicate), out);
         }
         let a = msg.payload();
-        if a.model != self.model {
+        // Signed for another network, or (from a peer) by a key without the network's work.
+        let why = if a.model != self.model {
+            Some(Misbehaviour::WrongModel { got: a.model })
+        } else if !local {
+            self.weak_key(&a.contributor)
+        } else {
+            None
+        };
+        if let Some(why) = why {
             self.seen.insert(id, a.round);
             let round = request.as_ref().map_or(a.round, |r| r.round);
             self.invalid.insert(id, round);
-            let why = Misbehaviour::WrongModel { got: a.model };
             self.penalise(a.contributor, why.clone(), out);
             if let Some(req) = request {
                 for namer in req.claims.keys() {

@@ -26,6 +26,11 @@ pub struct RoundConfig {
     pub catch_up_quorum: usize,
     /// The aggregation rule of this network.
     pub rule: RuleId,
+    /// Bits of work a key must carry ([`crate::NodeId::key_work`]) for what it signs to
+    /// count: announcements and digests of weaker keys are rejected and their signers
+    /// penalised. 0 (the default): every key counts. Part of the network's identity
+    /// ([`crate::ModelId::with_key_work`]).
+    pub min_key_work: u32,
 }
 
 impl Default for RoundConfig {
@@ -42,6 +47,7 @@ impl Default for RoundConfig {
             lookahead_rounds: 2,
             catch_up_quorum: 2,
             rule: RuleId::FEDAVG,
+            min_key_work: 0,
         }
     }
 }

@@ -27,8 +27,12 @@ impl RoundMachine {
         {
             return verdict(Verdict::Ignore(Ignored::Banned), out);
         }
-        if r.model != self.model {
-            let why = Misbehaviour::WrongModel { got: r.model };
+        let why = if r.model != self.model {
+            Some(Misbehaviour::WrongModel { got: r.model })
+        } else {
+            self.weak_key(&signer)
+        };
+        if let Some(why) = why {
             self.penalise(signer, why.clone(), out);
             return verdict(Verdict::Reject(why), out);
         }

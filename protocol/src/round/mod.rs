@@ -362,6 +362,17 @@ impl RoundMachine {
         out
     }
 
+    /// Why `signer`'s messages do not count here: its key carries less work than the
+    /// network asks for ([`RoundConfig::min_key_work`]).
+    fn weak_key(&self, signer: &NodeId) -> Option<Misbehaviour> {
+        let needed = self.config.min_key_work;
+        if needed == 0 {
+            return None;
+        }
+        let work = signer.key_work();
+        (work < needed).then_some(Misbehaviour::WeakKey { work, needed })
+    }
+
     /// Reports misbehaviour, and ignores the offender's digests for the rest of this
     /// round and the next (so one liar cannot keep the round busy with fresh junk).
     fn penalise(&mut self, peer: NodeId, reason: Misbehaviour, out: &mut Vec<Action>) {

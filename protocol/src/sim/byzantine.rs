@@ -1,7 +1,8 @@
 //! The Byzantine senders: bad signatures, wrong model ids, digests naming invalid
 //! announcements, forged results and weights, replays, and one key posing as many users
 //! (many announcements whose blobs it never serves, and a record of them claiming one unit
-//! of weight per user), and digests naming hundreds of announcements that do not exist.
+//! of weight per user), digests naming hundreds of announcements that do not exist, and keys
+//! made at will (Sybils) announcing adapters the sender serves.
 
 use std::rc::Rc;
 
@@ -49,7 +50,12 @@ impl Sim<'_> {
         };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
-        match self.rng.below(strategies) {
+        let strategy = if self.cfg.sybil_keys && self.rng.chance(500) {
+            8
+        } else {
+            self.rng.below(strategies)
+        };
+        match strategy {
             0 => {
                 // A bad signature.
                 let Ok(s) = Signed::sign(base, &self.nodes[b].key) else {
@@ -184,6 +190,34 @@ impl Sim<'_> {
                     self.invalid_adapters.insert(i.adapter);
                 }
                 self.publish_byzantine_digest(b, claim(inputs), false);
+            }
+            8 => {
+                // A key made for the occasion, without the network's key work (one that has
+                // it by luck is one the sender paid for), announces an adapter the sender
+                // serves: one more contributor, as far as anyone can tell.
+                let needed = self.cfg.round.min_key_work;
+                let sybil = loop {
+                    let mut seed = [0u8; 32];
+                    for chunk in seed.chunks_mut(8) {
+                        chunk.copy_from_slice(&self.rng.next().to_le_bytes());
+                    }
+                    let key = crate::NodeKey::from_bytes(&seed);
+                    if needed == 0 || key.node_id().key_work() < needed {
+                        break key;
+                    }
+                };
+                let mut a = base;
+                a.contributor = sybil.node_id();
+                let Ok(s) = Signed::sign(a, &sybil) else {
+                    return;
+                };
+                // Its blob and announcement are served by the sender, under the new key.
+                self.index.insert(sybil.node_id(), b);
+                self.nodes[b].blobs.insert(fresh);
+                let bytes = Rc::new(s.encode());
+                self.nodes[b].anns.insert(s.id(), bytes.clone());
+                self.sybil_anns.insert(s.id());
+                self.broadcast(b, Wire::Announcement(s.id(), bytes));
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent

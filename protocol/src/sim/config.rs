@@ -53,6 +53,14 @@ pub struct SimConfig {
     /// in-progress digests naming 512 announcements that do not exist. Off by default so the
     /// seeds of the other tests replay as before; `tests/sim.rs` runs it on small networks.
     pub sybil_floods: bool,
+    /// Byzantine senders also make keys at will (Sybils): each time, a fresh key signs an
+    /// announcement of the current round whose adapter the sender serves, one more
+    /// contributor as far as anyone can tell. With [`RoundConfig::min_key_work`] in `round`
+    /// the fresh keys carry no work (the senders' own keys do, like the honest nodes'); the
+    /// report counts the committed inputs they got in ([`SimReport::sybil_inputs`]).
+    ///
+    /// [`SimReport::sybil_inputs`]: super::SimReport::sybil_inputs
+    pub sybil_keys: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
     ///
     /// [`SimReport::trace`]: super::SimReport::trace
@@ -83,6 +91,7 @@ impl Default for SimConfig {
             tick_ms: 100,
             byzantine_every_ms: 700,
             sybil_floods: false,
+            sybil_keys: false,
             trace_node: None,
         }
     }

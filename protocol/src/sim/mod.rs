@@ -207,6 +207,8 @@ struct Sim<'a> {
     valid_anns: BTreeMap<Hash, (u64, Hash)>,
     invalid_anns: BTreeSet<Hash>,
     invalid_adapters: BTreeSet<Hash>,
+    /// Announcements signed by keys Byzantine senders made at will.
+    sybil_anns: BTreeSet<Hash>,
     replay_pool: Vec<Wire>,
     partition_round: Option<u64>,
     report: SimReport,
@@ -224,11 +226,19 @@ impl<'a> Sim<'a> {
         let mut nodes = Vec::new();
         let mut index = BTreeMap::new();
         for i in 0..cfg.nodes + cfg.byzantine {
-            let mut seed = [0u8; 32];
-            for chunk in seed.chunks_mut(8) {
-                chunk.copy_from_slice(&rng.next().to_le_bytes());
-            }
-            let key = NodeKey::from_bytes(&seed);
+            // Every node's key carries the network's work (with none asked, the first key
+            // drawn: the draws of old, so seeds replay as before).
+            let key = NodeKey::grind(
+                cfg.round.min_key_work,
+                || {
+                    let mut seed = [0u8; 32];
+                    for chunk in seed.chunks_mut(8) {
+                        chunk.copy_from_slice(&rng.next().to_le_bytes());
+                    }
+                    seed
+                },
+                |_| {},
+            );
             let id = key.node_id();
             index.insert(id, i);
             let honest = i < cfg.nodes;
@@ -270,6 +280,7 @@ impl<'a> Sim<'a> {
             valid_anns: BTreeMap::new(),
             invalid_anns: BTreeSet::new(),
             invalid_adapters: BTreeSet::new(),
+            sybil_anns: BTreeSet::new(),
             replay_pool: Vec::new(),
             partition_round: None,
             report: SimReport::default(),

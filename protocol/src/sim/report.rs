@@ -26,6 +26,9 @@ pub struct SimReport {
     /// Rounds whose records differ between checked nodes (forks; each must be
     /// resolved by the next round, except inside the partition).
     pub disagreeing_rounds: u64,
+    /// Inputs of the checked nodes' committed rounds announced by keys Byzantine senders
+    /// made at will ([`SimConfig::sybil_keys`](super::SimConfig::sybil_keys)).
+    pub sybil_inputs: u64,
     /// The actions of [`SimConfig::trace_node`](super::SimConfig::trace_node), one line each.
     pub trace: Vec<String>,
 }

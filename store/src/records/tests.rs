@@ -136,12 +136,17 @@ fn upload_index_counts_and_finds_the_newest_per_user() -> anyhow::Result<()> {
     let expected = UploadStats {
         uploads: 5,
         users: 3,
+        most_by_one_user: 3,
     };
     assert_eq!(store.upload_stats()?, expected);
     // Against a naive computation over every record.
     let all = store.list_uploads()?;
     let users: std::collections::BTreeSet<&str> = all.iter().map(|u| u.user_id.as_str()).collect();
     assert_eq!((all.len() as u64, users.len() as u64), (5, 3));
+    for user in ["amy", "bob", "cat", "dan"] {
+        let naive = all.iter().filter(|u| u.user_id == user).count() as u64;
+        assert_eq!(store.user_upload_count(user)?, naive, "{user}");
+    }
     assert_eq!(ids(store.pending_uploads()?), ["u2", "u5", "u4"]);
 
     // A data dir from before the index (none at all), and one where an older binary

@@ -57,6 +57,8 @@ pub struct UploadStats {
     pub uploads: u64,
     /// Distinct users who uploaded.
     pub users: u64,
+    /// Uploads of the user who uploaded most.
+    pub most_by_one_user: u64,
 }
 
 impl Store {
@@ -106,8 +108,18 @@ impl Store {
             let entry: UserUploads = decode("upload_users", &k, &v)?;
             stats.users += 1;
             stats.uploads += entry.count;
+            stats.most_by_one_user = stats.most_by_one_user.max(entry.count);
         }
         Ok(stats)
+    }
+
+    /// How many uploads `user_id` made (0 for a user who made none). Reads one index entry.
+    pub fn user_upload_count(&self, user_id: &str) -> Result<u64> {
+        let key = user_id.as_bytes();
+        match self.upload_users.get(key)? {
+            Some(v) => Ok(decode::<UserUploads>("upload_users", key, &v)?.count),
+            None => Ok(0),
+        }
     }
 
     /// Rebuilds the per-user upload index when it does not count every upload: a data dir
