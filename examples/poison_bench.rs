@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo run --example poison_bench                     # synthetic updates, seconds
-//! cargo run --example poison_bench -- --model default  # trained users, ~30 minutes
+//! cargo run --example poison_bench -- --model default  # trained users, about an hour
 //! cargo run --example poison_bench -- --model tiny     # trained on a tiny model (smoke)
 //! ```
 //!
