@@ -176,9 +176,7 @@ pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
     round
 }
 
-/// The most key work a network may ask for: 32 bits is about 4 billion key generations, days
-/// of one core.
-pub const MAX_KEY_WORK: u32 = 32;
+pub use hivemind_protocol::MAX_KEY_WORK;
 
 /// The network's model id: the base model's content hash ([`hivemind_model::model_hash`],
 /// the same hash `BaseModel::load` computes) plus the LoRA shape. Reads the whole model:
@@ -264,13 +262,19 @@ impl Node {
             let key = dd.node_key_with_work(lora.key_work)?;
             let work = key.node_id().key_work();
             if work < lora.key_work {
-                tracing::warn!(
-                    work,
-                    needed = lora.key_work,
-                    "this node's key carries less work than the network asks for: peers refuse \
-                     what it signs (its adapters and digests); it still follows the rounds. A new \
-                     data dir makes a key with the work"
-                );
+                // Its peers would refuse and ban it at its first message.
+                return Err(Error::Config {
+                    option: "key-work",
+                    detail: format!(
+                        "this node's key ({}) carries {work} bits of work and the network asks \
+                         for {}: its peers would refuse everything it signs. The key was made \
+                         before; start with a new data dir (its key is made with the work), or \
+                         make one with `hive-node identity --key-work {} --data-dir NEW`",
+                        key.node_id().short(),
+                        lora.key_work,
+                        lora.key_work
+                    ),
+                });
             }
             let mut spec = NetSpec::for_model(
                 &model_path,

@@ -41,7 +41,16 @@ fn main() -> Result<()> {
             "--no-partition" => cfg.partition = None,
             "--sybil-floods" => cfg.sybil_floods = true,
             "--sybil-keys" => cfg.sybil_keys = true,
-            "--key-work" => cfg.round.min_key_work = value("--key-work")? as u32,
+            "--key-work" => {
+                let bits = value("--key-work")?;
+                if bits > u64::from(hivemind_protocol::MAX_KEY_WORK) {
+                    bail!(
+                        "--key-work {bits} is more than {}",
+                        hivemind_protocol::MAX_KEY_WORK
+                    );
+                }
+                cfg.round.min_key_work = bits as u32;
+            }
             "--trace-node" => cfg.trace_node = Some(value("--trace-node")? as usize),
             other => bail!("unknown argument {other:?} (see the example's doc comment)"),
         }

@@ -44,7 +44,8 @@ impl NodeKey {
 impl NodeKey {
     /// The first key whose node id carries `bits` of work ([`NodeId::key_work`]), trying the
     /// secrets `next_secret` gives in turn: about 2^`bits` tries (this crate has no RNG; the
-    /// node passes the OS's). `on_try` sees the count every 65,536 tries.
+    /// node passes the OS's). `on_try` sees the count every 65,536 tries. Callers cap `bits`
+    /// ([`MAX_KEY_WORK`]): the expected time doubles with each bit.
     pub fn grind(
         bits: u32,
         mut next_secret: impl FnMut() -> [u8; 32],
@@ -63,6 +64,10 @@ impl NodeKey {
         }
     }
 }
+
+/// The most key work a network may ask for ([`crate::RoundConfig::min_key_work`]): 32 bits is
+/// about 4 billion key generations, a day of one core with [`NodeKey::grind`].
+pub const MAX_KEY_WORK: u32 = 32;
 
 /// blake3 key-derivation context of [`NodeId::key_work`].
 const KEY_WORK_CONTEXT: &str = "hivemind 2026 node key work v1";

@@ -37,7 +37,7 @@ pub mod sim;
 
 pub use error::Error;
 pub use hash::{Hash, ParseHashError};
-pub use identity::{NodeId, NodeKey};
+pub use identity::{NodeId, NodeKey, MAX_KEY_WORK};
 pub use message::{
     Announcement, MessageKind, Payload, RoundDigest, RoundInput, RoundRecord, RuleId, Signed,
     SignedAnnouncement, SignedDigest, ANNOUNCEMENT_DOMAIN, HEADER_BYTES, MAX_MESSAGE_BYTES,

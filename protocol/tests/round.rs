@@ -961,13 +961,18 @@ fn a_network_with_key_work_refuses_what_weak_keys_sign() {
         "{out:?}"
     );
     assert_eq!(penalties(&out).len(), 1);
-    // The node's own contribution is its own business (a follower with a weak key still
-    // runs; its peers refuse what it signs).
+    // The machine does not judge its own node's contribution (the node refuses to start
+    // with a weak key instead; its peers would refuse what it signs).
     let out = strict(weak).handle(
         13,
         Event::LocalContribution(ann(weak, 1, Hash::of(b"own"), None, 13)),
     );
-    assert!(penalties(&out).is_empty(), "{out:?}");
+    assert_eq!(verdicts(&out), vec![Verdict::Accept], "{out:?}");
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::PublishAnnouncement(_))),
+        "{out:?}"
+    );
     // Without key work the same weak key counts: the checks above are not vacuous.
     let out = machine(weak).handle(
         14,

@@ -179,8 +179,8 @@ pub struct NodeArgs {
     /// the key carries this many bits of proof of work (its hash starts with as many zero
     /// bits), so every key the network weighs took about 2^BITS key generations to make.
     /// A new data dir makes such a key at first start (20 bits: about half a minute of one
-    /// core, on average); a node whose key has less still follows the rounds, but peers
-    /// refuse what it signs. At most 32.
+    /// core, on average); a node whose key has less refuses to start (its peers would refuse
+    /// and ban it). At most 32.
     #[arg(long, env = "HIVE_KEY_WORK", default_value_t = 0)]
     pub key_work: u32,
     /// Discover peers on the LAN with mDNS.

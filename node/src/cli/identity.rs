@@ -14,18 +14,19 @@ pub struct IdentityArgs {
     #[command(flatten)]
     data_dir: DataDirArg,
     /// Make the key (on first use) with this many bits of key work, for networks that ask for
-    /// it (`join --key-work`), and say how much work the key carries.
-    #[arg(long, default_value_t = 0)]
+    /// it (`join --key-work`, which reads the same HIVE_KEY_WORK), and say how much work the
+    /// key carries.
+    #[arg(long, env = "HIVE_KEY_WORK", default_value_t = 0)]
     key_work: u32,
 }
 
 /// Runs `hive-node identity`.
 pub(super) fn run(args: IdentityArgs) -> Result<()> {
     anyhow::ensure!(
-        args.key_work <= crate::node::MAX_KEY_WORK,
+        args.key_work <= hivemind_protocol::MAX_KEY_WORK,
         "--key-work {} is more than {}",
         args.key_work,
-        crate::node::MAX_KEY_WORK
+        hivemind_protocol::MAX_KEY_WORK
     );
     let dir = args.data_dir.dir();
     let t0 = Instant::now();
@@ -44,7 +45,7 @@ pub(super) fn run(args: IdentityArgs) -> Result<()> {
             if work >= args.key_work {
                 "counts"
             } else {
-                "refuses what it signs, but"
+                "would refuse"
             },
             if t0.elapsed().as_secs_f64() > 0.5 {
                 format!(" in {:.1} s", t0.elapsed().as_secs_f64())

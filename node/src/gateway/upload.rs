@@ -493,9 +493,14 @@ pub(super) async fn upload(
     if let Some(dp) = &gw.spec.dp {
         let store = gw.store.clone();
         let user = record.user_id.clone();
+        // The upload is stored and announced: a failed read leaves the field out rather than
+        // turning the reply into an error the client would retry (and get a 409).
         let releases =
-            blocking(move || store.user_upload_count(&user).map_err(ApiError::internal)).await?;
-        body["privacy"] = super::user_privacy(dp, &record.user_id, releases);
+            blocking(move || store.user_upload_count(&user).map_err(ApiError::internal)).await;
+        match releases {
+            Ok(n) => body["privacy"] = super::user_privacy(dp, &record.user_id, n),
+            Err(e) => tracing::warn!(error = ?e, "cannot count the uploader's releases"),
+        }
     }
     Ok(Json(body))
 }

@@ -64,9 +64,14 @@ impl RoundMachine {
             None
         };
         if let Some(why) = why {
-            self.seen.insert(id, a.round);
-            let round = request.as_ref().map_or(a.round, |r| r.round);
-            self.invalid.insert(id, round);
+            // Remembered as invalid when a digest named it, or when it is for another network
+            // (which decoding already refuses). A weak key's unasked-for announcement is not:
+            // keys cost nothing to make, and its round could be any.
+            if request.is_some() || matches!(why, Misbehaviour::WrongModel { .. }) {
+                self.seen.insert(id, a.round);
+                let round = request.as_ref().map_or(a.round, |r| r.round);
+                self.invalid.insert(id, round);
+            }
             self.penalise(a.contributor, why.clone(), out);
             if let Some(req) = request {
                 for namer in req.claims.keys() {
