@@ -103,8 +103,8 @@ fn input(adapter: LoraAdapter, samples: u64) -> Result<WeightedAdapter> {
 }
 
 /// `⟨ΔW_a, ΔW_b⟩` over every module, from the factors: `⟨s·B·A, t·D·C⟩ = s·t·Σ (BᵀD)∘(ACᵀ)`
-/// (no dense matrix; the update of the default model is 360M values), in f64. A module only one
-/// side has contributes nothing.
+/// (no dense matrix: an update of the default model has about 100M values), in f64. A module
+/// only one side has contributes nothing.
 fn inner(a: &LoraAdapter, b: &LoraAdapter) -> f64 {
     let scale = a.config.scaling() * b.config.scaling();
     let mut total = 0.0;
