@@ -176,8 +176,6 @@ pub fn round_config(round_secs: f64, grace_secs: Option<f64>) -> RoundConfig {
     round
 }
 
-pub use hivemind_protocol::MAX_KEY_WORK;
-
 /// The network's model id: the base model's content hash ([`hivemind_model::model_hash`],
 /// the same hash `BaseModel::load` computes) plus the LoRA shape. Reads the whole model:
 /// call it on a blocking thread.
@@ -200,15 +198,7 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
         })?;
         id = id.with_dp(dp.clip, dp.noise_multiplier);
     }
-    if lora.key_work > MAX_KEY_WORK {
-        return Err(Error::Config {
-            option: "key-work",
-            detail: format!(
-                "{} bits is more than {MAX_KEY_WORK}: a key would take about 2^{} tries to make",
-                lora.key_work, lora.key_work
-            ),
-        });
-    }
+    crate::data_dir::check_key_work(lora.key_work)?;
     Ok((id.with_key_work(lora.key_work), hash))
 }
 

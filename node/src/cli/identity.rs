@@ -22,37 +22,28 @@ pub struct IdentityArgs {
 
 /// Runs `hive-node identity`.
 pub(super) fn run(args: IdentityArgs) -> Result<()> {
-    anyhow::ensure!(
-        args.key_work <= hivemind_protocol::MAX_KEY_WORK,
-        "--key-work {} is more than {}",
-        args.key_work,
-        hivemind_protocol::MAX_KEY_WORK
-    );
     let dir = args.data_dir.dir();
     let t0 = Instant::now();
     let key = dir.node_key_with_work(args.key_work)?;
     println!("{}", dir.peer_id()?);
     if args.key_work > 0 {
         let work = key.node_id().key_work();
-        eprintln!(
-            "key work: {work} bits ({}; a network with --key-work {} {} it){}",
-            if work >= args.key_work {
-                "enough"
-            } else {
-                "too little: this key was made before, a new data dir makes one with the work"
-            },
-            args.key_work,
-            if work >= args.key_work {
-                "counts"
-            } else {
-                "would refuse"
-            },
-            if t0.elapsed().as_secs_f64() > 0.5 {
-                format!(" in {:.1} s", t0.elapsed().as_secs_f64())
-            } else {
-                String::new()
-            }
-        );
+        let bits = args.key_work;
+        let verdict = if work >= bits {
+            format!("enough; a network with --key-work {bits} counts it")
+        } else {
+            format!(
+                "too little: this key was made before, a new data dir makes one with the work; a \
+                 network with --key-work {bits} would refuse it"
+            )
+        };
+        let took = t0.elapsed().as_secs_f64();
+        let took = if took > 0.5 {
+            format!(" in {took:.1} s")
+        } else {
+            String::new()
+        };
+        eprintln!("key work: {work} bits ({verdict}){took}");
     }
     Ok(())
 }

@@ -78,15 +78,15 @@ impl DataDir {
 
     /// The node's key, created on first use (owner-only file, never printed).
     pub fn node_key(&self) -> Result<NodeKey> {
-        Ok(NodeKey::from(hivemind_store::load_or_create_identity(
-            &self.root,
-        )?))
+        self.node_key_with_work(0)
     }
 
     /// The node's signing key, created on first use with `bits` of key work
     /// ([`hivemind_protocol::NodeId::key_work`]: about 2^`bits` key generations, logged as it
-    /// goes). A key that exists is loaded as it is, with whatever work it has.
+    /// goes). A key that exists is loaded as it is, with whatever work it has. More than
+    /// [`hivemind_protocol::MAX_KEY_WORK`] bits is an error.
     pub fn node_key_with_work(&self, bits: u32) -> Result<NodeKey> {
+        check_key_work(bits)?;
         let make = || {
             if bits > 0 {
                 tracing::info!(bits, "making a node key with the network's key work");
@@ -353,4 +353,19 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     })?;
     std::fs::write(&tmp, bytes).at("writing", &tmp)?;
     std::fs::rename(&tmp, path).at("renaming into", path)
+}
+
+/// `bits` of key work is something a key can be made with: at most
+/// [`hivemind_protocol::MAX_KEY_WORK`].
+pub fn check_key_work(bits: u32) -> Result<()> {
+    if bits > hivemind_protocol::MAX_KEY_WORK {
+        return Err(Error::Config {
+            option: "key-work",
+            detail: format!(
+                "{bits} bits is more than {}: a key would take about 2^{bits} tries to make",
+                hivemind_protocol::MAX_KEY_WORK
+            ),
+        });
+    }
+    Ok(())
 }

@@ -244,16 +244,17 @@ struct StatusQuery {
 
 async fn status(State(gw): State<Gateway>, Query(q): Query<StatusQuery>) -> ApiResult<Json<Value>> {
     let store = gw.store.clone();
-    let user = q.user_id.clone();
+    // A user's spend is asked for only where there is one: a private network.
+    let user = q.user_id.filter(|_| gw.spec.dp.is_some());
     // One index entry per user, not every upload (see Store::upload_stats).
-    let (stats, pending, user_uploads) = blocking(move || {
+    let (stats, pending, user) = blocking(move || {
         let stats = store.upload_stats().map_err(ApiError::internal)?;
         let pending = store.pending_uploads().map_err(ApiError::internal)?;
-        let user_uploads = match &user {
-            Some(u) => Some(store.user_upload_count(u).map_err(ApiError::internal)?),
+        let user = match user {
+            Some(u) => Some((store.user_upload_count(&u).map_err(ApiError::internal)?, u)),
             None => None,
         };
-        Ok((stats, pending.len(), user_uploads))
+        Ok((stats, pending.len(), user))
     })
     .await?;
     let latest = gw.view.borrow().latest.as_ref().map(|r| r.version.clone());
@@ -276,8 +277,8 @@ async fn status(State(gw): State<Gateway>, Query(q): Query<StatusQuery>) -> ApiR
             "most_releases_by_one_user": stats.most_by_one_user,
             "epsilon_of_that_user": dp.epsilon(stats.most_by_one_user),
         });
-        if let (Some(user), Some(n)) = (q.user_id, user_uploads) {
-            body["privacy"]["user"] = user_privacy(dp, &user, n);
+        if let Some((releases, user)) = user {
+            body["privacy"]["user"] = user_privacy(dp, &user, releases);
         }
     }
     Ok(Json(body))

@@ -386,7 +386,7 @@ pub(super) async fn upload(
         if private { 0 } else { form.epochs },
         form.base_model,
     );
-    let (record, len) = blocking(move || {
+    let (record, len, releases) = blocking(move || {
         let mut canonical = validate_upload(&spec, &filename, &bytes, max)
             .map_err(|e| ApiError::bad(format!("invalid adapter: {e}")))?;
         if private {
@@ -449,7 +449,20 @@ pub(super) async fn upload(
                 round: None,
             };
             match store.insert_upload(&record) {
-                Ok(()) => return Ok((record, canonical.len() as u64)),
+                Ok(()) => {
+                    // In a private network, what this release brings the user's spend to. The
+                    // upload is stored: a failed read leaves the figure out rather than making
+                    // the reply an error the client would retry (and get a 409).
+                    let releases = if private {
+                        store
+                            .user_upload_count(&user)
+                            .inspect_err(|e| tracing::warn!(error = %e, "cannot count releases"))
+                            .ok()
+                    } else {
+                        None
+                    };
+                    return Ok((record, canonical.len() as u64, releases));
+                }
                 Err(hivemind_store::Error::UploadExists { .. }) if n < 1000 => n += 1,
                 Err(e) => return Err(ApiError::internal(e)),
             }
@@ -489,18 +502,8 @@ pub(super) async fn upload(
         "adapter_id": record.id,
         "message": message,
     });
-    // A private network tells the user what this release brings their spend to.
-    if let Some(dp) = &gw.spec.dp {
-        let store = gw.store.clone();
-        let user = record.user_id.clone();
-        // The upload is stored and announced: a failed read leaves the field out rather than
-        // turning the reply into an error the client would retry (and get a 409).
-        let releases =
-            blocking(move || store.user_upload_count(&user).map_err(ApiError::internal)).await;
-        match releases {
-            Ok(n) => body["privacy"] = super::user_privacy(dp, &record.user_id, n),
-            Err(e) => tracing::warn!(error = ?e, "cannot count the uploader's releases"),
-        }
+    if let (Some(dp), Some(releases)) = (&gw.spec.dp, releases) {
+        body["privacy"] = super::user_privacy(dp, &record.user_id, releases);
     }
     Ok(Json(body))
 }

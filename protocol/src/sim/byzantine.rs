@@ -197,11 +197,7 @@ impl Sim<'_> {
                 // serves: one more contributor, as far as anyone can tell.
                 let needed = self.cfg.round.min_key_work;
                 let sybil = loop {
-                    let mut seed = [0u8; 32];
-                    for chunk in seed.chunks_mut(8) {
-                        chunk.copy_from_slice(&self.rng.next().to_le_bytes());
-                    }
-                    let key = crate::NodeKey::from_bytes(&seed);
+                    let key = crate::NodeKey::from_bytes(&self.rng.hash().0);
                     if needed == 0 || key.node_id().key_work() < needed {
                         break key;
                     }

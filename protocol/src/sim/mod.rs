@@ -228,17 +228,7 @@ impl<'a> Sim<'a> {
         for i in 0..cfg.nodes + cfg.byzantine {
             // Every node's key carries the network's work (with none asked, the first key
             // drawn: the draws of old, so seeds replay as before).
-            let key = NodeKey::grind(
-                cfg.round.min_key_work,
-                || {
-                    let mut seed = [0u8; 32];
-                    for chunk in seed.chunks_mut(8) {
-                        chunk.copy_from_slice(&rng.next().to_le_bytes());
-                    }
-                    seed
-                },
-                |_| {},
-            );
+            let key = NodeKey::grind(cfg.round.min_key_work, || rng.hash().0, |_| {});
             let id = key.node_id();
             index.insert(id, i);
             let honest = i < cfg.nodes;
