@@ -14,6 +14,7 @@ use common::{tiny_adapter, tiny_model, wait_for, Proc, BIN, RANK, WAIT};
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, TargetModules};
 use hivemind_model::config::Arch;
 use hivemind_model::testing::TinyModel;
+use hivemind_node::harness::wait_until_blocking;
 use reqwest::blocking::{multipart, Client};
 use serde_json::Value;
 
@@ -500,6 +501,62 @@ fn a_deferred_upload_stays_deferred_across_a_restart() {
     assert_eq!(contributors.len(), 1, "{contributors:?}");
 }
 
+/// Uploads waiting in an open network are not announced when the data dir is restarted as
+/// another network (here: with differential privacy, where they would go out un-noised).
+/// Before, the restarted node announced them in the private network. The start is refused
+/// with an error that says why, and the uploads wait for their own network.
+#[test]
+fn uploads_waiting_for_one_network_are_not_announced_in_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 1);
+    let data = tmp.path().join("gateway");
+    let (server, api) = lone_gateway(&model, &data, &[]);
+    let a = adapter(41, RANK, 32);
+    let (code, v) = api.upload(
+        Some(("a.safetensors", a.to_safetensors_bytes().unwrap())),
+        &[("user_id", "alice")],
+    );
+    assert_eq!(code, 200, "{v}");
+    let hex = a.canonical_hash().unwrap().to_hex();
+    server.wait_contributor(&hex);
+    drop(server); // SIGKILL
+
+    let log = tmp.path().join("private.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(common::tiny_network_flags(&model))
+        .args([
+            "--round-secs",
+            "3600",
+            "--dp-noise",
+            "0.5",
+            "--dp-clip",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // A refused start ends at once; one that serves runs until killed.
+    let exited = wait_until_blocking("the private start to end", WAIT, || {
+        child.try_wait().unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = std::fs::read_to_string(&log).unwrap();
+    let status = exited.unwrap_or_else(|e| panic!("the private network started ({e}): {err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("1 gateway upload(s) waiting for a round of network"),
+        "{err}"
+    );
+    // With its own network's options the node starts and announces alice's upload again.
+    let (server, _api) = lone_gateway(&model, &data, &[]);
+    server.wait_contributor(&hex);
+}
+
 /// A closed gateway: `--admin-token` guards aggregation (anyone could close every round
 /// before), `--user-tokens` makes each upload prove its user id (anyone could upload as
 /// anyone, and supersede them); `hive-node upload --token` sends the token. Every refusal is
@@ -828,4 +885,33 @@ fn a_private_gateway_releases_uploads_noised_and_one_at_a_time() {
     let original =
         hivemind_protocol::Hash::of(&adapter(80, RANK, 32).to_safetensors_bytes().unwrap());
     assert!(!list.to_string().contains(&original.to_hex()), "{list}");
+
+    // Six uploads of one user at once: one is stored, the others refused. Before, the check
+    // for a waiting upload and the insert were separate steps, and racing uploads could all
+    // pass the check (several releases of carol's data for one round).
+    let bodies: Vec<Vec<u8>> = (0..6)
+        .map(|i| adapter(90 + i, RANK, 32).to_safetensors_bytes().unwrap())
+        .collect();
+    let start = std::sync::Barrier::new(bodies.len());
+    let codes: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|bytes| {
+                let (api, start) = (&api, &start);
+                s.spawn(move || {
+                    start.wait();
+                    api.upload(
+                        Some(("a.safetensors", bytes.clone())),
+                        &[("user_id", "carol")],
+                    )
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 1, "{codes:?}");
+    assert!(codes.iter().all(|c| [200, 409].contains(c)), "{codes:?}");
+    let (_, status) = api.get("/api/v1/status?user_id=carol");
+    assert_eq!(status["privacy"]["user"]["releases"], 1, "{status}");
 }

@@ -21,6 +21,7 @@ use hivemind_model::Module;
 use hivemind_protocol::{
     announce_topic, digest_topic, BaseModel, Hash, LoraShape, ModelId, RoundConfig,
 };
+use hivemind_store::Store;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -202,6 +203,42 @@ pub fn model_id(model: &Path, lora: &LoraSettings) -> Result<(ModelId, Hash)> {
     Ok((id.with_key_work(lora.key_work), hash))
 }
 
+/// Gateway uploads waiting for a round were checked for the network the data dir last
+/// joined and, in a private network, noised for it: announced in another network, they
+/// would be invalid there, or un-noised releases in a private one. A start that joins
+/// another network while any wait is refused, and nothing stored changes.
+fn refuse_uploads_of_another_network(
+    data_dir: &DataDir,
+    store: &Store,
+    model: &ModelId,
+) -> Result<()> {
+    let Ok(last) = data_dir.network() else {
+        return Ok(());
+    };
+    if last.model_id == model.to_hex() {
+        return Ok(());
+    }
+    let waiting = store.pending_uploads()?.len();
+    if waiting == 0 {
+        return Ok(());
+    }
+    let short = |hex: &str| hex.chars().take(16).collect::<String>();
+    Err(Error::Config {
+        option: "network",
+        detail: format!(
+            "{} holds {waiting} gateway upload(s) waiting for a round of network {} (rule {}), \
+             and these options join network {}: the uploads were checked (and, in a network \
+             with differential privacy, noised) for that network and cannot be announced in \
+             another. Start with that network's options until they are in a round, or use a \
+             new data dir",
+            data_dir.path().display(),
+            short(&last.model_id),
+            last.rule,
+            short(&model.to_hex()),
+        ),
+    })
+}
+
 /// A TCP listener on `addr` and the address it got.
 async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr)> {
     let err = |source| Error::Bind {
@@ -274,6 +311,7 @@ impl Node {
                 lora.rule,
             )?;
             spec.dp = lora.dp;
+            refuse_uploads_of_another_network(&dd, &store, &model)?;
             Ok::<_, Error>((model, base_hash, store, key, spec))
         })
         .await??;

@@ -50,3 +50,27 @@ async fn a_node_refuses_incoming_connections_past_its_limit() {
     connect(&server, &fresh).await;
     cancel.cancel();
 }
+
+/// Keys cost nothing in an open network: a node that penalises thousands of fresh peer ids
+/// (each misbehaving once) keeps a bounded record of them. Before, every penalised id stayed
+/// in the penalty and ban maps until the process ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_of_fresh_keys_stay_bounded() {
+    let cancel = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let n = node(1, store, &cancel).await;
+    let first = libp2p::PeerId::random();
+    n.client.penalise(first, "test".into()).await;
+    n.client.penalise(first, "test".into()).await;
+    for _ in 0..4200 {
+        n.client
+            .penalise(libp2p::PeerId::random(), "test".into())
+            .await;
+    }
+    let penalties = n.client.info().await.unwrap().penalties;
+    assert_eq!(penalties.len(), 4096, "penalty records are not bounded");
+    // The peer penalised first was forgotten to make room (and let in again).
+    assert!(!penalties.contains_key(&first));
+    cancel.cancel();
+}

@@ -144,6 +144,15 @@ pub enum Error {
         id: String,
     },
 
+    /// The user already has an upload waiting for a round (and the caller allows one).
+    #[error("{user:?} already has an upload waiting for a round ({id:?})")]
+    UploadWaiting {
+        /// The user id.
+        user: String,
+        /// The waiting upload's id.
+        id: String,
+    },
+
     /// No upload with this id is registered.
     #[error("no upload with id {id:?}")]
     UnknownUpload {

@@ -398,13 +398,7 @@ pub(super) async fn upload(
                 .iter()
                 .any(|u| u.round.is_none());
             if waiting {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "{user} already has an upload waiting for a round; in a network with \
-                         differential privacy a user has one upload waiting at a time"
-                    ),
-                ));
+                return Err(waiting_conflict(&user));
             }
             // The gateway announces for its users: it releases what they uploaded the way
             // every contributor of a private network does.
@@ -448,7 +442,14 @@ pub(super) async fn upload(
                 epochs,
                 round: None,
             };
-            match store.insert_upload(&record) {
+            // In a private network the check above is made again in the insert's
+            // transaction: of two uploads of one user racing, only one is stored.
+            let inserted = if private {
+                store.insert_sole_waiting_upload(&record)
+            } else {
+                store.insert_upload(&record)
+            };
+            match inserted {
                 Ok(()) => {
                     // In a private network, what this release brings the user's spend to. The
                     // upload is stored: a failed read leaves the figure out rather than making
@@ -464,6 +465,9 @@ pub(super) async fn upload(
                     return Ok((record, canonical.len() as u64, releases));
                 }
                 Err(hivemind_store::Error::UploadExists { .. }) if n < 1000 => n += 1,
+                Err(hivemind_store::Error::UploadWaiting { .. }) => {
+                    return Err(waiting_conflict(&user))
+                }
                 Err(e) => return Err(ApiError::internal(e)),
             }
         }
@@ -541,6 +545,18 @@ impl Utc {
 pub fn utc(ms: u64) -> Utc {
     let secs = i64::try_from(ms / 1000).unwrap_or(0);
     Utc(time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+}
+
+/// The refusal of a second upload waiting for a round, in a network with differential
+/// privacy.
+fn waiting_conflict(user: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "{user} already has an upload waiting for a round; in a network with differential \
+             privacy a user has one upload waiting at a time"
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ impl Banned {
     pub(super) fn insert(&self, peer: PeerId) {
         self.set().insert(peer);
     }
+
+    pub(super) fn remove(&self, peer: &PeerId) {
+        self.set().remove(peer);
+    }
 }
 
 /// The handle everyone but the event loop uses. Cheap to clone.

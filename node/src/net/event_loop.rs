@@ -8,7 +8,7 @@ pub(super) struct EventLoop {
     pub(super) commands: mpsc::Receiver<Command>,
     pub(super) events: mpsc::Sender<NetEvent>,
     pub(super) listen_addrs: BTreeSet<Multiaddr>,
-    pub(super) penalties: BTreeMap<PeerId, u32>,
+    pub(super) penalties: super::penalties::Penalties,
     pub(super) banned: Banned,
     pub(super) dialled: BTreeSet<PeerId>,
     pub(super) bootstrapped: bool,
@@ -74,14 +74,16 @@ impl EventLoop {
                     .report_message_validation_result(&id, &source, acceptance);
             }
             Command::Penalise { peer, reason } => {
-                let n = self.penalties.entry(peer).or_insert(0);
-                *n += 1;
-                tracing::warn!(%peer, %reason, penalties = *n, "penalising peer");
+                let (n, forgotten) = self.penalties.penalise(peer, std::time::Instant::now());
+                tracing::warn!(%peer, %reason, penalties = n, "penalising peer");
                 b.gossipsub
-                    .set_application_score(&peer, PENALTY_SCORE * f64::from(*n));
+                    .set_application_score(&peer, PENALTY_SCORE * f64::from(n));
                 b.gossipsub.blacklist_peer(&peer);
                 self.banned.insert(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
+                if let Some(p) = forgotten {
+                    self.unban(p);
+                }
             }
             Command::Info { reply } => {
                 let connected: Vec<PeerId> = {
@@ -99,7 +101,7 @@ impl EventLoop {
                     listen_addrs: self.listen_addrs.iter().cloned().collect(),
                     connected,
                     scores,
-                    penalties: self.penalties.clone(),
+                    penalties: self.penalties.counts(),
                     links: self
                         .links
                         .iter()
@@ -381,10 +383,29 @@ impl EventLoop {
     /// reached looks again for peers that became reachable through relays (Kademlia's own
     /// lookup runs every five minutes).
     fn on_tick(&mut self) {
+        for p in self.penalties.expire(std::time::Instant::now()) {
+            self.unban(p);
+        }
+        // Discovered peers we dialled and are not connected to (the dial failed, or they
+        // left) free their slot: discovery may bring them, or others, again.
+        let swarm = &self.swarm;
+        self.dialled.retain(|p| swarm.is_connected(p));
         self.listen_via_relays();
         if self.swarm.behaviour().autonat.nat_status() == autonat::NatStatus::Private {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
+    }
+}
+
+impl EventLoop {
+    /// Lets `peer` in again: its ban ended, or its record was dropped to bound memory.
+    fn unban(&mut self, peer: PeerId) {
+        tracing::debug!(%peer, "ban ended");
+        self.banned.remove(&peer);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .remove_blacklisted_peer(&peer);
     }
 }
 

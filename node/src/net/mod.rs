@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 pub mod blob;
 mod client;
 mod event_loop;
+mod penalties;
 mod swarm;
 
 pub use client::Client;
@@ -204,7 +205,8 @@ pub struct NetInfo {
     pub connected: Vec<PeerId>,
     /// Gossipsub scores of connected peers.
     pub scores: BTreeMap<PeerId, f64>,
-    /// Penalties given per peer (bad blobs, protocol misbehaviour).
+    /// Penalties given per peer (bad blobs, protocol misbehaviour), for the peers still
+    /// remembered (see `penalties.rs`: bans end, and at most 4096 peers are remembered).
     pub penalties: BTreeMap<PeerId, u32>,
     /// How each connected peer is connected: one entry per open connection.
     pub links: BTreeMap<PeerId, Vec<Link>>,
@@ -307,7 +309,7 @@ impl Network {
             commands: rx,
             events: ev_tx,
             listen_addrs: BTreeSet::new(),
-            penalties: BTreeMap::new(),
+            penalties: penalties::Penalties::default(),
             banned: banned.clone(),
             dialled: BTreeSet::new(),
             bootstrapped: false,

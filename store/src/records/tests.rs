@@ -171,6 +171,47 @@ fn upload_index_counts_and_finds_the_newest_per_user() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_user_has_one_upload_waiting_when_asked_even_under_a_race() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.insert_sole_waiting_upload(&upload("a1", "amy"))?;
+    assert!(matches!(
+        store.insert_sole_waiting_upload(&upload("a2", "amy")),
+        Err(Error::UploadWaiting { user, id }) if user == "amy" && id == "a1"
+    ));
+    // Another user is not held up; once amy's upload is in a round, she may upload again.
+    store.insert_sole_waiting_upload(&upload("b1", "bob"))?;
+    store.mark_upload_included("a1", 1)?;
+    store.insert_sole_waiting_upload(&upload("a2", "amy"))?;
+    // The plain insert still supersedes (open networks).
+    store.insert_upload(&upload("a3", "amy"))?;
+
+    // Eight threads racing for one user: exactly one upload gets in.
+    for round in 0..20 {
+        let user = format!("racer{round}");
+        let won: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, user) = (&store, &user);
+                    s.spawn(move || {
+                        store
+                            .insert_sole_waiting_upload(&upload(&format!("{user}_{i}"), user))
+                            .is_ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap_or(false)))
+                .sum()
+        });
+        assert_eq!(won, 1, "{user}");
+        assert_eq!(store.user_upload_count(&user)?, 1);
+    }
+    Ok(())
+}
+
+#[test]
 fn peers_put_list_remove() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;

@@ -65,6 +65,17 @@ impl Store {
     /// Registers a new upload. Fails with [`Error::UploadExists`] if its id is taken.
     /// The record and its user's index entry are written in one transaction.
     pub fn insert_upload(&self, record: &UploadRecord) -> Result<()> {
+        self.insert_upload_with(record, false)
+    }
+
+    /// Registers a new upload unless its user's newest upload is still waiting for a round
+    /// (not marked included in one): then fails with [`Error::UploadWaiting`]. The check and
+    /// the insert are one transaction, so of two uploads of one user racing, one fails.
+    pub fn insert_sole_waiting_upload(&self, record: &UploadRecord) -> Result<()> {
+        self.insert_upload_with(record, true)
+    }
+
+    fn insert_upload_with(&self, record: &UploadRecord, sole_waiting: bool) -> Result<()> {
         use sled::transaction::{ConflictableTransactionError as Conflict, TransactionError};
         use sled::Transactional;
         let stored = StoredUpload {
@@ -81,10 +92,32 @@ impl Store {
                 }));
             }
             uploads.insert(id, value.as_slice())?;
-            let mut entry: UserUploads = match users.get(user)? {
-                Some(v) => decode("upload_users", user, &v).map_err(Conflict::Abort)?,
-                None => UserUploads::default(),
+            let (mut entry, known): (UserUploads, bool) = match users.get(user)? {
+                Some(v) => (
+                    decode("upload_users", user, &v).map_err(Conflict::Abort)?,
+                    true,
+                ),
+                None => (UserUploads::default(), false),
             };
+            if sole_waiting && known {
+                let newest = entry.newest_id.as_bytes();
+                let waiting = match uploads.get(newest)? {
+                    Some(v) => {
+                        decode::<StoredUpload>("uploads", newest, &v)
+                            .map_err(Conflict::Abort)?
+                            .record
+                            .round
+                    }
+                    .is_none(),
+                    None => false,
+                };
+                if waiting {
+                    return Err(Conflict::Abort(Error::UploadWaiting {
+                        user: record.user_id.clone(),
+                        id: entry.newest_id.clone(),
+                    }));
+                }
+            }
             note_upload(&mut entry, stored.seq, &record.id);
             users.insert(
                 user,
