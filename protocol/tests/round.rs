@@ -980,3 +980,82 @@ fn a_network_with_key_work_refuses_what_weak_keys_sign() {
     );
     assert_eq!(verdicts(&out), vec![Verdict::Accept]);
 }
+
+/// Announcements that keep arriving (keys made at will cost nothing in an open network) cannot
+/// keep a round open. After the close, an announcement that arrives unasked enters the round's
+/// input set for two grace periods and one a digest names for four; later ones are kept but
+/// change nothing, so the grace period runs out and the round commits. Before, every arrival
+/// changed the input set and restarted the grace period, and the round never committed.
+#[test]
+fn announcements_arriving_without_end_do_not_keep_a_round_open() {
+    let ka = key(1);
+    let mut a = machine(&ka);
+    let mine = ann(&ka, 1, Hash::of(b"a"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000); // closes
+    let mut held = vec![mine.clone()];
+    let mut commit = Vec::new();
+    let mut pending = out;
+    // A new contributor every 400 ms (grace 1 s), each adapter held at once.
+    for (n, t) in (3_100..12_000).step_by(400).enumerate() {
+        let k = key(100 + n as u8);
+        let adapter = Hash::of(format!("sybil {n}").as_bytes());
+        let s = ann(&k, 1, adapter, None, t);
+        let mut out = run_aggregations(&mut a, t, &pending);
+        out.extend(a.handle(t, Event::Announcement(s.clone())));
+        out.extend(a.handle(t, Event::BlobAvailable { hash: adapter }));
+        out.extend(a.tick(t + 200));
+        commit.extend(commits(&out));
+        if !commit.is_empty() {
+            break;
+        }
+        // Those within two grace periods of the close (3 s) are in.
+        if t < 5_000 {
+            held.push(s);
+        }
+        pending = out;
+    }
+    assert_eq!(commit.len(), 1, "the round never committed");
+    let refs: Vec<&SignedAnnouncement> = held.iter().collect();
+    let n = refs.len() as u64;
+    assert_eq!(commit[0].0, record(1, None, &refs, n));
+    assert_eq!(
+        n, 6,
+        "the close's own input and five arrivals within 2 s of it"
+    );
+
+    // One that a digest of the round names is taken for four grace periods after the close.
+    let kb = key(2);
+    let mut b = machine(&kb);
+    let own = ann(&kb, 1, Hash::of(b"own"), None, 0);
+    b.handle(0, Event::LocalContribution(own.clone()));
+    let out = b.tick(3_000);
+    run_aggregations(&mut b, 3_000, &out);
+    let (kc, kd) = (key(3), key(4));
+    let late = ann(&kc, 1, Hash::of(b"late"), None, 5_500);
+    let too_late = ann(&kd, 1, Hash::of(b"too late"), None, 7_100);
+    // Named at 5.5 s (within 4 s of the close): fetched and counted.
+    let view = record(1, None, &[&late], 1);
+    let out = b.handle(5_500, Event::Digest(digest(&kc, view, false, 5_500)));
+    assert_eq!(fetched_announcements(&out), vec![late.id()]);
+    // Named at 7.1 s: neither fetched nor counted.
+    let view = record(1, None, &[&too_late], 1);
+    let out = b.handle(7_100, Event::Digest(digest(&kd, view, false, 7_100)));
+    assert!(fetched_announcements(&out).is_empty());
+    let mut out = b.handle(7_200, Event::Announcement(late.clone()));
+    out.extend(b.handle(7_200, Event::BlobAvailable { hash: late.adapter }));
+    out.extend(b.handle(7_300, Event::Announcement(too_late.clone())));
+    out.extend(b.handle(
+        7_300,
+        Event::BlobAvailable {
+            hash: too_late.adapter,
+        },
+    ));
+    let out = run_aggregations(&mut b, 7_300, &out);
+    let mut c = commits(&out);
+    for t in (7_400..10_000).step_by(100) {
+        c.extend(commits(&b.tick(t)));
+    }
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].0, record(1, None, &[&own, &late], 2));
+}

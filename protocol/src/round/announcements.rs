@@ -163,6 +163,9 @@ impl RoundMachine {
         }
         self.anns.insert((round, id), msg.clone());
         self.ann_round.insert(id, round);
+        if round == self.cur.round && self.admits(now, false) {
+            self.cur.admitted.insert(id);
+        }
         self.dirty = true;
         if local {
             self.blobs.insert(

@@ -30,6 +30,15 @@ pub(super) struct Current {
     pub(super) parent: Option<Hash>,
     pub(super) window_end: u64,
     pub(super) closed: bool,
+    /// When this node closed the window, or when its selection got its first input if it
+    /// had none then (meaningful once `closed`).
+    pub(super) closed_at: u64,
+    /// Announcements of this round that may enter its selection: those that arrived before
+    /// the close or within one grace period after it, and those a digest of this round named
+    /// within [`NAMED_GRACES`] grace periods after it. Later ones are kept (a digest may
+    /// still name them, and candidates may need them) but do not change the selection, so
+    /// announcements arriving without end (keys made at will) cannot keep a round open.
+    pub(super) admitted: BTreeSet<Hash>,
     pub(super) close_requested: bool,
     pub(super) last_change: u64,
     pub(super) selection: Selection,
@@ -56,6 +65,8 @@ impl Current {
             parent,
             window_end: now.saturating_add(window_ms),
             closed: false,
+            closed_at: 0,
+            admitted: BTreeSet::new(),
             close_requested: false,
             last_change: now,
             selection: Selection::default(),
@@ -72,7 +83,25 @@ impl Current {
     }
 }
 
+/// Grace periods after its close during which a round still admits announcements that a
+/// digest of the round names (one grace period for announcements that arrive unasked).
+pub(super) const NAMED_GRACES: u64 = 4;
+pub(super) const UNASKED_GRACES: u64 = 2;
+
 impl RoundMachine {
+    /// Whether an announcement of the current round arriving now enters its selection: named
+    /// by a digest of the round (`named`), or arriving unasked.
+    pub(super) fn admits(&self, now: u64, named: bool) -> bool {
+        let graces = if named { NAMED_GRACES } else { UNASKED_GRACES };
+        !self.cur.closed
+            || self.cur.selection.inputs.is_empty()
+            || now
+                < self
+                    .cur
+                    .closed_at
+                    .saturating_add(self.config.grace_ms.saturating_mul(graces))
+    }
+
     /// The canonical selection for the current round, and the number of distinct
     /// contributors in its pool. Per contributor key, the lowest `(adapter, id)` whose
     /// blob is held wins, unless a lower one is still being fetched (then the selection
@@ -87,6 +116,9 @@ impl RoundMachine {
         let round = self.cur.round;
         let mut per: BTreeMap<(NodeId, Option<&str>), Best> = BTreeMap::new();
         for (id, a) in self.round_anns(round) {
+            if !self.cur.admitted.contains(id) {
+                continue;
+            }
             let best = per.entry(a.contributor_key()).or_default();
             let key = (a.adapter, *id);
             match self.blobs.get(&a.adapter).map(|b| &b.state) {
@@ -149,7 +181,13 @@ impl RoundMachine {
             if sel.inputs != self.cur.selection.inputs {
                 self.cur.last_change = now;
             }
+            // A closed round whose selection was empty (every input it had failed) takes
+            // what arrives as if open, and its admission clock starts with its first input.
+            let was_empty = self.cur.selection.inputs.is_empty();
             self.cur.selection = sel;
+            if self.cur.closed && was_empty && !self.cur.selection.inputs.is_empty() {
+                self.cur.closed_at = now;
+            }
             let round = self.cur.round;
             self.cur.pool = pool;
             // Follow another node's close once one of its digests is fully valid here:
@@ -186,6 +224,7 @@ impl RoundMachine {
                 && self.cur.pool >= threshold
             {
                 self.cur.closed = true;
+                self.cur.closed_at = now;
                 self.cur.last_change = now;
             }
         }
@@ -283,6 +322,8 @@ impl RoundMachine {
 
     pub(super) fn open_round(&mut self, now: u64, round: u64, parent: Option<Hash>) {
         self.cur = Current::open(round, parent, now, self.config.window_ms);
+        // Announcements that came ahead of their round are in it.
+        self.cur.admitted = self.round_anns(round).map(|(id, _)| *id).collect();
         let keep_from = round.saturating_sub(1);
         let tip = self.tip.clone();
         self.candidates

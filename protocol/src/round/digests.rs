@@ -50,8 +50,14 @@ impl RoundMachine {
             {
                 self.cur.digests.insert(signer, msg.clone());
             }
-            if !self.is_unserved(&signer) && self.cur.reconciled.insert(rid) {
+            // Past the round's time for named additions, what a digest names no longer
+            // enters the selection, so it is not fetched either.
+            if !self.is_unserved(&signer)
+                && self.admits(now, true)
+                && self.cur.reconciled.insert(rid)
+            {
                 for input in inputs {
+                    self.cur.admitted.insert(input.announcement);
                     self.want_input(now, input, round, signer, out);
                 }
                 self.dirty = true;

@@ -51,7 +51,7 @@ impl Sim<'_> {
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
         let strategy = if self.cfg.sybil_keys && self.rng.chance(500) {
-            8
+            8 + self.rng.below(2)
         } else {
             self.rng.below(strategies)
         };
@@ -191,17 +191,13 @@ impl Sim<'_> {
                 }
                 self.publish_byzantine_digest(b, claim(inputs), false);
             }
-            8 => {
+            8 | 9 => {
                 // A key made for the occasion, without the network's key work (one that has
                 // it by luck is one the sender paid for), announces an adapter the sender
-                // serves: one more contributor, as far as anyone can tell.
-                let needed = self.cfg.round.min_key_work;
-                let sybil = loop {
-                    let key = crate::NodeKey::from_bytes(&self.rng.hash().0);
-                    if needed == 0 || key.node_id().key_work() < needed {
-                        break key;
-                    }
-                };
+                // serves: one more contributor, as far as anyone can tell. In 9 a second
+                // such key also names it in an in-progress digest of the round, as a node
+                // that holds it would, so it is fetched even after the round closed.
+                let sybil = self.sybil_key();
                 let mut a = base;
                 a.contributor = sybil.node_id();
                 let Ok(s) = Signed::sign(a, &sybil) else {
@@ -213,7 +209,24 @@ impl Sim<'_> {
                 let bytes = Rc::new(s.encode());
                 self.nodes[b].anns.insert(s.id(), bytes.clone());
                 self.sybil_anns.insert(s.id());
+                let named = RoundInput {
+                    adapter: fresh,
+                    announcement: s.id(),
+                };
                 self.broadcast(b, Wire::Announcement(s.id(), bytes));
+                if strategy == 9 {
+                    let namer = self.sybil_key();
+                    self.index.insert(namer.node_id(), b);
+                    let d = RoundDigest {
+                        record: claim(vec![named]),
+                        signer: namer.node_id(),
+                        committed: false,
+                        time_ms: now,
+                    };
+                    if let Ok(s) = Signed::sign(d, &namer) {
+                        self.broadcast(b, Wire::Digest(s.id(), Rc::new(s.encode())));
+                    }
+                }
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent
@@ -224,6 +237,18 @@ impl Sim<'_> {
                     t.weight += 1_000 + b as u64;
                     self.publish_byzantine_digest(b, t, true);
                 }
+            }
+        }
+    }
+
+    /// A key made at will: without the network's key work (one that has it by luck is one
+    /// the sender paid for).
+    fn sybil_key(&mut self) -> crate::NodeKey {
+        let needed = self.cfg.round.min_key_work;
+        loop {
+            let key = crate::NodeKey::from_bytes(&self.rng.hash().0);
+            if needed == 0 || key.node_id().key_work() < needed {
+                return key;
             }
         }
     }
