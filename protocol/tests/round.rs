@@ -1058,4 +1058,32 @@ fn announcements_arriving_without_end_do_not_keep_a_round_open() {
     }
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].0, record(1, None, &[&own, &late], 2));
+
+    // This node's own contribution is held to the same time: refused (not published, so
+    // the driver offers it in the next round) once two grace periods have passed.
+    for (at, taken) in [(4_900, true), (5_100, false)] {
+        let (ke, kf) = (key(5), key(6));
+        let mut e = machine(&ke);
+        let other = ann(&kf, 1, Hash::of(b"other"), None, 0);
+        e.handle(0, Event::Announcement(other.clone()));
+        e.handle(
+            0,
+            Event::BlobAvailable {
+                hash: other.adapter,
+            },
+        );
+        e.tick(3_000);
+        let mine = ann(&ke, 1, Hash::of(b"mine"), None, at);
+        let out = e.handle(at, Event::LocalContribution(mine.clone()));
+        let published = out
+            .iter()
+            .any(|x| matches!(x, Action::PublishAnnouncement(s) if s.id() == mine.id()));
+        assert_eq!(published, taken, "at {at}");
+        if !taken {
+            assert_eq!(
+                verdicts(&out),
+                vec![Verdict::Ignore(Ignored::InputsClosed { round: 1 })]
+            );
+        }
+    }
 }

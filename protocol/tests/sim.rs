@@ -138,7 +138,7 @@ fn same_seed_same_run() {
 /// ones a digest names for four, so announcements arriving without end cannot keep its input set
 /// changing. Before, new contributors kept arriving, every change restarted the grace period,
 /// and these seeds made 2-7 rounds, four of six stopping after the partition healed. Now each
-/// makes 11-14 (the Sybils' inputs alone make rounds too); the nodes may end on different tips,
+/// makes 11-12 (the Sybils' inputs alone make rounds too); the nodes may end on different tips,
 /// since the Sybils keep committing rounds to the last moment, but every fork is settled in the
 /// next round. In a network that asks for 8 bits of key work (`RoundConfig::min_key_work`; the
 /// honest nodes' and the senders' own keys carry it, the keys made at will do not) none gets in,

@@ -137,8 +137,9 @@ impl Driver {
                     Ok(Some(hash)) => Ok(hash),
                     Ok(None) => Err(Error::Refused {
                         detail: format!(
-                            "round {round} already has this node's adapter (one per node and \
-                             round); offer it in the next round"
+                            "round {round} does not take this adapter: it has this node's \
+                             adapter already (one per node and round), or it closed and takes \
+                             no more inputs; offer it in the next round"
                         ),
                     }),
                     Err(e) => Err(e),

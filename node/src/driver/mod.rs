@@ -454,6 +454,12 @@ impl Driver {
                     // Our own refused contribution (e.g. a second one in a round).
                     return;
                 }
+                if matches!(reason, hivemind_protocol::Misbehaviour::WeakKey { .. }) {
+                    // A key without the network's work costs nothing: the message is refused
+                    // (and gossipsub scores whoever forwarded it), but a ban would only let
+                    // free keys crowd the network layer's bounded ban records.
+                    return;
+                }
                 if let Some(p) = peer_id_of(&peer) {
                     self.client.penalise(p, format!("{reason:?}")).await;
                 }

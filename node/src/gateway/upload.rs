@@ -392,12 +392,9 @@ pub(super) async fn upload(
         if private {
             // Each upload is a release; one that would wait behind another (and supersede it)
             // would be a second release of the same user's data for one round.
-            let waiting = store
-                .list_uploads_by_user(&user)
-                .map_err(ApiError::internal)?
-                .iter()
-                .any(|u| u.round.is_none());
-            if waiting {
+            // (Checked again where the upload is inserted, against a race.)
+            let waiting = store.waiting_upload(&user).map_err(ApiError::internal)?;
+            if waiting.is_some() {
                 return Err(waiting_conflict(&user));
             }
             // The gateway announces for its users: it releases what they uploaded the way
@@ -466,7 +463,12 @@ pub(super) async fn upload(
                 }
                 Err(hivemind_store::Error::UploadExists { .. }) if n < 1000 => n += 1,
                 Err(hivemind_store::Error::UploadWaiting { .. }) => {
-                    return Err(waiting_conflict(&user))
+                    // The release just stored is noised afresh (no other upload has its
+                    // bytes) and now referenced by nothing: it goes.
+                    if let Err(e) = store.remove_blob(&hash) {
+                        tracing::warn!(error = %e, "cannot remove a refused upload's blob");
+                    }
+                    return Err(waiting_conflict(&user));
                 }
                 Err(e) => return Err(ApiError::internal(e)),
             }

@@ -10,7 +10,8 @@ pub(super) struct EventLoop {
     pub(super) listen_addrs: BTreeSet<Multiaddr>,
     pub(super) penalties: super::penalties::Penalties,
     pub(super) banned: Banned,
-    pub(super) dialled: BTreeSet<PeerId>,
+    /// Peers dialled from discovery, and when.
+    pub(super) dialled: BTreeMap<PeerId, std::time::Instant>,
     pub(super) bootstrapped: bool,
     /// Open connections by peer.
     pub(super) links: BTreeMap<PeerId, BTreeMap<libp2p::swarm::ConnectionId, Link>>,
@@ -34,6 +35,8 @@ const RELAY_TICK: Duration = Duration::from_secs(15);
 /// The first pause before a relay whose listener closed is asked again; doubled per failure.
 const RELAY_BACKOFF_FIRST: Duration = Duration::from_secs(15);
 const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// How long a discovery dial holds its slot when it did not lead to a connection.
+const DIAL_SLOT_HELD: Duration = Duration::from_secs(600);
 
 impl EventLoop {
     pub(super) async fn run(mut self, cancel: CancellationToken) {
@@ -325,8 +328,9 @@ impl EventLoop {
             })) if !self.swarm.is_connected(&peer)
                 && !self.banned.contains(&peer)
                 && self.dialled.len() < MAX_DISCOVERED_DIALS
-                && self.dialled.insert(peer) =>
+                && !self.dialled.contains_key(&peer) =>
             {
+                self.dialled.insert(peer, std::time::Instant::now());
                 let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
@@ -386,10 +390,13 @@ impl EventLoop {
         for p in self.penalties.expire(std::time::Instant::now()) {
             self.unban(p);
         }
-        // Discovered peers we dialled and are not connected to (the dial failed, or they
-        // left) free their slot: discovery may bring them, or others, again.
-        let swarm = &self.swarm;
-        self.dialled.retain(|p| swarm.is_connected(p));
+        // Discovered peers we dialled a while ago and are not connected to (the dial failed,
+        // or they left) free their slot: discovery may bring them, or others, again. Not
+        // sooner, so a routing table fed junk costs at most MAX_DISCOVERED_DIALS dials per
+        // DIAL_SLOT_HELD.
+        let (swarm, now) = (&self.swarm, std::time::Instant::now());
+        self.dialled
+            .retain(|p, at| swarm.is_connected(p) || now.duration_since(*at) < DIAL_SLOT_HELD);
         self.listen_via_relays();
         if self.swarm.behaviour().autonat.nat_status() == autonat::NatStatus::Private {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -402,10 +409,10 @@ impl EventLoop {
     fn unban(&mut self, peer: PeerId) {
         tracing::debug!(%peer, "ban ended");
         self.banned.remove(&peer);
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .remove_blacklisted_peer(&peer);
+        let g = &mut self.swarm.behaviour_mut().gossipsub;
+        g.remove_blacklisted_peer(&peer);
+        // Else its score (kept an hour after it leaves) would keep it graylisted.
+        g.set_application_score(&peer, 0.0);
     }
 }
 

@@ -311,7 +311,7 @@ impl Network {
             listen_addrs: BTreeSet::new(),
             penalties: penalties::Penalties::default(),
             banned: banned.clone(),
-            dialled: BTreeSet::new(),
+            dialled: BTreeMap::new(),
             bootstrapped: false,
             links: BTreeMap::new(),
             relays: BTreeMap::new(),

@@ -15,8 +15,10 @@ pub(super) const BAN_MAX: Duration = Duration::from_secs(24 * 3600);
 /// How long a peer's penalties are remembered after its ban ends (so a repeat offender's
 /// next ban is longer).
 pub(super) const REMEMBER_AFTER_BAN: Duration = Duration::from_secs(24 * 3600);
-/// Most peers remembered at once. Past it, the peer penalised longest ago is forgotten (and
-/// unbanned): its ban is the one most likely over anyway.
+/// Most peers remembered at once. Past it, one is forgotten (and let in again if banned):
+/// one whose ban is over before a banned one, then the one penalised least often, then the
+/// one penalised longest ago. So fresh keys penalised once push out other fresh keys, not a
+/// repeat offender.
 pub(super) const MAX_REMEMBERED: usize = 4096;
 
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +44,7 @@ impl Penalties {
             let oldest = self
                 .peers
                 .iter()
-                .min_by_key(|(p, r)| (r.last, **p))
+                .min_by_key(|(p, r)| (r.banned, r.count, r.last, **p))
                 .map(|(p, _)| *p);
             if let Some(p) = oldest {
                 self.peers.remove(&p);
@@ -117,6 +119,27 @@ mod tests {
         assert_eq!(ban_for(1), BAN_FIRST);
         assert_eq!(ban_for(3), BAN_FIRST * 4);
         assert_eq!(ban_for(u32::MAX), BAN_MAX);
+    }
+
+    #[test]
+    fn fresh_keys_push_out_ended_bans_and_each_other_before_a_repeat_offender() {
+        let t0 = Instant::now();
+        let mut p = Penalties::default();
+        let (repeat, served) = (PeerId::random(), PeerId::random());
+        p.penalise(served, t0);
+        p.penalise(repeat, t0);
+        p.penalise(repeat, t0);
+        // `served`'s ban ends; `repeat` is banned for 20 minutes.
+        assert_eq!(p.expire(t0 + BAN_FIRST), vec![served]);
+        let t1 = t0 + BAN_FIRST;
+        let mut forgotten = Vec::new();
+        for i in 0..MAX_REMEMBERED as u64 {
+            let (_, gone) = p.penalise(PeerId::random(), t1 + Duration::from_millis(i));
+            forgotten.extend(gone);
+        }
+        // The ended ban went first, then the fresh keys one another; the repeat offender stays.
+        assert_eq!(forgotten.first(), Some(&served));
+        assert_eq!(p.counts().get(&repeat), Some(&2));
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub enum Ignored {
         /// The round.
         round: u64,
     },
+    /// A contribution of this node for a round that closed more than two grace periods ago
+    /// and takes no more inputs: offer it in the next round.
+    InputsClosed {
+        /// The round.
+        round: u64,
+    },
     /// The round already holds as many announcements of this signer as we keep from one.
     SignerFull {
         /// The round.

@@ -128,6 +128,14 @@ impl RoundMachine {
                 );
             }
         }
+        if local && a.round == current && !self.admits(now, false) {
+            // Published, it would be in no one's selection (theirs closed as ours did), and
+            // the driver would take it as placed: refused, it goes into the next round.
+            return verdict(
+                Verdict::Ignore(Ignored::InputsClosed { round: a.round }),
+                out,
+            );
+        }
         let in_round = self.round_anns(a.round).count();
         if in_round >= MAX_ANNOUNCEMENTS_PER_ROUND {
             return verdict(Verdict::Ignore(Ignored::RoundFull { round: a.round }), out);

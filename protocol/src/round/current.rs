@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::fetch::BlobState;
-use super::{jitter, Action, AggregateInput, AggregationJob, RoundMachine, HEARTBEAT_REDUNDANCY};
+use super::{
+    jitter, Action, AggregateInput, AggregationJob, RoundMachine, HEARTBEAT_REDUNDANCY,
+    MAX_ANNOUNCEMENTS_PER_ROUND, MAX_REQUESTS,
+};
 use crate::{Hash, NodeId, RoundDigest, RoundInput, RoundRecord, SignedDigest, MAX_ROUND_INPUTS};
 
 /// The canonical input set of the current round (see `compute_selection`).
@@ -34,8 +37,8 @@ pub(super) struct Current {
     /// had none then (meaningful once `closed`).
     pub(super) closed_at: u64,
     /// Announcements of this round that may enter its selection: those that arrived before
-    /// the close or within one grace period after it, and those a digest of this round named
-    /// within [`NAMED_GRACES`] grace periods after it. Later ones are kept (a digest may
+    /// the close or within [`UNASKED_GRACES`] grace periods after it, and those a digest of
+    /// this round named within [`NAMED_GRACES`] (known, or being fetched, when named). Later ones are kept (a digest may
     /// still name them, and candidates may need them) but do not change the selection, so
     /// announcements arriving without end (keys made at will) cannot keep a round open.
     pub(super) admitted: BTreeSet<Hash>,
@@ -84,8 +87,10 @@ impl Current {
 }
 
 /// Grace periods after its close during which a round still admits announcements that a
-/// digest of the round names (one grace period for announcements that arrive unasked).
+/// digest of the round names.
 pub(super) const NAMED_GRACES: u64 = 4;
+/// Grace periods after its close during which a round still admits announcements that
+/// arrive unasked (this node's own included: a later one waits for the next round).
 pub(super) const UNASKED_GRACES: u64 = 2;
 
 impl RoundMachine {
@@ -100,6 +105,20 @@ impl RoundMachine {
                     .cur
                     .closed_at
                     .saturating_add(self.config.grace_ms.saturating_mul(graces))
+    }
+
+    /// Keeps the admitted set within what can matter: past its bound (what the round's
+    /// announcements and fetches can hold), ids that are neither an announcement of the
+    /// round nor being fetched for it are dropped (requests that failed leave such ids).
+    pub(super) fn prune_admitted(&mut self) {
+        if self.cur.admitted.len() <= MAX_ANNOUNCEMENTS_PER_ROUND + MAX_REQUESTS {
+            return;
+        }
+        let round = self.cur.round;
+        let (anns, requests) = (&self.anns, &self.requests);
+        self.cur.admitted.retain(|id| {
+            anns.contains_key(&(round, *id)) || requests.get(id).is_some_and(|r| r.round == round)
+        });
     }
 
     /// The canonical selection for the current round, and the number of distinct

@@ -57,9 +57,19 @@ impl RoundMachine {
                 && self.cur.reconciled.insert(rid)
             {
                 for input in inputs {
-                    self.cur.admitted.insert(input.announcement);
                     self.want_input(now, input, round, signer, out);
+                    // Admitted when it matches an announcement we hold or is being fetched
+                    // for this round: what the digest names beyond that (junk, or more than
+                    // the fetch caps take) does not grow the set.
+                    let id = input.announcement;
+                    let known = self
+                        .ann(&id)
+                        .is_some_and(|a| a.round == round && a.adapter == input.adapter);
+                    if known || self.requests.get(&id).is_some_and(|r| r.round == round) {
+                        self.cur.admitted.insert(id);
+                    }
                 }
+                self.prune_admitted();
                 self.dirty = true;
             }
             accepted = true;

@@ -174,7 +174,9 @@ fn upload_index_counts_and_finds_the_newest_per_user() -> anyhow::Result<()> {
 fn a_user_has_one_upload_waiting_when_asked_even_under_a_race() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
+    assert_eq!(store.waiting_upload("amy")?, None);
     store.insert_sole_waiting_upload(&upload("a1", "amy"))?;
+    assert_eq!(store.waiting_upload("amy")?.as_deref(), Some("a1"));
     assert!(matches!(
         store.insert_sole_waiting_upload(&upload("a2", "amy")),
         Err(Error::UploadWaiting { user, id }) if user == "amy" && id == "a1"
@@ -182,6 +184,7 @@ fn a_user_has_one_upload_waiting_when_asked_even_under_a_race() -> anyhow::Resul
     // Another user is not held up; once amy's upload is in a round, she may upload again.
     store.insert_sole_waiting_upload(&upload("b1", "bob"))?;
     store.mark_upload_included("a1", 1)?;
+    assert_eq!(store.waiting_upload("amy")?, None);
     store.insert_sole_waiting_upload(&upload("a2", "amy"))?;
     // The plain insert still supersedes (open networks).
     store.insert_upload(&upload("a3", "amy"))?;

@@ -75,6 +75,21 @@ impl Store {
         self.insert_upload_with(record, true)
     }
 
+    /// The id of `user_id`'s upload waiting for a round, if any: the newest upload, unless it
+    /// is marked included in a round (what [`Store::insert_sole_waiting_upload`] checks).
+    /// Reads one index entry and one upload.
+    pub fn waiting_upload(&self, user_id: &str) -> Result<Option<String>> {
+        let key = user_id.as_bytes();
+        let Some(v) = self.upload_users.get(key)? else {
+            return Ok(None);
+        };
+        let entry: UserUploads = decode("upload_users", key, &v)?;
+        Ok(self
+            .get_upload(&entry.newest_id)?
+            .filter(|u| u.round.is_none())
+            .map(|u| u.id))
+    }
+
     fn insert_upload_with(&self, record: &UploadRecord, sole_waiting: bool) -> Result<()> {
         use sled::transaction::{ConflictableTransactionError as Conflict, TransactionError};
         use sled::Transactional;
