@@ -10,7 +10,9 @@
 //! `--byzantine B`, `--duration-ms T`, `--no-partition`, `--trace-node I` (print every
 //! action of honest node I), `--sybil-floods` (Byzantine senders also pose as many users;
 //! see `SimConfig::sybil_floods`), `--sybil-keys` (they also make keys at will; see
-//! `SimConfig::sybil_keys`), `--key-work BITS` (the network refuses keys with less work).
+//! `SimConfig::sybil_keys`), `--sybil-records` (they publish ever-heavier records of the tip's
+//! round; see `SimConfig::sybil_records`), `--key-work BITS` (the network refuses keys with
+//! less work).
 
 use anyhow::{bail, Context, Result};
 use hivemind_protocol::sim::{self, SimConfig};
@@ -41,6 +43,7 @@ fn main() -> Result<()> {
             "--no-partition" => cfg.partition = None,
             "--sybil-floods" => cfg.sybil_floods = true,
             "--sybil-keys" => cfg.sybil_keys = true,
+            "--sybil-records" => cfg.sybil_records = true,
             "--key-work" => {
                 let bits = value("--key-work")?;
                 if bits > u64::from(hivemind_protocol::MAX_KEY_WORK) {

@@ -50,7 +50,9 @@ impl Sim<'_> {
         };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
-        let strategy = if self.cfg.sybil_keys && self.rng.chance(500) {
+        let strategy = if self.cfg.sybil_records && self.rng.chance(500) {
+            10
+        } else if self.cfg.sybil_keys && self.rng.chance(500) {
             8 + self.rng.below(2)
         } else {
             self.rng.below(strategies)
@@ -227,6 +229,36 @@ impl Sim<'_> {
                         self.broadcast(b, Wire::Digest(s.id(), Rc::new(s.encode())));
                     }
                 }
+            }
+            10 => {
+                // The tip's record with one more input, of a key made at will: a valid,
+                // heavier record of the tip's round.
+                let Some(t) = tip else { return };
+                if t.inputs.len() >= crate::MAX_ROUND_INPUTS {
+                    return;
+                }
+                let sybil = self.sybil_key();
+                let mut a = base;
+                a.round = t.round;
+                a.parent = t.parent;
+                a.contributor = sybil.node_id();
+                let Ok(s) = Signed::sign(a, &sybil) else {
+                    return;
+                };
+                self.index.insert(sybil.node_id(), b);
+                self.nodes[b].blobs.insert(fresh);
+                self.nodes[b].anns.insert(s.id(), Rc::new(s.encode()));
+                self.sybil_anns.insert(s.id());
+                let mut record = t;
+                record.inputs.push(RoundInput {
+                    adapter: fresh,
+                    announcement: s.id(),
+                });
+                record.inputs.sort();
+                let adapters: Vec<Hash> = record.inputs.iter().map(|i| i.adapter).collect();
+                record.result = super::fake_aggregate(record.parent, &adapters);
+                record.weight += 1;
+                self.publish_byzantine_digest(b, record, true);
             }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent

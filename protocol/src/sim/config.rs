@@ -61,6 +61,12 @@ pub struct SimConfig {
     ///
     /// [`SimReport::sybil_inputs`]: super::SimReport::sybil_inputs
     pub sybil_keys: bool,
+    /// Byzantine senders also publish heavier committed records of the tip's round: the
+    /// tip's inputs plus one more adapter of a key made at will (served by the sender), with
+    /// the right result and weight. An attack that admission does not cover (each switch to
+    /// such a record restarts the next round's grace period); off by default, measured by
+    /// `examples/simulate.rs --sybil-records`.
+    pub sybil_records: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
     ///
     /// [`SimReport::trace`]: super::SimReport::trace
@@ -92,6 +98,7 @@ impl Default for SimConfig {
             byzantine_every_ms: 700,
             sybil_floods: false,
             sybil_keys: false,
+            sybil_records: false,
             trace_node: None,
         }
     }
