@@ -1087,3 +1087,66 @@ fn announcements_arriving_without_end_do_not_keep_a_round_open() {
         }
     }
 }
+
+/// A candidate whose parent was a round of our chain when it arrived (so its weight was
+/// going to be checked, and it needed no quorum) loses that standing when our chain moves
+/// off its parent: one signer's word on its weight is then not enough to adopt it.
+#[test]
+fn a_candidate_whose_parent_leaves_our_chain_needs_the_quorum_again() {
+    let ka = key(1);
+    let mut a = machine(&ka);
+    // Our chain: A1 = {mine}, A2 = {mine2}.
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let a1 = commits(&a.tick(4_000))[0].0.clone();
+    let mine2 = ann(&ka, 2, Hash::of(b"a2"), Some(a1.result), 4_100);
+    a.handle(4_100, Event::LocalContribution(mine2.clone()));
+    let out = a.tick(7_100);
+    run_aggregations(&mut a, 7_100, &out);
+    let a2 = commits(&a.tick(8_200))[0].0.clone();
+    assert_eq!((a2.round, a2.weight), (2, 2));
+
+    // One signer: a record of round 2 on A1 with a forged weight. A1 is ours, so the gate
+    // lets it through to verification (its weight is to be checked against A1's).
+    let (kb, kc, kd, kz) = (key(2), key(3), key(4), key(5));
+    let z = ann(&kz, 2, Hash::of(b"z"), Some(a1.result), 4_200);
+    let forged = record(2, Some(a1.result), &[&z], 100);
+    let out = a.handle(
+        8_300,
+        Event::Digest(digest(&kd, forged.clone(), true, 8_300)),
+    );
+    assert_eq!(fetched_announcements(&out), vec![z.id()]);
+
+    // Meanwhile a heavier round 1, B1 = {mine, x, y}, verified: a rewind off A1.
+    let x = ann(&kb, 1, Hash::of(b"x"), None, 100);
+    let y = ann(&kc, 1, Hash::of(b"y"), None, 100);
+    let b1 = record(1, None, &[&mine, &x, &y], 3);
+    a.handle(8_400, Event::Digest(digest(&kb, b1.clone(), true, 8_400)));
+    // (Round 1's announcements were dropped when round 3 opened: ours is fetched again.)
+    let mut out = Vec::new();
+    for s in [&mine, &x, &y] {
+        out.extend(a.handle(8_500, Event::Announcement(s.clone())));
+        out.extend(a.handle(8_600, Event::BlobAvailable { hash: s.adapter }));
+    }
+    let out = run_aggregations(&mut a, 8_700, &out);
+    assert_eq!(commits(&out), vec![(b1.clone(), Some(a1.result))]);
+
+    // The forged record's inputs arrive: its parent is no round of our chain now, and one
+    // signer is no quorum, so it is neither recomputed nor adopted.
+    let mut out = a.handle(8_800, Event::Announcement(z.clone()));
+    out.extend(a.handle(8_800, Event::BlobAvailable { hash: z.adapter }));
+    let mut out = run_aggregations(&mut a, 8_900, &out);
+    for t in (9_000..20_000).step_by(250) {
+        let step = a.tick(t);
+        out.extend(run_aggregations(&mut a, t, &step));
+        out.extend(step);
+    }
+    assert!(
+        !commits(&out).iter().any(|(r, _)| *r == forged),
+        "adopted a record whose weight one signer vouched for"
+    );
+    assert_ne!(a.tip(), Some(&forged));
+    assert!(a.tip().is_some_and(|t| t.weight < 100));
+}

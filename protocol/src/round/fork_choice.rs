@@ -67,6 +67,22 @@ impl RoundMachine {
         (record.parent == Some(*result)).then_some(*weight)
     }
 
+    /// `WrongWeight` when `record`'s parent is a round of our chain (`expected`: its weight)
+    /// and `record` does not weigh that plus its `nodes` distinct contributing nodes.
+    fn wrong_weight(
+        &self,
+        record: &RoundRecord,
+        expected: Option<u64>,
+        nodes: u64,
+    ) -> Option<Misbehaviour> {
+        let w = expected?.saturating_add(nodes);
+        (w != record.weight).then_some(Misbehaviour::WrongWeight {
+            round: record.round,
+            claimed: record.weight,
+            expected: w,
+        })
+    }
+
     pub(super) fn progress_candidates(&mut self, now: u64, out: &mut Vec<Action>) {
         let keys: Vec<Hash> = self.candidates.keys().copied().collect();
         for key in keys {
@@ -82,8 +98,11 @@ impl RoundMachine {
                     continue;
                 }
             }
+            // The history gate, asked again each time: our chain may have changed since the
+            // candidate last passed it (a switch can take its parent off our chain, and then
+            // its weight is no longer checked, so it needs the quorum again).
             let expected = self.expected_parent_weight(&c.record);
-            if !c.verifying && expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
+            if expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
                 continue;
             }
             let record = c.record.clone();
@@ -163,17 +182,8 @@ impl RoundMachine {
             }
             // Every announcement known: the weight is the parent's plus the distinct nodes.
             if failure.is_none() && !missing {
-                if let Some(parent) = expected {
-                    let nodes: BTreeSet<NodeId> = keys_seen.iter().map(|(n, _)| *n).collect();
-                    let w = parent.saturating_add(nodes.len() as u64);
-                    if w != record.weight {
-                        failure = Some(Misbehaviour::WrongWeight {
-                            round: record.round,
-                            claimed: record.weight,
-                            expected: w,
-                        });
-                    }
-                }
+                let nodes: BTreeSet<NodeId> = keys_seen.iter().map(|(n, _)| *n).collect();
+                failure = self.wrong_weight(&record, expected, nodes.len() as u64);
             }
             // A rule that builds on the parent needs the parent round adapter too: ours when
             // the parent is on our chain, else fetched from the record's signers.
@@ -309,6 +319,19 @@ impl RoundMachine {
         let Some(c) = self.candidates.remove(&key) else {
             return;
         };
+        // The history gate and the weight once more: our chain may have changed while the
+        // job ran. (Every input's announcement is held: the job was made from them.)
+        let expected = self.expected_parent_weight(&c.record);
+        if expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
+            return;
+        }
+        let nodes = self.contributor_nodes(&c.record.inputs);
+        if let Some(why) = nodes.and_then(|n| self.wrong_weight(&c.record, expected, n)) {
+            for s in &c.signers {
+                self.penalise(*s, why.clone(), out);
+            }
+            return;
+        }
         if c.record.result == result {
             self.adopt(now, c.record, out);
         } else {
