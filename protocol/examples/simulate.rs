@@ -11,7 +11,8 @@
 //! action of honest node I), `--sybil-floods` (Byzantine senders also pose as many users;
 //! see `SimConfig::sybil_floods`), `--sybil-keys` (they also make keys at will; see
 //! `SimConfig::sybil_keys`), `--sybil-records` (they publish ever-heavier records of the tip's
-//! round; see `SimConfig::sybil_records`), `--key-work BITS` (the network refuses keys with
+//! round; see `SimConfig::sybil_records`), `--colluding-history` (they sign one forged history
+//! together; see `SimConfig::colluding_history`), `--key-work BITS` (the network refuses keys with
 //! less work).
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +45,7 @@ fn main() -> Result<()> {
             "--sybil-floods" => cfg.sybil_floods = true,
             "--sybil-keys" => cfg.sybil_keys = true,
             "--sybil-records" => cfg.sybil_records = true,
+            "--colluding-history" => cfg.colluding_history = true,
             "--key-work" => {
                 let bits = value("--key-work")?;
                 if bits > u64::from(hivemind_protocol::MAX_KEY_WORK) {
@@ -67,6 +69,9 @@ fn main() -> Result<()> {
             println!("  {line}");
         }
         println!("seed {seed}: {report}");
+        if cfg.colluding_history {
+            println!("seed {seed}: {} forged adoptions", report.forged_adoptions);
+        }
         if !report.passed() {
             println!(
                 "seed {seed} FAILED; replay with --seed {seed} --nodes {}",

@@ -50,7 +50,9 @@ impl Sim<'_> {
         };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
-        let strategy = if self.cfg.sybil_records && self.rng.chance(500) {
+        let strategy = if self.cfg.colluding_history && self.rng.chance(500) {
+            11
+        } else if self.cfg.sybil_records && self.rng.chance(500) {
             10
         } else if self.cfg.sybil_keys && self.rng.chance(500) {
             8 + self.rng.below(2)
@@ -258,6 +260,52 @@ impl Sim<'_> {
                 let adapters: Vec<Hash> = record.inputs.iter().map(|i| i.adapter).collect();
                 record.result = super::fake_aggregate(record.parent, &adapters);
                 record.weight += 1;
+                self.publish_byzantine_digest(b, record, true);
+            }
+            11 => {
+                // The coalition's forged history on the oracle's tip: every sender builds
+                // the same record from the tip (one announcement of the first sender, dated
+                // 0 so that it is the same bytes whoever signs it), so each vouches for it.
+                let Some(t) = tip else { return };
+                let (b0, id0) = (self.cfg.nodes, self.nodes[self.cfg.nodes].id);
+                let parent = Some(Hash::of(
+                    &[b"forged parent".as_slice(), &t.result.0].concat(),
+                ));
+                let adapter = Hash::of(&[b"forged input".as_slice(), &t.result.0].concat());
+                let a = Announcement {
+                    round: t.round + 1,
+                    adapter,
+                    contributor: id0,
+                    parent,
+                    time_ms: 0,
+                    ..base
+                };
+                let Ok(s) = Signed::sign(a, &self.nodes[b0].key) else {
+                    return;
+                };
+                let bytes = Rc::new(s.encode());
+                for c in self.cfg.nodes..self.cfg.nodes + self.cfg.byzantine {
+                    self.nodes[c].blobs.insert(adapter);
+                    self.nodes[c].anns.insert(s.id(), bytes.clone());
+                }
+                // Its input is a valid announcement of the round (like a Sybil's, it may
+                // enter honest records); the made-up parent is what must not be adopted.
+                self.sybil_anns.insert(s.id());
+                if let Some(p) = parent {
+                    self.forged_parents.insert(p);
+                }
+                let record = RoundRecord {
+                    model,
+                    round: t.round + 1,
+                    parent,
+                    inputs: vec![RoundInput {
+                        adapter,
+                        announcement: s.id(),
+                    }],
+                    weight: t.weight + 1_000,
+                    rule: RuleId::FEDAVG,
+                    result: super::fake_aggregate(parent, &[adapter]),
+                };
                 self.publish_byzantine_digest(b, record, true);
             }
             _ => {

@@ -32,6 +32,17 @@ impl Sim<'_> {
                 )),
             }
         }
+        if record
+            .parent
+            .is_some_and(|p| self.forged_parents.contains(&p))
+        {
+            self.report.forged_adoptions += 1;
+            self.violation(format!(
+                "node {i} adopted a forged history: round {} of weight {} on a parent no \
+                 honest node made",
+                record.round, record.weight
+            ));
+        }
         let adapters: Vec<Hash> = record.inputs.iter().map(|x| x.adapter).collect();
         if fake_aggregate(record.parent, &adapters) != record.result {
             self.violation(format!(

@@ -67,6 +67,13 @@ pub struct SimConfig {
     /// such a record restarts the next round's grace period); off by default, measured by
     /// `examples/simulate.rs --sybil-records`.
     pub sybil_records: bool,
+    /// The Byzantine senders collude on a forged history: each signs the same committed
+    /// record of the round after the oracle's tip, on a parent no honest node made (so no
+    /// honest node can check its weight), with one input of theirs (served, valid) and a
+    /// weight far above the tip's. A quorum of them vouches for it; an honest node that
+    /// adopts it is a violation. Off by default, measured by `examples/simulate.rs
+    /// --colluding-history`.
+    pub colluding_history: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
     ///
     /// [`SimReport::trace`]: super::SimReport::trace
@@ -99,6 +106,7 @@ impl Default for SimConfig {
             sybil_floods: false,
             sybil_keys: false,
             sybil_records: false,
+            colluding_history: false,
             trace_node: None,
         }
     }

@@ -209,6 +209,8 @@ struct Sim<'a> {
     invalid_adapters: BTreeSet<Hash>,
     /// Announcements signed by keys Byzantine senders made at will.
     sybil_anns: BTreeSet<Hash>,
+    /// The made-up parents of the colluding senders' forged histories.
+    forged_parents: BTreeSet<Hash>,
     replay_pool: Vec<Wire>,
     partition_round: Option<u64>,
     report: SimReport,
@@ -271,6 +273,7 @@ impl<'a> Sim<'a> {
             invalid_anns: BTreeSet::new(),
             invalid_adapters: BTreeSet::new(),
             sybil_anns: BTreeSet::new(),
+            forged_parents: BTreeSet::new(),
             replay_pool: Vec::new(),
             partition_round: None,
             report: SimReport::default(),

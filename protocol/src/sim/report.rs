@@ -29,6 +29,9 @@ pub struct SimReport {
     /// Inputs of the checked nodes' committed rounds announced by keys Byzantine senders
     /// made at will ([`SimConfig::sybil_keys`](super::SimConfig::sybil_keys)).
     pub sybil_inputs: u64,
+    /// Commits by honest nodes of the colluding senders' forged histories
+    /// ([`SimConfig::colluding_history`](super::SimConfig::colluding_history)).
+    pub forged_adoptions: u64,
     /// The actions of [`SimConfig::trace_node`](super::SimConfig::trace_node), one line each.
     pub trace: Vec<String>,
 }
