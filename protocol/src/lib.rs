@@ -46,5 +46,5 @@ pub use message::{
 pub use model_id::{announce_topic, digest_topic, BaseModel, LoraShape, ModelId};
 pub use round::{
     Action, AggregateInput, AggregationJob, Event, FetchFailure, Ignored, Misbehaviour, Phase,
-    RoundConfig, RoundMachine, Verdict,
+    RoundConfig, RoundMachine, Verdict, CHAIN_MEMORY,
 };

@@ -1094,18 +1094,7 @@ fn announcements_arriving_without_end_do_not_keep_a_round_open() {
 #[test]
 fn a_candidate_whose_parent_leaves_our_chain_needs_the_quorum_again() {
     let ka = key(1);
-    let mut a = machine(&ka);
-    // Our chain: A1 = {mine}, A2 = {mine2}.
-    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
-    a.handle(0, Event::LocalContribution(mine.clone()));
-    let out = a.tick(3_000);
-    run_aggregations(&mut a, 3_000, &out);
-    let a1 = commits(&a.tick(4_000))[0].0.clone();
-    let mine2 = ann(&ka, 2, Hash::of(b"a2"), Some(a1.result), 4_100);
-    a.handle(4_100, Event::LocalContribution(mine2.clone()));
-    let out = a.tick(7_100);
-    run_aggregations(&mut a, 7_100, &out);
-    let a2 = commits(&a.tick(8_200))[0].0.clone();
+    let (mut a, mine, a1, a2) = two_rounds_alone(&ka);
     assert_eq!((a2.round, a2.weight), (2, 2));
 
     // One signer: a record of round 2 on A1 with a forged weight. A1 is ours, so the gate
@@ -1149,4 +1138,64 @@ fn a_candidate_whose_parent_leaves_our_chain_needs_the_quorum_again() {
     );
     assert_ne!(a.tip(), Some(&forged));
     assert!(a.tip().is_some_and(|t| t.weight < 100));
+}
+
+/// After a restart the driver passes the rounds its store kept before the tip
+/// (`remember`): a record forking below the tip then has its weight checked against them.
+/// Without them the machine knew only the tip, so two colluding signers' word on the
+/// weight of a record on the tip's parent was taken (and it was adopted).
+#[test]
+fn a_restarted_node_checks_forks_below_its_tip_against_what_it_stored() {
+    let ka = key(1);
+    let (_, _, a1, a2) = two_rounds_alone(&ka);
+
+    // A round-2 record on A1 with one input and a forged weight, signed by two keys.
+    let (kc, kd) = (key(3), key(4));
+    let z = ann(&kc, 2, Hash::of(b"z"), Some(a1.result), 4_200);
+    let forged = record(2, Some(a1.result), &[&z], 100);
+    for remembered in [true, false] {
+        let mut m = RoundMachine::new(cfg(), model(), ka.node_id(), Some(a2.clone()), 10_000)
+            .expect("machine");
+        if remembered {
+            m.remember(std::slice::from_ref(&a1));
+        }
+        let mut out = Vec::new();
+        for (t, k) in [(10_100, &kc), (10_200, &kd)] {
+            out.extend(m.handle(t, Event::Digest(digest(k, forged.clone(), true, t))));
+        }
+        out.extend(m.handle(10_300, Event::Announcement(z.clone())));
+        out.extend(m.handle(10_300, Event::BlobAvailable { hash: z.adapter }));
+        let done = run_aggregations(&mut m, 10_400, &out);
+        out.extend(done);
+        let adopted = commits(&out).iter().any(|(r, _)| *r == forged);
+        assert_eq!(adopted, !remembered, "remembered: {remembered}");
+        if remembered {
+            assert!(penalties(&out).iter().any(|(p, why)| *p == kc.node_id()
+                && matches!(
+                    why,
+                    Misbehaviour::WrongWeight {
+                        claimed: 100,
+                        expected: 2,
+                        ..
+                    }
+                )));
+        }
+    }
+}
+
+/// Node `k` alone commits round 1 of one adapter (A1), then round 2 of another (A2): the
+/// machine at 8.2 s, its round-1 announcement, A1 and A2.
+fn two_rounds_alone(k: &NodeKey) -> (RoundMachine, SignedAnnouncement, RoundRecord, RoundRecord) {
+    let mut a = machine(k);
+    let mine = ann(k, 1, Hash::of(b"a1"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let a1 = commits(&a.tick(4_000))[0].0.clone();
+    let mine2 = ann(k, 2, Hash::of(b"a2"), Some(a1.result), 4_100);
+    a.handle(4_100, Event::LocalContribution(mine2));
+    let out = a.tick(7_100);
+    run_aggregations(&mut a, 7_100, &out);
+    let a2 = commits(&a.tick(8_200))[0].0.clone();
+    (a, mine, a1, a2)
 }

@@ -200,8 +200,20 @@ impl Driver {
             Some(r) => Some(SignedDigest::decode(&r.digest)?.payload().record.clone()),
             None => None,
         };
-        let machine =
+        let mut machine =
             RoundMachine::new(cfg.round.clone(), cfg.model, key.node_id(), tip, now_ms())?;
+        // The rounds before the tip: a record forking below it has its weight checked
+        // against them rather than taken on a quorum's word.
+        let mut older: Vec<_> = stored
+            .iter()
+            .rev()
+            .skip(1)
+            .take(hivemind_protocol::CHAIN_MEMORY)
+            .map_while(|r| SignedDigest::decode(&r.digest).ok())
+            .map(|d| d.payload().record.clone())
+            .collect();
+        older.reverse();
+        machine.remember(&older);
         let (done_tx, done_rx) = mpsc::channel(1024);
         let released = cfg.data_dir.released_rounds();
         Ok(Driver {

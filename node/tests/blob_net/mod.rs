@@ -74,14 +74,32 @@ where
 pub(crate) async fn connect(from: &Network, to: &Network) {
     let info = to.client.info().await.unwrap();
     let to_id = to.client.local_peer_id();
-    from.client
-        .dial(with_peer(&info.listen_addrs[0], to_id))
-        .await
-        .unwrap();
-    let c = from.client.clone();
+    let from_id = from.client.local_peer_id();
+    let addr = with_peer(&info.listen_addrs[0], to_id);
+    // Dialled again every 2 s, as a node redials: a dial can be refused while another
+    // incoming connection of `to` is pending (its pending limit is a quarter of its
+    // incoming limit: 1 in the connection-limit test), and one refused dial is not retried
+    // by libp2p. Done when both ends list the connection, so the next dial to `to` does not
+    // race this one's last steps there.
+    let (c, t) = (from.client.clone(), to.client.clone());
+    let last_dial = std::sync::Mutex::new(None::<std::time::Instant>);
     wait_until("a connection", || {
-        let c = c.clone();
-        async move { c.info().await.unwrap().connected.contains(&to_id) }
+        let (c, t, addr) = (c.clone(), t.clone(), addr.clone());
+        let due = {
+            let mut last = last_dial.lock().unwrap();
+            let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        async move {
+            if due {
+                let _ = c.dial(addr).await;
+            }
+            c.info().await.unwrap().connected.contains(&to_id)
+                && t.info().await.unwrap().connected.contains(&from_id)
+        }
     })
     .await;
 }

@@ -105,7 +105,7 @@ use heartbeat::Heartbeat;
 /// Digests identical to our tip heard in one heartbeat period that make us skip ours.
 const HEARTBEAT_REDUNDANCY: usize = 3;
 /// Rounds of our own chain remembered for fork choice (results and weights).
-const CHAIN_MEMORY: usize = 64;
+pub const CHAIN_MEMORY: usize = 64;
 /// Most foreign records under consideration at once.
 const MAX_CANDIDATES: usize = 16;
 /// Most announcement fetches in flight.
@@ -217,12 +217,35 @@ impl RoundMachine {
         };
         if let Some(t) = tip {
             // Its announcements are not in memory after a restart: its parent's weight is
-            // not derived (records competing with it then need a quorum).
+            // not derived here (the driver passes the rounds before it to `remember`).
             m.extend_chain(&t, None);
             m.tip = Some(t);
         }
         m.reset_heartbeat(now_ms);
         Ok(m)
+    }
+
+    /// Our chain's rounds before the tip, as the driver stored them (oldest first), after a
+    /// restart: their results and weights join the chain memory, so that a record forking
+    /// below the tip has its weight checked rather than taken on a quorum's word. Records
+    /// that do not chain into the tip (and anything older than them) are ignored, as is
+    /// more than the chain memory holds.
+    pub fn remember(&mut self, older: &[RoundRecord]) {
+        let Some(tip) = &self.tip else {
+            return;
+        };
+        let (mut round, mut result) = (tip.round, tip.parent);
+        for r in older.iter().rev() {
+            if self.chain.len() >= CHAIN_MEMORY
+                || r.model != self.model
+                || Some(r.result) != result
+                || r.round.checked_add(1) != Some(round)
+            {
+                break;
+            }
+            self.chain.insert(r.round, (r.result, r.weight));
+            (round, result) = (r.round, r.parent);
+        }
     }
 
     /// The last committed record (`None`: still at the base model).

@@ -475,8 +475,13 @@ impl<'a> Sim<'a> {
                 n.epoch += 1;
                 let tip = n.history.values().next_back().cloned();
                 n.restart_floor = tip.as_ref().map_or(0, |t| t.round);
+                let older: Vec<RoundRecord> = n.history.values().cloned().collect();
                 n.machine =
                     RoundMachine::new(self.cfg.round.clone(), self.model, n.id, tip, now).ok();
+                if let Some(m) = n.machine.as_mut() {
+                    // What the store kept, as a real driver passes it.
+                    m.remember(older.split_last().map_or(&[][..], |(_, o)| o));
+                }
                 let epoch = n.epoch;
                 self.at(now + 1, Ev::Tick(i, epoch));
                 self.maybe_train(i);
