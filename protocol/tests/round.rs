@@ -1127,11 +1127,7 @@ fn a_candidate_whose_parent_leaves_our_chain_needs_the_quorum_again() {
     let mut out = a.handle(8_800, Event::Announcement(z.clone()));
     out.extend(a.handle(8_800, Event::BlobAvailable { hash: z.adapter }));
     let mut out = run_aggregations(&mut a, 8_900, &out);
-    for t in (9_000..20_000).step_by(250) {
-        let step = a.tick(t);
-        out.extend(run_aggregations(&mut a, t, &step));
-        out.extend(step);
-    }
+    out.extend(tick_through(&mut a, 9_000..20_000, 250));
     assert!(
         !commits(&out).iter().any(|(r, _)| *r == forged),
         "adopted a record whose weight one signer vouched for"
@@ -1186,16 +1182,83 @@ fn a_restarted_node_checks_forks_below_its_tip_against_what_it_stored() {
 /// Node `k` alone commits round 1 of one adapter (A1), then round 2 of another (A2): the
 /// machine at 8.2 s, its round-1 announcement, A1 and A2.
 fn two_rounds_alone(k: &NodeKey) -> (RoundMachine, SignedAnnouncement, RoundRecord, RoundRecord) {
-    let mut a = machine(k);
-    let mine = ann(k, 1, Hash::of(b"a1"), None, 0);
-    a.handle(0, Event::LocalContribution(mine.clone()));
-    let out = a.tick(3_000);
-    run_aggregations(&mut a, 3_000, &out);
-    let a1 = commits(&a.tick(4_000))[0].0.clone();
+    let (mut a, mine, a1) = round_one_alone(k);
     let mine2 = ann(k, 2, Hash::of(b"a2"), Some(a1.result), 4_100);
     a.handle(4_100, Event::LocalContribution(mine2));
     let out = a.tick(7_100);
     run_aggregations(&mut a, 7_100, &out);
     let a2 = commits(&a.tick(8_200))[0].0.clone();
     (a, mine, a1, a2)
+}
+
+/// One key publishing committed record after committed record whose announcements it never
+/// serves holds one candidate slot, not all of them: an honest heavier record from another
+/// node still gets in and is adopted. Before, a signer was held to one candidate only while
+/// that one waited for its quorum, so one key filled all 16 slots and every honest switch or
+/// catch-up was refused.
+#[test]
+fn one_key_cannot_fill_the_candidate_slots() {
+    let (ka, kb, kc) = (key(1), key(2), key(3));
+    let (mut a, mine, ours) = round_one_alone(&ka);
+    // 20 records of round 1 naming announcements nobody serves, heavy on paper (the weight
+    // is checked only once the announcements are known).
+    for i in 0..20u32 {
+        let ghost = RoundInput {
+            adapter: Hash::of(&[b"ghost adapter".as_slice(), &i.to_le_bytes()].concat()),
+            announcement: Hash::of(&[b"ghost ann".as_slice(), &i.to_le_bytes()].concat()),
+        };
+        let junk = RoundRecord {
+            model: model(),
+            round: 1,
+            parent: None,
+            inputs: vec![ghost],
+            weight: 400,
+            rule: RuleId::FEDAVG,
+            result: Hash::of(&i.to_le_bytes()),
+        };
+        let t = 4_100 + u64::from(i);
+        a.handle(t, Event::Digest(digest(&kc, junk, true, t)));
+    }
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    let better = record(1, None, &[&mine, &theirs], 2);
+    let mut out = a.handle(
+        4_200,
+        Event::Digest(digest(&kb, better.clone(), true, 4_200)),
+    );
+    out.extend(a.handle(4_300, Event::Announcement(theirs.clone())));
+    out.extend(a.handle(
+        4_400,
+        Event::BlobAvailable {
+            hash: theirs.adapter,
+        },
+    ));
+    let mut out = run_aggregations(&mut a, 4_500, &out);
+    out.extend(tick_through(&mut a, 4_600..6_000, 200));
+    assert!(
+        commits(&out).contains(&(better.clone(), Some(ours.result))),
+        "the honest record was not adopted"
+    );
+}
+
+/// Ticks `m` every `step` ms over `span`, answering every aggregation it asks for: all it did.
+fn tick_through(m: &mut RoundMachine, span: std::ops::Range<u64>, step: usize) -> Vec<Action> {
+    let mut out = Vec::new();
+    for t in span.step_by(step) {
+        let actions = m.tick(t);
+        out.extend(run_aggregations(m, t, &actions));
+        out.extend(actions);
+    }
+    out
+}
+
+/// Node `k` alone commits round 1 of one adapter: the machine at 4 s, its announcement and
+/// the record.
+fn round_one_alone(k: &NodeKey) -> (RoundMachine, SignedAnnouncement, RoundRecord) {
+    let mut a = machine(k);
+    let mine = ann(k, 1, Hash::of(b"a1"), None, 0);
+    a.handle(0, Event::LocalContribution(mine.clone()));
+    let out = a.tick(3_000);
+    run_aggregations(&mut a, 3_000, &out);
+    let ours = commits(&a.tick(4_000))[0].0.clone();
+    (a, mine, ours)
 }

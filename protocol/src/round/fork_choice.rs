@@ -31,14 +31,15 @@ impl RoundMachine {
             self.dirty = true;
             return;
         }
-        // A signer backs at most one candidate that is still waiting for its quorum.
+        // A signer backs at most one candidate that is still waiting, for its quorum or for
+        // what verifying it needs (its job not asked yet): one key publishing record after
+        // record whose announcements it never serves holds one slot, not all of them.
         for c in self.candidates.values_mut() {
-            if !c.verifying {
+            if c.job.is_none() {
                 c.signers.remove(&signer);
             }
         }
-        self.candidates
-            .retain(|_, c| c.verifying || !c.signers.is_empty());
+        self.candidates.retain(|_, c| !c.signers.is_empty());
         if self.candidates.len() >= MAX_CANDIDATES {
             return;
         }
