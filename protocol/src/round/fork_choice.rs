@@ -16,8 +16,6 @@ use crate::{Hash, NodeId, RoundRecord};
 pub(super) struct Candidate {
     pub(super) record: RoundRecord,
     signers: BTreeSet<NodeId>,
-    /// Passed the quorum/history gate: keeps its signers as fetch sources.
-    verifying: bool,
     job: Option<AggregationJob>,
 }
 
@@ -50,7 +48,6 @@ impl RoundMachine {
             Candidate {
                 record,
                 signers,
-                verifying: false,
                 job: None,
             },
         );
@@ -109,9 +106,6 @@ impl RoundMachine {
             let record = c.record.clone();
             let signers: Vec<NodeId> = c.signers.iter().copied().collect();
             let had_job = c.job.clone();
-            if let Some(c) = self.candidates.get_mut(&key) {
-                c.verifying = true;
-            }
             let mut failure = None;
             let mut unverifiable = false;
             let mut missing = false;
