@@ -620,3 +620,68 @@ async fn one_peer_holds_at_most_its_share_of_the_transfers() {
         let _ = h.await;
     }
 }
+
+/// The record protocol: a node asks a peer for its committed record of a round by round
+/// and result (to link another chain's history), and gets the signed digest the peer's
+/// store kept with it; a wrong result or an unknown round gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_records_are_served_by_round_and_result() {
+    use hivemind_protocol::{
+        ModelId, NodeKey, RoundDigest, RoundInput, RoundRecord, RuleId, Signed, SignedDigest,
+    };
+    let cancel = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = NodeKey::from_bytes(&[7; 32]);
+    let record = RoundRecord {
+        model: ModelId(Hash::of(b"records test")),
+        round: 3,
+        parent: Some(Hash::of(b"round 2")),
+        inputs: vec![RoundInput {
+            adapter: Hash::of(b"adapter"),
+            announcement: Hash::of(b"announcement"),
+        }],
+        weight: 3,
+        rule: RuleId::FEDAVG,
+        result: Hash::of(b"round 3"),
+    };
+    let digest = Signed::sign(
+        RoundDigest {
+            record: record.clone(),
+            signer: key.node_id(),
+            committed: true,
+            time_ms: 1,
+        },
+        &key,
+    )
+    .unwrap()
+    .encode();
+    store
+        .commit_round(&hivemind_store::RoundRecord {
+            number: 3,
+            hash: record.result,
+            version: "v3".into(),
+            parent: record.parent,
+            contributors: vec![Hash::of(b"adapter")],
+            rule: "fedavg".into(),
+            digest: digest.clone(),
+            committed_at_ms: 1,
+        })
+        .unwrap();
+    let (server, fetcher, _fetcher_store, _d) = pair(30, Arc::new(store), &cancel).await;
+    let server_id = server.client.local_peer_id();
+    let got = fetcher
+        .client
+        .fetch_record(server_id, 3, &record.result)
+        .await
+        .unwrap()
+        .expect("the peer holds round 3");
+    assert_eq!(got, digest);
+    let decoded = SignedDigest::decode_for(&got, &record.model).unwrap();
+    assert_eq!(decoded.payload().record, record);
+    for (round, result) in [(3, Hash::of(b"another result")), (4, record.result)] {
+        let none = fetcher.client.fetch_record(server_id, round, &result).await;
+        assert_eq!(none.unwrap(), None, "round {round}");
+    }
+    cancel.cancel();
+}

@@ -524,23 +524,23 @@ fn forged_result_and_forged_weight_are_penalised_not_adopted() {
     assert_eq!(a.tip(), Some(&ours));
 }
 
-/// A node far behind adopts a later round only from a quorum of signers (its history
-/// differs), and only after recomputing it.
+/// A node with no chain adopts a record it cannot link to genesis (further back than the
+/// ancestors it walks) only from a quorum of signers, and only after recomputing it.
 #[test]
-fn catch_up_needs_a_quorum_and_recomputation() {
+fn catch_up_beyond_reach_needs_a_quorum_and_recomputation() {
     let lag = key(1);
     let (kb, kc) = (key(2), key(3));
     let mut m = machine(&lag);
-    let parent = Some(Hash::of(b"round 6 result"));
-    let x = ann(&kb, 7, Hash::of(b"x"), parent, 50);
-    let y = ann(&kc, 7, Hash::of(b"y"), parent, 50);
-    let r7 = record(7, parent, &[&x, &y], 30);
-    let out = m.handle(100, Event::Digest(digest(&kb, r7.clone(), true, 100)));
+    let parent = Some(Hash::of(b"round 99 result"));
+    let x = ann(&kb, 100, Hash::of(b"x"), parent, 50);
+    let y = ann(&kc, 100, Hash::of(b"y"), parent, 50);
+    let r100 = record(100, parent, &[&x, &y], 300);
+    let out = m.handle(100, Event::Digest(digest(&kb, r100.clone(), true, 100)));
     assert!(
-        fetched_announcements(&out).is_empty(),
-        "one signer is not a quorum"
+        fetched_announcements(&out).is_empty() && fetched_records(&out).is_empty(),
+        "one signer is not a quorum, and round 99 is further back than a walk goes"
     );
-    let out = m.handle(200, Event::Digest(digest(&kc, r7.clone(), true, 200)));
+    let out = m.handle(200, Event::Digest(digest(&kc, r100.clone(), true, 200)));
     let mut wanted = fetched_announcements(&out);
     wanted.sort();
     let mut expect = vec![x.id(), y.id()];
@@ -562,11 +562,196 @@ fn catch_up_needs_a_quorum_and_recomputation() {
         },
     );
     let out = run_aggregations(&mut m, 500, &out);
-    assert_eq!(commits(&out), vec![(r7.clone(), None)]);
+    assert_eq!(commits(&out), vec![(r100.clone(), None)]);
     assert_eq!(
         (m.current_round(), m.current_parent()),
-        (8, Some(r7.result))
+        (101, Some(r100.result))
     );
+}
+
+/// The rounds `(record.round, record.result)` asked for with `FetchRecord`.
+fn fetched_records(actions: &[Action]) -> Vec<(u64, Hash)> {
+    record_requests(actions)
+        .into_iter()
+        .map(|(_, round, result)| (round, result))
+        .collect()
+}
+
+/// The `(candidate, round, result)` of every `FetchRecord` in `actions`.
+fn record_requests(actions: &[Action]) -> Vec<(Hash, u64, Hash)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FetchRecord {
+                candidate,
+                round,
+                result,
+                ..
+            } => Some((*candidate, *round, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node `k` alone commits round 1 of `mine`, and another node endorses it (so its tip is
+/// not lonely): returns the machine at 4.5 s and the record.
+fn endorsed_round_one(k: &NodeKey, mine: &SignedAnnouncement) -> (RoundMachine, RoundRecord) {
+    let mut m = machine(k);
+    m.handle(0, Event::LocalContribution(mine.clone()));
+    let out = m.tick(3_000);
+    run_aggregations(&mut m, 3_000, &out);
+    let tip = commits(&m.tick(4_000))[0].0.clone();
+    let friend = key(9);
+    m.handle(
+        4_500,
+        Event::Digest(digest(&friend, tip.clone(), true, 4_500)),
+    );
+    (m, tip)
+}
+
+/// A coalition vouching for a record on a parent nobody can show: a node with a chain asks
+/// the signers for that parent's record, gets none, and keeps its chain, however many sign.
+/// (Before, a quorum's word on the weight sufficed, and every node adopted it.)
+#[test]
+fn a_made_up_history_is_not_taken_on_a_quorums_word() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (kc, kd) = (key(3), key(4));
+    let made_up = Some(Hash::of(b"a parent nobody made"));
+    let z = ann(&kc, 2, Hash::of(b"z"), made_up, 4_000);
+    let forged = record(2, made_up, &[&z], 1_000);
+    let mut out = Vec::new();
+    for (t, k) in [(5_000, &kc), (5_100, &kd)] {
+        let step = a.handle(t, Event::Digest(digest(k, forged.clone(), true, t)));
+        for (candidate, round, result) in record_requests(&step) {
+            assert_eq!((round, Some(result)), (1, made_up));
+            out.extend(a.handle(
+                t + 50,
+                Event::Record {
+                    candidate,
+                    round,
+                    result,
+                    digest: None,
+                },
+            ));
+        }
+        out.extend(step);
+    }
+    assert_eq!(
+        fetched_records(&out).len(),
+        2,
+        "each signer asked for its parent"
+    );
+    // Its input is served and valid (a Sybil's, as far as anyone can tell).
+    out.extend(a.handle(5_300, Event::Announcement(z.clone())));
+    out.extend(a.handle(5_300, Event::BlobAvailable { hash: z.adapter }));
+    for t in (5_400..12_000).step_by(200) {
+        let step = a.tick(t);
+        out.extend(run_aggregations(&mut a, t, &step));
+        out.extend(step);
+    }
+    assert!(
+        !commits(&out).iter().any(|(r, _)| r.parent == made_up),
+        "adopted a history nobody could show"
+    );
+    assert!(a
+        .tip()
+        .is_some_and(|t| t.parent == Some(tip.result) || *t == tip));
+}
+
+/// A heavier history that forked below our tip links to our chain through its ancestors,
+/// fetched from one signer and checked like the record itself (announcements, weight, and
+/// the result recomputed from the adapters): no quorum is needed, and our chain then runs
+/// through them (each committed). An ancestor of forged weight, or one with honest inputs
+/// and a made-up result (on which a round of the attacker's would be built), gets the
+/// signer of the digest it was served as penalised, and nothing is adopted.
+#[test]
+fn a_foreign_history_links_through_its_ancestors() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (kb, kx, ky, kz) = (key(2), key(5), key(6), key(7));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let y = ann(&ky, 1, Hash::of(b"y"), None, 100);
+    enum Forgery {
+        None,
+        Weight,
+        Result,
+    }
+    for forgery in [Forgery::None, Forgery::Weight, Forgery::Result] {
+        let (mut a, tip) = endorsed_round_one(&ka, &mine);
+        let mut b1 = record(1, None, &[&x, &y], 2);
+        match forgery {
+            Forgery::None => {}
+            Forgery::Weight => b1.weight = 5,
+            Forgery::Result => b1.result = Hash::of(b"a round adapter of the attacker's"),
+        }
+        let z = ann(&kz, 2, Hash::of(b"z"), Some(b1.result), 4_000);
+        let b2 = record(2, Some(b1.result), &[&z], b1.weight + 1);
+        let out = a.handle(5_000, Event::Digest(digest(&kb, b2.clone(), true, 5_000)));
+        let asked = record_requests(&out);
+        assert_eq!(
+            asked.iter().map(|(_, r, h)| (*r, *h)).collect::<Vec<_>>(),
+            vec![(1, b1.result)]
+        );
+        let mut out = a.handle(
+            5_100,
+            Event::Record {
+                candidate: asked[0].0,
+                round: 1,
+                result: b1.result,
+                digest: Some(digest(&kb, b1.clone(), true, 5_050)),
+            },
+        );
+        let mut wanted = fetched_announcements(&out);
+        wanted.sort();
+        let mut expect = vec![x.id(), y.id()];
+        expect.sort();
+        assert_eq!(wanted, expect, "the ancestor's inputs, to count its nodes");
+        for s in [&x, &y] {
+            out.extend(a.handle(5_200, Event::Announcement(s.clone())));
+        }
+        if let Forgery::Weight = forgery {
+            assert!(matches!(
+                penalties(&out)[..],
+                [(p, Misbehaviour::WrongWeight { round: 1, claimed: 5, expected: 2 })]
+                    if p == kb.node_id()
+            ));
+            assert_eq!(a.tip(), Some(&tip));
+            continue;
+        }
+        // Its adapters, to recompute its result.
+        let mut blobs = fetched_blobs(&out);
+        blobs.sort();
+        let mut expect = vec![x.adapter, y.adapter];
+        expect.sort();
+        assert_eq!(blobs, expect);
+        for s in [&x, &y] {
+            out.extend(a.handle(5_300, Event::BlobAvailable { hash: s.adapter }));
+        }
+        let mut out = run_aggregations(&mut a, 5_400, &out);
+        if let Forgery::Result = forgery {
+            assert!(matches!(
+                penalties(&out)[..],
+                [(p, Misbehaviour::WrongResult { round: 1, .. })] if p == kb.node_id()
+            ));
+            out.extend(a.handle(5_500, Event::Announcement(z.clone())));
+            out.extend(a.handle(5_500, Event::BlobAvailable { hash: z.adapter }));
+            let out = run_aggregations(&mut a, 5_600, &out);
+            assert!(!commits(&out).iter().any(|(r, _)| *r == b1 || *r == b2));
+            assert_eq!(a.tip(), Some(&tip));
+            continue;
+        }
+        out.extend(a.handle(5_500, Event::Announcement(z.clone())));
+        out.extend(a.handle(5_500, Event::BlobAvailable { hash: z.adapter }));
+        let out = run_aggregations(&mut a, 5_600, &out);
+        assert_eq!(
+            commits(&out),
+            vec![(b1.clone(), Some(tip.result)), (b2.clone(), None)]
+        );
+        assert_eq!(a.tip(), Some(&b2));
+        assert!(penalties(&out).is_empty());
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Blob fetches (adapters, round adapters, announcement envelopes) in tasks of their own,
 //! each checked before the round machine hears of it.
 
-use hivemind_protocol::{Event, FetchFailure, Hash, SignedAnnouncement};
+use hivemind_protocol::{Event, FetchFailure, Hash, SignedAnnouncement, SignedDigest};
 use libp2p::PeerId;
 
 use super::{allowed, check_adapter_blob, check_round_adapter_blob, Driver};
@@ -12,6 +12,8 @@ use crate::net::blob::{fetch_blob_fair, fetch_blob_multi, Fetched};
 /// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
 /// (the round machine's fetch deadline covers the wait). Announcements do not count.
 pub const MAX_CONCURRENT_FETCHES: usize = 8;
+/// Peers asked, one after another, for one record of another chain's history.
+const RECORD_PEERS: usize = 8;
 
 /// What a blob fetch is for, which decides its size bound and its check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +149,57 @@ impl Driver {
                 }
             };
             let _ = tx.send(ev).await;
+        });
+    }
+
+    /// Asks the peers in `from` (at most [`RECORD_PEERS`] of them), one at a time, for the
+    /// committed record of round `round` with result `result`, and reports
+    /// [`Event::Record`] for `candidate` with the first signed committed digest of this
+    /// network (its signature checked) whose record has that round and result.
+    pub(super) fn spawn_record_fetch(
+        &mut self,
+        candidate: Hash,
+        round: u64,
+        result: Hash,
+        from: Vec<hivemind_protocol::NodeId>,
+    ) {
+        let me = self.client.local_peer_id();
+        let peers: Vec<PeerId> = from
+            .iter()
+            .filter_map(peer_id_of)
+            .filter(|p| *p != me)
+            .take(RECORD_PEERS)
+            .collect();
+        let (client, tx, model) = (self.client.clone(), self.done_tx.clone(), self.cfg.model);
+        self.tasks.spawn(async move {
+            let mut digest = None;
+            for peer in peers {
+                let bytes = match client.fetch_record(peer, round, &result).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(%peer, round, error = %e, "record fetch failed");
+                        continue;
+                    }
+                };
+                let found = SignedDigest::decode_for(&bytes, &model).ok().filter(|d| {
+                    let p = d.payload();
+                    p.committed && p.record.round == round && p.record.result == result
+                });
+                if found.is_some() {
+                    digest = found;
+                    break;
+                }
+                tracing::debug!(%peer, round, "peer served no such committed record");
+            }
+            let _ = tx
+                .send(Event::Record {
+                    candidate,
+                    round,
+                    result,
+                    digest,
+                })
+                .await;
         });
     }
 

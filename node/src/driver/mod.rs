@@ -433,6 +433,12 @@ impl Driver {
             Action::FetchAnnouncement { id, from } => {
                 self.spawn_fetch(id, from, Fetch::Announcement).await
             }
+            Action::FetchRecord {
+                candidate,
+                round,
+                result,
+                from,
+            } => self.spawn_record_fetch(candidate, round, result, from),
             Action::Aggregate(job) => self.spawn_aggregation(job),
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();

@@ -108,6 +108,30 @@ impl Client {
     /// Opens a blob protocol stream to `peer` (dialling it if needed). The stream does
     /// not pass through the event loop: its bytes never wait behind gossip.
     pub async fn open_blob_stream(&self, peer: PeerId) -> std::io::Result<Stream> {
+        self.open_stream(peer, super::blob::PROTOCOL, "opening a blob stream")
+            .await
+    }
+
+    /// Asks `peer` for its committed record of round `round` with result `result` (the
+    /// record protocol): the signed digest bytes it sent, or `None` when it holds none.
+    pub async fn fetch_record(
+        &self,
+        peer: PeerId,
+        round: u64,
+        result: &hivemind_protocol::Hash,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let mut stream = self
+            .open_stream(peer, super::records::PROTOCOL, "opening a record stream")
+            .await?;
+        super::records::request(&mut stream, round, result).await
+    }
+
+    async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: libp2p::StreamProtocol,
+        what: &str,
+    ) -> std::io::Result<Stream> {
         use std::io::{Error, ErrorKind};
         if self.banned.contains(&peer) {
             return Err(Error::new(ErrorKind::PermissionDenied, "peer is banned"));
@@ -115,7 +139,7 @@ impl Client {
         let mut streams = self.streams.clone();
         let open = async {
             streams
-                .open_stream(peer, super::blob::PROTOCOL)
+                .open_stream(peer, protocol)
                 .await
                 .map_err(|e| match e {
                     libp2p_stream::OpenStreamError::Io(e) => e,
@@ -125,7 +149,7 @@ impl Client {
                     e => Error::other(e.to_string()),
                 })
         };
-        super::blob::within(super::blob::OPEN_TIMEOUT, "opening a blob stream", open).await
+        super::blob::within(super::blob::OPEN_TIMEOUT, what, open).await
     }
 
     /// Lowers `peer`'s score and bans it: it provably misbehaved.

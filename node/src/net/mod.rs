@@ -39,6 +39,7 @@ pub mod blob;
 mod client;
 mod event_loop;
 mod penalties;
+pub mod records;
 mod swarm;
 
 pub use client::Client;
@@ -288,8 +289,22 @@ impl Network {
             .map_err(|e| NetError::Build {
                 detail: format!("blob protocol: {e}"),
             })?;
+        let record_requests =
+            streams
+                .clone()
+                .accept(records::PROTOCOL)
+                .map_err(|e| NetError::Build {
+                    detail: format!("record protocol: {e}"),
+                })?;
         let banned = Banned::default();
         let refused = banned.clone();
+        let refused_records = banned.clone();
+        let serving_records = tokio::spawn(records::serve_incoming(
+            record_requests,
+            source.clone(),
+            move |peer| refused_records.contains(peer),
+            cancel.clone(),
+        ));
         let served = blob::Served::default();
         let serving = tokio::spawn(blob::serve_incoming(
             incoming,
@@ -353,7 +368,7 @@ impl Network {
                 served,
             },
             events: ev_rx,
-            tasks: vec![task, serving],
+            tasks: vec![task, serving, serving_records],
         })
     }
 }

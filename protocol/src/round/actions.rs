@@ -53,6 +53,22 @@ pub enum Action {
         /// Peers that named it.
         from: Vec<NodeId>,
     },
+    /// Fetch a committed record of round `round` whose result is `result` (a link of the
+    /// history of a record being verified) from these peers, as the signed committed
+    /// digest a peer stored with it; check that it decodes and is of this network, and
+    /// report [`Event::Record`] with it (with `None` when no peer served one).
+    ///
+    /// [`Event::Record`]: super::Event::Record
+    FetchRecord {
+        /// The candidate that wants it (an opaque tag the answer carries back).
+        candidate: Hash,
+        /// The round.
+        round: u64,
+        /// Its result.
+        result: Hash,
+        /// Peers that vouched for a history through it (the signers of a record built on it).
+        from: Vec<NodeId>,
+    },
     /// Run the aggregation (off the network task) and report
     /// [`Event::AggregationFinished`](super::Event::AggregationFinished) with the same job.
     Aggregate(AggregationJob),

@@ -41,6 +41,18 @@ pub enum Event {
         /// blake3 of the resulting round adapter (already in the local store).
         result: Hash,
     },
+    /// The answer to [`Action::FetchRecord`](super::Action::FetchRecord): the digest of
+    /// the record a peer served, or `None`.
+    Record {
+        /// The tag of the request.
+        candidate: Hash,
+        /// The round asked for.
+        round: u64,
+        /// The result asked for.
+        result: Hash,
+        /// The signed committed digest a peer served (its signature checked).
+        digest: Option<SignedDigest>,
+    },
     /// Close the current round's window now (a gateway's explicit aggregate request).
     CloseNow,
 }

@@ -5,9 +5,10 @@
 use std::collections::BTreeSet;
 
 use super::fetch::BlobState;
+use super::history::{Ancestry, Linking};
 use super::{
     Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY,
-    MAX_CANDIDATES,
+    MAX_CANDIDATES, MAX_DIGEST_SIGNERS,
 };
 use crate::{Hash, NodeId, RoundRecord};
 
@@ -15,8 +16,12 @@ use crate::{Hash, NodeId, RoundRecord};
 #[derive(Clone, Debug)]
 pub(super) struct Candidate {
     pub(super) record: RoundRecord,
-    signers: BTreeSet<NodeId>,
+    pub(super) signers: BTreeSet<NodeId>,
     job: Option<AggregationJob>,
+    /// Its ancestors, when its parent is no round of our chain.
+    pub(super) ancestry: Ancestry,
+    /// Its weight was taken on a quorum's word (nothing of ours to link it to).
+    trusted: bool,
 }
 
 impl RoundMachine {
@@ -49,25 +54,69 @@ impl RoundMachine {
                 record,
                 signers,
                 job: None,
+                ancestry: Ancestry::default(),
+                trusted: false,
             },
         );
         self.dirty = true;
     }
 
     /// The weight of `record`'s parent if it is a round of our own chain (0 at genesis), or
-    /// `None` when it comes from another history (then it needs a quorum). The record must
-    /// weigh that plus its distinct contributing nodes.
-    fn expected_parent_weight(&self, record: &RoundRecord) -> Option<u64> {
+    /// `None` when it comes from another history (then its ancestors link it to our chain,
+    /// see `history.rs`). The record must weigh that plus its distinct contributing nodes.
+    pub(super) fn expected_parent_weight(&self, record: &RoundRecord) -> Option<u64> {
         if record.round == 1 {
             return record.parent.is_none().then_some(0);
         }
-        let (result, weight) = self.chain.get(&(record.round - 1))?;
-        (record.parent == Some(*result)).then_some(*weight)
+        let below = record.round - 1;
+        if let Some((result, weight)) = self.chain.get(&below) {
+            if record.parent == Some(*result) {
+                return Some(*weight);
+            }
+        }
+        // Or a record of another chain we checked before.
+        let checked = self.verified.get(&record.parent?)?;
+        (checked.round == below).then_some(checked.weight)
+    }
+
+    /// The checked records of other chains between our chain and `from` (whose parent is
+    /// one of them, or on our chain), oldest first.
+    fn checked_path(&self, from: &RoundRecord) -> Vec<RoundRecord> {
+        let mut path = Vec::new();
+        let (mut round, mut parent) = (from.round.saturating_sub(1), from.parent);
+        while let Some(p) = parent {
+            if round == 0 || self.chain.get(&round).is_some_and(|(h, _)| *h == p) {
+                break;
+            }
+            let Some(r) = self.verified.get(&p).filter(|r| r.round == round) else {
+                break;
+            };
+            path.push(r.clone());
+            (round, parent) = (r.round.saturating_sub(1), r.parent);
+        }
+        path.reverse();
+        path
+    }
+
+    /// Remembers `record`, an ancestor whose weight and result were checked.
+    pub(super) fn remember_checked(&mut self, record: RoundRecord) {
+        self.verified.insert(record.result, record);
+        while self.verified.len() > super::MAX_VERIFIED {
+            let lowest = self
+                .verified
+                .iter()
+                .min_by_key(|(_, r)| r.round)
+                .map(|(h, _)| *h);
+            match lowest {
+                Some(h) => self.verified.remove(&h),
+                None => break,
+            };
+        }
     }
 
     /// `WrongWeight` when `record`'s parent is a round of our chain (`expected`: its weight)
     /// and `record` does not weigh that plus its `nodes` distinct contributing nodes.
-    fn wrong_weight(
+    pub(super) fn wrong_weight(
         &self,
         record: &RoundRecord,
         expected: Option<u64>,
@@ -98,11 +147,47 @@ impl RoundMachine {
             }
             // The history gate, asked again each time: our chain may have changed since the
             // candidate last passed it (a switch can take its parent off our chain, and then
-            // its weight is no longer checked, so it needs the quorum again).
-            let expected = self.expected_parent_weight(&c.record);
-            if expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
+            // its history must link to our chain again).
+            let signer_count = c.signers.len();
+            let trusted = c.trusted;
+            let expected = match self.expected_parent_weight(&c.record) {
+                Some(w) => Some(w),
+                // Already taken on a quorum's word: not walked again.
+                None if trusted => None,
+                None => match self.link_history(now, key, out) {
+                    Linking::Linked(w) => Some(w),
+                    Linking::Pending => continue,
+                    Linking::Failed(server, why) => {
+                        // The link's signer signed a false record; the candidate's own
+                        // signers may not have served it.
+                        self.candidates.remove(&key);
+                        self.penalise(server, why, out);
+                        continue;
+                    }
+                    Linking::Unserved => {
+                        // A history its signers do not show is not taken on their word.
+                        self.candidates.remove(&key);
+                        continue;
+                    }
+                    Linking::Unlinkable => {
+                        // Nothing of ours to link it to (or not in time). A node with no tip,
+                        // or a lonely one (left behind), takes the weight on a quorum's word;
+                        // any other keeps its chain (a later digest brings it back).
+                        if signer_count < self.config.catch_up_quorum {
+                            continue;
+                        }
+                        if !self.may_trust(now, signer_count) {
+                            self.candidates.remove(&key);
+                            continue;
+                        }
+                        None
+                    }
+                },
+            };
+            let Some(c) = self.candidates.get_mut(&key) else {
                 continue;
-            }
+            };
+            c.trusted = expected.is_none();
             let record = c.record.clone();
             let signers: Vec<NodeId> = c.signers.iter().copied().collect();
             let had_job = c.job.clone();
@@ -228,20 +313,39 @@ impl RoundMachine {
 
     /// Makes a verified foreign record our tip: a switch within the tip's round, a
     /// catch-up to a later round, or a rewind to an earlier one (our later records are
-    /// then orphaned).
-    fn adopt(&mut self, now: u64, record: RoundRecord, out: &mut Vec<Action>) {
+    /// then orphaned). `links`: its verified ancestors (newest first) when its parent was no
+    /// round of our chain; they join our chain memory with it.
+    fn adopt(
+        &mut self,
+        now: u64,
+        record: RoundRecord,
+        links: &[RoundRecord],
+        out: &mut Vec<Action>,
+    ) {
         if self.tip.as_ref().is_some_and(|t| !record.beats(t)) && !self.lonely(now) {
             return;
         }
-        let replaces = self
-            .chain
-            .get(&record.round)
-            .map(|(h, _)| *h)
-            .filter(|h| *h != record.result);
-        out.push(Action::Commit {
-            record: record.clone(),
-            replaces,
-        });
+        // Its ancestors first, oldest first (checked earlier, then linked now): our chain
+        // now runs through them (each replaces our record of its round, and the first
+        // orphans the rest of our fork).
+        let oldest = links.last().unwrap_or(&record);
+        let mut path = self.checked_path(oldest);
+        path.extend(links.iter().rev().cloned());
+        for link in path.iter().chain(std::iter::once(&record)) {
+            let replaces = self
+                .chain
+                .get(&link.round)
+                .map(|(h, _)| *h)
+                .filter(|h| *h != link.result);
+            out.push(Action::Commit {
+                record: link.clone(),
+                replaces,
+            });
+            if link.round < record.round {
+                let nodes = self.contributor_nodes(&link.inputs);
+                self.extend_chain(link, nodes);
+            }
+        }
         let same_round = self.tip.as_ref().is_some_and(|t| t.round == record.round);
         let (round, result) = (record.round, record.result);
         let nodes = self.contributor_nodes(&record.inputs);
@@ -288,6 +392,23 @@ impl RoundMachine {
         }
     }
 
+    /// `signer` published a committed record of round `round` of our chain.
+    pub(super) fn endorse(&mut self, signer: NodeId, round: u64) {
+        if self.endorsers.len() < MAX_DIGEST_SIGNERS || self.endorsers.contains_key(&signer) {
+            let r = self.endorsers.entry(signer).or_insert(round);
+            *r = (*r).max(round);
+        }
+    }
+
+    /// Whether a record of a history we cannot link, vouched for by `signers` distinct
+    /// signers, may be taken on their word: by a node with no tip, or a lonely one, or one
+    /// that knows of fewer nodes on its own chain lately than vouch for the other (a node
+    /// left on a fork of its own). At least `catch_up_quorum` signers in any case.
+    pub(super) fn may_trust(&self, now: u64, signers: usize) -> bool {
+        signers >= self.config.catch_up_quorum
+            && (self.tip.is_none() || self.lonely(now) || signers > self.endorsers.len())
+    }
+
     /// Our tip has been ours alone (no other signer's committed digest matched it) for
     /// two heartbeat periods.
     pub(super) fn lonely(&self, now: u64) -> bool {
@@ -316,8 +437,14 @@ impl RoundMachine {
         };
         // The history gate and the weight once more: our chain may have changed while the
         // job ran. (Every input's announcement is held: the job was made from them.)
-        let expected = self.expected_parent_weight(&c.record);
-        if expected.is_none() && c.signers.len() < self.config.catch_up_quorum {
+        let on_chain = self.expected_parent_weight(&c.record);
+        let linked = on_chain
+            .is_none()
+            .then(|| self.linked_weight(&c.ancestry))
+            .flatten();
+        let expected = on_chain.or(linked);
+        let trusted = c.trusted && self.may_trust(now, c.signers.len());
+        if expected.is_none() && !trusted {
             return;
         }
         let nodes = self.contributor_nodes(&c.record.inputs);
@@ -328,7 +455,12 @@ impl RoundMachine {
             return;
         }
         if c.record.result == result {
-            self.adopt(now, c.record, out);
+            let links = if linked.is_some() {
+                c.ancestry.links
+            } else {
+                Vec::new()
+            };
+            self.adopt(now, c.record, &links, out);
         } else {
             for s in &c.signers {
                 self.penalise(

@@ -89,6 +89,7 @@ mod events;
 mod fetch;
 mod fork_choice;
 mod heartbeat;
+mod history;
 
 pub use actions::{Action, Ignored, Misbehaviour, Verdict};
 pub use config::RoundConfig;
@@ -104,8 +105,13 @@ use heartbeat::Heartbeat;
 
 /// Digests identical to our tip heard in one heartbeat period that make us skip ours.
 const HEARTBEAT_REDUNDANCY: usize = 3;
-/// Rounds of our own chain remembered for fork choice (results and weights).
+/// Rounds of our own chain remembered for fork choice (results and weights), and the most
+/// ancestors of another chain fetched to link it to ours.
 pub const CHAIN_MEMORY: usize = 64;
+/// Most records of other chains remembered as checked.
+const MAX_VERIFIED: usize = 4 * CHAIN_MEMORY;
+/// Rounds for which a signer's endorsement of our chain counts it as on our chain.
+const ENDORSEMENT_ROUNDS: u64 = 3;
 /// Most foreign records under consideration at once.
 const MAX_CANDIDATES: usize = 16;
 /// Most announcement fetches in flight.
@@ -151,6 +157,14 @@ pub struct RoundMachine {
     seen: BTreeMap<Hash, u64>,
     /// Other signers whose committed digest matched our tip, and since when it is tip.
     tip_support: BTreeSet<NodeId>,
+    /// Records of other chains whose weight and result this node checked (as ancestors of
+    /// candidates), by result: a later candidate on one of them attaches there instead of
+    /// walking its history again. At most [`MAX_VERIFIED`], the lowest rounds dropped first.
+    verified: BTreeMap<Hash, RoundRecord>,
+    /// Other signers whose committed digest matched a record of our chain lately, with its
+    /// round: the nodes we know to be on our chain (pruned to the last
+    /// [`ENDORSEMENT_ROUNDS`] rounds).
+    endorsers: BTreeMap<NodeId, u64>,
     tip_since: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
@@ -204,6 +218,8 @@ impl RoundMachine {
             banned: BTreeMap::new(),
             unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),
+            endorsers: BTreeMap::new(),
+            verified: BTreeMap::new(),
             tip_since: now_ms,
             heartbeat: Heartbeat {
                 period_start: now_ms,
@@ -227,9 +243,9 @@ impl RoundMachine {
 
     /// Our chain's rounds before the tip, as the driver stored them (oldest first), after a
     /// restart: their results and weights join the chain memory, so that a record forking
-    /// below the tip has its weight checked rather than taken on a quorum's word. Records
-    /// that do not chain into the tip (and anything older than them) are ignored, as is
-    /// more than the chain memory holds.
+    /// below the tip is still checked (or linked) rather than taken on a quorum's word.
+    /// Records that do not chain into the tip (and anything older than them) are ignored,
+    /// as are more than the chain memory holds.
     pub fn remember(&mut self, older: &[RoundRecord]) {
         let Some(tip) = &self.tip else {
             return;
@@ -364,8 +380,15 @@ impl RoundMachine {
             }
             Event::AggregationFinished { job, result } => {
                 self.on_aggregated(&job, result);
+                self.on_link_aggregated(&job, result, &mut out);
                 self.on_candidate_aggregated(now_ms, &job, result, &mut out);
             }
+            Event::Record {
+                candidate,
+                round,
+                result,
+                digest,
+            } => self.on_record(candidate, round, result, digest),
             Event::CloseNow => {
                 if !self.cur.close_requested {
                     self.cur.close_requested = true;

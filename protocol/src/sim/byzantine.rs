@@ -294,6 +294,22 @@ impl Sim<'_> {
                 if let Some(p) = parent {
                     self.forged_parents.insert(p);
                 }
+                // For half the tips the coalition also serves the made-up parent as a record:
+                // the tip's own inputs and weight under the made-up result, so that only its
+                // recomputation shows it false, and the claim is the exact weight on it.
+                let served = t.result.0[0] & 1 == 1;
+                let claimed = if served {
+                    let mut link = t.clone();
+                    if let Some(p) = parent {
+                        link.result = p;
+                    }
+                    for c in self.cfg.nodes..self.cfg.nodes + self.cfg.byzantine {
+                        self.nodes[c].history.insert(link.round, link.clone());
+                    }
+                    t.weight + 1
+                } else {
+                    t.weight + 1_000
+                };
                 let record = RoundRecord {
                     model,
                     round: t.round + 1,
@@ -302,7 +318,7 @@ impl Sim<'_> {
                         adapter,
                         announcement: s.id(),
                     }],
-                    weight: t.weight + 1_000,
+                    weight: claimed,
                     rule: RuleId::FEDAVG,
                     result: super::fake_aggregate(parent, &[adapter]),
                 };

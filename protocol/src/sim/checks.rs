@@ -35,11 +35,12 @@ impl Sim<'_> {
         if record
             .parent
             .is_some_and(|p| self.forged_parents.contains(&p))
+            || self.forged_parents.contains(&record.result)
         {
             self.report.forged_adoptions += 1;
             self.violation(format!(
-                "node {i} adopted a forged history: round {} of weight {} on a parent no \
-                 honest node made",
+                "node {i} adopted a forged history: round {} of weight {} on (or as) a \
+                 parent no honest node made",
                 record.round, record.weight
             ));
         }

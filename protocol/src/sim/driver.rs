@@ -207,6 +207,45 @@ impl Sim<'_> {
                         },
                     );
                 }
+                Action::FetchRecord {
+                    candidate,
+                    round,
+                    result,
+                    from,
+                } => {
+                    // From the committed history of a reachable peer that holds it, as the
+                    // digest that peer signed (Byzantine senders keep no history).
+                    let holder = from
+                        .iter()
+                        .filter_map(|nid| self.index.get(nid).copied())
+                        .filter(|&j| self.reachable(i, j) && self.nodes[j].up)
+                        .find_map(|j| {
+                            let r = self.nodes[j].history.get(&round)?;
+                            (r.result == result).then(|| (j, r.clone()))
+                        });
+                    let digest = holder.and_then(|(j, record)| {
+                        let d = crate::RoundDigest {
+                            record,
+                            signer: self.nodes[j].id,
+                            committed: true,
+                            time_ms: self.now,
+                        };
+                        Signed::sign(d, &self.nodes[j].key).ok()
+                    });
+                    let epoch = self.nodes[i].epoch;
+                    let d = self.rng.range(self.cfg.fetch_ms);
+                    self.at(
+                        self.now + d,
+                        Ev::RecordDone {
+                            to: i,
+                            epoch,
+                            candidate,
+                            round,
+                            result,
+                            digest,
+                        },
+                    );
+                }
                 Action::Aggregate(job) => {
                     let epoch = self.nodes[i].epoch;
                     let d = self.rng.range(self.cfg.aggregate_ms);

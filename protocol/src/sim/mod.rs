@@ -151,6 +151,14 @@ enum Ev {
         epoch: u64,
         job: AggregationJob,
     },
+    RecordDone {
+        to: usize,
+        epoch: u64,
+        candidate: Hash,
+        round: u64,
+        result: Hash,
+        digest: Option<SignedDigest>,
+    },
     Train {
         node: usize,
         epoch: u64,
@@ -423,6 +431,26 @@ impl<'a> Sim<'a> {
                     },
                 };
                 self.feed(to, event);
+            }
+            Ev::RecordDone {
+                to,
+                epoch,
+                candidate,
+                round,
+                result,
+                digest,
+            } => {
+                if self.live(to, epoch) {
+                    self.feed(
+                        to,
+                        Event::Record {
+                            candidate,
+                            round,
+                            result,
+                            digest,
+                        },
+                    );
+                }
             }
             Ev::AggDone { to, epoch, job } => {
                 if !self.live(to, epoch) {

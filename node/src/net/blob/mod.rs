@@ -192,9 +192,17 @@ pub struct OpenBlob {
     pub reader: Box<dyn Read + Send>,
 }
 
-/// Where a node's blob server reads blobs from. The store in production; tests wrap it
-/// to play a peer that serves wrong bytes.
+/// Where a node's blob and record servers read from. The store in production; tests wrap
+/// it to play a peer that serves wrong bytes.
 pub trait BlobSource: Send + Sync + 'static {
+    /// The signed committed digest (envelope bytes) stored with round `round` if its result
+    /// is `result` (blocking), for the record protocol ([`crate::net::records`]). `Ok(None)`
+    /// when no such round is held; by default none is.
+    fn record(&self, round: u64, result: &Hash) -> io::Result<Option<Vec<u8>>> {
+        let _ = (round, result);
+        Ok(None)
+    }
+
     /// Opens blob `hash` at `offset` (blocking: called on a blocking thread). `Ok(None)`
     /// when the blob is not held or `offset` is past its end.
     fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>>;
@@ -211,6 +219,15 @@ pub trait BlobSource: Send + Sync + 'static {
 }
 
 impl BlobSource for Store {
+    fn record(&self, round: u64, result: &Hash) -> io::Result<Option<Vec<u8>>> {
+        let other = |e: hivemind_store::Error| io::Error::other(e.to_string());
+        Ok(self
+            .get_round(round)
+            .map_err(other)?
+            .filter(|r| r.hash == *result)
+            .map(|r| r.digest))
+    }
+
     fn open(&self, hash: &Hash, offset: u64) -> io::Result<Option<OpenBlob>> {
         let other = |e: hivemind_store::Error| io::Error::other(e.to_string());
         let Some(total_len) = self.blob_len(hash).map_err(other)? else {

@@ -1,0 +1,348 @@
+//! Histories of other chains. A candidate whose parent is no round of our chain is linked
+//! to our chain through its ancestors: fetched from its signers one round at a time
+//! (`Action::FetchRecord`) until one's parent is a round we remember (or genesis). Then,
+//! from the oldest up, each ancestor is checked as a candidate is: its inputs'
+//! announcements (valid, of its round, one per contributor), its weight (its parent's plus
+//! its distinct contributing nodes) and its result, recomputed from its inputs' adapters.
+//! So neither a chain's weight nor a round adapter is taken on anyone's word where we can
+//! link the chain; only a node that knows no chain to link to (no tip, or a lonely one)
+//! takes a quorum's word, as before.
+
+use std::collections::BTreeSet;
+
+use super::fetch::BlobState;
+use super::{Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY};
+use crate::{Hash, NodeId, RoundRecord, SignedDigest};
+
+/// Where a candidate's history stands.
+pub(super) enum Linking {
+    /// Linked to our chain (or genesis) through checked ancestors: its parent's weight.
+    Linked(u64),
+    /// Waiting for an ancestor, or for the announcements, adapters or aggregation of one.
+    Pending,
+    /// Its history runs below what we remember (further back than our chain memory, or
+    /// than [`CHAIN_MEMORY`] ancestors), or was not linked in time: nothing of ours to link
+    /// it to.
+    Unlinkable,
+    /// An ancestor was not served by any signer (or was no committed record of that round
+    /// and result), or an input adapter of one is to be had nowhere: a history nobody shows.
+    Unserved,
+    /// An ancestor names an invalid or mismatched announcement or a contributor twice, or
+    /// claims a wrong weight or result: its signer (of the digest it was served as) signed a
+    /// false record.
+    Failed(NodeId, Misbehaviour),
+}
+
+/// A candidate's ancestors fetched so far, newest first, and the work on them.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ancestry {
+    pub(super) links: Vec<RoundRecord>,
+    /// Who signed each link's digest, as served (parallel to `links`).
+    servers: Vec<NodeId>,
+    asked: Option<(u64, Hash)>,
+    unserved: bool,
+    /// When the walk began.
+    since: Option<u64>,
+    /// Links, from the oldest, whose weight and result are checked.
+    checked: usize,
+    /// The aggregation recomputing the oldest unchecked link.
+    job: Option<AggregationJob>,
+    /// Where the checked links attach: the weight of our round below the oldest. A walk
+    /// that goes further back (our chain moved) or a new attachment starts the checks over.
+    base: Option<u64>,
+}
+
+impl Ancestry {
+    /// Every link is checked (and there is at least one).
+    pub(super) fn complete(&self) -> bool {
+        !self.links.is_empty() && self.checked == self.links.len()
+    }
+}
+
+impl RoundMachine {
+    /// Walks the history of candidate `key` toward our chain: asks for the next ancestor,
+    /// or, once linked, checks the oldest unchecked one (asking for its announcements and
+    /// adapters, then for its aggregation).
+    pub(super) fn link_history(&mut self, now: u64, key: Hash, out: &mut Vec<Action>) -> Linking {
+        let linking = self.walk(now, key, out);
+        // A walk that does not end within the time a few fetches take counts as one that
+        // cannot link: peers forget the inputs of old rounds (a node keeps 16 rounds of
+        // them), so an honest history far enough back cannot be checked either.
+        let patience = self
+            .config
+            .fetch_timeout_ms
+            .saturating_mul(u64::from(self.config.fetch_attempts))
+            .saturating_mul(2);
+        let Some(c) = self.candidates.get_mut(&key) else {
+            return linking;
+        };
+        let since = *c.ancestry.since.get_or_insert(now);
+        match linking {
+            Linking::Pending if now >= since.saturating_add(patience) => Linking::Unlinkable,
+            other => other,
+        }
+    }
+
+    fn walk(&mut self, now: u64, key: Hash, out: &mut Vec<Action>) -> Linking {
+        let Some(c) = self.candidates.get(&key) else {
+            return Linking::Pending;
+        };
+        let signers: Vec<NodeId> = c.signers.iter().copied().collect();
+        let oldest = c.ancestry.links.last().unwrap_or(&c.record);
+        if let Some(base) = self.expected_parent_weight(oldest) {
+            return self.check_next_link(now, key, base, &signers, out);
+        }
+        if c.ancestry.unserved {
+            return Linking::Unserved;
+        }
+        // The next ancestor: the oldest one's parent.
+        let (round, Some(parent)) = (oldest.round.saturating_sub(1), oldest.parent) else {
+            // A record after round 1 trained from the base model: no chain links to it.
+            return Linking::Unlinkable;
+        };
+        if round == 0 {
+            // A round-1 record with a parent: no history has one.
+            return Linking::Unserved;
+        }
+        // Below the rounds we remember nothing links (but genesis, for a node that
+        // remembers none), and no more than [`CHAIN_MEMORY`] ancestors are fetched: a
+        // history that cannot reach what we know within them is not walked at all.
+        let below = self
+            .chain
+            .first_key_value()
+            .is_some_and(|(r, _)| round < *r);
+        let reach = self.chain.last_key_value().map_or(0, |(r, _)| *r);
+        let budget = CHAIN_MEMORY.saturating_sub(c.ancestry.links.len()) as u64;
+        if below || round > reach.saturating_add(budget) {
+            return Linking::Unlinkable;
+        }
+        if c.ancestry.asked == Some((round, parent)) {
+            return Linking::Pending;
+        }
+        if let Some(c) = self.candidates.get_mut(&key) {
+            c.ancestry.asked = Some((round, parent));
+        }
+        out.push(Action::FetchRecord {
+            candidate: key,
+            round,
+            result: parent,
+            from: signers,
+        });
+        Linking::Pending
+    }
+
+    /// Checks the oldest unchecked link of candidate `key` (its parent weighs `base` if it
+    /// is the oldest link, else the link below it): announcements, weight, then its
+    /// result, recomputed once its input adapters (and, for a rule that builds on the
+    /// parent, its parent round adapter) are held.
+    fn check_next_link(
+        &mut self,
+        now: u64,
+        key: Hash,
+        base: u64,
+        signers: &[NodeId],
+        out: &mut Vec<Action>,
+    ) -> Linking {
+        let Some(c) = self.candidates.get_mut(&key) else {
+            return Linking::Pending;
+        };
+        if c.ancestry.base != Some(base) {
+            c.ancestry.base = Some(base);
+            c.ancestry.checked = 0;
+            c.ancestry.job = None;
+        }
+        let a = &c.ancestry;
+        let n = a.links.len();
+        if a.checked >= n {
+            return match a.links.first() {
+                Some(l) => Linking::Linked(l.weight),
+                None => Linking::Pending,
+            };
+        }
+        let idx = n - 1 - a.checked;
+        let link = a.links[idx].clone();
+        let server = a.servers[idx];
+        let below = if a.checked == 0 {
+            base
+        } else {
+            a.links[idx + 1].weight
+        };
+        let pending_job = a.job.clone();
+        let fail = |why| Linking::Failed(server, why);
+        // Announcements: valid, of this round and adapter, one per contributor.
+        let mut keys = BTreeSet::new();
+        let mut inputs = Vec::with_capacity(link.inputs.len());
+        let mut contributors = Vec::with_capacity(link.inputs.len());
+        let mut missing = false;
+        for input in &link.inputs {
+            let id = input.announcement;
+            if self.invalid.contains_key(&id) {
+                return fail(Misbehaviour::NamedInvalidAnnouncement { id });
+            }
+            let Some(ann) = self.ann(&id) else {
+                for s in signers {
+                    self.request_announcement(now, id, (link.round, input.adapter), *s, true, out);
+                }
+                missing = true;
+                continue;
+            };
+            if ann.round != link.round || ann.adapter != input.adapter || ann.model != self.model {
+                return fail(Misbehaviour::NamedMismatchedAnnouncement { id });
+            }
+            if !keys.insert((ann.contributor, ann.user_id.clone())) {
+                return fail(Misbehaviour::DuplicateContributor { round: link.round });
+            }
+            contributors.push(ann.contributor);
+            inputs.push(AggregateInput {
+                adapter: input.adapter,
+                samples: ann.samples,
+            });
+        }
+        if missing {
+            return Linking::Pending;
+        }
+        let nodes: BTreeSet<NodeId> = keys.iter().map(|(n, _)| *n).collect();
+        if let Some(why) = self.wrong_weight(&link, Some(below), nodes.len() as u64) {
+            return fail(why);
+        }
+        // Its result: recomputed from its inputs' adapters.
+        for (input, contributor) in link.inputs.iter().zip(&contributors) {
+            match self.blobs.get(&input.adapter).map(|b| b.state.clone()) {
+                Some(BlobState::Held) => {}
+                Some(BlobState::Failed) => return Linking::Unserved,
+                Some(BlobState::Fetching { .. }) | None => {
+                    let mut srcs = signers.to_vec();
+                    srcs.push(*contributor);
+                    self.want_blob(now, input.adapter, &srcs, out);
+                    missing = true;
+                }
+            }
+        }
+        if link.rule.builds_on_parent() {
+            if let Some(parent) = link.parent {
+                match self.blobs.get(&parent).map(|b| b.state.clone()) {
+                    Some(BlobState::Held) => {}
+                    Some(BlobState::Failed) => return Linking::Unserved,
+                    _ if self.chain.values().any(|(r, _)| *r == parent) => {}
+                    _ => {
+                        self.want_round_adapter(now, parent, signers, out);
+                        missing = true;
+                    }
+                }
+            }
+        }
+        if missing {
+            return Linking::Pending;
+        }
+        let job = AggregationJob {
+            round: link.round,
+            parent: link.parent,
+            rule: link.rule,
+            inputs,
+        };
+        if pending_job.as_ref() != Some(&job) {
+            if let Some(c) = self.candidates.get_mut(&key) {
+                c.ancestry.job = Some(job.clone());
+            }
+            out.push(Action::Aggregate(job));
+        }
+        Linking::Pending
+    }
+
+    /// The weight of the parent of a candidate whose links are all checked, if the oldest
+    /// still attaches to our chain (it may have moved meanwhile).
+    pub(super) fn linked_weight(&self, ancestry: &Ancestry) -> Option<u64> {
+        if !ancestry.complete() {
+            return None;
+        }
+        self.expected_parent_weight(ancestry.links.last()?)?;
+        ancestry.links.first().map(|l| l.weight)
+    }
+
+    /// [`Event::Record`](super::Event::Record): an ancestor candidate `candidate` asked
+    /// for, as a peer served it (a signed digest), or `None`.
+    pub(super) fn on_record(
+        &mut self,
+        candidate: Hash,
+        round: u64,
+        result: Hash,
+        digest: Option<SignedDigest>,
+    ) {
+        let (model, rule) = (self.model, self.config.rule);
+        let Some(c) = self.candidates.get_mut(&candidate) else {
+            return;
+        };
+        if c.ancestry.asked != Some((round, result)) {
+            return;
+        }
+        c.ancestry.asked = None;
+        self.dirty = true;
+        let fits = digest.filter(|d| {
+            let r = &d.payload().record;
+            d.payload().committed
+                && r.round == round
+                && r.result == result
+                && r.model == model
+                && r.rule == rule
+                && r.check().is_ok()
+        });
+        match fits {
+            Some(d) => {
+                // One further back: whatever was checked was checked above another base.
+                c.ancestry.links.push(d.payload().record.clone());
+                c.ancestry.servers.push(d.payload().signer);
+                c.ancestry.checked = 0;
+                c.ancestry.job = None;
+                c.ancestry.base = None;
+            }
+            None => c.ancestry.unserved = true,
+        }
+    }
+
+    /// [`Event::AggregationFinished`](super::Event::AggregationFinished) for a job that
+    /// recomputes a link: the link is checked, or its candidate dropped and the link's
+    /// signer penalised.
+    pub(super) fn on_link_aggregated(
+        &mut self,
+        job: &AggregationJob,
+        result: Hash,
+        out: &mut Vec<Action>,
+    ) {
+        let keys: Vec<Hash> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| c.ancestry.job.as_ref() == Some(job))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(c) = self.candidates.get_mut(&key) else {
+                continue;
+            };
+            let a = &mut c.ancestry;
+            a.job = None;
+            let Some(idx) = a.links.len().checked_sub(1 + a.checked) else {
+                continue;
+            };
+            let link = &a.links[idx];
+            if link.round != job.round || link.parent != job.parent {
+                // Not the link this job was for any more.
+                continue;
+            }
+            if link.result == result {
+                a.checked += 1;
+                let link = link.clone();
+                self.dirty = true;
+                self.remember_checked(link);
+                continue;
+            }
+            let why = Misbehaviour::WrongResult {
+                round: link.round,
+                claimed: link.result,
+                computed: result,
+            };
+            let server = a.servers[idx];
+            self.candidates.remove(&key);
+            self.penalise(server, why, out);
+        }
+    }
+}
