@@ -155,7 +155,9 @@ impl Driver {
     /// Asks the peers in `from` (at most [`RECORD_PEERS`] of them), one at a time, for the
     /// committed record of round `round` with result `result`, and reports
     /// [`Event::Record`] for `candidate` with the first signed committed digest of this
-    /// network (its signature checked) whose record has that round and result.
+    /// network (its signature checked), signed by the peer that served it, whose record
+    /// has that round and result. (The round machine asks again, without that peer, if the
+    /// record does not hold.)
     pub(super) fn spawn_record_fetch(
         &mut self,
         candidate: Hash,
@@ -182,9 +184,13 @@ impl Driver {
                         continue;
                     }
                 };
+                // A peer serves the records it committed itself, signed by its own key.
                 let found = SignedDigest::decode_for(&bytes, &model).ok().filter(|d| {
                     let p = d.payload();
-                    p.committed && p.record.round == round && p.record.result == result
+                    p.committed
+                        && p.record.round == round
+                        && p.record.result == result
+                        && peer_id_of(&p.signer) == Some(peer)
                 });
                 if found.is_some() {
                     digest = found;

@@ -10,6 +10,10 @@ use super::{
     Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY,
     MAX_CANDIDATES, MAX_DIGEST_SIGNERS,
 };
+
+/// Most signers remembered for one candidate: its fetch sources, and what its quorum
+/// counts (a quorum is a handful).
+const MAX_CANDIDATE_SIGNERS: usize = 64;
 use crate::{Hash, NodeId, RoundRecord};
 
 /// A committed foreign record that beats our tip, with who signed it.
@@ -30,8 +34,10 @@ impl RoundMachine {
     pub(super) fn add_candidate(&mut self, signer: NodeId, record: RoundRecord) {
         let key = record.id();
         if let Some(c) = self.candidates.get_mut(&key) {
-            c.signers.insert(signer);
-            self.dirty = true;
+            if c.signers.len() < MAX_CANDIDATE_SIGNERS {
+                c.signers.insert(signer);
+                self.dirty = true;
+            }
             return;
         }
         // A signer backs at most one candidate that is still waiting, for its quorum or for
@@ -158,10 +164,12 @@ impl RoundMachine {
                     Linking::Linked(w) => Some(w),
                     Linking::Pending => continue,
                     Linking::Failed(server, why) => {
-                        // The link's signer signed a false record; the candidate's own
-                        // signers may not have served it.
-                        self.candidates.remove(&key);
-                        self.penalise(server, why, out);
+                        // The link's server signed a false record (or one it cannot show):
+                        // the candidate's other signers are asked instead.
+                        self.refuse_server(key, server);
+                        if let Some(why) = why {
+                            self.penalise(server, why, out);
+                        }
                         continue;
                     }
                     Linking::Unserved => {
@@ -173,10 +181,13 @@ impl RoundMachine {
                         // Nothing of ours to link it to (or not in time). A node with no tip,
                         // or a lonely one (left behind), takes the weight on a quorum's word;
                         // any other keeps its chain (a later digest brings it back).
+                        if let Some(c) = self.candidates.get_mut(&key) {
+                            c.ancestry.unlinkable = true;
+                        }
                         if signer_count < self.config.catch_up_quorum {
                             continue;
                         }
-                        if !self.may_trust(now, signer_count) {
+                        if !self.may_trust(now, key) {
                             self.candidates.remove(&key);
                             continue;
                         }
@@ -400,13 +411,26 @@ impl RoundMachine {
         }
     }
 
-    /// Whether a record of a history we cannot link, vouched for by `signers` distinct
-    /// signers, may be taken on their word: by a node with no tip, or a lonely one, or one
-    /// that knows of fewer nodes on its own chain lately than vouch for the other (a node
-    /// left on a fork of its own). At least `catch_up_quorum` signers in any case.
-    pub(super) fn may_trust(&self, now: u64, signers: usize) -> bool {
+    /// Whether candidate `key`, of a history we cannot link, may have its weight taken on
+    /// the word of its signers: at least `catch_up_quorum` of them, at a node with no tip,
+    /// or a lonely one, or one that, after two heartbeat periods up (time to hear who is on
+    /// its chain), knows of fewer nodes on its own chain lately than vouch for the other (a
+    /// node left on a fork of its own). And never while a candidate we can still link has
+    /// as many signers: a node that lags or restarts takes the history it can check, and
+    /// a coalition's unlinkable record waits behind it.
+    pub(super) fn may_trust(&self, now: u64, key: Hash) -> bool {
+        let Some(signers) = self.candidates.get(&key).map(|c| c.signers.len()) else {
+            return false;
+        };
+        let settled = now >= self.started.saturating_add(2 * self.config.heartbeat_ms);
+        let outvoted = self.candidates.iter().any(|(k, c)| {
+            *k != key && !c.trusted && !c.ancestry.unlinkable && c.signers.len() >= signers
+        });
         signers >= self.config.catch_up_quorum
-            && (self.tip.is_none() || self.lonely(now) || signers > self.endorsers.len())
+            && !outvoted
+            && (self.tip.is_none()
+                || self.lonely(now)
+                || (settled && signers > self.endorsers.len()))
     }
 
     /// Our tip has been ours alone (no other signer's committed digest matched it) for
@@ -432,6 +456,8 @@ impl RoundMachine {
             .find(|(_, c)| c.job.as_ref() == Some(job))
             .map(|(k, _)| *k);
         let Some(key) = key else { return };
+        let trusted =
+            self.candidates.get(&key).is_some_and(|c| c.trusted) && self.may_trust(now, key);
         let Some(c) = self.candidates.remove(&key) else {
             return;
         };
@@ -443,7 +469,6 @@ impl RoundMachine {
             .then(|| self.linked_weight(&c.ancestry))
             .flatten();
         let expected = on_chain.or(linked);
-        let trusted = c.trusted && self.may_trust(now, c.signers.len());
         if expected.is_none() && !trusted {
             return;
         }

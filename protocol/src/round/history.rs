@@ -24,13 +24,16 @@ pub(super) enum Linking {
     /// than [`CHAIN_MEMORY`] ancestors), or was not linked in time: nothing of ours to link
     /// it to.
     Unlinkable,
-    /// An ancestor was not served by any signer (or was no committed record of that round
-    /// and result), or an input adapter of one is to be had nowhere: a history nobody shows.
+    /// The candidate's parent was served by none of its signers (that we have not refused
+    /// already): a history nobody shows.
     Unserved,
-    /// An ancestor names an invalid or mismatched announcement or a contributor twice, or
-    /// claims a wrong weight or result: its signer (of the digest it was served as) signed a
-    /// false record.
-    Failed(NodeId, Misbehaviour),
+    /// A link, as `server` served it, does not hold: with a misbehaviour when its record
+    /// names an invalid or mismatched announcement or a contributor twice, or claims a
+    /// wrong weight or result (its server signed a false record); without one when its
+    /// parent or one of its input adapters is to be had from nobody. The link and the
+    /// ones below it are dropped and `server` is not asked again for this candidate; the
+    /// walk goes on with the other signers (see [`RoundMachine::refuse_server`]).
+    Failed(NodeId, Option<Misbehaviour>),
 }
 
 /// A candidate's ancestors fetched so far, newest first, and the work on them.
@@ -41,6 +44,12 @@ pub(super) struct Ancestry {
     servers: Vec<NodeId>,
     asked: Option<(u64, Hash)>,
     unserved: bool,
+    /// Signers not asked again for this candidate's history: one served a link that did
+    /// not hold. So one key among honest signers cannot get an honest candidate dropped by
+    /// serving a variant of an ancestor first.
+    refused: BTreeSet<NodeId>,
+    /// The walk ended without a link to our chain (see [`Linking::Unlinkable`]).
+    pub(super) unlinkable: bool,
     /// When the walk began.
     since: Option<u64>,
     /// Links, from the oldest, whose weight and result are checked.
@@ -87,12 +96,17 @@ impl RoundMachine {
         let Some(c) = self.candidates.get(&key) else {
             return Linking::Pending;
         };
-        let signers: Vec<NodeId> = c.signers.iter().copied().collect();
+        let signers: Vec<NodeId> = c
+            .signers
+            .iter()
+            .filter(|s| !c.ancestry.refused.contains(s))
+            .copied()
+            .collect();
         let oldest = c.ancestry.links.last().unwrap_or(&c.record);
         if let Some(base) = self.expected_parent_weight(oldest) {
             return self.check_next_link(now, key, base, &signers, out);
         }
-        if c.ancestry.unserved {
+        if c.ancestry.unserved || signers.is_empty() {
             return Linking::Unserved;
         }
         // The next ancestor: the oldest one's parent.
@@ -113,7 +127,7 @@ impl RoundMachine {
             .is_some_and(|(r, _)| round < *r);
         let reach = self.chain.last_key_value().map_or(0, |(r, _)| *r);
         let budget = CHAIN_MEMORY.saturating_sub(c.ancestry.links.len()) as u64;
-        if below || round > reach.saturating_add(budget) {
+        if below || budget == 0 || round > reach.saturating_add(budget) {
             return Linking::Unlinkable;
         }
         if c.ancestry.asked == Some((round, parent)) {
@@ -168,7 +182,7 @@ impl RoundMachine {
             a.links[idx + 1].weight
         };
         let pending_job = a.job.clone();
-        let fail = |why| Linking::Failed(server, why);
+        let fail = |why| Linking::Failed(server, Some(why));
         // Announcements: valid, of this round and adapter, one per contributor.
         let mut keys = BTreeSet::new();
         let mut inputs = Vec::with_capacity(link.inputs.len());
@@ -206,30 +220,37 @@ impl RoundMachine {
             return fail(why);
         }
         // Its result: recomputed from its inputs' adapters.
+        // An adapter that failed from every source we knew is asked again of any source we
+        // did not try; one with none left is to be had from nobody.
+        let mut nowhere = false;
         for (input, contributor) in link.inputs.iter().zip(&contributors) {
-            match self.blobs.get(&input.adapter).map(|b| b.state.clone()) {
-                Some(BlobState::Held) => {}
-                Some(BlobState::Failed) => return Linking::Unserved,
-                Some(BlobState::Fetching { .. }) | None => {
-                    let mut srcs = signers.to_vec();
-                    srcs.push(*contributor);
-                    self.want_blob(now, input.adapter, &srcs, out);
+            let state = self.blobs.get(&input.adapter).map(|b| b.state.clone());
+            if state == Some(BlobState::Held) {
+                continue;
+            }
+            let mut srcs = signers.to_vec();
+            srcs.push(*contributor);
+            let before = self.blobs.get(&input.adapter).map(|b| b.sources.len());
+            self.want_blob(now, input.adapter, &srcs, out);
+            let after = self.blobs.get(&input.adapter).map(|b| b.sources.len());
+            nowhere |= state == Some(BlobState::Failed) && before == after;
+            missing = true;
+        }
+        if link.rule.builds_on_parent() {
+            if let Some(parent) = link.parent {
+                let state = self.blobs.get(&parent).map(|b| b.state.clone());
+                let ours = self.chain.values().any(|(r, _)| *r == parent);
+                if state != Some(BlobState::Held) && !ours {
+                    let before = self.blobs.get(&parent).map(|b| b.sources.len());
+                    self.want_round_adapter(now, parent, signers, out);
+                    let after = self.blobs.get(&parent).map(|b| b.sources.len());
+                    nowhere |= state == Some(BlobState::Failed) && before == after;
                     missing = true;
                 }
             }
         }
-        if link.rule.builds_on_parent() {
-            if let Some(parent) = link.parent {
-                match self.blobs.get(&parent).map(|b| b.state.clone()) {
-                    Some(BlobState::Held) => {}
-                    Some(BlobState::Failed) => return Linking::Unserved,
-                    _ if self.chain.values().any(|(r, _)| *r == parent) => {}
-                    _ => {
-                        self.want_round_adapter(now, parent, signers, out);
-                        missing = true;
-                    }
-                }
-            }
+        if nowhere {
+            return Linking::Failed(server, None);
         }
         if missing {
             return Linking::Pending;
@@ -277,26 +298,53 @@ impl RoundMachine {
         }
         c.ancestry.asked = None;
         self.dirty = true;
-        let fits = digest.filter(|d| {
-            let r = &d.payload().record;
-            d.payload().committed
-                && r.round == round
-                && r.result == result
-                && r.model == model
-                && r.rule == rule
-                && r.check().is_ok()
-        });
-        match fits {
-            Some(d) => {
-                // One further back: whatever was checked was checked above another base.
-                c.ancestry.links.push(d.payload().record.clone());
-                c.ancestry.servers.push(d.payload().signer);
-                c.ancestry.checked = 0;
-                c.ancestry.job = None;
-                c.ancestry.base = None;
+        let Some(d) = digest else {
+            // Nobody asked holds it: the link above it (as its server served it) is to be
+            // had from nobody, or, with no link yet, the candidate's history is not shown.
+            match c.ancestry.servers.last().copied() {
+                Some(server) => self.refuse_server(candidate, server),
+                None => c.ancestry.unserved = true,
             }
-            None => c.ancestry.unserved = true,
+            return;
+        };
+        let (r, server) = (&d.payload().record, d.payload().signer);
+        let fits = d.payload().committed
+            && r.round == round
+            && r.result == result
+            && r.model == model
+            && r.rule == rule
+            && r.check().is_ok();
+        if !fits || !c.signers.contains(&server) || c.ancestry.refused.contains(&server) {
+            // Not what was asked, or from a signer we do not ask: asked again of the others.
+            c.ancestry.refused.insert(server);
+            return;
         }
+        // One further back: whatever was checked was checked above another base.
+        c.ancestry.links.push(r.clone());
+        c.ancestry.servers.push(server);
+        c.ancestry.checked = 0;
+        c.ancestry.job = None;
+        c.ancestry.base = None;
+    }
+
+    /// `server` served a link of candidate `key`'s history that does not hold: that link and
+    /// the ones below it (fetched through it) are dropped, and the walk goes on with the
+    /// candidate's other signers. Links checked already stay remembered as checked.
+    pub(super) fn refuse_server(&mut self, key: Hash, server: NodeId) {
+        let Some(c) = self.candidates.get_mut(&key) else {
+            return;
+        };
+        let a = &mut c.ancestry;
+        a.refused.insert(server);
+        if let Some(idx) = a.servers.iter().position(|s| *s == server) {
+            a.links.truncate(idx);
+            a.servers.truncate(idx);
+        }
+        a.asked = None;
+        a.checked = 0;
+        a.job = None;
+        a.base = None;
+        self.dirty = true;
     }
 
     /// [`Event::AggregationFinished`](super::Event::AggregationFinished) for a job that
@@ -341,7 +389,7 @@ impl RoundMachine {
                 computed: result,
             };
             let server = a.servers[idx];
-            self.candidates.remove(&key);
+            self.refuse_server(key, server);
             self.penalise(server, why, out);
         }
     }

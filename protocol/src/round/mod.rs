@@ -166,6 +166,8 @@ pub struct RoundMachine {
     /// [`ENDORSEMENT_ROUNDS`] rounds).
     endorsers: BTreeMap<NodeId, u64>,
     tip_since: u64,
+    /// When this machine was made (a start or restart).
+    started: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
     /// Signers who did not serve what they named or announced: up to and including a
@@ -221,6 +223,7 @@ impl RoundMachine {
             endorsers: BTreeMap::new(),
             verified: BTreeMap::new(),
             tip_since: now_ms,
+            started: now_ms,
             heartbeat: Heartbeat {
                 period_start: now_ms,
                 period: 0,

@@ -201,6 +201,9 @@ impl Sim<'_> {
                 // serves: one more contributor, as far as anyone can tell. In 9 a second
                 // such key also names it in an in-progress digest of the round, as a node
                 // that holds it would, so it is fetched even after the round closed.
+                if now.saturating_add(self.cfg.quiet_ms) > self.cfg.duration_ms {
+                    return; // A contribution: none starts in the quiet end (see 11).
+                }
                 let sybil = self.sybil_key();
                 let mut a = base;
                 a.contributor = sybil.node_id();
@@ -267,6 +270,11 @@ impl Sim<'_> {
                 // the same record from the tip (one announcement of the first sender, dated
                 // 0 so that it is the same bytes whoever signs it), so each vouches for it.
                 let Some(t) = tip else { return };
+                // Its input is a valid contribution, so, like an honest node's training, none
+                // starts in the quiet end of the run (the final tips are compared then).
+                if now.saturating_add(self.cfg.quiet_ms) > self.cfg.duration_ms {
+                    return;
+                }
                 let (b0, id0) = (self.cfg.nodes, self.nodes[self.cfg.nodes].id);
                 let parent = Some(Hash::of(
                     &[b"forged parent".as_slice(), &t.result.0].concat(),

@@ -121,13 +121,13 @@ impl Sim<'_> {
             .filter(|input| self.sybil_anns.contains(&input.announcement))
             .count() as u64;
         // 3. Same tip everywhere.
-        let mut tips: BTreeMap<Option<(u64, Hash)>, usize> = BTreeMap::new();
+        let mut tips: BTreeMap<Option<(u64, Hash)>, Vec<usize>> = BTreeMap::new();
         for &i in &checked {
             let t = self.nodes[i]
                 .machine
                 .as_ref()
                 .and_then(|m| m.tip().map(|t| (t.round, t.result)));
-            *tips.entry(t).or_default() += 1;
+            tips.entry(t).or_default().push(i);
         }
         self.report.final_round = tips
             .keys()
@@ -135,11 +135,20 @@ impl Sim<'_> {
             .min()
             .unwrap_or(0);
         if tips.len() > 1 {
+            // The nodes of each tip, by index, where few hold it (for `--trace-node`).
             let desc: Vec<String> = tips
                 .iter()
-                .map(|(t, n)| match t {
-                    Some((r, h)) => format!("{n} nodes at round {r} {}", h.short()),
-                    None => format!("{n} nodes at genesis"),
+                .map(|(t, nodes)| {
+                    let at = match t {
+                        Some((r, h)) => format!("round {r} {}", h.short()),
+                        None => "genesis".to_string(),
+                    };
+                    let n = nodes.len();
+                    if n <= 3 {
+                        format!("{n} nodes at {at} {nodes:?}")
+                    } else {
+                        format!("{n} nodes at {at}")
+                    }
                 })
                 .collect();
             self.violation(format!("final tips differ: {}", desc.join(", ")));
