@@ -1323,9 +1323,9 @@ fn a_candidate_whose_parent_leaves_our_chain_needs_the_quorum_again() {
 
 /// After a restart the driver passes the rounds its store kept before the tip
 /// (`remember`): a record forking below the tip then has its weight checked against them.
-/// Without them the machine knows only the tip, so once it has been up two heartbeat
-/// periods with nobody on its tip (lonely), two colluding signers' word on the weight of
-/// a record on the tip's parent is taken (and it is adopted).
+/// Without them the machine knows only the tip, so once it has been alone on its tip for
+/// as long as linking may take, two colluding signers' word on the weight of a record on
+/// the tip's parent is taken (and it is adopted).
 #[test]
 fn a_restarted_node_checks_forks_below_its_tip_against_what_it_stored() {
     let ka = key(1);
@@ -1342,12 +1342,12 @@ fn a_restarted_node_checks_forks_below_its_tip_against_what_it_stored() {
             m.remember(std::slice::from_ref(&a1));
         }
         let mut out = Vec::new();
-        for (t, k) in [(12_100, &kc), (12_200, &kd)] {
+        for (t, k) in [(16_100, &kc), (16_200, &kd)] {
             out.extend(m.handle(t, Event::Digest(digest(k, forged.clone(), true, t))));
         }
-        out.extend(m.handle(12_300, Event::Announcement(z.clone())));
-        out.extend(m.handle(12_300, Event::BlobAvailable { hash: z.adapter }));
-        let done = run_aggregations(&mut m, 12_400, &out);
+        out.extend(m.handle(16_300, Event::Announcement(z.clone())));
+        out.extend(m.handle(16_300, Event::BlobAvailable { hash: z.adapter }));
+        let done = run_aggregations(&mut m, 16_400, &out);
         out.extend(done);
         let adopted = commits(&out).iter().any(|(r, _)| *r == forged);
         assert_eq!(adopted, !remembered, "remembered: {remembered}");
@@ -1512,72 +1512,103 @@ fn serve_all(
     (all, held)
 }
 
-/// One key among an honest history's signers serves a false variant of its ancestor (the
-/// same round and result, a forged weight) before the honest signer can: it is penalised
-/// and not asked again, the ancestor is asked of the other signer, and the honest history
-/// is adopted. (Before, the false link dropped the candidate, so one key could keep every
-/// node off an honest heavier history.)
+/// Keys among an honest history's signers serve a false variant of its ancestor (the
+/// same round and result, a forged weight; or a parent no history can have, which ends
+/// the walk) before the honest signer can, or serve nothing while the driver asks only
+/// the first few signers: each such key is refused (penalised for a false record) and the
+/// ancestor is asked of the others, and the honest history is adopted. (Before, the false
+/// link, or no answer from the first eight signers, dropped the candidate, so a few keys
+/// could keep every node off an honest heavier history.)
 #[test]
-fn one_signer_serving_a_false_ancestor_does_not_drop_an_honest_history() {
+fn keys_among_the_signers_cannot_keep_a_node_off_an_honest_history() {
+    #[derive(Debug)]
+    enum Liar {
+        Weight,
+        ParentAtRoundOne,
+        Silent,
+    }
     let ka = key(1);
     let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
-    let (mut a, tip) = endorsed_round_one(&ka, &mine);
-    let (kb, kv, kx, ky, kz) = (key(2), key(8), key(5), key(6), key(7));
+    let (kx, ky, kz) = (key(5), key(6), key(7));
     let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
     let y = ann(&ky, 1, Hash::of(b"y"), None, 100);
     let b1 = record(1, None, &[&x, &y], 2);
-    let mut variant = b1.clone();
-    variant.weight = 5;
     let z = ann(&kz, 2, Hash::of(b"z"), Some(b1.result), 4_000);
     let b2 = record(2, Some(b1.result), &[&z], 3);
-    let asked = std::cell::RefCell::new(Vec::new());
-    let serve = |from: &[NodeId], round: u64| {
-        asked.borrow_mut().push(from.to_vec());
-        assert_eq!(round, 1);
-        // The driver takes the first peer that serves: the variant while its key is asked.
-        Some(if from.contains(&kv.node_id()) {
-            digest(&kv, variant.clone(), true, 5_050)
-        } else {
-            digest(&kb, b1.clone(), true, 5_050)
-        })
-    };
-    let mut todo = a.handle(5_000, Event::Digest(digest(&kv, b2.clone(), true, 5_000)));
-    todo.extend(a.handle(5_000, Event::Digest(digest(&kb, b2.clone(), true, 5_000))));
-    let mut out = Vec::new();
-    for t in (5_000..8_000).step_by(100) {
-        let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false);
-        out.extend(done);
-        todo = a.tick(t + 100);
+    // The honest signer sorts after every lying one, so it is asked last.
+    let mut keys: Vec<NodeKey> = (20..45).map(key).collect();
+    keys.sort_by_key(|k| k.node_id());
+    let kb = keys.pop().expect("keys");
+    for liar in [Liar::Weight, Liar::ParentAtRoundOne, Liar::Silent] {
+        let (mut a, tip) = endorsed_round_one(&ka, &mine);
+        let liars: Vec<&NodeKey> = match liar {
+            Liar::Silent => keys.iter().take(17).collect(),
+            _ => keys.iter().take(1).collect(),
+        };
+        let mut variant = b1.clone();
+        match liar {
+            Liar::Weight => variant.weight = 5,
+            Liar::ParentAtRoundOne => variant.parent = Some(Hash::of(b"no such parent")),
+            Liar::Silent => {}
+        }
+        let asked = std::cell::RefCell::new(Vec::new());
+        // The driver: the first of (at most 8 of) the peers asked that serves.
+        let serve = |from: &[NodeId], round: u64| {
+            asked.borrow_mut().push(from.to_vec());
+            assert_eq!(round, 1);
+            from.iter().take(8).find_map(|p| {
+                if *p == kb.node_id() {
+                    return Some(digest(&kb, b1.clone(), true, 5_050));
+                }
+                let liar = liars.iter().find(|k| k.node_id() == *p)?;
+                // A silent one serves nothing; the others their variant.
+                (variant != b1).then(|| digest(liar, variant.clone(), true, 5_050))
+            })
+        };
+        let mut todo = Vec::new();
+        for k in liars.iter().copied().chain([&kb]) {
+            todo.extend(a.handle(5_000, Event::Digest(digest(k, b2.clone(), true, 5_000))));
+        }
+        let mut out = Vec::new();
+        for t in (5_000..8_000).step_by(100) {
+            let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false);
+            out.extend(done);
+            todo = a.tick(t + 100);
+        }
+        let penalised = penalties(&out);
+        match liar {
+            Liar::Weight => assert!(
+                matches!(
+                    penalised[..],
+                    [(p, Misbehaviour::WrongWeight { round: 1, claimed: 5, expected: 2 })]
+                        if p == liars[0].node_id()
+                ),
+                "{penalised:?}"
+            ),
+            _ => assert!(penalised.is_empty(), "{liar:?}: {penalised:?}"),
+        }
+        let asked = asked.into_inner();
+        assert!(asked.len() >= 2, "{liar:?}: asked again: {asked:?}");
+        assert!(
+            asked.last().is_some_and(|from| from.contains(&kb.node_id())
+                && !from.iter().any(|p| liars.iter().any(|k| k.node_id() == *p))),
+            "{liar:?}: the last ask went to the honest signer alone: {asked:?}"
+        );
+        assert_eq!(
+            commits(&out),
+            vec![(b1.clone(), Some(tip.result)), (b2.clone(), None)],
+            "{liar:?}"
+        );
+        assert_eq!(a.tip(), Some(&b2));
     }
-    let penalised = penalties(&out);
-    assert!(
-        matches!(
-            penalised[..],
-            [(p, Misbehaviour::WrongWeight { round: 1, claimed: 5, expected: 2 })]
-                if p == kv.node_id()
-        ),
-        "{penalised:?}"
-    );
-    let asked = asked.into_inner();
-    assert!(asked.len() >= 2, "asked again: {asked:?}");
-    assert_eq!(
-        asked.last(),
-        Some(&vec![kb.node_id()]),
-        "not the refused key"
-    );
-    assert_eq!(
-        commits(&out),
-        vec![(b1.clone(), Some(tip.result)), (b2.clone(), None)]
-    );
-    assert_eq!(a.tip(), Some(&b2));
 }
 
 /// A node that restarts behind, its tip round 1, hears an honest round 3 (from two
 /// signers), which links to its tip through round 2, and a coalition's record far in the
 /// future on a parent nobody can show (nothing links to it). It takes the coalition's word
-/// neither before it has been up two heartbeat periods (it has not heard yet who is on its
-/// chain) nor while a history it can check has as many signers: it adopts the honest
-/// rounds. (Before, two signers outnumbered its endorsers, none after a restart, and the
+/// neither before its tip has been alone for as long as linking may take, nor, after, while
+/// a history it can check has as many signers: it adopts the honest rounds. (Before, two
+/// signers outnumbered the nodes it knew on its chain, none after a restart, and the
 /// coalition's record was adopted at once.)
 #[test]
 fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
@@ -1615,11 +1646,12 @@ fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
     for (t, k) in [(11_000, &kb), (11_100, &kc)] {
         todo.extend(m.handle(t, Event::Digest(digest(k, b3.clone(), true, t))));
     }
-    // Past the grace, lonely (nobody is on round 1 any more): the coalition again.
-    for (t, k) in [(12_500, &kd), (12_600, &ke)] {
+    // Alone on round 1 for long (nobody else is on it any more), so it would take a
+    // quorum's word: the coalition again.
+    for (t, k) in [(16_500, &kd), (16_600, &ke)] {
         todo.extend(m.handle(t, Event::Digest(digest(k, forged.clone(), true, t))));
     }
-    for t in (12_600..14_000).step_by(100) {
+    for t in (16_600..18_000).step_by(100) {
         let (done, jobs) = serve_all(&mut m, t, todo, &anns, &serve, &is_tip);
         out.extend(done);
         held.extend(jobs);
@@ -1633,7 +1665,7 @@ fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
     held.dedup();
     assert!(!held.is_empty(), "the honest round was verified");
     let finish: Vec<Action> = held.into_iter().map(Action::Aggregate).collect();
-    let (done, _) = serve_all(&mut m, 14_000, finish, &anns, &serve, &|_| false);
+    let (done, _) = serve_all(&mut m, 18_000, finish, &anns, &serve, &|_| false);
     out.extend(todo);
     out.extend(done);
     // (Round 2 may be committed as the node's own: it follows the input it fetched to check

@@ -26,7 +26,7 @@ use super::blob::{within, SharedSource};
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hivemind/record/1.0.0");
 /// Time for one whole exchange (open aside): the request, the lookup and the answer.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Record requests a node answers at once; more wait for a free slot (each is one small
+/// Record lookups a node runs at once; more wait for a free slot (each is one small
 /// lookup), within [`EXCHANGE_TIMEOUT`].
 const SERVING: usize = 8;
 /// Record requests of one peer answered or waiting at once; more are dropped unanswered, so
@@ -76,7 +76,8 @@ pub async fn serve_incoming(
         let (source, slots, per_peer) = (source.clone(), slots.clone(), per_peer.clone());
         streams.spawn(async move {
             let answer = within(EXCHANGE_TIMEOUT, "answering a record request", async {
-                let _slot = slots.acquire_owned().await.map_err(io::Error::other)?;
+                // A slot is held for the lookup alone: a peer that opens streams and sends
+                // nothing, or reads the answer slowly, holds only its own share.
                 let mut req = [0u8; REQUEST_BYTES];
                 stream.read_exact(&mut req).await?;
                 let mut round = [0u8; 8];
@@ -84,11 +85,13 @@ pub async fn serve_incoming(
                 let mut result = [0u8; 32];
                 result.copy_from_slice(&req[8..]);
                 let (round, result) = (u64::from_le_bytes(round), Hash(result));
+                let slot = slots.acquire_owned().await.map_err(io::Error::other)?;
                 let found = tokio::task::spawn_blocking(move || source.record(round, &result))
                     .await
                     .map_err(io::Error::other)??
                     .filter(|b| b.len() <= MAX_MESSAGE_BYTES)
                     .unwrap_or_default();
+                drop(slot);
                 let len = u32::try_from(found.len()).map_err(io::Error::other)?;
                 stream.write_all(&len.to_le_bytes()).await?;
                 stream.write_all(&found).await?;

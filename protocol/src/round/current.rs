@@ -354,8 +354,6 @@ impl RoundMachine {
         self.anns = kept;
         self.seen.retain(|_, r| *r >= keep_from);
         self.banned.retain(|_, until| *until >= round);
-        let endorsed_since = round.saturating_sub(super::ENDORSEMENT_ROUNDS + 1);
-        self.endorsers.retain(|_, r| *r >= endorsed_since);
         self.unserved.retain(|_, (until, _)| *until >= round);
         self.invalid.retain(|_, r| *r >= keep_from);
         self.requests.retain(|_, r| r.round >= keep_from);

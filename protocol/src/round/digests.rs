@@ -92,7 +92,6 @@ impl RoundMachine {
         if equal {
             self.heartbeat.consistent += 1;
             self.tip_support.insert(signer);
-            self.endorse(signer, r.round);
             return verdict(Verdict::Accept, out);
         }
         let own_round = r.round == self.cur.round && r.parent == self.cur.parent;
@@ -120,7 +119,6 @@ impl RoundMachine {
         {
             // An earlier round of our own chain: the signer is behind and will catch up
             // from heartbeats.
-            self.endorse(signer, r.round);
             return verdict(
                 Verdict::Ignore(Ignored::Late {
                     round: r.round,

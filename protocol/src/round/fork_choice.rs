@@ -8,7 +8,7 @@ use super::fetch::BlobState;
 use super::history::{Ancestry, Linking};
 use super::{
     Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY,
-    MAX_CANDIDATES, MAX_DIGEST_SIGNERS,
+    MAX_CANDIDATES,
 };
 
 /// Most signers remembered for one candidate: its fetch sources, and what its quorum
@@ -403,42 +403,49 @@ impl RoundMachine {
         }
     }
 
-    /// `signer` published a committed record of round `round` of our chain.
-    pub(super) fn endorse(&mut self, signer: NodeId, round: u64) {
-        if self.endorsers.len() < MAX_DIGEST_SIGNERS || self.endorsers.contains_key(&signer) {
-            let r = self.endorsers.entry(signer).or_insert(round);
-            *r = (*r).max(round);
-        }
-    }
-
     /// Whether candidate `key`, of a history we cannot link, may have its weight taken on
-    /// the word of its signers: at least `catch_up_quorum` of them, at a node with no tip,
-    /// or a lonely one, or one that, after two heartbeat periods up (time to hear who is on
-    /// its chain), knows of fewer nodes on its own chain lately than vouch for the other (a
-    /// node left on a fork of its own). And never while a candidate we can still link has
-    /// as many signers: a node that lags or restarts takes the history it can check, and
-    /// a coalition's unlinkable record waits behind it.
+    /// the word of its signers: at least `catch_up_quorum` of them, at a node with no tip or
+    /// one alone on it for a while (left behind: [`Self::takes_quorums_word`]), and never
+    /// while a candidate we can still link has as many signers, or any other has more: a
+    /// node that lags or restarts takes the history it can check, and a coalition's
+    /// unlinkable record waits behind it. A node with company on its chain never takes
+    /// another history on anyone's word: signers are keys, which cost nothing in an open
+    /// network, so their number is no measure of a chain's weight. (Counting them against
+    /// the nodes known on our chain, tried, had a coalition of 4 keys adopted by nodes that
+    /// knew fewer: simulator, `--colluding-history --sybil-keys`, seed 7.)
     pub(super) fn may_trust(&self, now: u64, key: Hash) -> bool {
         let Some(signers) = self.candidates.get(&key).map(|c| c.signers.len()) else {
             return false;
         };
-        let settled = now >= self.started.saturating_add(2 * self.config.heartbeat_ms);
         let outvoted = self.candidates.iter().any(|(k, c)| {
-            *k != key && !c.trusted && !c.ancestry.unlinkable && c.signers.len() >= signers
+            *k != key
+                && (c.signers.len() > signers
+                    || (!c.trusted && !c.ancestry.unlinkable && c.signers.len() == signers))
         });
-        signers >= self.config.catch_up_quorum
-            && !outvoted
-            && (self.tip.is_none()
-                || self.lonely(now)
-                || (settled && signers > self.endorsers.len()))
+        signers >= self.config.catch_up_quorum && !outvoted && self.takes_quorums_word(now)
     }
 
     /// Our tip has been ours alone (no other signer's committed digest matched it) for
     /// two heartbeat periods.
     pub(super) fn lonely(&self, now: u64) -> bool {
+        self.lonely_for(now, 2 * self.config.heartbeat_ms)
+    }
+
+    /// Our tip has been ours alone for `span`.
+    fn lonely_for(&self, now: u64, span: u64) -> bool {
         self.tip.is_some()
-            && now >= self.tip_since.saturating_add(2 * self.config.heartbeat_ms)
+            && now >= self.tip_since.saturating_add(span)
             && self.tip_support.len() + 1 < self.config.catch_up_quorum
+    }
+
+    /// Whether we take a history we cannot link on a quorum's word at all: with no tip,
+    /// or with one that has been ours alone for as long as linking a history may take
+    /// (and two heartbeat periods at least). A tip is often alone for a moment (just
+    /// committed, or on a small fork that a linkable heavier history will replace): a
+    /// coalition's far-ahead record waiting for such a moment must not be taken then.
+    pub(super) fn takes_quorums_word(&self, now: u64) -> bool {
+        let span = self.link_patience().max(2 * self.config.heartbeat_ms);
+        self.tip.is_none() || self.lonely_for(now, span)
     }
 
     /// [`Event::AggregationFinished`](super::Event::AggregationFinished) for a

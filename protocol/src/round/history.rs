@@ -21,11 +21,11 @@ pub(super) enum Linking {
     /// Waiting for an ancestor, or for the announcements, adapters or aggregation of one.
     Pending,
     /// Its history runs below what we remember (further back than our chain memory, or
-    /// than [`CHAIN_MEMORY`] ancestors), or was not linked in time: nothing of ours to link
-    /// it to.
+    /// than [`CHAIN_MEMORY`] links), or names inputs nobody serves any more, as every
+    /// signer asked showed it, or was not linked in time: nothing of ours to link it to.
     Unlinkable,
-    /// The candidate's parent was served by none of its signers (that we have not refused
-    /// already): a history nobody shows.
+    /// No signer is left to ask (each served nothing, or a path that does not hold), and
+    /// none showed a history too deep to link: a history nobody shows.
     Unserved,
     /// A link, as `server` served it, does not hold: with a misbehaviour when its record
     /// names an invalid or mismatched announcement or a contributor twice, or claims a
@@ -43,11 +43,17 @@ pub(super) struct Ancestry {
     /// Who signed each link's digest, as served (parallel to `links`).
     servers: Vec<NodeId>,
     asked: Option<(u64, Hash)>,
-    unserved: bool,
-    /// Signers not asked again for this candidate's history: one served a link that did
-    /// not hold. So one key among honest signers cannot get an honest candidate dropped by
-    /// serving a variant of an ancestor first.
+    /// Who the pending fetch asked.
+    asked_from: Vec<NodeId>,
+    /// Signers not asked again for this candidate's history: they served a link that did
+    /// not hold, or a path that does not reach us, or did not serve what they were asked.
+    /// So keys among honest signers cannot get an honest candidate dropped by serving a
+    /// variant of an ancestor first, or by serving nothing.
     refused: BTreeSet<NodeId>,
+    /// A path some signer showed ran deeper than we can link, or named inputs to be had
+    /// from nobody (too old): when no signer is left, the history is unlinkable rather
+    /// than unserved.
+    deep: bool,
     /// The walk ended without a link to our chain (see [`Linking::Unlinkable`]).
     pub(super) unlinkable: bool,
     /// When the walk began.
@@ -66,7 +72,21 @@ impl Ancestry {
     pub(super) fn complete(&self) -> bool {
         !self.links.is_empty() && self.checked == self.links.len()
     }
+
+    /// Forgets the links and the work on them (the refusals stay).
+    fn restart(&mut self) {
+        self.links.clear();
+        self.servers.clear();
+        self.asked = None;
+        self.asked_from.clear();
+        self.checked = 0;
+        self.job = None;
+        self.base = None;
+    }
 }
+
+/// Most signers one record fetch asks (one after another).
+const RECORD_SOURCES: usize = 8;
 
 impl RoundMachine {
     /// Walks the history of candidate `key` toward our chain: asks for the next ancestor,
@@ -74,14 +94,7 @@ impl RoundMachine {
     /// adapters, then for its aggregation).
     pub(super) fn link_history(&mut self, now: u64, key: Hash, out: &mut Vec<Action>) -> Linking {
         let linking = self.walk(now, key, out);
-        // A walk that does not end within the time a few fetches take counts as one that
-        // cannot link: peers forget the inputs of old rounds (a node keeps 16 rounds of
-        // them), so an honest history far enough back cannot be checked either.
-        let patience = self
-            .config
-            .fetch_timeout_ms
-            .saturating_mul(u64::from(self.config.fetch_attempts))
-            .saturating_mul(2);
+        let patience = self.link_patience();
         let Some(c) = self.candidates.get_mut(&key) else {
             return linking;
         };
@@ -90,6 +103,17 @@ impl RoundMachine {
             Linking::Pending if now >= since.saturating_add(patience) => Linking::Unlinkable,
             other => other,
         }
+    }
+
+    /// How long a history may take to link: a walk that does not end within the time a few
+    /// fetches take counts as one that cannot link (peers forget the inputs of old rounds:
+    /// a node keeps 16 rounds of them, so an honest history far enough back cannot be
+    /// checked either).
+    pub(super) fn link_patience(&self) -> u64 {
+        self.config
+            .fetch_timeout_ms
+            .saturating_mul(u64::from(self.config.fetch_attempts))
+            .saturating_mul(2)
     }
 
     fn walk(&mut self, now: u64, key: Hash, out: &mut Vec<Action>) -> Linking {
@@ -104,43 +128,77 @@ impl RoundMachine {
             .collect();
         let oldest = c.ancestry.links.last().unwrap_or(&c.record);
         if let Some(base) = self.expected_parent_weight(oldest) {
+            if let Some(c) = self.candidates.get_mut(&key) {
+                // Attached: an answer still on its way is not wanted any more.
+                c.ancestry.asked = None;
+            }
             return self.check_next_link(now, key, base, &signers, out);
         }
-        if c.ancestry.unserved || signers.is_empty() {
-            return Linking::Unserved;
-        }
-        // The next ancestor: the oldest one's parent.
-        let (round, Some(parent)) = (oldest.round.saturating_sub(1), oldest.parent) else {
-            // A record after round 1 trained from the base model: no chain links to it.
-            return Linking::Unlinkable;
+        // The next ancestor: the oldest one's parent. `Err(deep)`: no chain of ours links
+        // to it, because it runs deeper than we can link (`deep`) or cannot link at all.
+        let next = match (oldest.round.saturating_sub(1), oldest.parent) {
+            // A record after round 1 trained from the base model, or a round-1 record with
+            // a parent (no history has one).
+            (_, None) | (0, Some(_)) => Err(false),
+            (round, Some(parent)) => {
+                // Below the rounds we remember nothing links (but genesis, for a node that
+                // remembers none), and no more than [`CHAIN_MEMORY`] links are fetched.
+                let below = self
+                    .chain
+                    .first_key_value()
+                    .is_some_and(|(r, _)| round < *r);
+                let reach = self.chain.last_key_value().map_or(0, |(r, _)| *r);
+                let budget = CHAIN_MEMORY.saturating_sub(c.ancestry.links.len()) as u64;
+                if below || budget == 0 || round > reach.saturating_add(budget) {
+                    Err(true)
+                } else {
+                    Ok((round, parent))
+                }
+            }
         };
-        if round == 0 {
-            // A round-1 record with a parent: no history has one.
-            return Linking::Unserved;
-        }
-        // Below the rounds we remember nothing links (but genesis, for a node that
-        // remembers none), and no more than [`CHAIN_MEMORY`] ancestors are fetched: a
-        // history that cannot reach what we know within them is not walked at all.
-        let below = self
-            .chain
-            .first_key_value()
-            .is_some_and(|(r, _)| round < *r);
-        let reach = self.chain.last_key_value().map_or(0, |(r, _)| *r);
-        let budget = CHAIN_MEMORY.saturating_sub(c.ancestry.links.len()) as u64;
-        if below || budget == 0 || round > reach.saturating_add(budget) {
-            return Linking::Unlinkable;
+        let has_links = !c.ancestry.links.is_empty();
+        let deep = c.ancestry.deep;
+        let (round, parent) = match next {
+            Ok(next) => next,
+            // A node that may take an unlinkable history on a quorum's word (no tip, or a
+            // lonely one) takes a path too deep as it is: asking every other signer for it
+            // would only delay that (honest signers all serve the same path).
+            Err(true) if self.takes_quorums_word(now) => {
+                if let Some(c) = self.candidates.get_mut(&key) {
+                    c.ancestry.deep = true;
+                }
+                return Linking::Unlinkable;
+            }
+            Err(too_deep) if has_links => {
+                // The path its servers showed does not reach us: they are not asked again,
+                // and the walk starts over with the others (an honest path from another
+                // signer may reach us where theirs did not).
+                self.refuse_path(key, too_deep);
+                return Linking::Pending;
+            }
+            // The candidate itself cannot link.
+            Err(_) => return Linking::Unlinkable,
+        };
+        if signers.is_empty() {
+            return if deep {
+                Linking::Unlinkable
+            } else {
+                Linking::Unserved
+            };
         }
         if c.ancestry.asked == Some((round, parent)) {
             return Linking::Pending;
         }
+        let from: Vec<NodeId> = signers.into_iter().take(RECORD_SOURCES).collect();
         if let Some(c) = self.candidates.get_mut(&key) {
             c.ancestry.asked = Some((round, parent));
+            c.ancestry.asked_from = from.clone();
         }
         out.push(Action::FetchRecord {
             candidate: key,
             round,
             result: parent,
-            from: signers,
+            from,
         });
         Linking::Pending
     }
@@ -250,6 +308,11 @@ impl RoundMachine {
             }
         }
         if nowhere {
+            // Gone everywhere: too old to check (nodes keep 16 rounds of inputs), or never
+            // served. Either way no chain of ours links through it.
+            if let Some(c) = self.candidates.get_mut(&key) {
+                c.ancestry.deep = true;
+            }
             return Linking::Failed(server, None);
         }
         if missing {
@@ -276,7 +339,11 @@ impl RoundMachine {
         if !ancestry.complete() {
             return None;
         }
-        self.expected_parent_weight(ancestry.links.last()?)?;
+        let base = self.expected_parent_weight(ancestry.links.last()?)?;
+        if ancestry.base != Some(base) {
+            // Checked above another weight (our chain moved meanwhile).
+            return None;
+        }
         ancestry.links.first().map(|l| l.weight)
     }
 
@@ -298,13 +365,10 @@ impl RoundMachine {
         }
         c.ancestry.asked = None;
         self.dirty = true;
+        let asked_from = std::mem::take(&mut c.ancestry.asked_from);
         let Some(d) = digest else {
-            // Nobody asked holds it: the link above it (as its server served it) is to be
-            // had from nobody, or, with no link yet, the candidate's history is not shown.
-            match c.ancestry.servers.last().copied() {
-                Some(server) => self.refuse_server(candidate, server),
-                None => c.ancestry.unserved = true,
-            }
+            // None of those asked served it: they are not asked again, the others are.
+            c.ancestry.refused.extend(asked_from);
             return;
         };
         let (r, server) = (&d.payload().record, d.payload().signer);
@@ -314,8 +378,8 @@ impl RoundMachine {
             && r.model == model
             && r.rule == rule
             && r.check().is_ok();
-        if !fits || !c.signers.contains(&server) || c.ancestry.refused.contains(&server) {
-            // Not what was asked, or from a signer we do not ask: asked again of the others.
+        if !fits || !asked_from.contains(&server) || c.ancestry.refused.contains(&server) {
+            // Not what was asked, or from a signer we did not ask: asked again of the others.
             c.ancestry.refused.insert(server);
             return;
         }
@@ -325,6 +389,20 @@ impl RoundMachine {
         c.ancestry.checked = 0;
         c.ancestry.job = None;
         c.ancestry.base = None;
+    }
+
+    /// The servers of every link of candidate `key` showed a path that does not reach our
+    /// chain (`deep`: it runs deeper than we can link): they are not asked again, and the
+    /// walk starts over with the candidate's other signers.
+    fn refuse_path(&mut self, key: Hash, deep: bool) {
+        let Some(c) = self.candidates.get_mut(&key) else {
+            return;
+        };
+        let a = &mut c.ancestry;
+        a.refused.extend(a.servers.iter().copied());
+        a.deep |= deep;
+        a.restart();
+        self.dirty = true;
     }
 
     /// `server` served a link of candidate `key`'s history that does not hold: that link and
@@ -341,6 +419,7 @@ impl RoundMachine {
             a.servers.truncate(idx);
         }
         a.asked = None;
+        a.asked_from.clear();
         a.checked = 0;
         a.job = None;
         a.base = None;

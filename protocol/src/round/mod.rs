@@ -54,10 +54,12 @@
 //! announcement fetched and valid for that round, at most one input per contributor,
 //! every adapter fetched, the aggregation recomputed to the same result. When its parent
 //! is a round of our own chain, its weight is checked exactly; otherwise (another
-//! history) `catch_up_quorum` distinct signers must have published it, and its weight is
-//! taken on their word. A node whose tip nobody else endorses for two heartbeat periods
-//! yields to a quorum-endorsed record even when lighter, so that a lone node on a heavier
-//! fork (which nobody can verify without a quorum) rejoins the network.
+//! history) it is linked to our chain through its ancestors, each checked the same way
+//! (`history.rs`); only a node with no tip, or a lonely one, takes the weight of a history
+//! it cannot link on the word of `catch_up_quorum` distinct signers. A node whose tip
+//! nobody else endorses for two heartbeat periods yields to a quorum-endorsed record even
+//! when lighter, so that a lone node on a heavier fork (which nobody can verify without a
+//! quorum) rejoins the network.
 //!
 //! In-progress digests only feed reconciliation; only committed records are candidates
 //! (an in-progress record may never be committed by anyone). A peer caught misbehaving
@@ -110,8 +112,6 @@ const HEARTBEAT_REDUNDANCY: usize = 3;
 pub const CHAIN_MEMORY: usize = 64;
 /// Most records of other chains remembered as checked.
 const MAX_VERIFIED: usize = 4 * CHAIN_MEMORY;
-/// Rounds for which a signer's endorsement of our chain counts it as on our chain.
-const ENDORSEMENT_ROUNDS: u64 = 3;
 /// Most foreign records under consideration at once.
 const MAX_CANDIDATES: usize = 16;
 /// Most announcement fetches in flight.
@@ -161,13 +161,7 @@ pub struct RoundMachine {
     /// candidates), by result: a later candidate on one of them attaches there instead of
     /// walking its history again. At most [`MAX_VERIFIED`], the lowest rounds dropped first.
     verified: BTreeMap<Hash, RoundRecord>,
-    /// Other signers whose committed digest matched a record of our chain lately, with its
-    /// round: the nodes we know to be on our chain (pruned to the last
-    /// [`ENDORSEMENT_ROUNDS`] rounds).
-    endorsers: BTreeMap<NodeId, u64>,
     tip_since: u64,
-    /// When this machine was made (a start or restart).
-    started: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
     /// Signers who did not serve what they named or announced: up to and including a
@@ -220,10 +214,8 @@ impl RoundMachine {
             banned: BTreeMap::new(),
             unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),
-            endorsers: BTreeMap::new(),
             verified: BTreeMap::new(),
             tip_since: now_ms,
-            started: now_ms,
             heartbeat: Heartbeat {
                 period_start: now_ms,
                 period: 0,

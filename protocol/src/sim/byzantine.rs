@@ -276,12 +276,19 @@ impl Sim<'_> {
                     return;
                 }
                 let (b0, id0) = (self.cfg.nodes, self.nodes[self.cfg.nodes].id);
+                // For half the tips the record is far ahead (100 rounds, deeper than any node
+                // can link): only a node that takes a quorum's word could adopt it.
+                let round = if t.result.0[0] & 2 == 2 {
+                    t.round + 100
+                } else {
+                    t.round + 1
+                };
                 let parent = Some(Hash::of(
                     &[b"forged parent".as_slice(), &t.result.0].concat(),
                 ));
                 let adapter = Hash::of(&[b"forged input".as_slice(), &t.result.0].concat());
                 let a = Announcement {
-                    round: t.round + 1,
+                    round,
                     adapter,
                     contributor: id0,
                     parent,
@@ -305,7 +312,7 @@ impl Sim<'_> {
                 // For half the tips the coalition also serves the made-up parent as a record:
                 // the tip's own inputs and weight under the made-up result, so that only its
                 // recomputation shows it false, and the claim is the exact weight on it.
-                let served = t.result.0[0] & 1 == 1;
+                let served = t.result.0[0] & 1 == 1 && round == t.round + 1;
                 let claimed = if served {
                     let mut link = t.clone();
                     if let Some(p) = parent {
@@ -320,7 +327,7 @@ impl Sim<'_> {
                 };
                 let record = RoundRecord {
                     model,
-                    round: t.round + 1,
+                    round,
                     parent,
                     inputs: vec![RoundInput {
                         adapter,

@@ -65,6 +65,11 @@ impl Sim<'_> {
             .keys()
             .next_back()
             .is_none_or(|&r| record.round > r);
+        // As the node's store does: the committed record is the tip, and the rounds above it
+        // (orphaned by a rewind) go, so that a restart resumes from it.
+        let _orphaned = self.nodes[i]
+            .history
+            .split_off(&record.round.saturating_add(1));
         self.nodes[i].history.insert(record.round, record);
         if opened_new {
             self.maybe_train(i);

@@ -68,10 +68,12 @@ pub struct SimConfig {
     /// `examples/simulate.rs --sybil-records`.
     pub sybil_records: bool,
     /// The Byzantine senders collude on a forged history: each signs the same committed
-    /// record of the round after the oracle's tip, on a parent no honest node made (so no
-    /// honest node can check its weight), with one input of theirs (served, valid) and a
-    /// weight far above the tip's. A quorum of them vouches for it; an honest node that
-    /// adopts it is a violation. Off by default, measured by `examples/simulate.rs
+    /// record of the round after the oracle's tip (for half the tips, 100 rounds after it,
+    /// deeper than any node can link), on a parent no honest node made, with one input of
+    /// theirs (served, valid) and a weight far above the tip's; for half the next-round
+    /// records they also serve the made-up parent as a record (the tip's inputs under a
+    /// made-up result). A quorum of them vouches for it; an honest node that adopts it is a
+    /// violation. Off by default, measured by `examples/simulate.rs
     /// --colluding-history`.
     pub colluding_history: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
