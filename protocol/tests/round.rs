@@ -577,17 +577,14 @@ fn fetched_records(actions: &[Action]) -> Vec<(u64, Hash)> {
         .collect()
 }
 
-/// The `(candidate, round, result)` of every `FetchRecord` in `actions`.
+/// The `(tag, round, result)` of every `FetchRecord` in `actions`.
 fn record_requests(actions: &[Action]) -> Vec<(Hash, u64, Hash)> {
     actions
         .iter()
         .filter_map(|a| match a {
             Action::FetchRecord {
-                candidate,
-                round,
-                result,
-                ..
-            } => Some((*candidate, *round, *result)),
+                tag, round, result, ..
+            } => Some((*tag, *round, *result)),
             _ => None,
         })
         .collect()
@@ -624,15 +621,16 @@ fn a_made_up_history_is_not_taken_on_a_quorums_word() {
     let mut out = Vec::new();
     for (t, k) in [(5_000, &kc), (5_100, &kd)] {
         let step = a.handle(t, Event::Digest(digest(k, forged.clone(), true, t)));
-        for (candidate, round, result) in record_requests(&step) {
+        for (tag, round, result) in record_requests(&step) {
             assert_eq!((round, Some(result)), (1, made_up));
             out.extend(a.handle(
                 t + 50,
                 Event::Record {
-                    candidate,
+                    tag,
                     round,
                     result,
                     digest: None,
+                    unanswered: vec![k.node_id()],
                 },
             ));
         }
@@ -697,10 +695,11 @@ fn a_foreign_history_links_through_its_ancestors() {
         let mut out = a.handle(
             5_100,
             Event::Record {
-                candidate: asked[0].0,
+                tag: asked[0].0,
                 round: 1,
                 result: b1.result,
                 digest: Some(digest(&kb, b1.clone(), true, 5_050)),
+                unanswered: Vec::new(),
             },
         );
         let mut wanted = fetched_announcements(&out);
@@ -1477,16 +1476,27 @@ fn serve_all(
                     Some(Event::BlobAvailable { hash: *hash })
                 }
                 Action::FetchRecord {
-                    candidate,
+                    tag,
                     round,
                     result,
                     from,
-                } => Some(Event::Record {
-                    candidate: *candidate,
-                    round: *round,
-                    result: *result,
-                    digest: serve(from, *round),
-                }),
+                } => {
+                    // Those asked before the one that served (or all of them) served nothing.
+                    let digest = serve(from, *round);
+                    let unanswered = from
+                        .iter()
+                        .take(8)
+                        .take_while(|p| digest.as_ref().is_none_or(|d| d.signer != **p))
+                        .copied()
+                        .collect();
+                    Some(Event::Record {
+                        tag: *tag,
+                        round: *round,
+                        result: *result,
+                        digest,
+                        unanswered,
+                    })
+                }
                 Action::Aggregate(job) if hold(job) => {
                     held.push(job.clone());
                     None
@@ -1673,4 +1683,116 @@ fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
     let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
     assert_eq!(adopted, vec![b2.clone(), b3.clone()]);
     assert_eq!(m.tip(), Some(&b3));
+}
+
+/// A key that sorts first among an honest history's signers serves one ancestor (an
+/// honest copy), nothing for the next (the honest signer serves it), and a variant of the
+/// next that cannot link (a round-1 record with a parent): it is not asked again after
+/// serving nothing, and the history is adopted.
+#[test]
+fn a_signer_that_served_nothing_is_not_asked_again() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (kx, ky, kz, kw) = (key(5), key(6), key(7), key(8));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let b1 = record(1, None, &[&x], 1);
+    let y = ann(&ky, 2, Hash::of(b"y"), Some(b1.result), 2_000);
+    let b2 = record(2, Some(b1.result), &[&y], 2);
+    let z = ann(&kz, 3, Hash::of(b"z"), Some(b2.result), 3_000);
+    let b3 = record(3, Some(b2.result), &[&z], 3);
+    let w = ann(&kw, 4, Hash::of(b"w"), Some(b3.result), 4_000);
+    let b4 = record(4, Some(b3.result), &[&w], 4);
+    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
+    keys.sort_by_key(|k| k.node_id());
+    let (liar, honest) = (&keys[0], &keys[9]);
+    let mut variant = b1.clone();
+    variant.parent = Some(Hash::of(b"no such parent"));
+    let asked = std::cell::RefCell::new(Vec::new());
+    // The driver: the first of the peers asked that serves.
+    let serve = |from: &[NodeId], round: u64| {
+        asked.borrow_mut().push((round, from.to_vec()));
+        from.iter().take(8).find_map(|p| {
+            let is_liar = *p == liar.node_id();
+            let k = if is_liar { liar } else { honest };
+            let r = match round {
+                3 => b3.clone(),
+                2 if !is_liar => b2.clone(),
+                1 if is_liar => variant.clone(),
+                1 => b1.clone(),
+                _ => return None,
+            };
+            Some(digest(k, r, true, 5_050))
+        })
+    };
+    let mut todo = Vec::new();
+    for k in [liar, honest] {
+        todo.extend(a.handle(5_000, Event::Digest(digest(k, b4.clone(), true, 5_000))));
+    }
+    let mut out = Vec::new();
+    for t in (5_000..8_000).step_by(100) {
+        let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z, &w], &serve, &|_| false);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    let asked = asked.into_inner();
+    assert!(
+        asked.iter().any(|(r, from)| *r == 2 && from.len() == 2),
+        "both asked for round 2: {asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .filter(|(r, _)| *r == 1)
+            .all(|(_, from)| !from.contains(&liar.node_id())),
+        "the key that served nothing was asked again: {asked:?}"
+    );
+    assert_eq!(
+        commits(&out),
+        vec![
+            (b1.clone(), Some(tip.result)),
+            (b2.clone(), None),
+            (b3.clone(), None),
+            (b4.clone(), None)
+        ]
+    );
+    assert_eq!(a.tip(), Some(&b4));
+}
+
+/// A new node (no tip) in a network older than it can link hears an honest record from two
+/// signers and a far-ahead record from three keys that never serve its input (it stalls).
+/// It takes the honest one on its signers' word: a stalled record with more signers does
+/// not hold every catch-up off.
+#[test]
+fn a_stalled_record_with_more_signers_does_not_hold_a_new_node_off() {
+    let kn = key(1);
+    let mut m = machine(&kn);
+    let (kb, kc) = (key(2), key(3));
+    let h = ann(&kb, 100, Hash::of(b"h"), Some(Hash::of(b"round 99")), 1_000);
+    let honest = record(100, Some(Hash::of(b"round 99")), &[&h], 500);
+    let f = ann(
+        &key(4),
+        300,
+        Hash::of(b"f"),
+        Some(Hash::of(b"made up")),
+        1_000,
+    );
+    let stalled = record(300, Some(Hash::of(b"made up")), &[&f], 100_000);
+    let mut todo = Vec::new();
+    for (t, k) in [(1_000, key(4)), (1_010, key(5)), (1_020, key(6))] {
+        todo.extend(m.handle(t, Event::Digest(digest(&k, stalled.clone(), true, t))));
+    }
+    for (t, k) in [(1_100, &kb), (1_110, &kc)] {
+        todo.extend(m.handle(t, Event::Digest(digest(k, honest.clone(), true, t))));
+    }
+    // Only the honest record's input is served.
+    let none = |_: &[NodeId], _: u64| None;
+    let mut out = Vec::new();
+    for t in (1_200..4_000).step_by(100) {
+        let (done, _) = serve_all(&mut m, t, todo, &[&h], &none, &|_| false);
+        out.extend(done);
+        todo = m.tick(t + 100);
+    }
+    assert_eq!(commits(&out), vec![(honest.clone(), None)]);
+    assert_eq!(m.tip(), Some(&honest));
 }

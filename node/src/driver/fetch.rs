@@ -154,33 +154,39 @@ impl Driver {
 
     /// Asks the peers in `from` (at most [`RECORD_PEERS`] of them), one at a time, for the
     /// committed record of round `round` with result `result`, and reports
-    /// [`Event::Record`] for `candidate` with the first signed committed digest of this
+    /// [`Event::Record`] (tagged `tag`) with the first signed committed digest of this
     /// network (its signature checked), signed by the peer that served it, whose record
-    /// has that round and result. (The round machine asks again, without that peer, if the
-    /// record does not hold.)
+    /// has that round and result, and the peers asked before it that served nothing (or
+    /// all of them). (The round machine asks others, without those peers or that one if
+    /// the record does not hold.)
     pub(super) fn spawn_record_fetch(
         &mut self,
-        candidate: Hash,
+        tag: Hash,
         round: u64,
         result: Hash,
         from: Vec<hivemind_protocol::NodeId>,
     ) {
         let me = self.client.local_peer_id();
-        let peers: Vec<PeerId> = from
+        let peers: Vec<(hivemind_protocol::NodeId, PeerId)> = from
             .iter()
-            .filter_map(peer_id_of)
-            .filter(|p| *p != me)
+            .filter_map(|n| Some((*n, peer_id_of(n)?)))
+            .filter(|(_, p)| *p != me)
             .take(RECORD_PEERS)
             .collect();
         let (client, tx, model) = (self.client.clone(), self.done_tx.clone(), self.cfg.model);
         self.tasks.spawn(async move {
             let mut digest = None;
-            for peer in peers {
+            let mut unanswered = Vec::new();
+            for (node, peer) in peers {
                 let bytes = match client.fetch_record(peer, round, &result).await {
                     Ok(Some(b)) => b,
-                    Ok(None) => continue,
+                    Ok(None) => {
+                        unanswered.push(node);
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!(%peer, round, error = %e, "record fetch failed");
+                        unanswered.push(node);
                         continue;
                     }
                 };
@@ -197,13 +203,15 @@ impl Driver {
                     break;
                 }
                 tracing::debug!(%peer, round, "peer served no such committed record");
+                unanswered.push(node);
             }
             let _ = tx
                 .send(Event::Record {
-                    candidate,
+                    tag,
                     round,
                     result,
                     digest,
+                    unanswered,
                 })
                 .await;
         });

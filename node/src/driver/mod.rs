@@ -434,11 +434,11 @@ impl Driver {
                 self.spawn_fetch(id, from, Fetch::Announcement).await
             }
             Action::FetchRecord {
-                candidate,
+                tag,
                 round,
                 result,
                 from,
-            } => self.spawn_record_fetch(candidate, round, result, from),
+            } => self.spawn_record_fetch(tag, round, result, from),
             Action::Aggregate(job) => self.spawn_aggregation(job),
             Action::PublishAnnouncement(s) => {
                 let p = s.payload();

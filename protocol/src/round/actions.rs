@@ -60,8 +60,8 @@ pub enum Action {
     ///
     /// [`Event::Record`]: super::Event::Record
     FetchRecord {
-        /// The candidate that wants it (an opaque tag the answer carries back).
-        candidate: Hash,
+        /// An opaque tag of this request, which the answer carries back.
+        tag: Hash,
         /// The round.
         round: u64,
         /// Its result.

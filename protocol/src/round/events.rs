@@ -1,6 +1,6 @@
 //! What comes into the machine: [`Event`]s, and the aggregation jobs they report on.
 
-use crate::{Hash, RuleId, SignedAnnouncement, SignedDigest};
+use crate::{Hash, NodeId, RuleId, SignedAnnouncement, SignedDigest};
 
 /// Something that happened, told to [`RoundMachine::handle`](super::RoundMachine::handle).
 #[derive(Clone, Debug)]
@@ -42,16 +42,20 @@ pub enum Event {
         result: Hash,
     },
     /// The answer to [`Action::FetchRecord`](super::Action::FetchRecord): the digest of
-    /// the record a peer served, or `None`.
+    /// the record a peer served, or `None`, and who was asked without serving it.
     Record {
         /// The tag of the request.
-        candidate: Hash,
+        tag: Hash,
         /// The round asked for.
         round: u64,
         /// The result asked for.
         result: Hash,
-        /// The signed committed digest a peer served (its signature checked).
+        /// The signed committed digest a peer served (its signature checked, signed by
+        /// the peer that served it).
         digest: Option<SignedDigest>,
+        /// The peers asked (before the one that served, or all of them) that served
+        /// nothing, or not that record, or did not answer in time.
+        unanswered: Vec<NodeId>,
     },
     /// Close the current round's window now (a gateway's explicit aggregate request).
     CloseNow,

@@ -406,9 +406,10 @@ impl RoundMachine {
     /// Whether candidate `key`, of a history we cannot link, may have its weight taken on
     /// the word of its signers: at least `catch_up_quorum` of them, at a node with no tip or
     /// one alone on it for a while (left behind: [`Self::takes_quorums_word`]), and never
-    /// while a candidate we can still link has as many signers, or any other has more: a
-    /// node that lags or restarts takes the history it can check, and a coalition's
-    /// unlinkable record waits behind it. A node with company on its chain never takes
+    /// while a candidate we can still link has as many signers: a node that lags or
+    /// restarts takes the history it can check, and a coalition's unlinkable record waits
+    /// behind it. (Not behind an unlinkable one with more signers: one that stalls, its
+    /// inputs never served, would hold every catch-up off.) A node with company on its chain never takes
     /// another history on anyone's word: signers are keys, which cost nothing in an open
     /// network, so their number is no measure of a chain's weight. (Counting them against
     /// the nodes known on our chain, tried, had a coalition of 4 keys adopted by nodes that
@@ -418,9 +419,7 @@ impl RoundMachine {
             return false;
         };
         let outvoted = self.candidates.iter().any(|(k, c)| {
-            *k != key
-                && (c.signers.len() > signers
-                    || (!c.trusted && !c.ancestry.unlinkable && c.signers.len() == signers))
+            *k != key && !c.trusted && !c.ancestry.unlinkable && c.signers.len() >= signers
         });
         signers >= self.config.catch_up_quorum && !outvoted && self.takes_quorums_word(now)
     }

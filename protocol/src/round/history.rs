@@ -42,7 +42,8 @@ pub(super) struct Ancestry {
     pub(super) links: Vec<RoundRecord>,
     /// Who signed each link's digest, as served (parallel to `links`).
     servers: Vec<NodeId>,
-    asked: Option<(u64, Hash)>,
+    /// The pending fetch: its round and result, and its tag.
+    asked: Option<(u64, Hash, Hash)>,
     /// Who the pending fetch asked.
     asked_from: Vec<NodeId>,
     /// Signers not asked again for this candidate's history: they served a link that did
@@ -71,17 +72,6 @@ impl Ancestry {
     /// Every link is checked (and there is at least one).
     pub(super) fn complete(&self) -> bool {
         !self.links.is_empty() && self.checked == self.links.len()
-    }
-
-    /// Forgets the links and the work on them (the refusals stay).
-    fn restart(&mut self) {
-        self.links.clear();
-        self.servers.clear();
-        self.asked = None;
-        self.asked_from.clear();
-        self.checked = 0;
-        self.job = None;
-        self.base = None;
     }
 }
 
@@ -131,6 +121,7 @@ impl RoundMachine {
             if let Some(c) = self.candidates.get_mut(&key) {
                 // Attached: an answer still on its way is not wanted any more.
                 c.ancestry.asked = None;
+                c.ancestry.asked_from.clear();
             }
             return self.check_next_link(now, key, base, &signers, out);
         }
@@ -156,28 +147,24 @@ impl RoundMachine {
                 }
             }
         };
-        let has_links = !c.ancestry.links.is_empty();
-        let deep = c.ancestry.deep;
-        let (round, parent) = match next {
-            Ok(next) => next,
-            // A node that may take an unlinkable history on a quorum's word (no tip, or a
-            // lonely one) takes a path too deep as it is: asking every other signer for it
-            // would only delay that (honest signers all serve the same path).
-            Err(true) if self.takes_quorums_word(now) => {
+        let oldest_server = c.ancestry.servers.last().copied();
+        let (deep, pending) = (c.ancestry.deep, c.ancestry.asked);
+        let (round, parent) = match (next, oldest_server) {
+            (Ok(next), _) => next,
+            (Err(too_deep), Some(server)) => {
+                // The oldest link, as its server showed it, does not reach us: that server
+                // is not asked again, its links go, and the walk goes on from the link above
+                // them with the other signers (an honest one may show a path that reaches
+                // us where the liar's did not; honest signers all show the same one, so a
+                // history that is truly too deep ends once every signer showed it).
                 if let Some(c) = self.candidates.get_mut(&key) {
-                    c.ancestry.deep = true;
+                    c.ancestry.deep |= too_deep;
                 }
-                return Linking::Unlinkable;
-            }
-            Err(too_deep) if has_links => {
-                // The path its servers showed does not reach us: they are not asked again,
-                // and the walk starts over with the others (an honest path from another
-                // signer may reach us where theirs did not).
-                self.refuse_path(key, too_deep);
+                self.refuse_server(key, server);
                 return Linking::Pending;
             }
             // The candidate itself cannot link.
-            Err(_) => return Linking::Unlinkable,
+            (Err(_), None) => return Linking::Unlinkable,
         };
         if signers.is_empty() {
             return if deep {
@@ -186,16 +173,18 @@ impl RoundMachine {
                 Linking::Unserved
             };
         }
-        if c.ancestry.asked == Some((round, parent)) {
+        if pending.is_some_and(|(r, h, _)| (r, h) == (round, parent)) {
             return Linking::Pending;
         }
         let from: Vec<NodeId> = signers.into_iter().take(RECORD_SOURCES).collect();
+        self.record_fetches = self.record_fetches.wrapping_add(1);
+        let tag = Hash::of(&[key.0.as_slice(), &self.record_fetches.to_le_bytes()].concat());
         if let Some(c) = self.candidates.get_mut(&key) {
-            c.ancestry.asked = Some((round, parent));
+            c.ancestry.asked = Some((round, parent, tag));
             c.ancestry.asked_from = from.clone();
         }
         out.push(Action::FetchRecord {
-            candidate: key,
+            tag,
             round,
             result: parent,
             from,
@@ -347,25 +336,35 @@ impl RoundMachine {
         ancestry.links.first().map(|l| l.weight)
     }
 
-    /// [`Event::Record`](super::Event::Record): an ancestor candidate `candidate` asked
-    /// for, as a peer served it (a signed digest), or `None`.
+    /// [`Event::Record`](super::Event::Record): the answer to the record fetch tagged
+    /// `tag`, as a peer served it (a signed digest), or `None`, with the peers asked that
+    /// served nothing.
     pub(super) fn on_record(
         &mut self,
-        candidate: Hash,
+        tag: Hash,
         round: u64,
         result: Hash,
         digest: Option<SignedDigest>,
+        unanswered: &[NodeId],
     ) {
         let (model, rule) = (self.model, self.config.rule);
-        let Some(c) = self.candidates.get_mut(&candidate) else {
+        let Some(c) = self
+            .candidates
+            .values_mut()
+            .find(|c| c.ancestry.asked == Some((round, result, tag)))
+        else {
             return;
         };
-        if c.ancestry.asked != Some((round, result)) {
-            return;
-        }
         c.ancestry.asked = None;
         self.dirty = true;
         let asked_from = std::mem::take(&mut c.ancestry.asked_from);
+        // Those asked that served nothing are not asked again (whoever served after them).
+        c.ancestry.refused.extend(
+            unanswered
+                .iter()
+                .filter(|p| asked_from.contains(p))
+                .copied(),
+        );
         let Some(d) = digest else {
             // None of those asked served it: they are not asked again, the others are.
             c.ancestry.refused.extend(asked_from);
@@ -389,20 +388,6 @@ impl RoundMachine {
         c.ancestry.checked = 0;
         c.ancestry.job = None;
         c.ancestry.base = None;
-    }
-
-    /// The servers of every link of candidate `key` showed a path that does not reach our
-    /// chain (`deep`: it runs deeper than we can link): they are not asked again, and the
-    /// walk starts over with the candidate's other signers.
-    fn refuse_path(&mut self, key: Hash, deep: bool) {
-        let Some(c) = self.candidates.get_mut(&key) else {
-            return;
-        };
-        let a = &mut c.ancestry;
-        a.refused.extend(a.servers.iter().copied());
-        a.deep |= deep;
-        a.restart();
-        self.dirty = true;
     }
 
     /// `server` served a link of candidate `key`'s history that does not hold: that link and

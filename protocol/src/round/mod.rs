@@ -161,6 +161,9 @@ pub struct RoundMachine {
     /// candidates), by result: a later candidate on one of them attaches there instead of
     /// walking its history again. At most [`MAX_VERIFIED`], the lowest rounds dropped first.
     verified: BTreeMap<Hash, RoundRecord>,
+    /// Record fetches asked so far: each one's tag is unique, so a late answer to an
+    /// earlier one is never taken for a later one.
+    record_fetches: u64,
     tip_since: u64,
     /// Penalised peers whose digests are ignored up to and including a round.
     banned: BTreeMap<NodeId, u64>,
@@ -215,6 +218,7 @@ impl RoundMachine {
             unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),
             verified: BTreeMap::new(),
+            record_fetches: 0,
             tip_since: now_ms,
             heartbeat: Heartbeat {
                 period_start: now_ms,
@@ -379,11 +383,12 @@ impl RoundMachine {
                 self.on_candidate_aggregated(now_ms, &job, result, &mut out);
             }
             Event::Record {
-                candidate,
+                tag,
                 round,
                 result,
                 digest,
-            } => self.on_record(candidate, round, result, digest),
+                unanswered,
+            } => self.on_record(tag, round, result, digest, &unanswered),
             Event::CloseNow => {
                 if !self.cur.close_requested {
                     self.cur.close_requested = true;

@@ -208,21 +208,30 @@ impl Sim<'_> {
                     );
                 }
                 Action::FetchRecord {
-                    candidate,
+                    tag,
                     round,
                     result,
                     from,
                 } => {
-                    // From the committed history of a reachable peer that holds it, as the
-                    // digest that peer signed (Byzantine senders keep no history).
-                    let holder = from
-                        .iter()
-                        .filter_map(|nid| self.index.get(nid).copied())
-                        .filter(|&j| self.reachable(i, j) && self.nodes[j].up)
-                        .find_map(|j| {
+                    // From the committed history of the first reachable peer asked that holds
+                    // it, as the digest that peer signed (Byzantine senders keep no history);
+                    // those asked before it served nothing.
+                    let mut unanswered = Vec::new();
+                    let mut holder = None;
+                    for nid in &from {
+                        let held = self.index.get(nid).copied().and_then(|j| {
+                            if !self.reachable(i, j) || !self.nodes[j].up {
+                                return None;
+                            }
                             let r = self.nodes[j].history.get(&round)?;
                             (r.result == result).then(|| (j, r.clone()))
                         });
+                        if held.is_some() {
+                            holder = held;
+                            break;
+                        }
+                        unanswered.push(*nid);
+                    }
                     let digest = holder.and_then(|(j, record)| {
                         let d = crate::RoundDigest {
                             record,
@@ -239,7 +248,8 @@ impl Sim<'_> {
                         Ev::RecordDone {
                             to: i,
                             epoch,
-                            candidate,
+                            tag,
+                            unanswered,
                             round,
                             result,
                             digest,

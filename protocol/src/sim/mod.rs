@@ -154,7 +154,8 @@ enum Ev {
     RecordDone {
         to: usize,
         epoch: u64,
-        candidate: Hash,
+        tag: Hash,
+        unanswered: Vec<NodeId>,
         round: u64,
         result: Hash,
         digest: Option<SignedDigest>,
@@ -435,7 +436,8 @@ impl<'a> Sim<'a> {
             Ev::RecordDone {
                 to,
                 epoch,
-                candidate,
+                tag,
+                unanswered,
                 round,
                 result,
                 digest,
@@ -444,10 +446,11 @@ impl<'a> Sim<'a> {
                     self.feed(
                         to,
                         Event::Record {
-                            candidate,
+                            tag,
                             round,
                             result,
                             digest,
+                            unanswered,
                         },
                     );
                 }
