@@ -176,7 +176,15 @@ impl RoundMachine {
         if pending.is_some_and(|(r, h, _)| (r, h) == (round, parent)) {
             return Linking::Pending;
         }
-        let from: Vec<NodeId> = signers.into_iter().take(RECORD_SOURCES).collect();
+        // The server of the oldest link is asked first for its parent: it vouched for it.
+        let mut from: Vec<NodeId> = Vec::with_capacity(RECORD_SOURCES);
+        from.extend(oldest_server.filter(|s| signers.contains(s)));
+        from.extend(
+            signers
+                .iter()
+                .filter(|s| Some(**s) != oldest_server)
+                .take(RECORD_SOURCES - from.len()),
+        );
         self.record_fetches = self.record_fetches.wrapping_add(1);
         let tag = Hash::of(&[key.0.as_slice(), &self.record_fetches.to_le_bytes()].concat());
         if let Some(c) = self.candidates.get_mut(&key) {
@@ -243,6 +251,11 @@ impl RoundMachine {
             let Some(ann) = self.ann(&id) else {
                 for s in signers {
                     self.request_announcement(now, id, (link.round, input.adapter), *s, true, out);
+                }
+                // Asked of nobody: every signer failed to serve what it named lately. The
+                // link's server vouched for an announcement it does not show.
+                if !self.requests.contains_key(&id) && signers.iter().all(|s| self.is_unserved(s)) {
+                    return Linking::Failed(server, None);
                 }
                 missing = true;
                 continue;
@@ -348,26 +361,36 @@ impl RoundMachine {
         unanswered: &[NodeId],
     ) {
         let (model, rule) = (self.model, self.config.rule);
-        let Some(c) = self
+        let Some((key, c)) = self
             .candidates
-            .values_mut()
-            .find(|c| c.ancestry.asked == Some((round, result, tag)))
+            .iter_mut()
+            .find(|(_, c)| c.ancestry.asked == Some((round, result, tag)))
         else {
             return;
         };
+        let key = *key;
         c.ancestry.asked = None;
         self.dirty = true;
         let asked_from = std::mem::take(&mut c.ancestry.asked_from);
-        // Those asked that served nothing are not asked again (whoever served after them).
-        c.ancestry.refused.extend(
-            unanswered
-                .iter()
-                .filter(|p| asked_from.contains(p))
-                .copied(),
-        );
+        // The candidate's own parent: every signer signed a record on it, so those asked
+        // that served nothing are not asked again (whoever served after them). A link's
+        // parent: only the link's server vouched for it (a liar's link names a parent no
+        // honest signer holds), so if nobody served it, that server alone is refused, with
+        // its links.
+        let oldest_server = c.ancestry.servers.last().copied();
+        if oldest_server.is_none() {
+            c.ancestry.refused.extend(
+                unanswered
+                    .iter()
+                    .filter(|p| asked_from.contains(p))
+                    .copied(),
+            );
+        }
         let Some(d) = digest else {
-            // None of those asked served it: they are not asked again, the others are.
-            c.ancestry.refused.extend(asked_from);
+            match oldest_server {
+                Some(server) => self.refuse_server(key, server),
+                None => c.ancestry.refused.extend(asked_from),
+            }
             return;
         };
         let (r, server) = (&d.payload().record, d.payload().signer);
