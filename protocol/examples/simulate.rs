@@ -12,7 +12,8 @@
 //! see `SimConfig::sybil_floods`), `--sybil-keys` (they also make keys at will; see
 //! `SimConfig::sybil_keys`), `--sybil-records` (they publish ever-heavier records of the tip's
 //! round; see `SimConfig::sybil_records`), `--colluding-history` (they sign one forged history
-//! together; see `SimConfig::colluding_history`), `--key-work BITS` (the network refuses keys with
+//! together; see `SimConfig::colluding_history`), `--lying-signers` (they sign honest tips and
+//! lie when asked for their ancestors; see `SimConfig::lying_signers`), `--key-work BITS` (the network refuses keys with
 //! less work).
 
 use anyhow::{bail, Context, Result};
@@ -46,6 +47,7 @@ fn main() -> Result<()> {
             "--sybil-keys" => cfg.sybil_keys = true,
             "--sybil-records" => cfg.sybil_records = true,
             "--colluding-history" => cfg.colluding_history = true,
+            "--lying-signers" => cfg.lying_signers = true,
             "--key-work" => {
                 let bits = value("--key-work")?;
                 if bits > u64::from(hivemind_protocol::MAX_KEY_WORK) {
@@ -69,8 +71,11 @@ fn main() -> Result<()> {
             println!("  {line}");
         }
         println!("seed {seed}: {report}");
-        if cfg.colluding_history {
-            println!("seed {seed}: {} forged adoptions", report.forged_adoptions);
+        if cfg.colluding_history || cfg.lying_signers {
+            println!(
+                "seed {seed}: {} forged adoptions, {} lies served",
+                report.forged_adoptions, report.lies_served
+            );
         }
         if !report.passed() {
             println!(

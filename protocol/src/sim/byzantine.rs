@@ -50,7 +50,9 @@ impl Sim<'_> {
         };
         // Without sybil floods the draw is the one of old, so seeds replay as before.
         let strategies = if self.cfg.sybil_floods { 8 } else { 6 };
-        let strategy = if self.cfg.colluding_history && self.rng.chance(500) {
+        let strategy = if self.cfg.lying_signers && self.rng.chance(500) {
+            12
+        } else if self.cfg.colluding_history && self.rng.chance(500) {
             11
         } else if self.cfg.sybil_records && self.rng.chance(500) {
             10
@@ -339,6 +341,13 @@ impl Sim<'_> {
                 };
                 self.publish_byzantine_digest(b, record, true);
             }
+            12 => {
+                // An honest tip, signed: the sender is then among the signers nodes ask for
+                // that history's ancestors (and lies to them, see `lying_record`).
+                if let Some(t) = tip {
+                    self.publish_byzantine_digest(b, t, true);
+                }
+            }
             _ => {
                 // The tip with an inflated chain weight: heavier on paper, but its parent
                 // is known, so the weight is checked.
@@ -362,6 +371,32 @@ impl Sim<'_> {
                 return key;
             }
         }
+    }
+
+    /// With `lying_signers`, what a Byzantine sender serves when asked for the record of
+    /// round `round` with result `result`: a variant of the honest one on a made-up parent
+    /// (remembered as forged), or of a forged weight, or nothing, by the result's bytes.
+    pub(super) fn lying_record(&mut self, round: u64, result: Hash) -> Option<RoundRecord> {
+        if !self.cfg.lying_signers {
+            return None;
+        }
+        let honest = self
+            .nodes
+            .iter()
+            .filter(|n| n.honest)
+            .find_map(|n| n.history.get(&round).filter(|r| r.result == result))?;
+        let mut lie = honest.clone();
+        match result.0[1] % 3 {
+            0 => {
+                let parent = Hash::of(&[b"lying parent".as_slice(), &result.0].concat());
+                self.forged_parents.insert(parent);
+                lie.parent = Some(parent);
+            }
+            1 => lie.weight = lie.weight.saturating_add(1),
+            _ => return None,
+        }
+        self.report.lies_served += 1;
+        Some(lie)
     }
 
     fn publish_byzantine_digest(&mut self, b: usize, record: RoundRecord, committed: bool) {

@@ -76,6 +76,14 @@ pub struct SimConfig {
     /// violation. Off by default, measured by `examples/simulate.rs
     /// --colluding-history`.
     pub colluding_history: bool,
+    /// The Byzantine senders sign honest nodes' tips (so they are among the signers of the
+    /// records nodes link), and when asked for a record of such a history they lie: a
+    /// variant of the record asked (its round and result) on a made-up parent, or of a
+    /// forged weight, or nothing. An honest node that commits a record on a made-up parent
+    /// is a violation (`SimReport::forged_adoptions`), as is one that penalises an honest
+    /// node; the run must still converge. Off by default, measured by
+    /// `examples/simulate.rs --lying-signers`.
+    pub lying_signers: bool,
     /// Record every action of this honest node in [`SimReport::trace`] (for replays).
     ///
     /// [`SimReport::trace`]: super::SimReport::trace
@@ -109,6 +117,7 @@ impl Default for SimConfig {
             sybil_keys: false,
             sybil_records: false,
             colluding_history: false,
+            lying_signers: false,
             trace_node: None,
         }
     }

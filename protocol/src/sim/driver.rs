@@ -214,14 +214,18 @@ impl Sim<'_> {
                     from,
                 } => {
                     // From the committed history of the first reachable peer asked that holds
-                    // it, as the digest that peer signed (Byzantine senders keep no history);
-                    // those asked before it served nothing.
+                    // it, as the digest that peer signed (Byzantine senders keep no history,
+                    // but lie with `lying_signers`); those asked before it served nothing.
                     let mut unanswered = Vec::new();
                     let mut holder = None;
                     for nid in &from {
                         let held = self.index.get(nid).copied().and_then(|j| {
                             if !self.reachable(i, j) || !self.nodes[j].up {
                                 return None;
+                            }
+                            if !self.nodes[j].honest {
+                                let lie = self.lying_record(round, result)?;
+                                return (self.nodes[j].id == *nid).then_some((j, lie));
                             }
                             let r = self.nodes[j].history.get(&round)?;
                             (r.result == result).then(|| (j, r.clone()))

@@ -30,8 +30,12 @@ pub struct SimReport {
     /// made at will ([`SimConfig::sybil_keys`](super::SimConfig::sybil_keys)).
     pub sybil_inputs: u64,
     /// Commits by honest nodes of the colluding senders' forged histories
-    /// ([`SimConfig::colluding_history`](super::SimConfig::colluding_history)).
+    /// ([`SimConfig::colluding_history`](super::SimConfig::colluding_history)), or on a
+    /// lying signer's made-up parent.
     pub forged_adoptions: u64,
+    /// Records the lying signers served in answer to record fetches
+    /// ([`SimConfig::lying_signers`](super::SimConfig::lying_signers)).
+    pub lies_served: u64,
     /// The actions of [`SimConfig::trace_node`](super::SimConfig::trace_node), one line each.
     pub trace: Vec<String>,
 }
