@@ -1453,8 +1453,9 @@ fn round_one_alone(k: &NodeKey) -> (RoundMachine, SignedAnnouncement, RoundRecor
 type RecordServer<'a> = dyn Fn(&[NodeId], u64, Hash) -> Option<SignedDigest> + 'a;
 
 /// A stand-in for the driver: answers every fetch in `actions` at `now` (announcements
-/// from `anns`, any blob as available, a record request with what `serve` returns for its
-/// signers asked and its round) and runs every aggregation but those `hold` keeps back,
+/// from `anns`, any blob as available but those in `lost`, which nobody serves, a record
+/// request with what `serve` returns for the signers asked, the round and the result) and
+/// runs every aggregation but those `hold` keeps back,
 /// until nothing new is asked. Returns everything the machine did and the jobs held.
 fn serve_all(
     m: &mut RoundMachine,
@@ -1463,6 +1464,7 @@ fn serve_all(
     anns: &[&SignedAnnouncement],
     serve: &RecordServer<'_>,
     hold: &dyn Fn(&AggregationJob) -> bool,
+    lost: &[Hash],
 ) -> (Vec<Action>, Vec<AggregationJob>) {
     let (mut all, mut held) = (Vec::new(), Vec::new());
     for _ in 0..64 {
@@ -1476,6 +1478,14 @@ fn serve_all(
                     .iter()
                     .find(|a| a.id() == *id)
                     .map(|a| Event::Announcement((*a).clone())),
+                Action::FetchBlob { hash, .. } | Action::FetchRoundAdapter { hash, .. }
+                    if lost.contains(hash) =>
+                {
+                    Some(Event::FetchFailed {
+                        hash: *hash,
+                        reason: FetchFailure::Unavailable,
+                    })
+                }
                 Action::FetchBlob { hash, .. } | Action::FetchRoundAdapter { hash, .. } => {
                     Some(Event::BlobAvailable { hash: *hash })
                 }
@@ -1585,7 +1595,7 @@ fn keys_among_the_signers_cannot_keep_a_node_off_an_honest_history() {
         }
         let mut out = Vec::new();
         for t in (5_000..8_000).step_by(100) {
-            let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false);
+            let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false, &[]);
             out.extend(done);
             todo = a.tick(t + 100);
         }
@@ -1666,7 +1676,7 @@ fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
         todo.extend(m.handle(t, Event::Digest(digest(k, forged.clone(), true, t))));
     }
     for t in (16_600..18_000).step_by(100) {
-        let (done, jobs) = serve_all(&mut m, t, todo, &anns, &serve, &is_tip);
+        let (done, jobs) = serve_all(&mut m, t, todo, &anns, &serve, &is_tip, &[]);
         out.extend(done);
         held.extend(jobs);
         todo = m.tick(t + 100);
@@ -1679,7 +1689,7 @@ fn a_restarted_node_takes_the_history_it_can_check_over_a_coalitions_word() {
     held.dedup();
     assert!(!held.is_empty(), "the honest round was verified");
     let finish: Vec<Action> = held.into_iter().map(Action::Aggregate).collect();
-    let (done, _) = serve_all(&mut m, 18_000, finish, &anns, &serve, &|_| false);
+    let (done, _) = serve_all(&mut m, 18_000, finish, &anns, &serve, &|_| false, &[]);
     out.extend(todo);
     out.extend(done);
     // (Round 2 may be committed as the node's own: it follows the input it fetched to check
@@ -1734,7 +1744,7 @@ fn a_link_to_a_parent_nobody_has_costs_only_its_server() {
     }
     let mut out = Vec::new();
     for t in (5_000..8_000).step_by(100) {
-        let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false);
+        let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false, &[]);
         out.extend(done);
         todo = a.tick(t + 100);
     }
@@ -1792,10 +1802,61 @@ fn a_stalled_record_with_more_signers_does_not_hold_a_new_node_off() {
     let none = |_: &[NodeId], _: u64, _: Hash| None;
     let mut out = Vec::new();
     for t in (1_200..4_000).step_by(100) {
-        let (done, _) = serve_all(&mut m, t, todo, &[&h], &none, &|_| false);
+        let (done, _) = serve_all(&mut m, t, todo, &[&h], &none, &|_| false, &[]);
         out.extend(done);
         todo = m.tick(t + 100);
     }
     assert_eq!(commits(&out), vec![(honest.clone(), None)]);
     assert_eq!(m.tip(), Some(&honest));
+}
+
+/// A key that sorts first among an honest history's signers serves, for its parent, a
+/// variant naming an input of its own that nobody serves. The failed fetch counts against
+/// that key (the link's server) and the input's contributor, not against the candidate's
+/// other signers, so the honest signer is then asked and shows the history, which is
+/// adopted. (Before, the adapter was asked of every signer, all were marked as having
+/// failed to serve, and the honest signer's link then failed at once: the history was
+/// dropped.)
+#[test]
+fn an_input_nobody_serves_in_a_liars_link_costs_the_honest_signers_nothing() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, _) = endorsed_round_one(&ka, &mine);
+    let (kx, ky) = (key(5), key(6));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let b1 = record(1, None, &[&x], 1);
+    let y = ann(&ky, 2, Hash::of(b"y"), Some(b1.result), 2_000);
+    let b2 = record(2, Some(b1.result), &[&y], 2);
+    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
+    keys.sort_by_key(|k| k.node_id());
+    let (liar, honest) = (&keys[0], &keys[9]);
+    let fake = ann(liar, 1, Hash::of(b"an adapter nobody has"), None, 100);
+    let mut variant = record(1, None, &[&fake], 1);
+    variant.result = b1.result;
+    let serve = |from: &[NodeId], round: u64, _: Hash| {
+        assert_eq!(round, 1);
+        from.first().map(|p| {
+            if *p == liar.node_id() {
+                digest(liar, variant.clone(), true, 5_050)
+            } else {
+                digest(honest, b1.clone(), true, 5_050)
+            }
+        })
+    };
+    let mut todo = Vec::new();
+    for k in [liar, honest] {
+        todo.extend(a.handle(5_000, Event::Digest(digest(k, b2.clone(), true, 5_000))));
+    }
+    let anns = [&x, &y, &fake];
+    let lost = [fake.adapter];
+    let mut out = Vec::new();
+    for t in (5_000..9_000).step_by(100) {
+        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &lost);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    // (The node may first commit a round 2 of its own with the input it fetched.)
+    let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
+    assert!(adopted.ends_with(&[b1.clone(), b2.clone()]), "{adopted:?}");
+    assert_eq!(a.tip(), Some(&b2));
 }

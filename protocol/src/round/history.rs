@@ -249,12 +249,12 @@ impl RoundMachine {
                 return fail(Misbehaviour::NamedInvalidAnnouncement { id });
             }
             let Some(ann) = self.ann(&id) else {
-                for s in signers {
-                    self.request_announcement(now, id, (link.round, input.adapter), *s, true, out);
-                }
-                // Asked of nobody: every signer failed to serve what it named lately. The
-                // link's server vouched for an announcement it does not show.
-                if !self.requests.contains_key(&id) && signers.iter().all(|s| self.is_unserved(s)) {
+                // Of the link's server alone: it committed the link, so it holds its inputs
+                // (for 16 rounds), and what it cannot show counts against it, not against
+                // the candidate's other signers.
+                self.request_announcement(now, id, (link.round, input.adapter), server, true, out);
+                if !self.requests.contains_key(&id) && self.is_unserved(&server) {
+                    // It failed to serve what it named lately: not asked, and not waited for.
                     return Linking::Failed(server, None);
                 }
                 missing = true;
@@ -288,8 +288,10 @@ impl RoundMachine {
             if state == Some(BlobState::Held) {
                 continue;
             }
-            let mut srcs = signers.to_vec();
-            srcs.push(*contributor);
+            // From the link's server and the input's contributor only: a fetch that fails
+            // marks its sources unserved, which must not reach the candidate's other signers
+            // for a link a liar served.
+            let srcs = [server, *contributor];
             let before = self.blobs.get(&input.adapter).map(|b| b.sources.len());
             self.want_blob(now, input.adapter, &srcs, out);
             let after = self.blobs.get(&input.adapter).map(|b| b.sources.len());
