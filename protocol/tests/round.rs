@@ -1860,3 +1860,104 @@ fn an_input_nobody_serves_in_a_liars_link_costs_the_honest_signers_nothing() {
     assert!(adopted.ends_with(&[b1.clone(), b2.clone()]), "{adopted:?}");
     assert_eq!(a.tip(), Some(&b2));
 }
+
+/// A key that sorts first among an honest history's signers announces the honest
+/// ancestor's adapters as its own (under two user ids) and serves, for that ancestor, a
+/// variant naming its announcements: the same result, a lighter weight, every check of its
+/// own passed. The honest candidate then disagrees with the variant's weight, but a result
+/// does not fix its record's weight, so nobody is penalised for that: the key that served
+/// the variant is not asked again, the honest signer shows the honest ancestor, and the
+/// history is adopted. (Before, every signer of the honest candidate was penalised for a
+/// wrong weight, the honest one too.)
+#[test]
+fn a_lighter_variant_of_an_ancestor_gets_no_honest_signer_penalised() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, _) = endorsed_round_one(&ka, &mine);
+    let (kx, ky, kz) = (key(5), key(6), key(7));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let y = ann(&ky, 1, Hash::of(b"y"), None, 100);
+    let b1 = record(1, None, &[&x, &y], 2);
+    let z = ann(&kz, 2, Hash::of(b"z"), Some(b1.result), 2_000);
+    let b2 = record(2, Some(b1.result), &[&z], 3);
+    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
+    keys.sort_by_key(|k| k.node_id());
+    let (liar, honest) = (&keys[0], &keys[9]);
+    let stolen = |of: &SignedAnnouncement, user: &str| {
+        let mut a = of.payload().clone();
+        a.contributor = liar.node_id();
+        a.user_id = Some(user.to_string());
+        Signed::sign(a, liar).expect("sign")
+    };
+    let (x2, y2) = (stolen(&x, "u1"), stolen(&y, "u2"));
+    let variant = record(1, None, &[&x2, &y2], 1);
+    assert_eq!(variant.result, b1.result, "the same result");
+    let serve = |from: &[NodeId], round: u64, _: Hash| {
+        assert_eq!(round, 1);
+        from.first().map(|p| {
+            if *p == liar.node_id() {
+                digest(liar, variant.clone(), true, 5_050)
+            } else {
+                digest(honest, b1.clone(), true, 5_050)
+            }
+        })
+    };
+    let mut todo = Vec::new();
+    for k in [liar, honest] {
+        todo.extend(a.handle(5_000, Event::Digest(digest(k, b2.clone(), true, 5_000))));
+    }
+    let anns = [&x, &y, &z, &x2, &y2];
+    let mut out = Vec::new();
+    for t in (5_000..9_000).step_by(100) {
+        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &[]);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    let penalised: Vec<NodeId> = penalties(&out).into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !penalised.contains(&honest.node_id()),
+        "{:?}",
+        penalties(&out)
+    );
+    let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
+    assert!(adopted.ends_with(&[b1.clone(), b2.clone()]), "{adopted:?}");
+    assert_eq!(a.tip(), Some(&b2));
+}
+
+/// Sixteen keys each publish a record far ahead on a parent nobody can show (one signer
+/// each, nothing links to it). A node with company takes no one's word, so it does not
+/// keep them waiting for a quorum: they do not fill the candidate slots, and an honest
+/// heavier record that arrives after them is adopted. (Before, they held all 16 slots for
+/// good, and no switch or catch-up could enter.)
+#[test]
+fn keys_publishing_unlinkable_records_cannot_fill_the_candidate_slots() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    for n in 0..16u8 {
+        let k = key(100 + n);
+        let made_up = Some(Hash::of(&[b"made up".as_slice(), &[n]].concat()));
+        let f = ann(
+            &k,
+            300,
+            Hash::of(&[b"f".as_slice(), &[n]].concat()),
+            made_up,
+            4_600,
+        );
+        let r = record(300, made_up, &[&f], 10_000);
+        a.handle(4_600, Event::Digest(digest(&k, r, true, 4_600)));
+    }
+    // A heavier round 1 (a switch).
+    let (kx, kb) = (key(5), key(2));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let y = ann(&key(6), 1, Hash::of(b"y"), None, 100);
+    let heavier = record(1, None, &[&x, &y], tip.weight + 1);
+    let todo = a.handle(
+        4_800,
+        Event::Digest(digest(&kb, heavier.clone(), true, 4_800)),
+    );
+    let none = |_: &[NodeId], _: u64, _: Hash| None;
+    let (out, _) = serve_all(&mut a, 4_900, todo, &[&x, &y], &none, &|_| false, &[]);
+    let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
+    assert!(adopted.contains(&heavier), "{adopted:?}");
+}

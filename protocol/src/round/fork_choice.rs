@@ -85,6 +85,31 @@ impl RoundMachine {
         (checked.round == below).then_some(checked.weight)
     }
 
+    /// Whether `record`'s parent is a round of our own chain (or genesis for round 1): then
+    /// its weight is ours to know, and a record that claims another was signed falsely.
+    /// (A record of another chain we checked is no such proof: a result does not fix its
+    /// record's weight, since one key can announce others' adapters as its own and serve a
+    /// variant of a record, the same inputs under its own announcements, of another weight.)
+    pub(super) fn parent_on_our_chain(&self, record: &RoundRecord) -> bool {
+        if record.round == 1 {
+            return record.parent.is_none();
+        }
+        self.chain
+            .get(&(record.round - 1))
+            .is_some_and(|(result, _)| record.parent == Some(*result))
+    }
+
+    /// Forgets the checked record of another chain whose result is `result`: a record built
+    /// on it disagreed with its weight (one of the two is a variant).
+    pub(super) fn forget_checked(&mut self, result: Option<Hash>) {
+        if let Some(r) = result {
+            if self.verified.remove(&r).is_some() {
+                self.dirty = true;
+                self.recheck = true;
+            }
+        }
+    }
+
     /// The checked records of other chains between our chain and `from` (whose parent is
     /// one of them, or on our chain), oldest first.
     fn checked_path(&self, from: &RoundRecord) -> Vec<RoundRecord> {
@@ -106,6 +131,14 @@ impl RoundMachine {
 
     /// Remembers `record`, an ancestor whose weight and result were checked.
     pub(super) fn remember_checked(&mut self, record: RoundRecord) {
+        if let Some(known) = self.verified.get(&record.result) {
+            if known.weight != record.weight {
+                // Two checked records of one result and different weights (a variant): the
+                // result is not attached through either; candidates on it walk instead.
+                self.verified.remove(&record.result);
+                return;
+            }
+        }
         self.verified.insert(record.result, record);
         while self.verified.len() > super::MAX_VERIFIED {
             let lowest = self
@@ -183,6 +216,13 @@ impl RoundMachine {
                         // any other keeps its chain (a later digest brings it back).
                         if let Some(c) = self.candidates.get_mut(&key) {
                             c.ancestry.unlinkable = true;
+                        }
+                        // A node that takes no one's word does not keep it waiting for a
+                        // quorum either: keys each publishing such a record would fill the
+                        // candidate slots for good.
+                        if !self.takes_quorums_word(now) {
+                            self.candidates.remove(&key);
+                            continue;
                         }
                         if signer_count < self.config.catch_up_quorum {
                             continue;
@@ -294,6 +334,23 @@ impl RoundMachine {
                 }
             }
             if let Some(why) = failure {
+                if matches!(why, Misbehaviour::WrongWeight { .. })
+                    && !self.parent_on_our_chain(&record)
+                {
+                    // The parent's weight came from another chain's record, which may be a
+                    // variant: nobody is blamed. Its server is not asked again (a linked
+                    // parent), or the checked record is forgotten and the history walked.
+                    let server = self
+                        .candidates
+                        .get(&key)
+                        .filter(|c| c.ancestry.complete())
+                        .and_then(|c| c.ancestry.first_server());
+                    match server {
+                        Some(s) => self.refuse_server(key, s),
+                        None => self.forget_checked(record.parent),
+                    }
+                    continue;
+                }
                 self.candidates.remove(&key);
                 for s in &signers {
                     self.penalise(*s, why.clone(), out);
@@ -480,8 +537,11 @@ impl RoundMachine {
         }
         let nodes = self.contributor_nodes(&c.record.inputs);
         if let Some(why) = nodes.and_then(|n| self.wrong_weight(&c.record, expected, n)) {
-            for s in &c.signers {
-                self.penalise(*s, why.clone(), out);
+            // Blamed only against our own chain's weight (see `parent_on_our_chain`).
+            if self.parent_on_our_chain(&c.record) {
+                for s in &c.signers {
+                    self.penalise(*s, why.clone(), out);
+                }
             }
             return;
         }

@@ -57,6 +57,9 @@ pub(super) struct Ancestry {
     deep: bool,
     /// The walk ended without a link to our chain (see [`Linking::Unlinkable`]).
     pub(super) unlinkable: bool,
+    /// Announcements of the link being checked that were asked of its server: one no
+    /// longer asked (its request ran out of attempts) is one the server does not show.
+    anns_asked: BTreeSet<Hash>,
     /// When the walk began.
     since: Option<u64>,
     /// Links, from the oldest, whose weight and result are checked.
@@ -72,6 +75,11 @@ impl Ancestry {
     /// Every link is checked (and there is at least one).
     pub(super) fn complete(&self) -> bool {
         !self.links.is_empty() && self.checked == self.links.len()
+    }
+
+    /// Who served the newest link (the candidate's parent).
+    pub(super) fn first_server(&self) -> Option<NodeId> {
+        self.servers.first().copied()
     }
 }
 
@@ -231,11 +239,15 @@ impl RoundMachine {
         let idx = n - 1 - a.checked;
         let link = a.links[idx].clone();
         let server = a.servers[idx];
-        let below = if a.checked == 0 {
-            base
+        // What the link must weigh above, and who vouched for that weight: our chain (or
+        // genesis), a record of another chain checked before, or the link below it (and its
+        // server).
+        let (below, below_server) = if a.checked == 0 {
+            (base, None)
         } else {
-            a.links[idx + 1].weight
+            (a.links[idx + 1].weight, Some(a.servers[idx + 1]))
         };
+        let anns_asked = a.anns_asked.clone();
         let pending_job = a.job.clone();
         let fail = |why| Linking::Failed(server, Some(why));
         // Announcements: valid, of this round and adapter, one per contributor.
@@ -252,10 +264,17 @@ impl RoundMachine {
                 // Of the link's server alone: it committed the link, so it holds its inputs
                 // (for 16 rounds), and what it cannot show counts against it, not against
                 // the candidate's other signers.
-                self.request_announcement(now, id, (link.round, input.adapter), server, true, out);
-                if !self.requests.contains_key(&id) && self.is_unserved(&server) {
-                    // It failed to serve what it named lately: not asked, and not waited for.
+                let asked_before = anns_asked.contains(&id) && !self.requests.contains_key(&id);
+                if asked_before || self.is_unserved(&server) {
+                    // Asked of it until its request ran out, or it failed to serve what it
+                    // named lately: not waited for.
                     return Linking::Failed(server, None);
+                }
+                self.request_announcement(now, id, (link.round, input.adapter), server, true, out);
+                if self.requests.contains_key(&id) {
+                    if let Some(c) = self.candidates.get_mut(&key) {
+                        c.ancestry.anns_asked.insert(id);
+                    }
                 }
                 missing = true;
                 continue;
@@ -277,7 +296,21 @@ impl RoundMachine {
         }
         let nodes: BTreeSet<NodeId> = keys.iter().map(|(n, _)| *n).collect();
         if let Some(why) = self.wrong_weight(&link, Some(below), nodes.len() as u64) {
-            return fail(why);
+            // A weight is only proven false against our own chain's, or against a record its
+            // own server signed too. A result does not fix its record's weight (one key can
+            // announce others' adapters as its own and serve a variant of another weight), so
+            // against a record another server showed, or one checked before, the one below is
+            // as suspect as this one: that server is not asked again, or that record is
+            // forgotten, and nobody is penalised.
+            return match below_server {
+                None if self.parent_on_our_chain(&link) => fail(why),
+                None => {
+                    self.forget_checked(link.parent);
+                    Linking::Pending
+                }
+                Some(s) if s == server => fail(why),
+                Some(s) => Linking::Failed(s, None),
+            };
         }
         // Its result: recomputed from its inputs' adapters.
         // An adapter that failed from every source we knew is asked again of any source we
@@ -430,10 +463,12 @@ impl RoundMachine {
         }
         a.asked = None;
         a.asked_from.clear();
+        a.anns_asked.clear();
         a.checked = 0;
         a.job = None;
         a.base = None;
         self.dirty = true;
+        self.recheck = true;
     }
 
     /// [`Event::AggregationFinished`](super::Event::AggregationFinished) for a job that
@@ -467,6 +502,7 @@ impl RoundMachine {
             }
             if link.result == result {
                 a.checked += 1;
+                a.anns_asked.clear();
                 let link = link.clone();
                 self.dirty = true;
                 self.remember_checked(link);

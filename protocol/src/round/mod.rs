@@ -174,6 +174,10 @@ pub struct RoundMachine {
     unserved: BTreeMap<NodeId, (u64, u64)>,
     heartbeat: Heartbeat,
     dirty: bool,
+    /// A candidate's history walk changed in a way that needs another pass at once (a
+    /// signer refused, a checked record forgotten), with no event to come that would
+    /// bring one.
+    recheck: bool,
 }
 
 impl RoundMachine {
@@ -229,6 +233,7 @@ impl RoundMachine {
                 inconsistent: false,
             },
             dirty: true,
+            recheck: false,
         };
         if let Some(t) = tip {
             // Its announcements are not in memory after a restart: its parent's weight is
@@ -438,10 +443,11 @@ impl RoundMachine {
             if self.dirty && !self.candidates.is_empty() {
                 self.progress_candidates(now, out);
             }
+            let again = std::mem::take(&mut self.recheck);
             let committed = self.progress_current(now, out);
             self.dirty = false;
             let tip_after = self.tip.as_ref().map(|t| (t.round, t.result));
-            if !committed && tip_before == tip_after {
+            if !committed && tip_before == tip_after && !again {
                 break;
             }
             self.dirty = true;

@@ -244,6 +244,9 @@ impl Sim<'_> {
                 if t.inputs.len() >= crate::MAX_ROUND_INPUTS {
                     return;
                 }
+                if now.saturating_add(self.cfg.quiet_ms) > self.cfg.duration_ms {
+                    return; // A contribution: none starts in the quiet end (see 11).
+                }
                 let sybil = self.sybil_key();
                 let mut a = base;
                 a.round = t.round;
