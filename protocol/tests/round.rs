@@ -1717,9 +1717,8 @@ fn a_link_to_a_parent_nobody_has_costs_only_its_server() {
     let b2 = record(2, Some(b1.result), &[&y], 2);
     let z = ann(&kz, 3, Hash::of(b"z"), Some(b2.result), 3_000);
     let b3 = record(3, Some(b2.result), &[&z], 3);
-    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
-    keys.sort_by_key(|k| k.node_id());
-    let (liar, honest) = (&keys[0], &keys[9]);
+    let (liar, honest) = liar_and_honest();
+    let (liar, honest) = (&liar, &honest);
     let mut variant = b2.clone();
     variant.parent = Some(Hash::of(b"a parent nobody has"));
     let asked = std::cell::RefCell::new(Vec::new());
@@ -1738,16 +1737,15 @@ fn a_link_to_a_parent_nobody_has_costs_only_its_server() {
             }
         })
     };
-    let mut todo = Vec::new();
-    for k in [liar, honest] {
-        todo.extend(a.handle(5_000, Event::Digest(digest(k, b3.clone(), true, 5_000))));
-    }
-    let mut out = Vec::new();
-    for t in (5_000..8_000).step_by(100) {
-        let (done, _) = serve_all(&mut a, t, todo, &[&x, &y, &z], &serve, &|_| false, &[]);
-        out.extend(done);
-        todo = a.tick(t + 100);
-    }
+    let out = signed_and_walked(
+        &mut a,
+        &b3,
+        [liar, honest],
+        &[&x, &y, &z],
+        &serve,
+        &[],
+        8_000,
+    );
     let asked = asked.into_inner();
     assert!(
         asked
@@ -1827,9 +1825,8 @@ fn an_input_nobody_serves_in_a_liars_link_costs_the_honest_signers_nothing() {
     let b1 = record(1, None, &[&x], 1);
     let y = ann(&ky, 2, Hash::of(b"y"), Some(b1.result), 2_000);
     let b2 = record(2, Some(b1.result), &[&y], 2);
-    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
-    keys.sort_by_key(|k| k.node_id());
-    let (liar, honest) = (&keys[0], &keys[9]);
+    let (liar, honest) = liar_and_honest();
+    let (liar, honest) = (&liar, &honest);
     let fake = ann(liar, 1, Hash::of(b"an adapter nobody has"), None, 100);
     let mut variant = record(1, None, &[&fake], 1);
     variant.result = b1.result;
@@ -1843,18 +1840,9 @@ fn an_input_nobody_serves_in_a_liars_link_costs_the_honest_signers_nothing() {
             }
         })
     };
-    let mut todo = Vec::new();
-    for k in [liar, honest] {
-        todo.extend(a.handle(5_000, Event::Digest(digest(k, b2.clone(), true, 5_000))));
-    }
     let anns = [&x, &y, &fake];
     let lost = [fake.adapter];
-    let mut out = Vec::new();
-    for t in (5_000..9_000).step_by(100) {
-        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &lost);
-        out.extend(done);
-        todo = a.tick(t + 100);
-    }
+    let out = signed_and_walked(&mut a, &b2, [liar, honest], &anns, &serve, &lost, 9_000);
     // (The node may first commit a round 2 of its own with the input it fetched.)
     let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
     assert!(adopted.ends_with(&[b1.clone(), b2.clone()]), "{adopted:?}");
@@ -1880,9 +1868,8 @@ fn a_lighter_variant_of_an_ancestor_gets_no_honest_signer_penalised() {
     let b1 = record(1, None, &[&x, &y], 2);
     let z = ann(&kz, 2, Hash::of(b"z"), Some(b1.result), 2_000);
     let b2 = record(2, Some(b1.result), &[&z], 3);
-    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
-    keys.sort_by_key(|k| k.node_id());
-    let (liar, honest) = (&keys[0], &keys[9]);
+    let (liar, honest) = liar_and_honest();
+    let (liar, honest) = (&liar, &honest);
     let stolen = |of: &SignedAnnouncement, user: &str| {
         let mut a = of.payload().clone();
         a.contributor = liar.node_id();
@@ -1902,17 +1889,8 @@ fn a_lighter_variant_of_an_ancestor_gets_no_honest_signer_penalised() {
             }
         })
     };
-    let mut todo = Vec::new();
-    for k in [liar, honest] {
-        todo.extend(a.handle(5_000, Event::Digest(digest(k, b2.clone(), true, 5_000))));
-    }
     let anns = [&x, &y, &z, &x2, &y2];
-    let mut out = Vec::new();
-    for t in (5_000..9_000).step_by(100) {
-        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &[]);
-        out.extend(done);
-        todo = a.tick(t + 100);
-    }
+    let out = signed_and_walked(&mut a, &b2, [liar, honest], &anns, &serve, &[], 9_000);
     let penalised: Vec<NodeId> = penalties(&out).into_iter().map(|(p, _)| p).collect();
     assert!(
         !penalised.contains(&honest.node_id()),
@@ -1960,4 +1938,37 @@ fn keys_publishing_unlinkable_records_cannot_fill_the_candidate_slots() {
     let (out, _) = serve_all(&mut a, 4_900, todo, &[&x, &y], &none, &|_| false, &[]);
     let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
     assert!(adopted.contains(&heavier), "{adopted:?}");
+}
+
+/// Two keys that sign a history, ordered so that the first (the liar in a test) is asked
+/// before the second (the honest signer).
+fn liar_and_honest() -> (NodeKey, NodeKey) {
+    let mut keys: Vec<NodeKey> = (20..30).map(key).collect();
+    keys.sort_by_key(|k| k.node_id());
+    let honest = keys.swap_remove(9);
+    (keys.swap_remove(0), honest)
+}
+
+/// `signers` publish `record` (committed) to `a` at 5 s, and the machine is driven until
+/// `end` ms with [`serve_all`]: everything it did.
+fn signed_and_walked(
+    a: &mut RoundMachine,
+    record: &RoundRecord,
+    signers: [&NodeKey; 2],
+    anns: &[&SignedAnnouncement],
+    serve: &RecordServer<'_>,
+    lost: &[Hash],
+    end: u64,
+) -> Vec<Action> {
+    let mut todo = Vec::new();
+    for k in signers {
+        todo.extend(a.handle(5_000, Event::Digest(digest(k, record.clone(), true, 5_000))));
+    }
+    let mut out = Vec::new();
+    for t in (5_000..end).step_by(100) {
+        let (done, _) = serve_all(a, t, todo, anns, serve, &|_| false, lost);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    out
 }
