@@ -129,11 +129,18 @@ impl Driver {
                 // of this network's shape, or aggregation could not use it.
                 let st = store.clone();
                 let valid = tokio::task::spawn_blocking(move || {
-                    if kind == Fetch::RoundAdapter {
+                    let valid = if kind == Fetch::RoundAdapter {
                         check_round_adapter_blob(&st, &spec, &hash)
                     } else {
                         check_adapter_blob(&st, &spec, &hash)
+                    };
+                    // What this fetch brought and is no adapter of the network goes (neither
+                    // served nor aggregated); a blob held before stays (the node's own round
+                    // adapter, named as an input by someone's announcement).
+                    if valid.is_err() && !held {
+                        let _ = st.remove_blob(&hash);
                     }
+                    valid
                 })
                 .await
                 .unwrap_or_else(|e| Err(Error::Task(e)));

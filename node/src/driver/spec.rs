@@ -14,7 +14,9 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 
-/// is not (so that it is neither served nor aggregated).
+/// Whether blob `hash` in the store is an adapter of this network ([`NetSpec::parse`]).
+/// A fetch removes one it brought that is not (so that it is neither served nor
+/// aggregated).
 pub fn check_adapter_blob(store: &Store, spec: &NetSpec, hash: &Hash) -> Result<()> {
     check_blob(store, hash, |bytes| spec.parse(bytes, &Limits::DEFAULT))
 }
@@ -34,11 +36,9 @@ fn check_blob(
     let bytes = store.get_blob(hash)?.ok_or_else(|| Error::NotOfNetwork {
         detail: format!("adapter {hash} is not in the store"),
     })?;
-    let parsed = parse(&bytes).map(|_| ());
-    if parsed.is_err() {
-        let _ = store.remove_blob(hash);
-    }
-    parsed
+    // Whether a blob that fails goes is the fetch's to say: one it fetched for this check
+    // goes, one held before (the node's own round adapter, named as an input) stays.
+    parse(&bytes).map(|_| ())
 }
 
 /// How a network turns a round's adapters into its round adapter.
@@ -368,6 +368,37 @@ mod tests {
         // The bound is the F32 payload plus the header allowance, nothing more.
         let payload: usize = adapter.tensors.values().map(|t| t.data.len() * 4).sum();
         assert_eq!(bound, payload as u64 + Limits::DEFAULT.max_header_bytes + 8);
+    }
+
+    /// A round adapter the node holds, named by someone's announcement as an input adapter,
+    /// fails the input check but stays in the store. Before, the check removed whatever
+    /// failed it, so an announcement naming a node's own round adapter (under a rule whose
+    /// round adapters have another rank than inputs) deleted it: chat with it, serving it
+    /// and the next round built on it then failed (issue 13).
+    #[test]
+    fn a_held_round_adapter_checked_as_an_input_stays_in_the_store() {
+        let names = ["q_proj".to_string(), "v_proj".to_string()];
+        let cfg = TinyModel::new(Arch::Llama, 1).unwrap().cfg;
+        let spec = NetSpec {
+            config: AdapterConfig::new(4, 8.0, TargetModules::from_names(names.clone())),
+            shape: cfg.adapter_shape(4, &names).unwrap(),
+            rule: NetRule::ExactMean,
+            dp: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let shape = cfg.adapter_shape(spec.round_rank(), &names).unwrap();
+        let bytes = random_adapter(&shape, 1.0, 1)
+            .unwrap()
+            .to_safetensors_bytes()
+            .unwrap();
+        let hash = store.put_blob(&bytes).unwrap();
+        assert!(check_round_adapter_blob(&store, &spec, &hash).is_ok());
+        assert!(check_adapter_blob(&store, &spec, &hash).is_err());
+        assert!(
+            store.has_blob(&hash).unwrap(),
+            "the check removed a held blob"
+        );
     }
 
     /// A parent round adapter comes from peers: one above the network's round rank, or with
