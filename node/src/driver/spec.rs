@@ -370,13 +370,9 @@ mod tests {
         assert_eq!(bound, payload as u64 + Limits::DEFAULT.max_header_bytes + 8);
     }
 
-    /// A round adapter the node holds, named by someone's announcement as an input adapter,
-    /// fails the input check but stays in the store. Before, the check removed whatever
-    /// failed it, so an announcement naming a node's own round adapter (under a rule whose
-    /// round adapters have another rank than inputs) deleted it: chat with it, serving it
-    /// and the next round built on it then failed (issue 13).
-    #[test]
-    fn a_held_round_adapter_checked_as_an_input_stays_in_the_store() {
+    /// A rank-4 exact-mean network on q_proj and v_proj of a tiny Llama: its model config,
+    /// the module names and the spec (round adapters of another rank than inputs).
+    fn exact_mean_spec() -> (hivemind_model::config::ModelConfig, [String; 2], NetSpec) {
         let names = ["q_proj".to_string(), "v_proj".to_string()];
         let cfg = TinyModel::new(Arch::Llama, 1).unwrap().cfg;
         let spec = NetSpec {
@@ -385,6 +381,17 @@ mod tests {
             rule: NetRule::ExactMean,
             dp: None,
         };
+        (cfg, names, spec)
+    }
+
+    /// A round adapter the node holds, named by someone's announcement as an input adapter,
+    /// fails the input check but stays in the store. Before, the check removed whatever
+    /// failed it, so an announcement naming a node's own round adapter (under a rule whose
+    /// round adapters have another rank than inputs) deleted it: chat with it, serving it
+    /// and the next round built on it then failed (issue 13).
+    #[test]
+    fn a_held_round_adapter_checked_as_an_input_stays_in_the_store() {
+        let (cfg, names, spec) = exact_mean_spec();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let shape = cfg.adapter_shape(spec.round_rank(), &names).unwrap();
@@ -406,14 +413,7 @@ mod tests {
     /// with its own rank and scaling 1.
     #[test]
     fn round_adapters_from_peers_are_checked_against_the_round_rank_and_shapes() {
-        let names = ["q_proj".to_string(), "v_proj".to_string()];
-        let cfg = TinyModel::new(Arch::Llama, 1).unwrap().cfg;
-        let spec = NetSpec {
-            config: AdapterConfig::new(4, 8.0, TargetModules::from_names(names.clone())),
-            shape: cfg.adapter_shape(4, &names).unwrap(),
-            rule: NetRule::ExactMean,
-            dp: None,
-        };
+        let (cfg, names, spec) = exact_mean_spec();
         let bytes_of_rank = |rank: usize| {
             let shape = cfg.adapter_shape(rank, &names).unwrap();
             random_adapter(&shape, rank as f64, 1)
