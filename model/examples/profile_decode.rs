@@ -1,5 +1,5 @@
 //! Where decode time goes: the block matmuls alone versus a whole forward step, for the default
-//! model (or `--model PATH`), one thread. Prints JSON.
+//! model (or a GGUF path as the first argument), on `HIVE_THREADS` threads (default 1). Prints JSON.
 
 use std::time::Instant;
 
@@ -9,7 +9,8 @@ use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions};
 
 fn main() -> Result<()> {
-    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let threads = std::env::var("HIVE_THREADS").unwrap_or_else(|_| "1".into());
+    std::env::set_var("RAYON_NUM_THREADS", &threads);
     let path = match std::env::args().nth(1) {
         Some(p) => p.into(),
         None => hivemind_model::pull::ensure_default_model(&mut |m| eprintln!("{m}"))?,

@@ -11,6 +11,10 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::{self, Format};
 
+/// Up to this many rows of activations go through [`kernels::Pool`] (split by weight rows); more go
+/// to rayon in tiles of 8 rows.
+const SHORT: usize = 32;
+
 /// A `[rows, cols]` weight in a block format with a fast kernel.
 #[derive(Debug)]
 pub struct BlockWeight {
@@ -105,17 +109,13 @@ impl BlockWeight {
         let (n, k) = (self.rows, self.cols);
         let mut y = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
-        if threads <= 1 || m * n * k < (1 << 18) {
+        let pool = kernels::Pool::global();
+        if m == 1 && n * k >= 1 << 16 && pool.threads() > 1 {
+            self.matvec_pooled(pool, x, &mut y);
+        } else if m <= SHORT && m * n * k >= 1 << 18 && pool.threads() > 1 {
+            self.matmul_pooled(pool, x, m, &mut y);
+        } else if threads <= 1 || m * n * k < (1 << 18) {
             kernels::matmul_rows(self.fmt, &self.data, k, x, m, 0..n, &mut y, n);
-        } else if m == 1 {
-            let chunk = n.div_ceil(threads * 4).max(16);
-            y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
-                let r0 = i * chunk;
-                let rows = r0..r0 + ys.len();
-                // Shift the row range so the kernel writes into this chunk at offset 0.
-                let w = &self.data[r0 * self.row_bytes()..rows.end * self.row_bytes()];
-                kernels::matmul_rows(self.fmt, w, k, x, 1, 0..rows.len(), ys, rows.len());
-            });
         } else {
             let tile = 8usize;
             y.par_chunks_mut(tile * n).enumerate().for_each(|(i, ys)| {
@@ -126,6 +126,35 @@ impl BlockWeight {
             });
         }
         y
+    }
+
+    /// `y = x W^T` for a few rows `x` (a short prompt), the weight's rows split over the threads
+    /// of `pool`: each thread multiplies its rows of `W` with every row of `x`.
+    fn matmul_pooled(&self, pool: &kernels::Pool, x: &[f32], m: usize, y: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        let t = pool.threads();
+        let rb = self.row_bytes();
+        let parts: Vec<std::sync::Mutex<Vec<f32>>> =
+            (0..t).map(|_| std::sync::Mutex::new(Vec::new())).collect();
+        pool.run(&|i, t| {
+            let r = kernels::share(n, i, t, 8);
+            let w = &self.data[r.start * rb..r.end * rb];
+            let mut out = vec![0f32; m * r.len()];
+            kernels::matmul_rows(self.fmt, w, k, x, m, 0..r.len(), &mut out, r.len());
+            *parts[i].lock().unwrap_or_else(|e| e.into_inner()) = out;
+        });
+        for (i, part) in parts.into_iter().enumerate() {
+            let r = kernels::share(n, i, t, 8);
+            let out = part.into_inner().unwrap_or_else(|e| e.into_inner());
+            for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(r.len().max(1))) {
+                dst[r.clone()].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// `y = W x` for one row `x`, its rows split over the threads of `pool`.
+    fn matvec_pooled(&self, pool: &kernels::Pool, x: &[f32], y: &mut [f32]) {
+        matvec_many(pool, &[self], x, &mut [y]);
     }
 
     /// `g_x = g_y W` on raw slices: `g_y` is `[m, rows]`, the result `[m, cols]`.
@@ -145,6 +174,49 @@ impl BlockWeight {
         }
         gx
     }
+}
+
+/// Rows `range` of weight `j` of a [`matvec_many`] job, and their part of the output.
+type Piece<'a> = (usize, std::ops::Range<usize>, &'a mut [f32]);
+
+/// `ys[j] = ws[j] x` for weights that read the same row `x` (`cols` values each): one pool job
+/// over all their rows, each thread taking a run of whole rows.
+pub fn matvec_many(pool: &kernels::Pool, ws: &[&BlockWeight], x: &[f32], ys: &mut [&mut [f32]]) {
+    assert!(ws.len() == ys.len());
+    assert!(ws
+        .iter()
+        .zip(ys.iter())
+        .all(|(w, y)| w.cols == x.len() && y.len() == w.rows));
+    let xr = kernels::prepare_row(x);
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let t = pool.threads();
+    // Each thread's rows, as (weight, rows of it, the matching part of its output).
+    let mut parts: Vec<Vec<Piece<'_>>> = (0..t).map(|_| Vec::new()).collect();
+    let mut base = 0;
+    for (j, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+        let mut rest = &mut y[..];
+        for (i, part) in parts.iter_mut().enumerate() {
+            let s = kernels::share(total, i, t, 8);
+            let lo = s.start.clamp(base, base + w.rows) - base;
+            let hi = s.end.clamp(base, base + w.rows) - base;
+            if hi > lo {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
+                part.push((j, lo..hi, mine));
+                rest = tail;
+            }
+        }
+        base += w.rows;
+    }
+    let parts: Vec<std::sync::Mutex<_>> = parts.into_iter().map(std::sync::Mutex::new).collect();
+    pool.run(&|i, _| {
+        let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+        for (j, r, y) in part.iter_mut() {
+            let w = ws[*j];
+            let rb = w.row_bytes();
+            let bytes = &w.data[r.start * rb..r.end * rb];
+            kernels::matvec_rows(w.fmt, bytes, w.cols, &xr, r.len(), y);
+        }
+    });
 }
 
 /// `x W^T` as a candle op.
@@ -225,4 +297,72 @@ impl CustomOp1 for MatMul {
 pub fn matmul_t(w: &Arc<BlockWeight>, x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     Ok(x.apply_op1(MatMulT(w.clone()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `[rows, cols]` Q4_1 weight of pseudo-random blocks.
+    fn weight(rows: usize, cols: usize) -> BlockWeight {
+        let fmt = Format::Q4_1;
+        let mut seed = 7u64;
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / kernels::BLOCK {
+            data.extend_from_slice(&half::f16::from_f32(0.02).to_le_bytes());
+            data.extend_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+            for _ in 4..fmt.block_bytes() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                data.push((seed >> 56) as u8);
+            }
+        }
+        BlockWeight {
+            fmt,
+            rows,
+            cols,
+            data,
+        }
+    }
+
+    #[test]
+    fn a_row_split_over_threads_equals_the_one_thread_product_bit_for_bit() {
+        let (rows, cols) = (1000, 96);
+        let w = weight(rows, cols);
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut one = vec![0f32; rows];
+        kernels::matmul_rows(w.fmt, &w.data, cols, &x, 1, 0..rows, &mut one, rows);
+        for threads in [1, 2, 3, 5] {
+            let pool = kernels::Pool::new(threads);
+            let mut y = vec![f32::NAN; rows];
+            w.matvec_pooled(&pool, &x, &mut y);
+            assert_eq!(y, one, "{threads} threads");
+            // Split between two weights of one job: each part as alone.
+            let (w1, w2) = (weight(rows - 232, cols), weight(232, cols));
+            let (mut y1, mut y2) = (vec![0f32; rows - 232], vec![0f32; 232]);
+            matvec_many(&pool, &[&w1, &w2], &x, &mut [&mut y1, &mut y2]);
+            let (mut a1, mut a2) = (vec![0f32; rows - 232], vec![0f32; 232]);
+            w1.matvec_pooled(&kernels::Pool::new(1), &x, &mut a1);
+            w2.matvec_pooled(&kernels::Pool::new(1), &x, &mut a2);
+            assert_eq!((y1, y2), (a1, a2), "{threads} threads, two weights");
+        }
+        // A short prompt: 5 rows, the weight's rows split over 3 threads.
+        let xs: Vec<f32> = (0..5 * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut want = vec![0f32; 5 * rows];
+        kernels::matmul_rows(w.fmt, &w.data, cols, &xs, 5, 0..rows, &mut want, rows);
+        let mut got = vec![f32::NAN; 5 * rows];
+        w.matmul_pooled(&kernels::Pool::new(3), &xs, 5, &mut got);
+        assert_eq!(got, want);
+        // The dequantized weight times x agrees (the kernels' own reference).
+        let dense = w.dequantize().and_then(|t| Ok(t.to_vec2::<f32>()?));
+        let dense = dense.expect("dequantize");
+        for (r, row) in dense.iter().enumerate() {
+            let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+            assert!(
+                (want - one[r]).abs() <= 1e-3 * (1.0 + want.abs()),
+                "row {r}"
+            );
+        }
+    }
 }

@@ -8,6 +8,9 @@ use super::{Format, BLOCK};
 /// Up to this many rows of `x` share one pass over the weights.
 const TILE: usize = 8;
 
+/// How far ahead of the block in use [`matvec_q`] prefetches its weights, in bytes.
+const PREFETCH: usize = 1024;
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
@@ -148,6 +151,11 @@ unsafe fn matvec_q<const Q8: bool>(
         let (mut m0, mut m1) = (0f32, 0f32);
         let mut b = 0;
         while b + 1 < nb {
+            // The weights stream from memory: ask for them PREFETCH bytes ahead of use.
+            _mm_prefetch(
+                row.wrapping_add(b * bb + PREFETCH) as *const i8,
+                _MM_HINT_T0,
+            );
             let (dot0, d0, o0) = block(row, b);
             let (dot1, d1, o1) = block(row, b + 1);
             acc0 = _mm256_fmadd_ps(

@@ -15,8 +15,10 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod formats;
+mod pool;
 
 pub use formats::{chunk, dequant_block, Chunk, Format, BLOCK};
+pub use pool::{share, Pool};
 
 /// `y[t, r] = sum_k x[t, k] W[r, k]` for `t < m`, `r` in `rows`, with `W` given as `w` (row-major
 /// blocks, `k / 32` blocks per row). `y` holds `m` rows of `y_stride` floats; only columns `rows`
@@ -50,6 +52,39 @@ pub fn matmul_rows(
         }
     }
     matmul_rows_scalar(fmt, w, k, x, m, rows, y, y_stride)
+}
+
+/// One activation row: `y[r] = sum_k x[k] W[r, k]` for `r` in `rows`, with `x` prepared once by
+/// [`prepare_row`] (so threads that split the rows share it). `y` holds the results of `rows`
+/// only (`y[0]` is row `rows.start`): `w` starts at row `rows.start`'s blocks.
+pub fn matvec_rows(fmt: Format, w: &[u8], k: usize, x: &Row, rows: usize, y: &mut [f32]) {
+    match x {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `Row::Int16` is made only when the CPU has AVX2, FMA and F16C
+        // (`prepare_row`); the kernel asserts its slice bounds.
+        Row::Int16(xq) => unsafe { avx2::matvec(fmt, w, k, xq, 0..rows, y) },
+        Row::F32(x) => matmul_rows_scalar(fmt, w, k, x, 1, 0..rows, y, rows),
+    }
+}
+
+/// An activation row in the form [`matvec_rows`] multiplies.
+#[derive(Debug, Clone)]
+pub enum Row {
+    /// 16-bit integers for the SIMD kernels.
+    Int16(X16),
+    /// The f32 values, for the portable kernels.
+    F32(Vec<f32>),
+}
+
+/// Prepares one activation row (length a multiple of 32) for [`matvec_rows`].
+pub fn prepare_row(x: &[f32]) -> Row {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd() {
+            return Row::Int16(quantize_x16(x));
+        }
+    }
+    Row::F32(x.to_vec())
 }
 
 /// Whether this CPU runs the kernels of [`avx2`]: AVX2, FMA and F16C (every AVX2 CPU has the

@@ -48,6 +48,10 @@ pub use rms_norm::{rms_norm_backward, rms_norm_forward};
 pub use rope::{rope_backward, rope_forward, RopeTable};
 pub use silu::{silu_mul_backward, silu_mul_forward};
 
+/// Up to this many values an elementwise or per-row op runs on the calling thread: handing
+/// one token's rows to rayon costs more than the work.
+const SERIAL: usize = 1 << 14;
+
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(ModelError::Training {

@@ -2,23 +2,33 @@
 
 use rayon::prelude::*;
 
+use super::SERIAL;
+
 // RMSNorm
 
 /// `y = x / rms(x) * g` per row of `h` values; `inv[i]` receives `1 / sqrt(mean(x_i^2) + eps)`.
 pub fn rms_norm_forward(x: &[f32], g: &[f32], eps: f32, y: &mut [f32], inv: &mut [f32]) {
     let h = g.len();
     assert!(x.len() == y.len() && x.len() == inv.len() * h);
-    y.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .zip(inv.par_iter_mut())
-        .for_each(|((y, x), inv)| {
-            let ss: f32 = x.iter().map(|v| v * v).sum();
-            let r = 1.0 / (ss / h as f32 + eps).sqrt();
-            *inv = r;
-            for ((y, x), g) in y.iter_mut().zip(x).zip(g) {
-                *y = x * r * g;
-            }
-        });
+    let row = |((y, x), inv): ((&mut [f32], &[f32]), &mut f32)| {
+        let ss: f32 = x.iter().map(|v| v * v).sum();
+        let r = 1.0 / (ss / h as f32 + eps).sqrt();
+        *inv = r;
+        for ((y, x), g) in y.iter_mut().zip(x).zip(g) {
+            *y = x * r * g;
+        }
+    };
+    if x.len() <= SERIAL {
+        y.chunks_mut(h)
+            .zip(x.chunks(h))
+            .zip(inv.iter_mut())
+            .for_each(row);
+    } else {
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .zip(inv.par_iter_mut())
+            .for_each(row);
+    }
 }
 
 /// The input gradient of [`rms_norm_forward`]:

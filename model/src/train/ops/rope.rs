@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::SERIAL;
+
 // RoPE
 
 /// Rotary tables for the "rotate half" form, computed like the decoder's (f32 inverse
@@ -54,21 +56,24 @@ impl RopeTable {
         if row == 0 {
             return;
         }
-        x.par_chunks_mut(row)
-            .zip(pos.par_iter())
-            .for_each(|(x, &p)| {
-                let c = &self.cos[p * half..(p + 1) * half];
-                let s = &self.sin[p * half..(p + 1) * half];
-                for head in x.chunks_exact_mut(head_dim) {
-                    let (lo, hi) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (lo[i], hi[i]);
-                        let sn = if inverse { -s[i] } else { s[i] };
-                        lo[i] = a * c[i] - b * sn;
-                        hi[i] = b * c[i] + a * sn;
-                    }
+        let one = |(x, &p): (&mut [f32], &usize)| {
+            let c = &self.cos[p * half..(p + 1) * half];
+            let s = &self.sin[p * half..(p + 1) * half];
+            for head in x.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    let sn = if inverse { -s[i] } else { s[i] };
+                    lo[i] = a * c[i] - b * sn;
+                    hi[i] = b * c[i] + a * sn;
                 }
-            });
+            }
+        };
+        if x.len() <= SERIAL {
+            x.chunks_mut(row).zip(pos).for_each(one);
+        } else {
+            x.par_chunks_mut(row).zip(pos.par_iter()).for_each(one);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::exp_fast;
+use super::{exp_fast, SERIAL};
 
 // SiLU-gated MLP activation
 
@@ -14,13 +14,18 @@ fn sigmoid(x: f32) -> f32 {
 /// `out = silu(g) * u`.
 pub fn silu_mul_forward(g: &[f32], u: &[f32], out: &mut [f32]) {
     assert!(g.len() == u.len() && g.len() == out.len());
-    out.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(o, (g, u))| {
-            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(*g) * u;
-            }
-        });
+    let chunk = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(*g) * u;
+        }
+    };
+    if out.len() <= SERIAL {
+        chunk((out, (g, u)));
+    } else {
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(chunk);
+    }
 }
 
 /// The backward of [`silu_mul_forward`]: `gg = go u silu'(g)`, `gu = go silu(g)`, with

@@ -8,13 +8,17 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module as _, Tensor};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{Device, Module as _, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::module::Module;
 use crate::qweight::BlockWeight;
+use crate::train::ops::RopeTable;
+
+mod forward;
+
+pub use forward::Cache;
 
 /// A frozen base weight `[out, in]`.
 #[derive(Debug, Clone)]
@@ -68,6 +72,72 @@ impl Weight {
         })
     }
 
+    /// `x W^T` on plain rows: `x` holds `m` rows of `in` values, the result `m` rows of `out`.
+    /// Block formats run HiveMind's kernels (one row is split over [`crate::kernels::Pool`]);
+    /// other formats go through candle.
+    pub fn matmul_t_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = self.dims()?;
+        if x.len() != m * k {
+            return Err(candle_core::Error::Msg(format!(
+                "matmul: {} values are not {m} rows of {k}",
+                x.len()
+            ))
+            .into());
+        }
+        match self {
+            Weight::Blocks(b) => Ok(b.matmul_t_slice(x, m)),
+            Weight::Dense(w) => with_f32(w, |w| {
+                let mut y = vec![0f32; m * n];
+                crate::train::ops::matmul(
+                    &mut y,
+                    n,
+                    crate::train::ops::View::new(x, m, k),
+                    crate::train::ops::View::new(w, n, k).t(),
+                    1.0,
+                    false,
+                    m * n * k >= 1 << 20,
+                );
+                Ok(y)
+            }),
+            Weight::Quant(_) => {
+                let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                Ok(self.matmul_t(&xt)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    /// [`Weight::matmul_t_rows`] of several weights on the same rows `x`. One row through block
+    /// weights is a single [`crate::kernels::Pool`] job for all of them (q, k and v; gate and up),
+    /// so the threads meet once instead of once per weight.
+    pub fn matmul_t_rows_many(ws: &[&Weight], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let pool = crate::kernels::Pool::global();
+        let blocks: Option<Vec<&BlockWeight>> = ws
+            .iter()
+            .map(|w| match w {
+                Weight::Blocks(b) if b.dims().1 == x.len() => Some(&**b),
+                _ => None,
+            })
+            .collect();
+        match blocks {
+            Some(bs)
+                if m == 1
+                    && pool.threads() > 1
+                    && bs.iter().map(|b| b.dims().0).sum::<usize>() * x.len() >= 1 << 16 =>
+            {
+                let mut ys: Vec<Vec<f32>> = bs.iter().map(|b| vec![0f32; b.dims().0]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
+                crate::qweight::matvec_many(pool, &bs, x, &mut outs);
+                Ok(ys)
+            }
+            _ => ws.iter().map(|w| w.matmul_t_rows(x, m)).collect(),
+        }
+    }
+
+    /// Rows `ids` of the weight as plain f32 rows (token embedding lookup).
+    pub fn rows_vec(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.rows(ids)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     /// Rows `ids` of the weight, as dense f32 `[n, in]` (token embedding lookup).
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         Ok(match self {
@@ -110,16 +180,47 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Applies the layer to `x` of shape `[.., in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.weight.matmul_t(x)?;
+    /// Applies the layer to `m` plain rows `x` of `in` values; returns `m` rows of `out`.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let y = self.weight.matmul_t_rows(x, m)?;
+        self.finish(x, m, y)
+    }
+
+    /// [`Linear::forward_rows`] of several layers on the same rows (see
+    /// [`Weight::matmul_t_rows_many`]).
+    pub fn forward_rows_many(ls: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let ws: Vec<&Weight> = ls.iter().map(|l| &l.weight).collect();
+        let ys = Weight::matmul_t_rows_many(&ws, x, m)?;
+        ls.iter().zip(ys).map(|(l, y)| l.finish(x, m, y)).collect()
+    }
+
+    /// Adds the bias and the LoRA term to the base product `y` of the rows `x`.
+    fn finish(&self, x: &[f32], m: usize, mut y: Vec<f32>) -> Result<Vec<f32>> {
+        let out = y.len() / m.max(1);
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            with_f32(b, |b| {
+                for row in y.chunks_exact_mut(out) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+                Ok(())
+            })?;
         }
         if let Some(l) = &self.lora {
-            let down = x.broadcast_matmul(&l.a.t()?)?;
-            let up = down.broadcast_matmul(&l.b.t()?)?;
-            y = (y + (up * l.scale)?)?;
+            use crate::train::ops::{matmul, View};
+            let (r, inp) = l.a.dims2()?;
+            // One token's products are far too small to share out.
+            let parallel = m * r * (inp + out) >= 1 << 20;
+            with_f32(&l.a, |a| {
+                with_f32(&l.b, |b| {
+                    let mut u = vec![0f32; m * r];
+                    let a = View::new(a, r, inp).t();
+                    matmul(&mut u, r, View::new(x, m, inp), a, 1.0, false, parallel);
+                    let b = View::new(b, out, r).t();
+                    let scale = l.scale as f32;
+                    matmul(&mut y, out, View::new(&u, m, r), b, scale, true, parallel);
+                    Ok(())
+                })
+            })?;
         }
         Ok(y)
     }
@@ -189,35 +290,7 @@ pub struct Decoder {
     pub norm: Tensor,
     /// Output head `[vocab, hidden]`; `None` when tied to the embedding.
     pub lm_head: Option<Weight>,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-/// Per-sequence attention state.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<KvCache>,
-    len: usize,
-}
-
-impl Cache {
-    /// Number of positions already processed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first token.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets everything.
-    pub fn reset(&mut self) {
-        for l in &mut self.layers {
-            l.reset();
-        }
-        self.len = 0;
-    }
+    rope: RopeTable,
 }
 
 /// Upper bound of the precomputed RoPE table, whatever the model claims.
@@ -233,18 +306,8 @@ impl Decoder {
         lm_head: Option<Weight>,
     ) -> Result<Self> {
         let positions = cfg.max_seq_len.clamp(1, MAX_ROPE_POSITIONS);
-        let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)) as f32)
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, half), &Device::Cpu)?;
-        let t = Tensor::arange(0u32, positions as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let freqs = t.broadcast_mul(&inv)?;
         Ok(Decoder {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            rope: RopeTable::new(cfg.head_dim, cfg.rope_theta, positions),
             cfg,
             embed,
             layers,
@@ -253,130 +316,34 @@ impl Decoder {
         })
     }
 
-    /// A fresh attention cache.
-    pub fn new_cache(&self) -> Cache {
-        Cache {
-            layers: (0..self.cfg.num_layers)
-                .map(|_| KvCache::new(2, 256))
-                .collect(),
-            len: 0,
-        }
-    }
-
     /// Longest sequence this decoder can process.
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
-    }
-
-    /// Runs `ids` (continuing the sequence in `cache`) and returns the logits of the last position,
-    /// shape `[vocab]`.
-    pub fn forward_last(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
-        let seq = hidden.dim(1)?;
-        let last = hidden.narrow(1, seq - 1, 1)?;
-        let logits = self.head(&last)?;
-        Ok(logits.flatten_all()?)
+        self.rope.positions()
     }
 
     /// Output head: `[.., hidden] -> [.., vocab]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let x = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        match &self.lm_head {
-            Some(w) => w.matmul_t(&x),
-            None => self.embed.matmul_t(&x),
-        }
+        self.head_weight().matmul_t(&x)
     }
 
-    /// Runs `ids` and returns the hidden states before the final norm, `[1, seq, hidden]`.
-    pub fn forward_hidden(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        let seq = ids.len();
-        let pos = cache.len;
-        if pos + seq > self.max_positions() {
-            return Err(crate::ModelError::ContextFull {
-                tokens: pos + seq,
-                max: self.max_positions(),
-            });
-        }
-        let mut x = self.embed.rows(ids)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        let mask = causal_mask(seq, pos)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &cos, &sin, mask.as_ref(), kv)?;
-        }
-        cache.len += seq;
-        Ok(x)
-    }
-
-    fn layer_forward(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut KvCache,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, seq, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let eps = cfg.rms_norm_eps as f32;
-
-        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let q = layer.q_proj.forward(&h)?;
-        let k = layer.k_proj.forward(&h)?;
-        let v = layer.v_proj.forward(&h)?;
-        let q = q.reshape((b, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k
-            .reshape((b, seq, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v
-            .reshape((b, seq, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = kv.append(&k, &v)?;
-        let total = k.dim(2)?;
-
-        // Grouped-query attention without copying K/V: the `rep` query heads that share a kv head
-        // are stacked as extra rows of one matmul.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(m) => att
-                .reshape((b, nkv, rep, seq, total))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, rep * seq, total))?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // [b, nkv, rep*seq, hd]
-        let y = y
-            .reshape((b, nh, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((b, seq, nh * hd))?;
-        let x = (x + layer.o_proj.forward(&y)?)?;
-
-        let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-        let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-        let up = layer.up_proj.forward(&h)?;
-        let down = layer.down_proj.forward(&(gate * up)?)?;
-        Ok((x + down)?)
+    /// The output head's weight (the embedding when they are tied).
+    pub fn head_weight(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }
 
-/// `[seq, pos + seq]` additive mask: 0 where query `i` may see key `j`, -inf after it.
-fn causal_mask(seq: usize, pos: usize) -> Result<Option<Tensor>> {
-    if seq == 1 {
-        return Ok(None);
-    }
-    let total = pos + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (seq, total), &Device::Cpu)?))
+/// Runs `f` on the values of an f32 tensor on the CPU, without copying them when it is
+/// contiguous.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("HiveMind runs models on the CPU only".into()).into());
+    };
+    let all = cpu.as_slice::<f32>()?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("tensor is not contiguous".into()))?;
+    f(&all[a..b])
 }
