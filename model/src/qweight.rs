@@ -339,13 +339,19 @@ mod tests {
             w.matvec_pooled(&pool, &x, &mut y);
             assert_eq!(y, one, "{threads} threads");
             // Split between two weights of one job: each part as alone.
-            let (w1, w2) = (weight(rows - 232, cols), weight(232, cols));
-            let (mut y1, mut y2) = (vec![0f32; rows - 232], vec![0f32; 232]);
-            matvec_many(&pool, &[&w1, &w2], &x, &mut [&mut y1, &mut y2]);
-            let (mut a1, mut a2) = (vec![0f32; rows - 232], vec![0f32; 232]);
-            w1.matvec_pooled(&kernels::Pool::new(1), &x, &mut a1);
-            w2.matvec_pooled(&kernels::Pool::new(1), &x, &mut a2);
-            assert_eq!((y1, y2), (a1, a2), "{threads} threads, two weights");
+            // Split between weights of one job (one boundary not a multiple of 8 rows): each
+            // part as alone.
+            let sizes = [rows - 235, 232, 3];
+            let ws: Vec<BlockWeight> = sizes.iter().map(|&n| weight(n, cols)).collect();
+            let mut ys: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
+            let refs: Vec<&BlockWeight> = ws.iter().collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
+            matvec_many(&pool, &refs, &x, &mut outs);
+            for (w, y) in ws.iter().zip(&ys) {
+                let mut alone = vec![0f32; w.rows];
+                w.matvec_pooled(&kernels::Pool::new(1), &x, &mut alone);
+                assert_eq!(y, &alone, "{threads} threads, three weights");
+            }
         }
         // A short prompt: 5 rows, the weight's rows split over 3 threads.
         let xs: Vec<f32> = (0..5 * cols).map(|i| (i as f32 * 0.11).cos()).collect();

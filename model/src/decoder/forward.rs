@@ -112,7 +112,16 @@ impl Decoder {
         let mut x = self.embed.rows_vec(ids)?;
         let positions: Vec<usize> = (pos..pos + seq).collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(layer, &mut x, &positions, &mut cache.k[l], &mut cache.v[l])?;
+            let done =
+                self.layer_forward(layer, &mut x, &positions, &mut cache.k[l], &mut cache.v[l]);
+            if let Err(e) = done {
+                // Keep the cache as it was: layers before `l` already appended these positions.
+                let row = self.cfg.num_kv_heads * self.cfg.head_dim;
+                for c in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+                    c.truncate(pos * row);
+                }
+                return Err(e);
+            }
         }
         cache.len += seq;
         Ok(x)

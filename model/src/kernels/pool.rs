@@ -11,7 +11,7 @@
 //! One job runs at a time; [`Pool::run`] from a second thread waits for the first. Thread `0` of
 //! every job is the caller itself.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -110,12 +110,21 @@ impl Pool {
     /// Runs `f(i, n)` on every thread `i < n` of the pool (the caller is thread 0) and returns
     /// when all have finished. A panic in a worker's share aborts the process (it cannot be
     /// handed back to the caller).
+    ///
+    /// # Panics
+    /// When called from inside a job of a pool (which would otherwise deadlock).
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
         if self.threads == 1 {
             f(0, 1);
             return;
         }
+        assert!(
+            !IN_JOB.with(Cell::get),
+            "Pool::run called from inside a pool job"
+        );
         let _one = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        IN_JOB.with(|c| c.set(true));
+        let _reset = ResetInJob;
         let s = &*self.shared;
         // SAFETY: the lifetime is erased only while this call waits for every worker to finish
         // with the job (below), so no worker uses `f` after it is gone; see `Shared`.
@@ -165,7 +174,22 @@ fn pause(spins: &mut u32) {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs its share of a job (for the whole life of a worker).
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears [`IN_JOB`] when the caller's `run` ends, however it ends.
+struct ResetInJob;
+
+impl Drop for ResetInJob {
+    fn drop(&mut self) {
+        IN_JOB.with(|c| c.set(false));
+    }
+}
+
 fn worker(s: &Shared, index: usize, threads: usize) {
+    IN_JOB.with(|c| c.set(true));
     let mut seen = 0usize;
     loop {
         // Wait for a new epoch: spin, then park.
@@ -265,6 +289,25 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 2 * 200 * 2);
+    }
+
+    #[test]
+    fn a_job_that_starts_another_panics_instead_of_deadlocking() {
+        let pool = Pool::new(2);
+        let nested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(&|i, _| {
+                if i == 0 {
+                    pool.run(&|_, _| {});
+                }
+            })
+        }));
+        assert!(nested.is_err());
+        // The pool still works, and the caller may start jobs again.
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
     }
 
     #[test]
