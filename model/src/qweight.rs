@@ -110,7 +110,7 @@ impl BlockWeight {
         let mut y = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
         let pool = kernels::Pool::global();
-        if m == 1 && n * k >= 1 << 16 && pool.threads() > 1 {
+        if m == 1 && pools_a_row(pool, n, k) {
             self.matvec_pooled(pool, x, &mut y);
         } else if m <= SHORT && m * n * k >= 1 << 18 && pool.threads() > 1 {
             self.matmul_pooled(pool, x, m, &mut y);
@@ -173,6 +173,28 @@ impl BlockWeight {
             }
         }
         gx
+    }
+}
+
+/// Whether one activation row through weights of `rows` rows in all, `cols` columns, goes through
+/// `pool` (smaller products cost less than the threads' meeting).
+fn pools_a_row(pool: &kernels::Pool, rows: usize, cols: usize) -> bool {
+    pool.threads() > 1 && rows * cols >= 1 << 16
+}
+
+/// `x W_j^T` for several weights that read the same rows `x`: one row is a single
+/// [`kernels::Pool`] job for all of them (q, k and v; gate and up), so the threads meet once
+/// instead of once per weight; otherwise each weight's [`BlockWeight::matmul_t_slice`].
+pub fn matmul_t_many(ws: &[&BlockWeight], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let pool = kernels::Pool::global();
+    let rows = ws.iter().map(|w| w.rows).sum();
+    if m == 1 && pools_a_row(pool, rows, x.len()) {
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
+        matvec_many(pool, ws, x, &mut outs);
+        ys
+    } else {
+        ws.iter().map(|w| w.matmul_t_slice(x, m)).collect()
     }
 }
 
@@ -338,7 +360,6 @@ mod tests {
             let mut y = vec![f32::NAN; rows];
             w.matvec_pooled(&pool, &x, &mut y);
             assert_eq!(y, one, "{threads} threads");
-            // Split between two weights of one job: each part as alone.
             // Split between weights of one job (one boundary not a multiple of 8 rows): each
             // part as alone.
             let sizes = [rows - 235, 232, 3];

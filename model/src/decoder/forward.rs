@@ -19,7 +19,9 @@ use candle_core::{Device, Tensor};
 
 use super::{with_f32, Decoder, Layer, Linear};
 use crate::error::{ModelError, Result};
-use crate::train::ops::{matmul, rms_norm_forward, rope_forward, silu_mul_forward, View};
+use crate::train::ops::{
+    add_into, causal_softmax, matmul, rms_norm_forward, rope_forward, silu_mul_forward, View,
+};
 
 /// Per-sequence attention state: every processed position's keys and values, per layer.
 #[derive(Debug, Clone)]
@@ -184,9 +186,6 @@ impl Decoder {
         // One head: scores of every query row against the keys it may see, softmax, values.
         let head = |hi: usize, out: &mut [f32]| {
             let kv = hi / rep;
-            let qh = View::strided(&q[hi * hd..], seq, hd, qs);
-            let kh = View::strided(&kc[kv * hd..], total, hd, ks);
-            let vh = View::strided(&vc[kv * hd..], total, hd, ks);
             let mut s = vec![0f32; seq * total];
             if seq == 1 {
                 // One query: plain dot products (a gemm call costs more than this work).
@@ -196,23 +195,11 @@ impl Decoder {
                     *sj = dot(qrow, krow) * scale;
                 }
             } else {
+                let qh = View::strided(&q[hi * hd..], seq, hd, qs);
+                let kh = View::strided(&kc[kv * hd..], total, hd, ks);
                 matmul(&mut s, total, qh, kh.t(), scale, false, false);
             }
-            for (i, row) in s.chunks_exact_mut(total).enumerate() {
-                let seen = pos + i + 1;
-                let m = row[..seen]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0f32;
-                for v in &mut row[..seen] {
-                    *v = (*v - m).exp();
-                    z += *v;
-                }
-                let inv = 1.0 / z;
-                row[..seen].iter_mut().for_each(|v| *v *= inv);
-                row[seen..].fill(0.0);
-            }
+            causal_softmax(&mut s, total, pos, &mut vec![0f32; seq]);
             if seq == 1 {
                 out.fill(0.0);
                 for (j, &p) in s.iter().enumerate() {
@@ -220,6 +207,7 @@ impl Decoder {
                     out.iter_mut().zip(vrow).for_each(|(o, v)| *o += p * v);
                 }
             } else {
+                let vh = View::strided(&vc[kv * hd..], total, hd, ks);
                 matmul(out, hd, View::new(&s, seq, total), vh, 1.0, false, false);
             }
         };
@@ -263,8 +251,4 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }

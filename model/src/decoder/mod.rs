@@ -106,30 +106,19 @@ impl Weight {
         }
     }
 
-    /// [`Weight::matmul_t_rows`] of several weights on the same rows `x`. One row through block
-    /// weights is a single [`crate::kernels::Pool`] job for all of them (q, k and v; gate and up),
-    /// so the threads meet once instead of once per weight.
+    /// [`Weight::matmul_t_rows`] of several weights on the same rows `x`: block weights go
+    /// together through [`crate::qweight::matmul_t_many`] (one pool job for one row).
     pub fn matmul_t_rows_many(ws: &[&Weight], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
-        let pool = crate::kernels::Pool::global();
         let blocks: Option<Vec<&BlockWeight>> = ws
             .iter()
             .map(|w| match w {
-                Weight::Blocks(b) if b.dims().1 == x.len() => Some(&**b),
+                Weight::Blocks(b) if b.dims().1 * m == x.len() => Some(&**b),
                 _ => None,
             })
             .collect();
         match blocks {
-            Some(bs)
-                if m == 1
-                    && pool.threads() > 1
-                    && bs.iter().map(|b| b.dims().0).sum::<usize>() * x.len() >= 1 << 16 =>
-            {
-                let mut ys: Vec<Vec<f32>> = bs.iter().map(|b| vec![0f32; b.dims().0]).collect();
-                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
-                crate::qweight::matvec_many(pool, &bs, x, &mut outs);
-                Ok(ys)
-            }
-            _ => ws.iter().map(|w| w.matmul_t_rows(x, m)).collect(),
+            Some(bs) => Ok(crate::qweight::matmul_t_many(&bs, x, m)),
+            None => ws.iter().map(|w| w.matmul_t_rows(x, m)).collect(),
         }
     }
 

@@ -44,20 +44,25 @@ impl AttnShape {
     }
 }
 
-/// Causal softmax probabilities of one head of one sequence from its scores `s` (`[len, len]`, in
-/// place): row `i` covers keys `0..=i`. Returns the row log-sum-exps.
-fn causal_softmax(s: &mut [f32], len: usize, lse: &mut [f32]) {
-    for i in 0..len {
-        let row = &mut s[i * len..(i + 1) * len];
-        let m = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+/// Causal softmax probabilities of one head from its scores `s` (`[lse.len(), cols]`, in place):
+/// row `i` is the query at position `pos + i` and covers keys `0..=pos + i` (training passes
+/// `pos = 0` and a square `s`; inference, the positions already cached). Writes the row
+/// log-sum-exps into `lse`.
+pub fn causal_softmax(s: &mut [f32], cols: usize, pos: usize, lse: &mut [f32]) {
+    for (i, row) in s.chunks_exact_mut(cols).take(lse.len()).enumerate() {
+        let seen = pos + i + 1;
+        let m = row[..seen]
+            .iter()
+            .cloned()
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut z = 0f32;
-        for v in &mut row[..=i] {
+        for v in &mut row[..seen] {
             *v = exp_fast(*v - m);
             z += *v;
         }
         let inv = 1.0 / z;
-        row[..=i].iter_mut().for_each(|v| *v *= inv);
-        row[i + 1..].fill(0.0);
+        row[..seen].iter_mut().for_each(|v| *v *= inv);
+        row[seen..].fill(0.0);
         lse[i] = m + z.ln();
     }
 }
@@ -98,7 +103,7 @@ pub fn attention_forward(
             let mut s = vec![0f32; len * len];
             matmul(&mut s, len, qh, kh.t(), scale, false, false);
             let mut l = vec![0f32; len];
-            causal_softmax(&mut s, len, &mut l);
+            causal_softmax(&mut s, len, 0, &mut l);
             let mut o = vec![0f32; len * hd];
             matmul(&mut o, hd, View::new(&s, len, len), vh, 1.0, false, false);
             (o, l)

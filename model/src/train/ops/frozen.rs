@@ -5,33 +5,15 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use candle_core::quantized::{QStorage, QTensor};
-use candle_core::{Device, Storage, Tensor};
+use candle_core::Device;
 use rayon::prelude::*;
 
 use super::{check_len, matmul, View};
-use crate::decoder::Weight;
+use crate::decoder::{with_f32, Weight};
 use crate::error::{ModelError, Result};
 use crate::kernels::{self, Format, BLOCK};
 
 // Frozen base weights
-
-/// Runs `f` on the values of a dense f32 tensor without copying them.
-fn with_dense<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(ModelError::Training {
-            reason: "training runs on the CPU only".into(),
-        });
-    };
-    let all = cpu.as_slice::<f32>()?;
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| ModelError::Training {
-            reason: "dense weight is not contiguous".into(),
-        })?;
-    f(&all[a..b])
-}
 
 /// Rows `rows` of a frozen weight as dense f32 into `out` (`rows.len() * in` values). Block
 /// formats with a HiveMind kernel dequantize exactly as [`Weight::dequantize`] does; other GGUF
@@ -57,7 +39,7 @@ pub fn dequantize_rows(w: &Weight, rows: Range<usize>, out: &mut [f32]) -> Resul
                 .zip(bytes.par_chunks(per_task * rb.max(1)))
                 .for_each(|(o, b)| dequant_blocks(fmt, b, o));
         }
-        Weight::Dense(t) => with_dense(t, |s| {
+        Weight::Dense(t) => with_f32(t, |s| {
             out.copy_from_slice(&s[rows.start * k..rows.end * k]);
             Ok(())
         })?,
@@ -84,7 +66,7 @@ pub fn dequantize_rows(w: &Weight, rows: Range<usize>, out: &mut [f32]) -> Resul
             };
             let st = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, q.dtype())?;
             let t = QTensor::new(st, (rows.len(), k))?.dequantize(&Device::Cpu)?;
-            with_dense(&t, |s| {
+            with_f32(&t, |s| {
                 out.copy_from_slice(s);
                 Ok(())
             })?;
@@ -180,7 +162,7 @@ fn with_panel<R>(
     f: impl FnOnce(&[f32]) -> Result<R>,
 ) -> Result<R> {
     match w {
-        Weight::Dense(t) => with_dense(t, f),
+        Weight::Dense(t) => with_f32(t, f),
         _ => {
             let (n, k) = w.dims()?;
             if scratch.len() < n * k {

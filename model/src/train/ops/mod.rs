@@ -38,7 +38,7 @@ mod rms_norm;
 mod rope;
 mod silu;
 
-pub use attention::{attention_backward, attention_forward, AttnShape};
+pub use attention::{attention_backward, attention_forward, causal_softmax, AttnShape};
 pub use cross_entropy::{ce_chunk_rows, cross_entropy_fused, exp_fast, CeScratch};
 pub use dropout::{mix_seed, DropoutMask};
 pub use frozen::{dequant_blocks, dequantize_rows, frozen_backward, frozen_forward};
@@ -51,6 +51,19 @@ pub use silu::{silu_mul_backward, silu_mul_forward};
 /// Up to this many values an elementwise or per-row op runs on the calling thread: handing
 /// one token's rows to rayon costs more than the work.
 const SERIAL: usize = 1 << 14;
+
+/// `dst += src`, elementwise.
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    let chunk = |(d, s): (&mut [f32], &[f32])| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    if dst.len() <= SERIAL {
+        chunk((dst, src));
+    } else {
+        dst.par_chunks_mut(8192)
+            .zip(src.par_chunks(8192))
+            .for_each(chunk);
+    }
+}
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {

@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::module::Module;
 use crate::train::ops::{self, AttnShape};
 
-use super::pass::{add_into, resize, tensor_vec, Pass};
+use super::pass::{resize, tensor_vec, Pass};
 use super::{BatchLoss, LayerParams, Packed, Trainer};
 
 impl Trainer<'_> {
@@ -102,7 +102,7 @@ impl Trainer<'_> {
                 &mut work.xd,
                 &mut work.panel,
             )?;
-            add_into(&mut x, &work.tmp);
+            ops::add_into(&mut x, &work.tmp);
             s.x_mid.clear();
             s.x_mid.extend_from_slice(&x);
             resize(&mut s.inv2, t);
@@ -145,7 +145,7 @@ impl Trainer<'_> {
                 &mut work.xd,
                 &mut work.panel,
             )?;
-            add_into(&mut x, &work.tmp);
+            ops::add_into(&mut x, &work.tmp);
         }
         work.x_final = x;
         Ok(())

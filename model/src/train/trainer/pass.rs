@@ -16,12 +16,6 @@ pub(super) fn tensor_vec(t: &candle_core::Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-pub(super) fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.par_chunks_mut(8192)
-        .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
-}
-
 /// `v[..n]`, growing `v` if needed: a buffer shared by several sizes is zeroed only when it grows.
 pub(super) fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
@@ -117,7 +111,7 @@ impl Pass<'_> {
                 let gu = grow(&mut w.gu, self.t * f.dims.r);
                 let glx = grow(&mut w.glx, self.t * inp);
                 ops::lora_input_grad(f.dims, gy, self.t, &f.a, &f.b, gu, glx);
-                add_into(gx, glx);
+                ops::add_into(gx, glx);
             }
         }
         if let Some(s) = slot {
@@ -136,7 +130,7 @@ impl Pass<'_> {
             if need_gx {
                 match mask {
                     Some(mk) => mk.apply_add(glx, gx),
-                    None => add_into(gx, glx),
+                    None => ops::add_into(gx, glx),
                 }
             }
         }
