@@ -1,6 +1,6 @@
-//! Frozen-weight products in the block formats HiveMind has kernels for (Q4_0, Q4_1, Q5_0, Q8_0),
-//! HiveMind's kernels against candle's `QMatMul` on the same weights, interleaved in one run; and
-//! the K-quants (Q4_K, Q5_K, Q6_K), which `Weight::from_qtensor` leaves to candle, for scale. One
+//! Frozen-weight products in the block formats HiveMind has kernels for (Q4_0, Q4_1, Q5_0, Q8_0,
+//! and the K-quants Q4_K, Q5_K, Q6_K), HiveMind's kernels against candle's `QMatMul` on the same
+//! weights, interleaved in one run. One
 //! 7B feed-forward shape by default (18944 x 3584, larger than the caches), one row (decode) and
 //! 16 rows (prefill). Prints JSON.
 //!

@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Arch, ModelConfig};
 use crate::decoder::{Decoder, Layer, Linear, Weight};
 use crate::error::{ModelError, Result};
+use crate::kernels::Format;
 use crate::module::Module;
+use crate::qweight::{BlockWeight, Data};
 use crate::tokenizer::Tokenizer;
 use crate::Hash;
 
@@ -179,38 +181,70 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
     let tokenizer = Tokenizer::from_gguf(&content)?;
     let chat_template = metadata_string(&content.metadata, "tokenizer.chat_template");
 
-    // Tensors are read from the page cache in place (one copy, into candle's blocks) and layers
-    // in parallel: a 7B file loads about twice as fast as through `read` (a zeroed buffer, a
-    // copy into it, a copy out of it) one tensor after the other. The map is dropped before
-    // the weights are repacked, so it does not add to the peak.
+    // The file is memory-mapped and the weights in formats with a HiveMind kernel (all of the
+    // default model's and of Q4_K_M files) are multiplied in place from the map: nothing is
+    // copied, so loading costs the page cache's reads and the process holds the file once (its
+    // pages count towards RSS as they are touched). `populate` reads it all at load rather than
+    // in the first token's page faults. Only tensors in other formats, and llama-family q/k rows
+    // (un-permuted below), are copied.
     // SAFETY: the file is opened read-only and only read through the map. Another process
-    // truncating or rewriting it while it loads would be undefined behaviour, as with every
-    // memory-mapped model loader (llama.cpp's, candle's safetensors); a model file is not
-    // written while nodes load it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let tensor = |name: &str| -> Result<QTensor> {
-        let info = content
+    // truncating or rewriting it while the model is loaded would be undefined behaviour, as with
+    // every memory-mapped model loader (llama.cpp's, candle's safetensors); a model file is not
+    // written while nodes use it.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        .map_err(|e| ModelError::io(path, e))?;
+    let map = std::sync::Arc::new(map);
+    let info = |name: &str| -> Result<&gguf_file::TensorInfo> {
+        content
             .tensor_infos
             .get(name)
-            .ok_or_else(|| ModelError::bad(path, format!("missing tensor {name}")))?;
-        let bytes = tensor_bytes(&content, info, &map)
-            .map_err(|reason| ModelError::bad(path, format!("tensor {name}: {reason}")))?;
+            .ok_or_else(|| ModelError::bad(path, format!("missing tensor {name}")))
+    };
+    let range = |name: &str| -> Result<std::ops::Range<usize>> {
+        tensor_range(&content, info(name)?, map.len())
+            .map_err(|reason| ModelError::bad(path, format!("tensor {name}: {reason}")))
+    };
+    let tensor = |name: &str| -> Result<QTensor> {
+        let info = info(name)?;
         qtensor_from_ggml(
             info.ggml_dtype,
-            bytes,
+            &map[range(name)?],
             info.shape.dims().to_vec(),
             &Device::Cpu,
         )
         .map_err(|e| ModelError::bad(path, format!("tensor {name}: {e}")))
     };
     let dense = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
-    let weight = Weight::from_qtensor;
+    // A matrix, in place where its format has a kernel; q/k rows of llama-family files
+    // un-permuted (`heads`).
+    let weight = |name: &str, heads: Option<usize>| -> Result<Weight> {
+        let i = info(name)?;
+        let dims = i.shape.dims();
+        if let (Some(fmt), [rows, cols]) = (Format::of(i.ggml_dtype), dims) {
+            let r = range(name)?;
+            let data = match heads {
+                Some(h) => Data::Owned(unpermute_bytes(path, &map[r], *rows, h)?),
+                None => Data::Mapped {
+                    map: map.clone(),
+                    range: r,
+                },
+            };
+            if let Some(b) = BlockWeight::new(fmt, *rows, *cols, data) {
+                return Ok(Weight::Blocks(std::sync::Arc::new(b)));
+            }
+        }
+        let mut q = tensor(name)?;
+        if let Some(h) = heads {
+            q = unpermute_rows(path, q, h)?;
+        }
+        Weight::from_qtensor(q)
+    };
 
-    let embed = weight(tensor("token_embd.weight")?)?;
+    let embed = weight("token_embd.weight", None)?;
     let norm = dense(tensor("output_norm.weight")?)?;
     let lm_head = if content.tensor_infos.contains_key("output.weight") {
         cfg.tie_word_embeddings = false;
-        Some(weight(tensor("output.weight")?)?)
+        Some(weight("output.weight", None)?)
     } else {
         None
     };
@@ -221,10 +255,7 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
     };
     let layer = |i: usize| -> Result<Layer> {
         let lin = |short: &str, heads_for_unpermute: Option<usize>| -> Result<Linear> {
-            let mut q = tensor(&format!("blk.{i}.{short}.weight"))?;
-            if let Some(heads) = heads_for_unpermute {
-                q = unpermute_rows(path, q, heads)?;
-            }
+            let w = weight(&format!("blk.{i}.{short}.weight"), heads_for_unpermute)?;
             let bias_name = format!("blk.{i}.{short}.bias");
             let bias = if content.tensor_infos.contains_key(&bias_name) {
                 Some(dense(tensor(&bias_name)?)?)
@@ -232,7 +263,7 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
                 None
             };
             Ok(Linear {
-                weight: weight(q)?,
+                weight: w,
                 bias,
                 lora: None,
             })
@@ -256,7 +287,6 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
             .map(layer)
             .collect::<Result<_>>()?
     };
-    drop(map);
     check_shapes(path, &cfg, &embed, &layers)?;
     prepack(&layers, lm_head.as_ref())?;
     let eos_ids = eos_ids(
@@ -297,9 +327,8 @@ fn eos_ids(tok: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
     ids
 }
 
-/// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
-/// Has candle repack, now, the weights it multiplies with its own kernels (the K-quants and other
-/// formats without a HiveMind kernel). candle tiles such a weight for its many-row kernels the
+/// Has candle repack, now, the weights it multiplies with its own kernels (formats without a
+/// HiveMind kernel, such as Q2_K and Q3_K). candle tiles such a weight for its many-row kernels the
 /// first time it multiplies several rows, and keeps that copy; done in the first prompt, that
 /// made a 7B Q4_K_M prompt 7x slower than the same prompt afterwards. Done here, in parallel
 /// across weights, it costs load time instead, as llama.cpp's own repacking at load does. Weights
@@ -331,12 +360,12 @@ fn prepack(layers: &[Layer], lm_head: Option<&Weight>) -> Result<()> {
     })
 }
 
-/// The bytes of one tensor in the mapped file, checked against the file's length.
-fn tensor_bytes<'a>(
+/// Where one tensor's bytes lie in a file of `file_len` bytes, checked against its length.
+fn tensor_range(
     content: &gguf_file::Content,
     info: &gguf_file::TensorInfo,
-    map: &'a [u8],
-) -> std::result::Result<&'a [u8], String> {
+    file_len: usize,
+) -> std::result::Result<std::ops::Range<usize>, String> {
     let elems = info.shape.elem_count();
     let block = info.ggml_dtype.block_size();
     if block == 0 || !elems.is_multiple_of(block) {
@@ -352,27 +381,23 @@ fn tensor_bytes<'a>(
         .checked_add(info.offset)
         .and_then(|s| usize::try_from(s).ok())
         .ok_or("its offset overflows")?;
-    start
-        .checked_add(len)
-        .and_then(|end| map.get(start..end))
-        .ok_or_else(|| {
-            format!(
-                "{len} bytes at offset {start} run past the end of the file ({} bytes): truncated?",
-                map.len()
-            )
-        })
+    match start.checked_add(len) {
+        Some(end) if end <= file_len => Ok(start..end),
+        _ => Err(format!(
+            "{len} bytes at offset {start} run past the end of the file ({file_len} bytes): truncated?"
+        )),
+    }
 }
 
-fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
-    let (rows, cols) = q.shape().dims2()?;
-    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
+/// Undoes llama.cpp's q/k row permutation on the bytes of a `rows`-row weight (whole rows of
+/// blocks): GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
+fn unpermute_bytes(path: &Path, data: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>> {
+    if heads == 0 || rows == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::bad(
             path,
-            format!("cannot un-permute a [{rows}, {cols}] q/k weight over {heads} heads"),
+            format!("cannot un-permute a {rows}-row q/k weight over {heads} heads"),
         ));
     }
-    let dtype = q.dtype();
-    let data = q.data()?;
     let row_bytes = data.len() / rows;
     let d = rows / heads;
     let half = d / 2;
@@ -387,8 +412,15 @@ fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
             }
         }
     }
+    Ok(out)
+}
+
+fn unpermute_rows(path: &Path, q: QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let out = unpermute_bytes(path, &q.data()?, rows, heads)?;
     let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, dtype)?;
-    Ok(QTensor::new(storage, (rows, cols))?)
+    Ok(QTensor::new(storage, q.shape().clone())?)
 }
 
 /// The inverse of `unpermute_rows` on a dense `[rows, cols]` tensor: HF layout to GGUF layout.

@@ -21,7 +21,30 @@ pub struct BlockWeight {
     fmt: Format,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Data,
+}
+
+/// A weight's blocks: its own copy, or a range of a memory-mapped model file used in place.
+#[derive(Debug)]
+pub enum Data {
+    /// Bytes owned by the weight.
+    Owned(Vec<u8>),
+    /// `range` of the mapped file `map`.
+    Mapped {
+        /// The whole file.
+        map: Arc<memmap2::Mmap>,
+        /// The weight's bytes in it.
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Mapped { map, range } => &map[range.clone()],
+        }
+    }
 }
 
 impl BlockWeight {
@@ -31,19 +54,37 @@ impl BlockWeight {
             return Ok(None);
         };
         let (rows, cols) = q.shape().dims2()?;
-        if cols % kernels::BLOCK != 0 {
-            return Ok(None);
-        }
-        let data = q.data()?.into_owned();
-        if data.len() != rows * cols / kernels::BLOCK * fmt.block_bytes() {
-            return Ok(None);
-        }
-        Ok(Some(BlockWeight {
+        Ok(Self::new(
+            fmt,
+            rows,
+            cols,
+            Data::Owned(q.data()?.into_owned()),
+        ))
+    }
+
+    /// A `[rows, cols]` weight of `fmt` blocks held in `data`, or `None` when the sizes do not
+    /// make whole rows of blocks.
+    pub fn new(fmt: Format, rows: usize, cols: usize, data: Data) -> Option<Self> {
+        let be = fmt.block_elems();
+        let len = (cols / be)
+            .checked_mul(fmt.block_bytes())
+            .and_then(|rb| rb.checked_mul(rows));
+        (cols.is_multiple_of(be) && len == Some(data.bytes().len())).then_some(BlockWeight {
             fmt,
             rows,
             cols,
             data,
-        }))
+        })
+    }
+
+    /// The block format.
+    pub fn format(&self) -> Format {
+        self.fmt
+    }
+
+    /// Whether the blocks are used in place from a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Data::Mapped { .. })
     }
 
     /// `(rows, cols)`.
@@ -51,21 +92,21 @@ impl BlockWeight {
         (self.rows, self.cols)
     }
 
-    /// Bytes held.
+    /// Bytes of blocks.
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len()
+        self.data.bytes().len()
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / kernels::BLOCK * self.fmt.block_bytes()
+        self.cols / self.fmt.block_elems() * self.fmt.block_bytes()
     }
 
     fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let bb = self.fmt.block_bytes();
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        let row = &self.data.bytes()[r * self.row_bytes()..(r + 1) * self.row_bytes()];
         for (blk, chunk) in row
             .chunks_exact(bb)
-            .zip(out.chunks_exact_mut(kernels::BLOCK))
+            .zip(out.chunks_exact_mut(self.fmt.block_elems()))
         {
             kernels::dequant_block(self.fmt, blk, chunk);
         }
@@ -101,7 +142,7 @@ impl BlockWeight {
     /// this module (training dequantizes panels from them).
     pub fn raw_rows(&self, rows: std::ops::Range<usize>) -> (Format, &[u8]) {
         let rb = self.row_bytes();
-        (self.fmt, &self.data[rows.start * rb..rows.end * rb])
+        (self.fmt, &self.data.bytes()[rows.start * rb..rows.end * rb])
     }
 
     /// `y = x W^T` on raw slices: `x` is `[m, cols]`, the result `[m, rows]`.
@@ -115,14 +156,14 @@ impl BlockWeight {
         } else if m <= SHORT && m * n * k >= 1 << 18 && pool.threads() > 1 {
             self.matmul_pooled(pool, x, m, &mut y);
         } else if threads <= 1 || m * n * k < (1 << 18) {
-            kernels::matmul_rows(self.fmt, &self.data, k, x, m, 0..n, &mut y, n);
+            kernels::matmul_rows(self.fmt, self.data.bytes(), k, x, m, 0..n, &mut y, n);
         } else {
             let tile = 8usize;
             y.par_chunks_mut(tile * n).enumerate().for_each(|(i, ys)| {
                 let t0 = i * tile;
                 let mt = ys.len() / n;
                 let xs = &x[t0 * k..(t0 + mt) * k];
-                kernels::matmul_rows(self.fmt, &self.data, k, xs, mt, 0..n, ys, n);
+                kernels::matmul_rows(self.fmt, self.data.bytes(), k, xs, mt, 0..n, ys, n);
             });
         }
         y
@@ -138,7 +179,7 @@ impl BlockWeight {
             (0..t).map(|_| std::sync::Mutex::new(Vec::new())).collect();
         pool.run(&|i, t| {
             let r = kernels::share(n, i, t, 8);
-            let w = &self.data[r.start * rb..r.end * rb];
+            let w = &self.data.bytes()[r.start * rb..r.end * rb];
             let mut out = vec![0f32; m * r.len()];
             kernels::matmul_rows(self.fmt, w, k, x, m, 0..r.len(), &mut out, r.len());
             *parts[i].lock().unwrap_or_else(|e| e.into_inner()) = out;
@@ -209,7 +250,8 @@ pub fn matvec_many(pool: &kernels::Pool, ws: &[&BlockWeight], x: &[f32], ys: &mu
         .iter()
         .zip(ys.iter())
         .all(|(w, y)| w.cols == x.len() && y.len() == w.rows));
-    let xr = kernels::prepare_row(x);
+    let formats: Vec<Format> = ws.iter().map(|w| w.fmt).collect();
+    let xr = kernels::prepare_row(x, &formats);
     let total: usize = ws.iter().map(|w| w.rows).sum();
     let t = pool.threads();
     // Each thread's rows, as (weight, rows of it, the matching part of its output).
@@ -235,7 +277,7 @@ pub fn matvec_many(pool: &kernels::Pool, ws: &[&BlockWeight], x: &[f32], ys: &mu
         for (j, r, y) in part.iter_mut() {
             let w = ws[*j];
             let rb = w.row_bytes();
-            let bytes = &w.data[r.start * rb..r.end * rb];
+            let bytes = &w.data.bytes()[r.start * rb..r.end * rb];
             kernels::matvec_rows(w.fmt, bytes, w.cols, &xr, r.len(), y);
         }
     });
@@ -344,7 +386,7 @@ mod tests {
             fmt,
             rows,
             cols,
-            data,
+            data: Data::Owned(data),
         }
     }
 
@@ -354,7 +396,7 @@ mod tests {
         let w = weight(rows, cols);
         let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut one = vec![0f32; rows];
-        kernels::matmul_rows(w.fmt, &w.data, cols, &x, 1, 0..rows, &mut one, rows);
+        kernels::matmul_rows(w.fmt, w.data.bytes(), cols, &x, 1, 0..rows, &mut one, rows);
         for threads in [1, 2, 3, 5] {
             let pool = kernels::Pool::new(threads);
             let mut y = vec![f32::NAN; rows];
@@ -377,7 +419,16 @@ mod tests {
         // A short prompt: 5 rows, the weight's rows split over 3 threads.
         let xs: Vec<f32> = (0..5 * cols).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut want = vec![0f32; 5 * rows];
-        kernels::matmul_rows(w.fmt, &w.data, cols, &xs, 5, 0..rows, &mut want, rows);
+        kernels::matmul_rows(
+            w.fmt,
+            w.data.bytes(),
+            cols,
+            &xs,
+            5,
+            0..rows,
+            &mut want,
+            rows,
+        );
         let mut got = vec![f32::NAN; 5 * rows];
         w.matmul_pooled(&kernels::Pool::new(3), &xs, 5, &mut got);
         assert_eq!(got, want);

@@ -1,6 +1,6 @@
-//! Frozen weights in the GGUF block formats people download (Q4_0, Q4_1, Q5_0, Q8_0 through
-//! HiveMind's kernels; the K-quants of Q4_K_M files through candle's) multiply, look up and
-//! dequantize like candle's own dequantization of the same bytes (an independent port of
+//! Frozen weights in the GGUF block formats people download (Q4_0, Q4_1, Q5_0, Q8_0, and the
+//! K-quants Q4_K, Q5_K, Q6_K of Q4_K_M files), all through HiveMind's kernels, multiply, look up
+//! and dequantize like candle's own dequantization of the same bytes (an independent port of
 //! ggml's) followed by a plain f64 matrix product.
 
 use anyhow::Result;
@@ -47,11 +47,10 @@ fn every_kernel_format_matches_candles_dequantization() -> Result<()> {
         let q = QTensor::quantize(&dense, dtype)?;
         let want: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
         let w = Weight::from_qtensor(q)?;
-        let ours = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-        assert_eq!(
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        assert!(
             matches!(w, Weight::Blocks(_)),
-            ours,
-            "{dtype:?}: HiveMind kernel or candle's"
+            "{dtype:?}: a HiveMind kernel"
         );
         // Dequantization, whole and by rows, bit for bit.
         let got: Vec<f32> = w.dequantize()?.flatten_all()?.to_vec1()?;
@@ -81,9 +80,9 @@ fn every_kernel_format_matches_candles_dequantization() -> Result<()> {
             let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?;
             let y: Vec<f32> = w.matmul_t(&xt)?.flatten_all()?.to_vec1()?;
             let r = reference(&x, &want, m, n, k);
-            // f32 sums of 512 products (and, for one row, x rounded to 16 bits per 32); candle's
-            // kernels round x to 8 bits (|x| <= 1 here), an error up to sum|w| / 254.
-            let rel = if ours { 1e-4 } else { 1.0 / 254.0 };
+            // f32 sums of 512 products (and, for one row, x rounded to 16 bits per 32); the
+            // K-quant kernels round x to 8 bits (|x| <= 1 here), an error up to sum|w| / 254.
+            let rel = if k_quant { 1.0 / 254.0 } else { 1e-4 };
             for (i, (a, b)) in y.iter().zip(&r).enumerate() {
                 let row = i % n;
                 let scale: f64 = (0..k)

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter, LoraTensor, TargetModules};
 use hivemind_model::config::{Arch, ModelConfig};
-use hivemind_model::decoder::Decoder;
+use hivemind_model::decoder::{Decoder, Weight};
 use hivemind_model::lora::peft_name;
 use hivemind_model::testing::TinyModel;
 use hivemind_model::Module;
@@ -89,6 +89,17 @@ fn quantized_gguf_matches_the_reference_on_its_own_weights() -> Result<()> {
         tiny.write_gguf(&path)?;
         let m = BaseModel::load(&path, &LoadOptions::default())?;
         assert_eq!(m.decoder.cfg.arch, arch);
+        // Block weights are used in place from the mapped file, except llama-family q/k rows,
+        // which are un-permuted into a copy.
+        let mapped = |w: &Weight| matches!(w, Weight::Blocks(b) if b.is_mapped());
+        let layer = &m.decoder.layers[0];
+        assert!(mapped(&layer.v_proj.weight) && mapped(&layer.down_proj.weight));
+        assert!(mapped(&m.decoder.embed), "{arch:?}: embedding in place");
+        assert_eq!(
+            mapped(&layer.q_proj.weight),
+            arch == Arch::Qwen2,
+            "{arch:?}: q_proj"
+        );
         // The reference runs on the dequantized weights in f64. The block kernels multiply the same
         // dequantized values; token-by-token steps round activations to 16 bits per block of 32
         // (see `kernels::quantize_x16`), hence a bound a few times above f32 noise.

@@ -277,6 +277,9 @@ unsafe fn chunk_i16(fmt: Format, b: *const u8) -> (__m256i, __m256i, f32) {
                 )
             }
             Format::Q4_1 | Format::Q8_0 => unreachable!("{fmt:?} has a decoder of its own"),
+            Format::Q4K | Format::Q5K | Format::Q6K => {
+                unreachable!("{fmt:?} has kernels in avx2_k")
+            }
         }
     }
 }

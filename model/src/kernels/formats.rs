@@ -9,7 +9,8 @@
 
 use half::f16;
 
-/// Elements per block, in every format here.
+/// Elements per block of the 32-element formats (Q4_0, Q4_1, Q5_0, Q8_0); the K-quants have
+/// super-blocks of [`super::kquants::SUPER`] ([`Format::block_elems`]).
 pub const BLOCK: usize = 32;
 
 /// Block formats with a fast kernel.
@@ -24,20 +25,46 @@ pub enum Format {
     Q5_0,
     /// `d: f16, 32 i8`: `x = d q`.
     Q8_0,
+    /// Super-blocks of 256 with 6-bit scales and mins per 32 (see [`super::kquants`]).
+    Q4K,
+    /// Q4K plus a fifth bit per element.
+    Q5K,
+    /// Super-blocks of 256, 6-bit integers with an 8-bit scale per 16.
+    Q6K,
 }
 
 impl Format {
-    /// Every format, for tests.
-    pub const ALL: [Format; 4] = [Format::Q4_0, Format::Q4_1, Format::Q5_0, Format::Q8_0];
+    /// The formats with blocks of [`BLOCK`] elements.
+    pub const SMALL: [Format; 4] = [Format::Q4_0, Format::Q4_1, Format::Q5_0, Format::Q8_0];
 
-    /// Bytes per block of [`BLOCK`] elements.
+    /// The K-quants, with super-blocks of 256 elements.
+    pub const K: [Format; 3] = [Format::Q4K, Format::Q5K, Format::Q6K];
+
+    /// Bytes per block of [`Format::block_elems`] elements.
     pub const fn block_bytes(self) -> usize {
         match self {
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
             Format::Q5_0 => 22,
             Format::Q8_0 => 34,
+            Format::Q4K => 144,
+            Format::Q5K => 176,
+            Format::Q6K => 210,
         }
+    }
+
+    /// Elements per block: [`BLOCK`], or 256 for the K-quants.
+    pub const fn block_elems(self) -> usize {
+        if self.is_k() {
+            super::kquants::SUPER
+        } else {
+            BLOCK
+        }
+    }
+
+    /// Whether this is a K-quant (super-blocks of 256, products on 8-bit activations).
+    pub const fn is_k(self) -> bool {
+        matches!(self, Format::Q4K | Format::Q5K | Format::Q6K)
     }
 
     /// The format of a GGUF tensor type, where it has a kernel here.
@@ -48,6 +75,9 @@ impl Format {
             T::Q4_1 => Format::Q4_1,
             T::Q5_0 => Format::Q5_0,
             T::Q8_0 => Format::Q8_0,
+            T::Q4K => Format::Q4K,
+            T::Q5K => Format::Q5K,
+            T::Q6K => Format::Q6K,
             _ => return None,
         })
     }
@@ -83,7 +113,10 @@ impl Chunk {
     }
 }
 
-/// Block `b` (`b.len() >= fmt.block_bytes()`) as a [`Chunk`].
+/// Block `b` (`b.len() >= fmt.block_bytes()`) of a 32-element format as a [`Chunk`].
+///
+/// # Panics
+/// For a K-quant.
 pub fn chunk(fmt: Format, b: &[u8]) -> Chunk {
     let mut q = [0i16; BLOCK];
     let (scale, offset) = match fmt {
@@ -117,11 +150,16 @@ pub fn chunk(fmt: Format, b: &[u8]) -> Chunk {
             }
             (f16_at(b, 0), 0.0)
         }
+        Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("{fmt:?} has no 32-element chunks"),
     };
     Chunk { q, scale, offset }
 }
 
-/// Dequantizes one block into `out` (`out.len() >= BLOCK`), scalar.
+/// Dequantizes one block into `out` (`out.len() >= fmt.block_elems()`), scalar.
 pub fn dequant_block(fmt: Format, b: &[u8], out: &mut [f32]) {
-    chunk(fmt, b).values(out);
+    if fmt.is_k() {
+        super::kquants::dequant(fmt, b, out);
+    } else {
+        chunk(fmt, b).values(out);
+    }
 }

@@ -80,7 +80,7 @@ pub fn dequantize_rows(w: &Weight, rows: Range<usize>, out: &mut [f32]) -> Resul
 /// the values equal [`Weight::dequantize`]'s bit for bit; Q4_1 and Q8_0 vectorised with AVX2
 /// where the CPU has it.
 pub fn dequant_blocks(fmt: Format, w: &[u8], out: &mut [f32]) {
-    let (bb, be) = (fmt.block_bytes(), BLOCK);
+    let (bb, be) = (fmt.block_bytes(), fmt.block_elems());
     assert!(w.len() % bb == 0 && out.len() == w.len() / bb * be);
     #[cfg(target_arch = "x86_64")]
     {
