@@ -288,6 +288,18 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
             .collect::<Result<_>>()?
     };
     check_shapes(path, &cfg, &embed, &layers)?;
+    if let Some(head) = &lm_head {
+        let dims = head.dims()?;
+        if dims != (cfg.vocab_size, cfg.hidden_size) {
+            return Err(ModelError::bad(
+                path,
+                format!(
+                    "output.weight is {dims:?}, config says [{}, {}]",
+                    cfg.vocab_size, cfg.hidden_size
+                ),
+            ));
+        }
+    }
     prepack(&layers, lm_head.as_ref())?;
     let eos_ids = eos_ids(
         &tokenizer,

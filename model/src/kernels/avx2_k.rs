@@ -32,11 +32,17 @@ pub(super) unsafe fn matmul(
 ) {
     let nb = k / SUPER;
     let bb = fmt.block_bytes();
-    assert!(w.len() >= rows.end * nb * bb);
+    assert!(rows.end.checked_mul(nb * bb).is_some_and(|n| w.len() >= n));
     assert!(xs
         .iter()
         .all(|x| x.q.len() >= nb * SUPER && x.d.len() >= nb && x.sums.len() >= nb * 16));
-    assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * y_stride + rows.end);
+    assert!(
+        xs.is_empty()
+            || (xs.len() - 1)
+                .checked_mul(y_stride)
+                .and_then(|n| n.checked_add(rows.end))
+                .is_some_and(|n| y.len() >= n)
+    );
     for (i, tile) in xs.chunks(TILE).enumerate() {
         let t0 = i * TILE;
         // SAFETY: as this function's (the lengths are asserted above).
@@ -140,7 +146,7 @@ unsafe fn rows_tile<const T: usize>(
         }
         for t in 0..T {
             // SAFETY: the CPU has AVX2 (this function's contract).
-            let m = unsafe { hsum_ps(_mm256_castps128_ps256(accm[t])) };
+            let m = unsafe { hsum_ps128(accm[t]) };
             y[(t0 + t) * y_stride + r] = unsafe { hsum_ps(acc[t]) } - m;
         }
     }
@@ -149,7 +155,18 @@ unsafe fn rows_tile<const T: usize>(
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn hsum_ps(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    // SAFETY: the CPU has AVX2 (the caller's contract).
+    unsafe {
+        hsum_ps128(_mm_add_ps(
+            _mm256_castps256_ps128(v),
+            _mm256_extractf128_ps(v, 1),
+        ))
+    }
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum_ps128(s: __m128) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)

@@ -4,8 +4,8 @@
 //! Products run on integers, as llama.cpp's do: an activation row is rounded to 8 bits with one
 //! scale per 256 values ([`X8`]), each sub-block's integer dot product is exact, and each
 //! super-block adds `dx * (d * sum_j sc_j dot_j - dmin * sum_j m_j sum_j(x))` in f32. The SIMD
-//! path ([`super::avx2_k`]) computes the same integers and the same f32 operations in the same
-//! order, so it equals the scalar path here bit for bit.
+//! path ([`super::avx2_k`]) computes the same integers and scales them into f32 vectors summed
+//! across lanes once per row, so it equals the scalar path here up to f32 rounding.
 //!
 //! Layouts (ggml's `block_q4_K`, `block_q5_K`, `block_q6_K`), element `i` of a super-block:
 //! - Q4_K, 144 bytes: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`. Sub-block `j = i / 32`
@@ -155,8 +155,7 @@ pub fn dequant(fmt: Format, b: &[u8], out: &mut [f32]) {
 }
 
 /// One super-block's contribution to a dot product, from its integer sums: `isum = sum_j sc_j
-/// dot_j` (Q6_K: with the `- 32` applied) and `msum = sum_j m_j sum_j(x)` (0 for Q6_K). The SIMD
-/// path ends each super-block with this same function.
+/// dot_j` (Q6_K: with the `- 32` applied) and `msum = sum_j m_j sum_j(x)` (0 for Q6_K).
 #[inline(always)]
 pub(super) fn finish(dx: f32, d: f32, dmin: f32, isum: i32, msum: i32) -> f32 {
     dx * (d * isum as f32 - dmin * msum as f32)
@@ -204,7 +203,9 @@ fn dot_scalar(fmt: Format, w: &[u8], x: &X8) -> f32 {
 /// `y[r] = W[r] . x` for `r < rows`, `w` holding those rows (`k / 256` super-blocks each).
 pub fn matvec(fmt: Format, w: &[u8], k: usize, x: &X8, rows: usize, y: &mut [f32]) {
     let rb = k / SUPER * fmt.block_bytes();
-    assert!(w.len() >= rows * rb && x.q.len() >= k && y.len() >= rows);
+    assert!(
+        rows.checked_mul(rb).is_some_and(|n| w.len() >= n) && x.q.len() >= k && y.len() >= rows
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if super::simd() {
@@ -241,8 +242,14 @@ pub fn matmul_rows(
 ) {
     let rb = k / SUPER * fmt.block_bytes();
     let xs: Vec<X8> = x[..m * k].chunks_exact(k).map(quantize_x8).collect();
-    assert!(w.len() >= rows.end * rb);
-    assert!(m == 0 || y.len() >= (m - 1) * y_stride + rows.end);
+    assert!(rows.end.checked_mul(rb).is_some_and(|n| w.len() >= n));
+    assert!(
+        m == 0
+            || (m - 1)
+                .checked_mul(y_stride)
+                .and_then(|n| n.checked_add(rows.end))
+                .is_some_and(|n| y.len() >= n)
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if super::simd() {

@@ -1,7 +1,7 @@
-//! CPU kernels for `y = x W^T` with `W` in a GGUF block format, on f32 activations.
+//! CPU kernels for `y = x W^T` with `W` in a GGUF block format.
 //!
-//! candle's CPU path quantizes activations to 8 bits and has no SIMD dot product for Q4_1. Here the
-//! weights are dequantized block by block in registers (AVX2/FMA when the CPU has them) and multiplied
+//! For the 32-element formats (below): candle's CPU path quantizes activations to 8 bits and has
+//! no SIMD dot product for Q4_1. Here the weights are dequantized block by block in registers (AVX2/FMA when the CPU has them) and multiplied
 //! with the f32 activations, so the result equals `x` times the dequantized weight up to f32
 //! summation order, the same arithmetic as a reference that dequantizes first. Each weight block is
 //! decoded once and applied to every row of `x`, so prefill reuses it from registers.
@@ -26,7 +26,7 @@ pub use kquants::X8;
 pub use pool::{share, Pool};
 
 /// `y[t, r] = sum_k x[t, k] W[r, k]` for `t < m`, `r` in `rows`, with `W` given as `w` (row-major
-/// blocks, `k / 32` blocks per row). `y` holds `m` rows of `y_stride` floats; only columns `rows`
+/// blocks, `k / fmt.block_elems()` blocks per row). `y` holds `m` rows of `y_stride` floats; only columns `rows`
 /// are written. Requires `k % fmt.block_elems() == 0`.
 #[allow(clippy::too_many_arguments)] // a kernel: the shapes are its arguments
 pub fn matmul_rows(

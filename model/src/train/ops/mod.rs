@@ -23,7 +23,7 @@
 //! Nothing here reduces across rayon tasks in a schedule-dependent order, so results are the same
 //! from run to run on one machine with one thread count.
 
-// `is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+// Written as `%` when the workspace supported Rust 1.85 (`is_multiple_of` needs 1.87).
 #![allow(clippy::manual_is_multiple_of)]
 
 use crate::error::{ModelError, Result};
