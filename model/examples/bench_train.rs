@@ -10,6 +10,7 @@
 //! ```text
 //! cargo run --release -p hivemind-model --example bench_train -- \
 //!     [--model PATH] [--steps 5] [--threads N] [--python /tmp/hfvenv/bin/python] [--no-baseline]
+//!     [--batch 4 --seq 128]
 //! ```
 //! `--threads N` runs both sides on N threads (default: all cores, torch's default too). On a
 //! loaded machine torch's OpenMP threads spin-wait and slow down far more than rayon's, so compare
@@ -38,7 +39,18 @@ fn main() -> Result<()> {
         .unwrap_or_else(hivemind_model::pull::default_model_path);
     let steps: usize = arg(&args, "--steps").map_or(Ok(5), |s| s.parse())?;
     let python = arg(&args, "--python").unwrap_or_else(|| "/tmp/hfvenv/bin/python".into());
-    let (batch, seq) = (4usize, 128usize);
+    // `--batch`/`--seq` shrink the job for large models (a 7B step on 512 tokens takes minutes
+    // here); the PEFT baseline runs only the 4 x 128 job.
+    let batch: usize = arg(&args, "--batch").map_or(Ok(4), |s| s.parse())?;
+    let seq: usize = arg(&args, "--seq").map_or(Ok(128), |s| s.parse())?;
+    if batch == 0 || seq < 2 {
+        anyhow::bail!("--batch must be at least 1 and --seq at least 2");
+    }
+    if (batch, seq) != (4, 128) && !args.iter().any(|a| a == "--no-baseline") {
+        anyhow::bail!(
+            "the PEFT baseline runs the 4 x 128 job: add --no-baseline with --batch/--seq"
+        );
+    }
     // The same thread count on both sides (default: all cores, like torch).
     let threads: usize = arg(&args, "--threads").map_or(Ok(0), |s| s.parse())?;
     if threads > 0 {

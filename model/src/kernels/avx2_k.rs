@@ -51,18 +51,14 @@ pub(super) unsafe fn matmul(
                 1 => rows_tile::<1>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
                 2 => rows_tile::<2>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
                 3 => rows_tile::<3>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
-                4 => rows_tile::<4>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
-                5 => rows_tile::<5>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
-                6 => rows_tile::<6>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
-                7 => rows_tile::<7>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
-                _ => rows_tile::<8>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
+                _ => rows_tile::<4>(fmt, w, nb, tile, rows.clone(), y, t0, y_stride),
             }
         }
     }
 }
 
 /// Up to this many activation rows share a decoded super-block.
-pub(super) const TILE: usize = 8;
+pub(super) const TILE: usize = 4;
 
 /// `d` and `dmin` of a Q4_K / Q5_K super-block (its first 4 bytes), converted by the CPU.
 ///
@@ -79,7 +75,7 @@ unsafe fn d_dmin(b: *const u8) -> (f32, f32) {
 }
 
 /// [`matmul`] for one tile of exactly `T` rows of `x`, written to rows `t0..t0 + T` of `y`.
-/// Each row's sum is kept in f32 vectors across super-blocks (`d dx` times the integer sums,
+/// Each row's sum is kept in one f32 vector across super-blocks (`d dx` times the integer sums,
 /// minus `dmin dx` times the min sums) and summed across lanes once per row.
 ///
 /// # Safety
@@ -99,7 +95,6 @@ unsafe fn rows_tile<const T: usize>(
     let bb = fmt.block_bytes();
     for r in rows {
         let mut acc = [_mm256_setzero_ps(); T];
-        let mut accm = [_mm_setzero_ps(); T];
         for sb in 0..nb {
             // SAFETY: super-block `sb` of row `r` lies inside `w`, and super-block `sb` of every
             // x row inside it (the caller's bounds).
@@ -120,10 +115,11 @@ unsafe fn rows_tile<const T: usize>(
                                 _mm256_cvtepi32_ps(isum[t]),
                                 acc[t],
                             );
-                            accm[t] = _mm_fmadd_ps(
-                                _mm_set1_ps(dmin * dx),
-                                _mm_cvtepi32_ps(msum[t]),
-                                accm[t],
+                            // The mins' 4 lanes, zero-extended, folded into the same sum.
+                            acc[t] = _mm256_fnmadd_ps(
+                                _mm256_set1_ps(dmin * dx),
+                                _mm256_cvtepi32_ps(_mm256_zextsi128_si256(msum[t])),
+                                acc[t],
                             );
                         }
                     }
@@ -144,10 +140,9 @@ unsafe fn rows_tile<const T: usize>(
                 }
             }
         }
-        for t in 0..T {
+        for (t, a) in acc.into_iter().enumerate() {
             // SAFETY: the CPU has AVX2 (this function's contract).
-            let m = unsafe { hsum_ps128(accm[t]) };
-            y[(t0 + t) * y_stride + r] = unsafe { hsum_ps(acc[t]) } - m;
+            y[(t0 + t) * y_stride + r] = unsafe { hsum_ps(a) };
         }
     }
 }
