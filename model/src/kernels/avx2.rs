@@ -11,8 +11,9 @@ const TILE: usize = 8;
 /// How far ahead of the block in use [`matvec_q`] prefetches its weights, in bytes.
 const PREFETCH: usize = 1024;
 
+/// The sum of the 8 lanes of `v`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);

@@ -142,29 +142,9 @@ unsafe fn rows_tile<const T: usize>(
         }
         for (t, a) in acc.into_iter().enumerate() {
             // SAFETY: the CPU has AVX2 (this function's contract).
-            y[(t0 + t) * y_stride + r] = unsafe { hsum_ps(a) };
+            y[(t0 + t) * y_stride + r] = unsafe { super::avx2::hsum(a) };
         }
     }
-}
-
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn hsum_ps(v: __m256) -> f32 {
-    // SAFETY: the CPU has AVX2 (the caller's contract).
-    unsafe {
-        hsum_ps128(_mm_add_ps(
-            _mm256_castps256_ps128(v),
-            _mm256_extractf128_ps(v, 1),
-        ))
-    }
-}
-
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn hsum_ps128(s: __m128) -> f32 {
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// The 8 scales (bytes 0..8) and 8 mins (bytes 8..16) of a Q4_K / Q5_K super-block's 12 scale

@@ -77,76 +77,69 @@ pub fn scales_q4k(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-/// Element `i` of a super-block as its small integer: Q4_K 0..16, Q5_K 0..32, Q6_K 0..64 (before
-/// the `- 32`).
-#[inline]
-fn q_at(fmt: Format, b: &[u8], i: usize) -> u8 {
+/// The 256 small integers of a super-block, in element order: Q4_K 0..16, Q5_K 0..32, Q6_K
+/// 0..64 (before the `- 32`). The one decoder of the layouts, for [`dequant`] and the scalar dot
+/// product.
+fn ints(fmt: Format, b: &[u8]) -> [u8; SUPER] {
+    let mut q = [0u8; SUPER];
     match fmt {
         Format::Q4K | Format::Q5K => {
-            let qs = if fmt == Format::Q4K { 16 } else { 48 };
-            let byte = b[qs + 32 * (i / 64) + i % 32];
-            let nib = if i % 64 < 32 { byte & 0x0f } else { byte >> 4 };
-            if fmt == Format::Q5K {
-                nib | (((b[16 + i % 32] >> (i / 32)) & 1) << 4)
-            } else {
-                nib
+            let five = fmt == Format::Q5K;
+            let qs = &b[if five { 48 } else { 16 }..][..128];
+            let qh = &b[16..48];
+            for (c, o) in q.chunks_exact_mut(64).enumerate() {
+                let (lo, hi) = o.split_at_mut(32);
+                for l in 0..32 {
+                    let byte = qs[32 * c + l];
+                    lo[l] = byte & 0x0f;
+                    hi[l] = byte >> 4;
+                    if five {
+                        lo[l] |= ((qh[l] >> (2 * c)) & 1) << 4;
+                        hi[l] |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                    }
+                }
             }
         }
         Format::Q6K => {
-            let (h, e) = (i / 128, i % 128);
-            let lo = (b[64 * h + e % 64] >> (4 * (e / 64))) & 0x0f;
-            let hi = (b[128 + 32 * h + e % 32] >> (2 * (e / 32))) & 3;
-            lo | (hi << 4)
+            for (h, o) in q.chunks_exact_mut(128).enumerate() {
+                let (ql, qh) = (&b[64 * h..][..64], &b[128 + 32 * h..][..32]);
+                for l in 0..32 {
+                    let high = |shift: u32| ((qh[l] >> shift) & 3) << 4;
+                    o[l] = (ql[l] & 0x0f) | high(0);
+                    o[l + 32] = (ql[l + 32] & 0x0f) | high(2);
+                    o[l + 64] = (ql[l] >> 4) | high(4);
+                    o[l + 96] = (ql[l + 32] >> 4) | high(6);
+                }
+            }
         }
         _ => unreachable!("{fmt:?} is not a K-quant"),
     }
+    q
 }
 
 /// Dequantizes one super-block into `out[..256]` with ggml's f32 operations in ggml's order
 /// (`(d * sc) * q - dmin * m`; Q6_K `(d * sc) * (q - 32)`), so the values equal llama.cpp's and
 /// candle's bit for bit.
 pub fn dequant(fmt: Format, b: &[u8], out: &mut [f32]) {
+    let q = ints(fmt, b);
     let out = &mut out[..SUPER];
     match fmt {
         Format::Q4K | Format::Q5K => {
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let (sc, mn) = scales_q4k(&b[4..16]);
-            let five = fmt == Format::Q5K;
-            let qs = &b[if five { 48 } else { 16 }..][..128];
-            let qh = &b[16..48];
-            for (c, o) in out.chunks_exact_mut(64).enumerate() {
-                let (d1, m1) = (d * sc[2 * c] as f32, dmin * mn[2 * c] as f32);
-                let (d2, m2) = (d * sc[2 * c + 1] as f32, dmin * mn[2 * c + 1] as f32);
-                let (lo, hi) = o.split_at_mut(32);
-                for l in 0..32 {
-                    let byte = qs[32 * c + l];
-                    let (mut ql, mut qh4) = (byte & 0x0f, byte >> 4);
-                    if five {
-                        ql |= ((qh[l] >> (2 * c)) & 1) << 4;
-                        qh4 |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                    }
-                    lo[l] = d1 * ql as f32 - m1;
-                    hi[l] = d2 * qh4 as f32 - m2;
+            for (j, (o, q)) in out.chunks_exact_mut(32).zip(q.chunks_exact(32)).enumerate() {
+                let (d1, m1) = (d * sc[j] as f32, dmin * mn[j] as f32);
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = d1 * q as f32 - m1;
                 }
             }
         }
         Format::Q6K => {
             let d = f16_at(b, 208);
-            for (h, o) in out.chunks_exact_mut(128).enumerate() {
-                let (ql, qh, sc) = (
-                    &b[64 * h..][..64],
-                    &b[128 + 32 * h..][..32],
-                    &b[192 + 8 * h..],
-                );
-                for l in 0..32 {
-                    let is = l / 16;
-                    let q = |lo: u8, shift: u32| -> f32 {
-                        ((lo & 0x0f) | (((qh[l] >> shift) & 3) << 4)) as i8 as f32 - 32.0
-                    };
-                    o[l] = d * sc[is] as i8 as f32 * q(ql[l], 0);
-                    o[l + 32] = d * sc[is + 2] as i8 as f32 * q(ql[l + 32], 2);
-                    o[l + 64] = d * sc[is + 4] as i8 as f32 * q(ql[l] >> 4, 4);
-                    o[l + 96] = d * sc[is + 6] as i8 as f32 * q(ql[l + 32] >> 4, 6);
+            for (j, (o, q)) in out.chunks_exact_mut(16).zip(q.chunks_exact(16)).enumerate() {
+                let d1 = d * b[192 + j] as i8 as f32;
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = d1 * (q as i8 - 32) as f32;
                 }
             }
         }
@@ -168,16 +161,17 @@ fn dot_scalar(fmt: Format, w: &[u8], x: &X8) -> f32 {
     for (sb, b) in w.chunks_exact(bb).enumerate().take(x.d.len()) {
         let xq = &x.q[sb * SUPER..(sb + 1) * SUPER];
         let sums = &x.sums[sb * 16..(sb + 1) * 16];
+        let q = ints(fmt, b);
+        let dot = |range: std::ops::Range<usize>| -> i32 {
+            range.map(|i| q[i] as i32 * xq[i] as i32).sum()
+        };
         let (isum, msum, d, dmin) = match fmt {
             Format::Q4K | Format::Q5K => {
                 let (sc, mn) = scales_q4k(&b[4..16]);
                 let mut isum = 0i32;
                 let mut msum = 0i32;
                 for j in 0..8 {
-                    let dot: i32 = (32 * j..32 * (j + 1))
-                        .map(|i| q_at(fmt, b, i) as i32 * xq[i] as i32)
-                        .sum();
-                    isum += sc[j] as i32 * dot;
+                    isum += sc[j] as i32 * dot(32 * j..32 * (j + 1));
                     msum += mn[j] as i32 * (sums[2 * j] as i32 + sums[2 * j + 1] as i32);
                 }
                 (isum, msum, f16_at(b, 0), f16_at(b, 2))
@@ -185,11 +179,8 @@ fn dot_scalar(fmt: Format, w: &[u8], x: &X8) -> f32 {
             Format::Q6K => {
                 let mut isum = 0i32;
                 for j in 0..16 {
-                    let dot: i32 = (16 * j..16 * (j + 1))
-                        .map(|i| q_at(fmt, b, i) as i32 * xq[i] as i32)
-                        .sum();
                     let sc = b[192 + j] as i8 as i32;
-                    isum += sc * (dot - 32 * sums[j] as i32);
+                    isum += sc * (dot(16 * j..16 * (j + 1)) - 32 * sums[j] as i32);
                 }
                 (isum, 0, f16_at(b, 208), 0.0)
             }
@@ -214,9 +205,7 @@ pub fn matvec(fmt: Format, w: &[u8], k: usize, x: &X8, rows: usize, y: &mut [f32
             return;
         }
     }
-    for (r, yr) in y[..rows].iter_mut().enumerate() {
-        *yr = dot_scalar(fmt, &w[r * rb..(r + 1) * rb], x);
-    }
+    matvec_scalar(fmt, w, k, x, rows, y)
 }
 
 /// The portable [`matvec`], for tests.
@@ -242,20 +231,12 @@ pub fn matmul_rows(
 ) {
     let rb = k / SUPER * fmt.block_bytes();
     let xs: Vec<X8> = x[..m * k].chunks_exact(k).map(quantize_x8).collect();
-    assert!(rows.end.checked_mul(rb).is_some_and(|n| w.len() >= n));
-    assert!(
-        m == 0
-            || (m - 1)
-                .checked_mul(y_stride)
-                .and_then(|n| n.checked_add(rows.end))
-                .is_some_and(|n| y.len() >= n)
-    );
     #[cfg(target_arch = "x86_64")]
     {
         if super::simd() {
             let refs: Vec<&X8> = xs.iter().collect();
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the lengths are asserted above
-            // (each x row has k values).
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the kernel asserts the lengths
+            // of `w` and `y` (each x row has k values).
             unsafe { super::avx2_k::matmul(fmt, w, k, &refs, rows, y, y_stride) };
             return;
         }
