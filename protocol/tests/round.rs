@@ -4,6 +4,8 @@
 //! over the parent and the sorted adapter hashes), so every expected result below is
 //! computed independently of the machine.
 
+use std::collections::BTreeSet;
+
 use hivemind_protocol::sim::fake_aggregate;
 use hivemind_protocol::{
     Action, AggregationJob, Announcement, Event, FetchFailure, Hash, Ignored, Misbehaviour,
@@ -1052,24 +1054,7 @@ fn a_source_that_keeps_our_share_busy_is_not_waited_for_again() {
 fn one_namer_cannot_fill_the_announcement_fetches() {
     let (ka, kb, kc) = (key(1), key(2), key(3));
     let mut a = machine(&ka);
-    let unknown = |salt: u32| -> RoundRecord {
-        let mut inputs: Vec<RoundInput> = (0..512u32)
-            .map(|i| RoundInput {
-                adapter: Hash::of(&(salt + i).to_le_bytes()),
-                announcement: Hash::of(&(salt + i + 1_000_000).to_le_bytes()),
-            })
-            .collect();
-        inputs.sort();
-        RoundRecord {
-            model: model(),
-            round: 1,
-            parent: None,
-            inputs,
-            weight: 1,
-            rule: RuleId::FEDAVG,
-            result: Hash::of(&salt.to_le_bytes()),
-        }
-    };
+    let unknown = |salt: u32| made_up_inputs(salt, 1);
     let out = a.handle(10, Event::Digest(digest(&kb, unknown(0), false, 10)));
     assert_eq!(fetched_announcements(&out).len(), 512);
     let out = a.handle(20, Event::Digest(digest(&kb, unknown(5_000), false, 20)));
@@ -1081,6 +1066,161 @@ fn one_namer_cannot_fill_the_announcement_fetches() {
     let view = record(1, None, &[&theirs], 1);
     let out = a.handle(30, Event::Digest(digest(&kc, view, false, 30)));
     assert_eq!(fetched_announcements(&out), vec![theirs.id()]);
+}
+
+/// A round-1 record of `weight` naming 512 announcements (and adapters) nobody has, each
+/// set of them told apart by `salt` (512 apart at least).
+fn made_up_inputs(salt: u32, weight: u64) -> RoundRecord {
+    let mut inputs: Vec<RoundInput> = (0..512u32)
+        .map(|i| RoundInput {
+            adapter: Hash::of(&(salt + i).to_le_bytes()),
+            announcement: Hash::of(&(salt + i + 1_000_000).to_le_bytes()),
+        })
+        .collect();
+    inputs.sort();
+    RoundRecord {
+        model: model(),
+        round: 1,
+        parent: None,
+        inputs,
+        weight,
+        rule: RuleId::FEDAVG,
+        result: Hash::of(&salt.to_le_bytes()),
+    }
+}
+
+/// Four keys each sign a committed record, heavier than our tip, naming 512 announcements
+/// nobody serves, and publish it again every second. What verifying other histories asks
+/// for takes at most half of the announcement fetches, so a current-round digest naming an
+/// honest announcement still gets it fetched; and once a record's fetches run out, its
+/// signers are not asked again for a while. (Before, the four records took all 2,048
+/// fetches, and each was asked for again the moment its fetches ran out: no current-round
+/// announcement could be fetched for as long as the keys kept publishing.)
+#[test]
+fn records_naming_announcements_nobody_serves_cannot_hold_the_fetches() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let keys: Vec<NodeKey> = (40..44).map(key).collect();
+    let ghosts: Vec<RoundRecord> = (0..4u32).map(|k| made_up_inputs(k * 10_000, 512)).collect();
+    let publish = |a: &mut RoundMachine, t: u64| -> Vec<Action> {
+        let mut out = Vec::new();
+        for (k, r) in keys.iter().zip(&ghosts) {
+            out.extend(a.handle(t, Event::Digest(digest(k, r.clone(), true, t))));
+        }
+        out
+    };
+    let ids: Vec<BTreeSet<Hash>> = ghosts
+        .iter()
+        .map(|r| r.inputs.iter().map(|i| i.announcement).collect())
+        .collect();
+    let mut asked: Vec<Vec<u64>> = vec![Vec::new(); ghosts.len()];
+    let mut out = publish(&mut a, 4_600);
+    // Other keys name the ids already asked for in current-round digests: what verifying
+    // the records asked for is still counted as such (before this was checked, such a
+    // digest took the fetches out of that count, and the other records took the rest).
+    let first_asked = fetched_announcements(&out);
+    for (n, (r, ids)) in ghosts.iter().zip(&ids).enumerate() {
+        if first_asked.iter().any(|id| ids.contains(id)) {
+            let view = RoundRecord {
+                round: 2,
+                parent: Some(tip.result),
+                weight: tip.weight + 1,
+                ..r.clone()
+            };
+            let k = key(60 + n as u8);
+            out.extend(a.handle(4_610, Event::Digest(digest(&k, view, false, 4_610))));
+        }
+    }
+    out.extend(publish(&mut a, 4_620));
+    let theirs = ann(&key(2), 2, Hash::of(b"b2"), Some(tip.result), 4_600);
+    let view = record(2, Some(tip.result), &[&theirs], tip.weight + 1);
+    let honest = a.handle(4_650, Event::Digest(digest(&key(2), view, false, 4_650)));
+    assert!(
+        fetched_announcements(&honest).contains(&theirs.id()),
+        "the current round's announcement was not fetched"
+    );
+    for t in (4_700..14_000).step_by(100) {
+        if t % 1_000 == 600 {
+            out.extend(publish(&mut a, t));
+        }
+        out.extend(a.tick(t));
+        let fetched = fetched_announcements(&out);
+        for (times, ids) in asked.iter_mut().zip(&ids) {
+            if fetched.iter().any(|id| ids.contains(id)) {
+                times.push(t);
+            }
+        }
+        out.clear();
+    }
+    // A record's fetches run out 3 s after it is first asked for (3 attempts of 1 s).
+    for times in &asked {
+        let Some(first) = times.first() else { continue };
+        let quiet = first + 3_200..first + 5_500;
+        assert!(
+            !times.iter().any(|t| quiet.contains(t)),
+            "asked for again at once after its fetches ran out: {asked:?}"
+        );
+    }
+    assert!(
+        asked.iter().filter(|t| !t.is_empty()).count() >= 2,
+        "records were asked for: {asked:?}"
+    );
+}
+
+/// A key signs a heavier record naming an honest node's announcement and serves nothing;
+/// the honest record naming it arrives late in that fetch's life, after its last attempt.
+/// The fetch runs out having asked only the key: the honest signer, never asked, is not
+/// taken for one that does not show it. It is asked, serves it, and its record is adopted.
+#[test]
+fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (kb, kx) = (key(2), key(40));
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    let better = record(1, None, &[&mine, &theirs], 2);
+    let mut false_record = record(1, None, &[&theirs], 2);
+    false_record.result = Hash::of(b"made up");
+    // The driver: the announcement is served by the honest signer alone, blobs by anyone.
+    let step = |a: &mut RoundMachine, t: u64, todo: Vec<Action>| -> Vec<Action> {
+        let mut out = Vec::new();
+        for action in &todo {
+            let event = match action {
+                Action::FetchAnnouncement { id, from }
+                    if *id == theirs.id() && from.contains(&kb.node_id()) =>
+                {
+                    Some(Event::Announcement(theirs.clone()))
+                }
+                Action::FetchBlob { hash, .. } => Some(Event::BlobAvailable { hash: *hash }),
+                _ => None,
+            };
+            if let Some(e) = event {
+                out.extend(a.handle(t, e));
+            }
+        }
+        out.extend(run_aggregations(a, t, &todo));
+        out
+    };
+    let mut all = Vec::new();
+    let mut todo = a.handle(4_600, Event::Digest(digest(&kx, false_record, true, 4_600)));
+    assert!(fetched_announcements(&todo).contains(&theirs.id()));
+    for t in (4_700..9_500).step_by(100) {
+        if t == 7_000 {
+            // After the third, last attempt (at 6.6 s; the fetch runs out at 7.6 s).
+            todo.extend(a.handle(t, Event::Digest(digest(&kb, better.clone(), true, t))));
+        }
+        let done = step(&mut a, t, std::mem::take(&mut todo));
+        all.append(&mut todo);
+        all.extend(done.iter().cloned());
+        todo = done;
+        todo.extend(a.tick(t + 100));
+    }
+    assert!(
+        commits(&all).contains(&(better.clone(), Some(tip.result))),
+        "the honest record was not adopted"
+    );
+    assert_eq!(a.tip(), Some(&better));
 }
 
 /// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys
@@ -1902,6 +2042,54 @@ fn a_lighter_variant_of_an_ancestor_gets_no_honest_signer_penalised() {
     assert_eq!(a.tip(), Some(&b2));
 }
 
+/// A key that sorts first among an honest history's signers serves, for the candidate's
+/// parent, a variant claiming one more weight than its inputs give, and then nothing for
+/// that variant's parent, which the honest signer shows. The two links disagree; the key
+/// did not back its own link, so it is the one not asked again: the honest signer shows the
+/// history and it is adopted, with nobody honest penalised. (Before, the server of the lower
+/// link, the honest one, was refused; the key then served nothing, and the honest history
+/// was dropped as one nobody shows.)
+#[test]
+fn a_heavier_variant_whose_server_hides_its_parent_costs_only_that_server() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (anns, [b1, b2, b3]) = three_rounds_of_another_chain();
+    let anns: Vec<&SignedAnnouncement> = anns.iter().collect();
+    let (liar, honest) = liar_and_honest();
+    let (liar, honest) = (&liar, &honest);
+    let mut heavier = b2.clone();
+    heavier.weight += 1;
+    let serve = |from: &[NodeId], round: u64, _: Hash| {
+        from.iter().take(8).find_map(|p| {
+            let is_liar = *p == liar.node_id();
+            match round {
+                2 if is_liar => Some(digest(liar, heavier.clone(), true, 5_050)),
+                2 => Some(digest(honest, b2.clone(), true, 5_050)),
+                1 if !is_liar => Some(digest(honest, b1.clone(), true, 5_050)),
+                _ => None,
+            }
+        })
+    };
+    let out = signed_and_walked(&mut a, &b3, [liar, honest], &anns, &serve, &[], 9_000);
+    let penalised: Vec<NodeId> = penalties(&out).into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !penalised.contains(&honest.node_id()),
+        "{:?}",
+        penalties(&out)
+    );
+    let adopted: Vec<(RoundRecord, Option<Hash>)> = commits(&out);
+    assert_eq!(
+        adopted,
+        vec![
+            (b1.clone(), Some(tip.result)),
+            (b2.clone(), None),
+            (b3.clone(), None)
+        ]
+    );
+    assert_eq!(a.tip(), Some(&b3));
+}
+
 /// Sixteen keys each publish a record far ahead on a parent nobody can show (one signer
 /// each, nothing links to it). A node with company takes no one's word, so it does not
 /// keep them waiting for a quorum: they do not fill the candidate slots, and an honest
@@ -1938,6 +2126,209 @@ fn keys_publishing_unlinkable_records_cannot_fill_the_candidate_slots() {
     let (out, _) = serve_all(&mut a, 4_900, todo, &[&x, &y], &none, &|_| false, &[]);
     let adopted: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
     assert!(adopted.contains(&heavier), "{adopted:?}");
+}
+
+/// Keys flood the current round with their own announcements until it is full. An honest
+/// history whose ancestor is of that round still gets that ancestor's input kept when it is
+/// fetched to check it, so the history is adopted and its server not refused. (Before, the
+/// fetched announcement was refused as one of a full round, its server was taken not to show
+/// it and refused, and the honest history was dropped as one nobody shows.)
+#[test]
+fn a_round_flooded_by_gossip_still_has_room_for_an_honest_records_inputs() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    for k in 50..58u8 {
+        let flooder = key(k);
+        for i in 0..128u32 {
+            let adapter = Hash::of(&[b"flood".as_slice(), &[k], &i.to_le_bytes()].concat());
+            let f = ann(&flooder, 2, adapter, Some(tip.result), 4_600);
+            a.handle(4_600, Event::Announcement(f));
+        }
+    }
+    let one_more = ann(&key(59), 2, Hash::of(b"one more"), Some(tip.result), 4_600);
+    assert_eq!(
+        verdicts(&a.handle(4_600, Event::Announcement(one_more))),
+        vec![Verdict::Ignore(Ignored::RoundFull { round: 2 })],
+        "the round is full"
+    );
+    let (anns, [b1, b2, b3]) = three_rounds_of_another_chain();
+    let anns: Vec<&SignedAnnouncement> = anns.iter().collect();
+    let (kp, kq) = liar_and_honest();
+    let serve = |from: &[NodeId], round: u64, _: Hash| {
+        let k = if from.first() == Some(&kp.node_id()) {
+            &kp
+        } else {
+            &kq
+        };
+        match round {
+            2 => Some(digest(k, b2.clone(), true, 5_050)),
+            1 => Some(digest(k, b1.clone(), true, 5_050)),
+            _ => None,
+        }
+    };
+    let out = signed_and_walked(&mut a, &b3, [&kp, &kq], &anns, &serve, &[], 6_900);
+    assert_eq!(
+        commits(&out),
+        vec![
+            (b1.clone(), Some(tip.result)),
+            (b2.clone(), None),
+            (b3.clone(), None)
+        ]
+    );
+    assert!(penalties(&out).is_empty(), "{:?}", penalties(&out));
+}
+
+/// A new node takes two keys' word for a record far ahead, fetches its input and finds its
+/// result false. What it kept of it goes: the announcement at once (another record naming
+/// it has it fetched again), and the digests' ids once a few rounds have passed (the same
+/// digest is no duplicate then). (Before, both were kept until the node reached that round,
+/// for good when it is far enough: keys signing such records grew them without bound.)
+#[test]
+fn what_is_heard_for_rounds_far_ahead_is_forgotten() {
+    let ka = key(1);
+    let mut a = machine(&ka);
+    let made_up = Some(Hash::of(b"made up"));
+    let f = ann(&key(4), 1_000, Hash::of(b"f"), made_up, 0);
+    let mut far = record(1_000, made_up, &[&f], 600);
+    far.result = Hash::of(b"not what its input gives");
+    let none = |_: &[NodeId], _: u64, _: Hash| None;
+    let signed = |a: &mut RoundMachine, keys: [u8; 2], t: u64| {
+        let d = digest(&key(keys[0]), far.clone(), true, t);
+        let mut todo = a.handle(t, Event::Digest(d.clone()));
+        todo.extend(a.handle(
+            t,
+            Event::Digest(digest(&key(keys[1]), far.clone(), true, t)),
+        ));
+        (d, todo)
+    };
+    let (d4, todo) = signed(&mut a, [4, 5], 10);
+    assert!(fetched_announcements(&todo).contains(&f.id()));
+    let (out, _) = serve_all(&mut a, 20, todo, &[&f], &none, &|_| false, &[]);
+    let penalised: BTreeSet<NodeId> = penalties(&out).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        penalised,
+        BTreeSet::from([key(4).node_id(), key(5).node_id()])
+    );
+    assert_eq!(
+        verdicts(&a.handle(30, Event::Digest(d4.clone()))),
+        vec![Verdict::Ignore(Ignored::Duplicate)]
+    );
+    let (_, todo) = signed(&mut a, [6, 7], 40);
+    assert!(
+        fetched_announcements(&todo).contains(&f.id()),
+        "the announcement of a record found false was kept"
+    );
+    // Rounds go by, the node alone.
+    let mut t = 1_000;
+    while a.current_round() < 6 {
+        let r = a.current_round();
+        let adapter = Hash::of(&r.to_le_bytes());
+        let mine = ann(&ka, r, adapter, a.current_parent(), t);
+        a.handle(t, Event::LocalContribution(mine));
+        while a.current_round() == r {
+            t += 100;
+            assert!(t < 60_000, "round {r} did not commit");
+            let actions = a.tick(t);
+            run_aggregations(&mut a, t, &actions);
+        }
+    }
+    assert_ne!(
+        verdicts(&a.handle(t, Event::Digest(d4))),
+        vec![Verdict::Ignore(Ignored::Duplicate)],
+        "the digest's id was kept"
+    );
+}
+
+/// A history checked as the ancestry of a record that then fails (rounds 1 to 3 of another
+/// chain), one of whose checked records is then forgotten (a record built on its round 1
+/// claims a weight it cannot have), and a record on its round 3 that arrives after: it is
+/// adopted only with the rounds below it, never with a hole where round 1 was (round 2
+/// committed on a round 1 the node never had). (Before, rounds 2 to 4 were committed over
+/// the node's own round 1.)
+#[test]
+fn a_history_is_never_adopted_with_a_hole() {
+    let ka = key(1);
+    let (mut a, _, a1, _) = two_rounds_alone(&ka);
+    let (mut anns, [l0, l1, l2]) = three_rounds_of_another_chain();
+    let v = ann(&key(5), 4, Hash::of(b"v4"), Some(l2.result), 4_000);
+    let mut false_result = record(4, Some(l2.result), &[&v], 5);
+    false_result.result = Hash::of(b"not what its input gives");
+    let w = ann(&key(8), 2, Hash::of(b"w"), Some(l0.result), 2_000);
+    let mut false_weight = record(2, Some(l0.result), &[&w], 3);
+    false_weight.weight = 500;
+    let u = ann(&key(6), 4, Hash::of(b"u"), Some(l2.result), 4_000);
+    let honest = record(4, Some(l2.result), &[&u], 5);
+    let (kp, kq, kr, ks) = (key(30), key(31), key(32), key(33));
+    // Everyone serves the history but the signer of the false weight, who serves nothing.
+    let serve = |from: &[NodeId], round: u64, _: Hash| {
+        let k = [&kp, &kq, &ks]
+            .into_iter()
+            .find(|k| from.contains(&k.node_id()))?;
+        let r = [&l0, &l1, &l2].into_iter().find(|r| r.round == round)?;
+        Some(digest(k, r.clone(), true, 8_300))
+    };
+    anns.extend([v, w.clone(), u]);
+    let anns: Vec<&SignedAnnouncement> = anns.iter().collect();
+    let mut todo = Vec::new();
+    for k in [&kp, &kq] {
+        let d = digest(k, false_result.clone(), true, 8_300);
+        todo.extend(a.handle(8_300, Event::Digest(d)));
+    }
+    let mut out = Vec::new();
+    for t in (8_300..9_000).step_by(100) {
+        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &[]);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    assert!(
+        penalties(&out).len() == 2,
+        "the false result: {:?}",
+        penalties(&out)
+    );
+    let d = digest(&kr, false_weight.clone(), true, 9_000);
+    todo.extend(a.handle(9_000, Event::Digest(d)));
+    todo.extend(a.handle(
+        9_100,
+        Event::Digest(digest(&ks, honest.clone(), true, 9_100)),
+    ));
+    for t in (9_100..11_000).step_by(100) {
+        let (done, _) = serve_all(&mut a, t, todo, &anns, &serve, &|_| false, &[]);
+        out.extend(done);
+        todo = a.tick(t + 100);
+    }
+    let committed: Vec<RoundRecord> = commits(&out).into_iter().map(|(r, _)| r).collect();
+    // Each committed record follows the one before it (or our round 1, for a round 2).
+    let mut below = a1.clone();
+    for r in &committed {
+        if r.round > 1 {
+            assert_eq!(
+                r.parent,
+                Some(below.result),
+                "a hole below {r:?}: {committed:?}"
+            );
+        }
+        below = r.clone();
+    }
+    assert_eq!(
+        committed,
+        vec![l0.clone(), l1.clone(), l2.clone(), honest.clone()]
+    );
+    assert_eq!(a.tip(), Some(&honest));
+}
+
+/// Rounds 1 to 3 of another chain (round 1 of two contributing nodes, then one each): their
+/// announcements and records.
+fn three_rounds_of_another_chain() -> (Vec<SignedAnnouncement>, [RoundRecord; 3]) {
+    let (kx, ky, kz) = (key(5), key(6), key(7));
+    let x = ann(&kx, 1, Hash::of(b"x"), None, 100);
+    let y = ann(&ky, 1, Hash::of(b"y"), None, 100);
+    let b1 = record(1, None, &[&x, &y], 2);
+    let z = ann(&kz, 2, Hash::of(b"z"), Some(b1.result), 2_000);
+    let b2 = record(2, Some(b1.result), &[&z], 3);
+    let v = ann(&kx, 3, Hash::of(b"v"), Some(b2.result), 3_000);
+    let b3 = record(3, Some(b2.result), &[&v], 4);
+    (vec![x, y, z, v], [b1, b2, b3])
 }
 
 /// Two keys that sign a history, ordered so that the first (the liar in a test) is asked

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use super::fetch::{Blob, BlobState};
+use super::fetch::{Blob, BlobState, Settled};
 use super::{
     Action, Ignored, Misbehaviour, RoundMachine, Verdict, MAX_ANNOUNCEMENTS_PER_ROUND,
-    MAX_ANNOUNCEMENTS_PER_SIGNER,
+    MAX_ANNOUNCEMENTS_PER_SIGNER, MAX_REQUESTS,
 };
 use crate::{Hash, SignedAnnouncement};
 
@@ -24,6 +24,43 @@ impl RoundMachine {
             nodes.insert(self.ann(&i.announcement)?.payload().contributor);
         }
         Some(nodes.len() as u64)
+    }
+
+    /// Drops the announcements of rounds further ahead than announcements are kept that no
+    /// candidate (or ancestor of one) names: they were fetched to verify a record that is
+    /// gone. (Kept, they stayed until the node reached their round: keys signing record
+    /// after record for rounds far ahead grew them without bound.)
+    pub(super) fn prune_far_announcements(&mut self) {
+        let Some(from) = self
+            .cur
+            .round
+            .saturating_add(self.config.lookahead_rounds)
+            .checked_add(1)
+        else {
+            return;
+        };
+        let far: Vec<(u64, Hash)> = self
+            .anns
+            .range((from, Hash([0; 32]))..)
+            .map(|(k, _)| *k)
+            .collect();
+        if far.is_empty() {
+            return;
+        }
+        let named: BTreeSet<Hash> = self
+            .candidates
+            .values()
+            .flat_map(|c| std::iter::once(&c.record).chain(&c.ancestry.links))
+            .filter(|r| r.round >= from)
+            .flat_map(|r| r.inputs.iter().map(|i| i.announcement))
+            .collect();
+        for (round, id) in far {
+            if !named.contains(&id) {
+                self.anns.remove(&(round, id));
+                self.ann_round.remove(&id);
+                self.dirty = true;
+            }
+        }
     }
 
     pub(super) fn round_anns(
@@ -68,9 +105,9 @@ impl RoundMachine {
             // (which decoding already refuses). A weak key's unasked-for announcement is not:
             // keys cost nothing to make, and its round could be any.
             if request.is_some() || matches!(why, Misbehaviour::WrongModel { .. }) {
-                self.seen.insert(id, a.round);
+                self.seen.insert(id, self.pruning_round(a.round));
                 let round = request.as_ref().map_or(a.round, |r| r.round);
-                self.invalid.insert(id, round);
+                self.invalid.insert(id, self.pruning_round(round));
             }
             self.penalise(a.contributor, why.clone(), out);
             if let Some(req) = request {
@@ -91,7 +128,13 @@ impl RoundMachine {
                 self.penalise(l, Misbehaviour::NamedMismatchedAnnouncement { id }, out);
             }
         }
+        // Asked for to verify another history: served, so what keeps it out below is
+        // nobody's fault (see `Settled::Unkept`).
+        let for_history = request.as_ref().is_some_and(|r| r.for_history());
         if a.time_ms > now.saturating_add(self.config.max_clock_skew_ms) {
+            if for_history {
+                self.settle(id, Settled::Unkept);
+            }
             return verdict(
                 Verdict::Ignore(Ignored::FromTheFuture {
                     time_ms: a.time_ms,
@@ -136,18 +179,35 @@ impl RoundMachine {
                 out,
             );
         }
+        // One asked for to verify a record of another history has room beyond what gossip
+        // may fill: keys flooding a round with their own announcements cannot keep a node
+        // from checking an honest record of that round. (Before, it was refused, its server
+        // was taken not to show what it named, and the honest history was dropped.)
+        let catch_up = request.as_ref().is_some_and(|r| r.for_history());
+        let room = if catch_up {
+            MAX_ANNOUNCEMENTS_PER_ROUND + MAX_REQUESTS
+        } else {
+            MAX_ANNOUNCEMENTS_PER_ROUND
+        };
         let in_round = self.round_anns(a.round).count();
-        if in_round >= MAX_ANNOUNCEMENTS_PER_ROUND {
-            return verdict(Verdict::Ignore(Ignored::RoundFull { round: a.round }), out);
-        }
         let of_signer = self
             .round_anns(a.round)
             .filter(|(_, o)| o.payload().contributor == a.contributor)
             .count();
-        if of_signer >= MAX_ANNOUNCEMENTS_PER_SIGNER {
-            return verdict(Verdict::Ignore(Ignored::SignerFull { round: a.round }), out);
+        let full = if in_round >= room {
+            Some(Ignored::RoundFull { round: a.round })
+        } else if of_signer >= MAX_ANNOUNCEMENTS_PER_SIGNER {
+            Some(Ignored::SignerFull { round: a.round })
+        } else {
+            None
+        };
+        if let Some(why) = full {
+            if catch_up {
+                self.settle(id, Settled::Unkept);
+            }
+            return verdict(Verdict::Ignore(why), out);
         }
-        self.seen.insert(id, a.round);
+        self.seen.insert(id, self.pruning_round(a.round));
         let key = a.contributor_key();
         let mut equivocated = None;
         for (_, o) in self.round_anns(a.round) {
@@ -171,7 +231,12 @@ impl RoundMachine {
         }
         self.anns.insert((round, id), msg.clone());
         self.ann_round.insert(id, round);
-        if round == self.cur.round && self.admits(now, false) {
+        // (Past what gossip may fill, one fetched for another history is not in our own
+        // selection.)
+        if round == self.cur.round
+            && self.admits(now, false)
+            && in_round < MAX_ANNOUNCEMENTS_PER_ROUND
+        {
             self.cur.admitted.insert(id);
         }
         self.dirty = true;

@@ -353,6 +353,7 @@ impl RoundMachine {
         }
         self.anns = kept;
         self.seen.retain(|_, r| *r >= keep_from);
+        self.settled.clear();
         self.banned.retain(|_, until| *until >= round);
         self.unserved.retain(|_, (until, _)| *until >= round);
         self.invalid.retain(|_, r| *r >= keep_from);

@@ -16,7 +16,7 @@ impl RoundMachine {
         let d = msg.payload();
         let r = &d.record;
         let signer = d.signer;
-        self.seen.insert(id, r.round);
+        self.seen.insert(id, self.pruning_round(r.round));
         if signer == self.me {
             return verdict(Verdict::Ignore(Ignored::Own), out);
         }

@@ -8,6 +8,9 @@ use super::{Action, FetchFailure, Misbehaviour, RoundMachine, MAX_REQUESTS};
 /// Announcement fetches one namer's digests or records may have in flight: one record's
 /// inputs.
 const MAX_REQUESTS_PER_NAMER: usize = crate::MAX_ROUND_INPUTS;
+/// Announcement fetches in flight to verify records of other histories (candidates and
+/// their ancestors).
+const MAX_CATCH_UP_REQUESTS: usize = MAX_REQUESTS / 2;
 use crate::{Hash, NodeId, RoundInput};
 
 /// Where an adapter blob is in the local store.
@@ -50,9 +53,41 @@ pub(super) struct AnnRequest {
     pub(super) round: u64,
     pub(super) deadline: u64,
     pub(super) attempts: u32,
-    /// Asked for only to verify a record of another history (fork choice, catch-up): its
-    /// namers are not held to serve it.
-    pub(super) catch_up: bool,
+    /// Namers that named it in a record of another history (a candidate or an ancestor of
+    /// one) being verified: they are not held to serve it the way a current-round digest's
+    /// namers are (see [`RoundMachine::distrust_namers`]); what their fetch came to is
+    /// settled instead (see [`Settled`]).
+    pub(super) history: BTreeSet<NodeId>,
+    /// Namers that at least one attempt asked.
+    pub(super) asked: BTreeSet<NodeId>,
+}
+
+impl AnnRequest {
+    /// Asked for to verify another history (by some namer at least).
+    pub(super) fn for_history(&self) -> bool {
+        !self.history.is_empty()
+    }
+
+    /// The next attempt's action: every namer is asked.
+    fn attempt(&mut self, id: Hash) -> Action {
+        self.asked.extend(self.claims.keys().copied());
+        Action::FetchAnnouncement {
+            id,
+            from: self.claims.keys().copied().collect(),
+        }
+    }
+}
+
+/// How an announcement fetch asked for to verify another history ended without the
+/// announcement being kept. Remembered until the next round opens, at most
+/// [`MAX_REQUESTS`] of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// Every attempt ran out: these namers were asked and served nothing.
+    Silent(BTreeSet<NodeId>),
+    /// It was served but not kept (its round or its signer's share was full, or it was
+    /// stamped in the future): not checkable here, and nobody's fault.
+    Unkept,
 }
 
 impl RoundMachine {
@@ -116,10 +151,20 @@ impl RoundMachine {
         }
         if let Some(req) = self.requests.get_mut(&id) {
             req.claims.entry(namer).or_insert((round, adapter));
-            req.catch_up &= catch_up;
+            if catch_up {
+                req.history.insert(namer);
+            }
             return;
         }
         if self.requests.len() >= MAX_REQUESTS {
+            return;
+        }
+        // What verifying other histories asks for takes at most half of the fetches, so
+        // records that name announcements nobody serves cannot crowd out the current
+        // round's.
+        if catch_up
+            && self.requests.values().filter(|r| r.for_history()).count() >= MAX_CATCH_UP_REQUESTS
+        {
             return;
         }
         // One namer's unknown ids take at most a record's worth of the fetches in flight, so
@@ -132,23 +177,20 @@ impl RoundMachine {
         if by_namer >= MAX_REQUESTS_PER_NAMER {
             return;
         }
-        let mut claims = BTreeMap::new();
-        claims.insert(namer, (round, adapter));
-        self.requests.insert(
-            id,
-            AnnRequest {
-                claims,
-                round,
-                deadline: now.saturating_add(self.config.fetch_timeout_ms),
-                attempts: 1,
-                catch_up,
-            },
-        );
+        let mut req = AnnRequest {
+            claims: BTreeMap::from([(namer, (round, adapter))]),
+            round,
+            deadline: now.saturating_add(self.config.fetch_timeout_ms),
+            attempts: 1,
+            history: BTreeSet::new(),
+            asked: BTreeSet::new(),
+        };
+        if catch_up {
+            req.history.insert(namer);
+        }
+        out.push(req.attempt(id));
+        self.requests.insert(id, req);
         self.dirty = true;
-        out.push(Action::FetchAnnouncement {
-            id,
-            from: vec![namer],
-        });
     }
 
     pub(super) fn want_blob(
@@ -236,10 +278,11 @@ impl RoundMachine {
                 self.dirty = true;
                 if reason == FetchFailure::Unavailable {
                     if let Some(req) = &req {
+                        self.settle_silent(hash, req);
                         self.distrust_namers(now, req);
                     }
                 } else if let Some(req) = req.filter(|_| reason == FetchFailure::Invalid) {
-                    self.invalid.insert(hash, req.round);
+                    self.invalid.insert(hash, self.pruning_round(req.round));
                     for namer in req.claims.keys() {
                         self.penalise(
                             *namer,
@@ -251,10 +294,7 @@ impl RoundMachine {
             } else if reason == FetchFailure::Unavailable {
                 req.attempts += 1;
                 req.deadline = now.saturating_add(timeout);
-                out.push(Action::FetchAnnouncement {
-                    id: hash,
-                    from: req.claims.keys().copied().collect(),
-                });
+                out.push(req.attempt(hash));
             }
             // `Local`: asked again at the attempt's deadline.
             return;
@@ -356,15 +396,14 @@ impl RoundMachine {
                 } else {
                     r.attempts += 1;
                     r.deadline = now_ms.saturating_add(timeout);
-                    out.push(Action::FetchAnnouncement {
-                        id: *id,
-                        from: r.claims.keys().copied().collect(),
-                    });
+                    out.push(r.attempt(*id));
                 }
             }
         }
         for id in expired {
-            self.requests.remove(&id);
+            if let Some(req) = self.requests.remove(&id) {
+                self.settle_silent(id, &req);
+            }
             self.dirty = true;
         }
     }
@@ -379,7 +418,7 @@ impl RoundMachine {
 
     /// Marks `who` unserved for this round and the next, and for at most as long as a
     /// fetch's attempts take.
-    fn mark_unserved(&mut self, now: u64, who: NodeId) {
+    pub(super) fn mark_unserved(&mut self, now: u64, who: NodeId) {
         let span = self
             .config
             .fetch_timeout_ms
@@ -414,16 +453,42 @@ impl RoundMachine {
         }
     }
 
+    /// A fetch asked for to verify another history ran out: the history namers it asked
+    /// served nothing (what verifying the record does with that is up to fork choice).
+    fn settle_silent(&mut self, id: Hash, req: &AnnRequest) {
+        if !req.for_history() {
+            return;
+        }
+        let silent = req.history.intersection(&req.asked).copied().collect();
+        self.settle(id, Settled::Silent(silent));
+    }
+
+    /// Remembers how a fetch for another history ended (see [`Settled`]).
+    pub(super) fn settle(&mut self, id: Hash, how: Settled) {
+        if self.settled.len() < MAX_REQUESTS || self.settled.contains_key(&id) {
+            self.settled.insert(id, how);
+            self.dirty = true;
+        }
+    }
+
     /// An announcement its namers claimed to hold was not served by any of them: their
     /// digests are not reconciled this round and the next, and what they alone named is
     /// no longer waited for. Before, a digest naming hundreds of announcements that do not
     /// exist, sent again with fresh ids, kept the round pending for good.
+    /// (Only the namers of current-round digests: a namer that named it only in a record
+    /// of another history is settled with instead, see [`Self::settle_silent`].)
     fn distrust_namers(&mut self, now: u64, req: &AnnRequest) {
-        if req.catch_up {
+        let current: Vec<NodeId> = req
+            .claims
+            .keys()
+            .filter(|n| !req.history.contains(n))
+            .copied()
+            .collect();
+        if current.is_empty() {
             return;
         }
-        for namer in req.claims.keys() {
-            self.mark_unserved(now, *namer);
+        for namer in current {
+            self.mark_unserved(now, namer);
         }
         let unserved = &self.unserved;
         let before = self.requests.len();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use super::fetch::BlobState;
+use super::fetch::{BlobState, Settled};
 use super::history::{Ancestry, Linking};
 use super::{
     Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY,
@@ -258,10 +258,43 @@ impl RoundMachine {
                     break;
                 }
                 let Some(a) = self.ann(&input.announcement) else {
+                    // Its signers committed it, so they hold its inputs' announcements. One
+                    // whose fetch ran out, asking some of them, is one those do not show: the
+                    // record is not waited for, and they are not asked again for a while (a
+                    // signer never asked is not held to it). One served but not kept here is
+                    // not checkable here. (Before, such a record was asked for again and
+                    // again: a few keys each signing one that names 512 made-up announcements
+                    // held every announcement fetch, the current round's too.)
+                    let id = input.announcement;
+                    match self.settled.get(&id) {
+                        Some(Settled::Unkept) => {
+                            (unverifiable, missing) = (true, true);
+                            break;
+                        }
+                        Some(Settled::Silent(silent)) => {
+                            let blamed: Vec<NodeId> = signers
+                                .iter()
+                                .filter(|s| silent.contains(s))
+                                .copied()
+                                .collect();
+                            if !blamed.is_empty() {
+                                for s in blamed {
+                                    self.mark_unserved(now, s);
+                                }
+                                (unverifiable, missing) = (true, true);
+                                break;
+                            }
+                        }
+                        None => {}
+                    }
+                    if signers.iter().all(|s| self.is_unserved(s)) {
+                        (unverifiable, missing) = (true, true);
+                        break;
+                    }
                     for s in &signers {
                         self.request_announcement(
                             now,
-                            input.announcement,
+                            id,
                             (record.round, input.adapter),
                             *s,
                             true,
@@ -382,16 +415,18 @@ impl RoundMachine {
     /// Makes a verified foreign record our tip: a switch within the tip's round, a
     /// catch-up to a later round, or a rewind to an earlier one (our later records are
     /// then orphaned). `links`: its verified ancestors (newest first) when its parent was no
-    /// round of our chain; they join our chain memory with it.
+    /// round of our chain; they join our chain memory with it. `false` when its path to our
+    /// chain no longer holds (nothing adopted: it is to be verified again); `true` when it
+    /// was adopted, or no longer beats our tip.
     fn adopt(
         &mut self,
         now: u64,
         record: RoundRecord,
         links: &[RoundRecord],
         out: &mut Vec<Action>,
-    ) {
+    ) -> bool {
         if self.tip.as_ref().is_some_and(|t| !record.beats(t)) && !self.lonely(now) {
-            return;
+            return true;
         }
         // Its ancestors first, oldest first (checked earlier, then linked now): our chain
         // now runs through them (each replaces our record of its round, and the first
@@ -399,6 +434,16 @@ impl RoundMachine {
         let oldest = links.last().unwrap_or(&record);
         let mut path = self.checked_path(oldest);
         path.extend(links.iter().rev().cloned());
+        // The path must reach our chain (or genesis; a record taken on a quorum's word has no
+        // path). A checked record in it may have been
+        // forgotten since (a variant of it, or too many others checked): then the record
+        // above the gap is forgotten too and nothing is adopted (a later digest brings the
+        // candidate back, and its history is walked again). Before, the rounds above the gap
+        // were committed on a parent this node never had.
+        if let Some(first) = path.first().filter(|f| !self.parent_on_our_chain(f)) {
+            self.forget_checked(Some(first.result));
+            return false;
+        }
         for link in path.iter().chain(std::iter::once(&record)) {
             let replaces = self
                 .chain
@@ -434,6 +479,7 @@ impl RoundMachine {
         // Our endorsement of the adopted record goes out with the next heartbeat
         // (unless enough identical copies are heard first).
         self.reset_heartbeat(now);
+        true
     }
 
     /// Records `record` as the newest round of our chain, dropping anything at or
@@ -547,11 +593,25 @@ impl RoundMachine {
         }
         if c.record.result == result {
             let links = if linked.is_some() {
-                c.ancestry.links
+                c.ancestry.links.clone()
             } else {
                 Vec::new()
             };
-            self.adopt(now, c.record, &links, out);
+            if !self.adopt(now, c.record.clone(), &links, out) {
+                // Its path to our chain broke meanwhile: it is verified again from the
+                // start, its history walked anew.
+                self.candidates.insert(
+                    key,
+                    Candidate {
+                        job: None,
+                        ancestry: Ancestry::default(),
+                        trusted: false,
+                        ..c
+                    },
+                );
+                self.dirty = true;
+                self.recheck = true;
+            }
         } else {
             for s in &c.signers {
                 self.penalise(

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use super::fetch::BlobState;
+use super::fetch::{BlobState, Settled};
 use super::{Action, AggregateInput, AggregationJob, Misbehaviour, RoundMachine, CHAIN_MEMORY};
 use crate::{Hash, NodeId, RoundRecord, SignedDigest};
 
@@ -57,9 +57,6 @@ pub(super) struct Ancestry {
     deep: bool,
     /// The walk ended without a link to our chain (see [`Linking::Unlinkable`]).
     pub(super) unlinkable: bool,
-    /// Announcements of the link being checked that were asked of its server: one no
-    /// longer asked (its request ran out of attempts) is one the server does not show.
-    anns_asked: BTreeSet<Hash>,
     /// When the walk began.
     since: Option<u64>,
     /// Links, from the oldest, whose weight and result are checked.
@@ -247,7 +244,6 @@ impl RoundMachine {
         } else {
             (a.links[idx + 1].weight, Some(a.servers[idx + 1]))
         };
-        let anns_asked = a.anns_asked.clone();
         let pending_job = a.job.clone();
         let fail = |why| Linking::Failed(server, Some(why));
         // Announcements: valid, of this round and adapter, one per contributor.
@@ -264,18 +260,20 @@ impl RoundMachine {
                 // Of the link's server alone: it committed the link, so it holds its inputs
                 // (for 16 rounds), and what it cannot show counts against it, not against
                 // the candidate's other signers.
-                let asked_before = anns_asked.contains(&id) && !self.requests.contains_key(&id);
-                if asked_before || self.is_unserved(&server) {
-                    // Asked of it until its request ran out, or it failed to serve what it
-                    // named lately: not waited for.
+                match self.settled.get(&id) {
+                    // Served, but not kept here: not checkable here, nobody's fault.
+                    Some(Settled::Unkept) => return Linking::Unlinkable,
+                    // Asked of it until its fetch ran out.
+                    Some(Settled::Silent(silent)) if silent.contains(&server) => {
+                        return Linking::Failed(server, None)
+                    }
+                    _ => {}
+                }
+                if self.is_unserved(&server) {
+                    // It failed to serve what it named lately: not waited for.
                     return Linking::Failed(server, None);
                 }
                 self.request_announcement(now, id, (link.round, input.adapter), server, true, out);
-                if self.requests.contains_key(&id) {
-                    if let Some(c) = self.candidates.get_mut(&key) {
-                        c.ancestry.anns_asked.insert(id);
-                    }
-                }
                 missing = true;
                 continue;
             };
@@ -299,9 +297,14 @@ impl RoundMachine {
             // A weight is only proven false against our own chain's, or against a record its
             // own server signed too. A result does not fix its record's weight (one key can
             // announce others' adapters as its own and serve a variant of another weight), so
-            // against a record another server showed, or one checked before, the one below is
-            // as suspect as this one: that server is not asked again, or that record is
-            // forgotten, and nobody is penalised.
+            // against a record another server showed nobody is penalised. That server is
+            // asked for a link's parent first and answers unless it cannot: a parent from
+            // someone else means this link's server did not back its own link, so it is the
+            // one not asked again. (Refusing the server below instead let one key serve a
+            // heavier variant, stay silent for its parent, and get every honest server that
+            // showed the parent refused, one after another, until the honest history was
+            // dropped as unserved.) Against a record checked before, that record is
+            // forgotten and the history walked.
             return match below_server {
                 None if self.parent_on_our_chain(&link) => fail(why),
                 None => {
@@ -309,7 +312,7 @@ impl RoundMachine {
                     Linking::Pending
                 }
                 Some(s) if s == server => fail(why),
-                Some(s) => Linking::Failed(s, None),
+                Some(_) => Linking::Failed(server, None),
             };
         }
         // Its result: recomputed from its inputs' adapters.
@@ -463,7 +466,6 @@ impl RoundMachine {
         }
         a.asked = None;
         a.asked_from.clear();
-        a.anns_asked.clear();
         a.checked = 0;
         a.job = None;
         a.base = None;
@@ -502,7 +504,6 @@ impl RoundMachine {
             }
             if link.result == result {
                 a.checked += 1;
-                a.anns_asked.clear();
                 let link = link.clone();
                 self.dirty = true;
                 self.remember_checked(link);

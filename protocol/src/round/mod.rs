@@ -101,7 +101,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Hash, ModelId, NodeId, RoundRecord, SignedAnnouncement, MAX_ROUND_INPUTS};
 use current::Current;
-use fetch::{AnnRequest, Blob, BlobState};
+use fetch::{AnnRequest, Blob, BlobState, Settled};
 use fork_choice::Candidate;
 use heartbeat::Heartbeat;
 
@@ -153,8 +153,11 @@ pub struct RoundMachine {
     requests: BTreeMap<Hash, AnnRequest>,
     blobs: BTreeMap<Hash, Blob>,
     candidates: BTreeMap<Hash, Candidate>,
-    /// Message ids seen, with their round (for pruning).
+    /// Message ids seen, with their round (for pruning; see [`Self::pruning_round`]).
     seen: BTreeMap<Hash, u64>,
+    /// How announcement fetches asked for to verify other histories ended without the
+    /// announcement kept (see [`Settled`]). Cleared as each round opens.
+    settled: BTreeMap<Hash, Settled>,
     /// Other signers whose committed digest matched our tip, and since when it is tip.
     tip_support: BTreeSet<NodeId>,
     /// Records of other chains whose weight and result this node checked (as ancestors of
@@ -218,6 +221,7 @@ impl RoundMachine {
             blobs: BTreeMap::new(),
             candidates: BTreeMap::new(),
             seen: BTreeMap::new(),
+            settled: BTreeMap::new(),
             banned: BTreeMap::new(),
             unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),
@@ -266,6 +270,14 @@ impl RoundMachine {
             self.chain.insert(r.round, (r.result, r.weight));
             (round, result) = (r.round, r.parent);
         }
+    }
+
+    /// The round under which something of round `round` is remembered for pruning: its own,
+    /// or, for one further ahead than announcements are kept, the last round they are kept
+    /// for. So a message for a round far ahead (any round up to [`crate::MAX_ROUND`] is
+    /// valid) is forgotten a few rounds on, like any other, rather than kept for good.
+    fn pruning_round(&self, round: u64) -> u64 {
+        round.min(self.cur.round.saturating_add(self.config.lookahead_rounds))
     }
 
     /// The last committed record (`None`: still at the base model).
@@ -452,6 +464,7 @@ impl RoundMachine {
             }
             self.dirty = true;
         }
+        self.prune_far_announcements();
         self.run_heartbeat(now, out);
     }
 }
