@@ -1168,6 +1168,52 @@ fn records_naming_announcements_nobody_serves_cannot_hold_the_fetches() {
     );
 }
 
+/// Keys sign records naming 512 announcements nobody serves, with ids that sort before an
+/// honest heavier record's: two take the fetches for other histories, and two more wait for
+/// them. When the first two run out, the record more keys signed is served first, so the
+/// honest one is fetched then rather than after the next two. (Before, candidates were
+/// served in the order of their ids.)
+#[test]
+fn freed_fetches_go_first_to_the_record_more_keys_signed() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, _) = endorsed_round_one(&ka, &mine);
+    let (kb, kc) = (key(2), key(3));
+    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
+    let better = record(1, None, &[&mine, &theirs], 2);
+    let ghosts: Vec<RoundRecord> = (1..)
+        .map(|n| made_up_inputs(n * 10_000, 512))
+        .filter(|r| r.id() < better.id())
+        .take(4)
+        .collect();
+    let publish = |a: &mut RoundMachine, t: u64, which: std::ops::Range<usize>| {
+        let mut out = Vec::new();
+        for n in which {
+            let d = digest(&key(40 + n as u8), ghosts[n].clone(), true, t);
+            out.extend(a.handle(t, Event::Digest(d)));
+        }
+        out
+    };
+    let mut asked_at = None;
+    let mut out = publish(&mut a, 4_600, 0..2);
+    for k in [&kb, &kc] {
+        out.extend(a.handle(4_700, Event::Digest(digest(k, better.clone(), true, 4_700))));
+    }
+    out.extend(publish(&mut a, 4_800, 2..4));
+    for t in (4_900..11_000).step_by(100) {
+        out.extend(a.tick(t));
+        if asked_at.is_none() && fetched_announcements(&out).contains(&theirs.id()) {
+            asked_at = Some(t);
+        }
+        out.clear();
+    }
+    // The first two run out at 7.6 s (three attempts of a second from 4.6 s).
+    assert!(
+        asked_at.is_some_and(|t| t < 8_000),
+        "the honest record's announcement was asked for at {asked_at:?}"
+    );
+}
+
 /// A key signs a heavier record naming an honest node's announcement and serves nothing;
 /// the honest record naming it arrives late in that fetch's life, after its last attempt.
 /// The fetch runs out having asked only the key: the honest signer, never asked, is not

@@ -170,7 +170,16 @@ impl RoundMachine {
     }
 
     pub(super) fn progress_candidates(&mut self, now: u64, out: &mut Vec<Action>) {
-        let keys: Vec<Hash> = self.candidates.keys().copied().collect();
+        // Most signers first: what fetch slots free up goes to the records more keys vouch
+        // for. (In the order of their ids, keys signing fresh records with ids ground to sort
+        // first took every freed slot, and an honest record waited for good.)
+        let mut keys: Vec<(usize, Hash)> = self
+            .candidates
+            .iter()
+            .map(|(k, c)| (c.signers.len(), *k))
+            .collect();
+        keys.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let keys = keys.into_iter().map(|(_, k)| k);
         for key in keys {
             let Some(c) = self.candidates.get(&key) else {
                 continue;
