@@ -6,7 +6,11 @@
 //! Each thread count of `--threads` (a list, default `1,2`) is measured in a child process of its
 //! own (a process's thread pools are sized once), `--runs` times (default 5), and the medians are
 //! reported; `llama-bench` runs as many repetitions and reports each, of which the median is taken
-//! too. `best` compares each side at its own best thread count. In the child our model is dropped
+//! too. `llama-bench` does not report how long a model takes to load: with
+//! `LLAMA_COMPLETION=/path/to/llama-completion` set too, that runs `--runs` times per thread
+//! count on the same prompt for one token, and the median of its load time (from its log's
+//! timestamps: model and context ready) is compared with our `BaseModel::load`, both with the
+//! file in the page cache (it is read once before anything is measured). `best` compares each side at its own best thread count. In the child our model is dropped
 //! before candle-transformers loads its own, so a 7B file fits (`--model file.gguf --threads 2
 //! --tokens 8 --runs 3`).
 //!
@@ -171,6 +175,57 @@ fn llama_bench(
     Some(json!({"prefill_tok_s": get(true)?, "decode_tok_s": get(false)?}))
 }
 
+/// llama.cpp's load time for `path` with `threads` threads, in seconds: the median over `runs`
+/// runs of `llama-completion` generating one token (with a 256-token context), each the time its
+/// log's timestamps put between "load the model" and the thread pool's start once the model and
+/// context are ready. (The "load time" of its closing summary is not that: it counts from the
+/// context's creation to the first token.)
+fn llama_load(bin: &str, path: &std::path::Path, threads: usize, runs: usize) -> Option<f64> {
+    // `0.00.534.759 I ...`: minutes, seconds, milliseconds, microseconds.
+    let stamp = |line: &str| -> Option<f64> {
+        let parts: Vec<f64> = line
+            .split_whitespace()
+            .next()?
+            .split('.')
+            .map(|p| p.parse::<f64>().ok())
+            .collect::<Option<_>>()?;
+        match parts[..] {
+            [m, s, ms, us] => Some(m * 60.0 + s + ms / 1e3 + us / 1e6),
+            _ => None,
+        }
+    };
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let out = std::process::Command::new(bin)
+            .arg("-m")
+            .arg(path)
+            .args([
+                "-p",
+                PROMPT,
+                "-n",
+                "1",
+                "-c",
+                "256",
+                "-t",
+                &threads.to_string(),
+            ])
+            .args(["-no-cnv", "--no-warmup"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let mut lines = text.lines();
+        let start = lines
+            .find(|l| l.contains("load the model"))
+            .and_then(stamp)?;
+        let ready = lines
+            .find(|l| l.contains("threadpool init") || l.contains("system_info"))
+            .and_then(stamp)?;
+        times.push(ready - start);
+    }
+    Some(median(times))
+}
+
 /// The best value of `key` (`"decode_tok_s"`, ...) over `rows[..][side]`, with its thread count.
 fn best(rows: &[Value], side: &str, key: &str) -> Option<(f64, u64)> {
     rows.iter()
@@ -196,8 +251,15 @@ fn main() -> Result<()> {
         .map(|s| s.trim().parse::<usize>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("--threads {list}: a comma-separated list of counts"))?;
+    // The file is read once first, so that every load below (ours and llama.cpp's) finds it
+    // in the page cache: load times compare what each does with the bytes, not the disk.
+    std::io::copy(
+        &mut std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?,
+        &mut std::io::sink(),
+    )?;
     let exe = std::env::current_exe()?;
     let llama = std::env::var("LLAMA_BENCH").ok();
+    let completion = std::env::var("LLAMA_COMPLETION").ok();
     let mut rows = Vec::new();
     for &t in &threads {
         let out = std::process::Command::new(&exe)
@@ -214,6 +276,14 @@ fn main() -> Result<()> {
         let prompt = row["prompt_tokens"].as_u64().unwrap_or(16) as usize;
         if let Some(bin) = &llama {
             row["llama_cpp"] = llama_bench(bin, &path, prompt, n_gen, t, runs).into();
+        }
+        if let Some(bin) = &completion {
+            if let Some(load) = llama_load(bin, &path, t, runs) {
+                row["llama_cpp"]["load_s"] = json!(load);
+                if let Some(ours) = row["hivemind"]["load_s"].as_f64() {
+                    row["ratio_vs_llama_cpp"]["load_time"] = json!(ours / load);
+                }
+            }
         }
         for base in ["candle_transformers", "llama_cpp"] {
             for key in ["prefill_tok_s", "decode_tok_s"] {

@@ -17,7 +17,6 @@
 //! chat` computes, so the two decode alike (F16 and Q8_0 make smaller files that round it).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
@@ -202,9 +201,7 @@ pub fn write_merged_gguf(
             "merging needs a GGUF base model (this is a Hugging Face dir; convert it with llama.cpp first)",
         ));
     }
-    let mut file = File::open(base).map_err(|e| ModelError::io(base, e))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| ModelError::bad(base, format!("not a readable GGUF file: {e}")))?;
+    let (mut file, content) = crate::loader::read_gguf_header(base)?;
     let cfg = ModelConfig::from_gguf(base, &content.metadata)?;
     let (mut pairs, alpha) = gguf_pairs(adapter, &cfg)?;
     // The file's own tensor order.
