@@ -278,7 +278,11 @@ fn main() -> Result<()> {
             row["llama_cpp"] = llama_bench(bin, &path, prompt, n_gen, t, runs).into();
         }
         if let Some(bin) = &completion {
-            if let Some(load) = llama_load(bin, &path, t, runs) {
+            let load = llama_load(bin, &path, t, runs);
+            if load.is_none() {
+                eprintln!("{bin}: no load time (it failed, or its log has no timestamps)");
+            }
+            if let Some(load) = load {
                 row["llama_cpp"]["load_s"] = json!(load);
                 if let Some(ours) = row["hivemind"]["load_s"].as_f64() {
                     row["ratio_vs_llama_cpp"]["load_time"] = json!(ours / load);

@@ -120,7 +120,8 @@ fn hash_cache_dir() -> PathBuf {
 /// Any change to those three hashes the file again. The cache is best effort: when it cannot be
 /// read or written, the file is hashed.
 pub fn file_hash_cached(path: &Path, cache_dir: &Path, min_len: u64) -> Result<Hash> {
-    hash_remembered(path, cache_dir, min_len, || {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    hash_remembered(path, &meta, cache_dir, min_len, || {
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_mmap(path)
@@ -129,14 +130,16 @@ pub fn file_hash_cached(path: &Path, cache_dir: &Path, min_len: u64) -> Result<H
     })
 }
 
-/// [`file_hash_cached`] with the hash, when it is not remembered, computed by `compute`.
+/// [`file_hash_cached`] with the hash, when it is not remembered, computed by `compute` from
+/// the file whose metadata is `meta` (taken from the very file `compute` reads, so that a file
+/// renamed over `path` meanwhile is not remembered under the other's hash).
 fn hash_remembered(
     path: &Path,
+    meta: &std::fs::Metadata,
     cache_dir: &Path,
     min_len: u64,
     compute: impl FnOnce() -> Result<Hash>,
 ) -> Result<Hash> {
-    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     let entry = (meta.len() >= min_len)
         .then(|| std::fs::canonicalize(path).ok())
         .flatten()
@@ -144,7 +147,7 @@ fn hash_remembered(
             let name = blake3::hash(p.as_os_str().as_encoded_bytes()).to_hex();
             cache_dir.join(name.as_str())
         });
-    let stamp = file_stamp(&meta);
+    let stamp = file_stamp(meta);
     if let Some(entry) = &entry {
         let cached = std::fs::read_to_string(entry).ok().and_then(|text| {
             let (hash, rest) = text.trim().split_once(' ')?;
@@ -184,9 +187,9 @@ fn file_stamp(meta: &std::fs::Metadata) -> String {
 
 /// Opens the GGUF file at `path` and reads its header (metadata and tensor directory). The
 /// header is read through a buffer: candle's reader asks for each of the vocabulary's tens of
-/// thousands of strings field by field, which straight from the file took 0.22-0.27 s of the
-/// default model's 0.31-0.40 s load (two system calls per field), against 0.35 s for llama.cpp
-/// to load the whole model.
+/// thousands of strings field by field, which straight from the file (a few system calls per
+/// string) took 0.22-0.27 s of the default model's 0.31-0.40 s load, against 0.35 s for
+/// llama.cpp to load the whole model.
 pub(crate) fn read_gguf_header(path: &Path) -> Result<(File, gguf_file::Content)> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
@@ -343,9 +346,13 @@ pub fn load_gguf(path: &Path) -> Result<BaseModel> {
         // From the map the weights are used in: a second map of the file, read through, would
         // count its pages towards this process's memory a second time (a 7B model's first load
         // peaked at 9 GB for a 4.4 GB file).
-        hash: hash_remembered(path, &hash_cache_dir(), HASH_CACHE_MIN_BYTES, || {
-            Ok(blake3::hash(&map).into())
-        })?,
+        hash: hash_remembered(
+            path,
+            &file.metadata().map_err(|e| ModelError::io(path, e))?,
+            &hash_cache_dir(),
+            HASH_CACHE_MIN_BYTES,
+            || Ok(blake3::hash(&map).into()),
+        )?,
         path: path.to_path_buf(),
     })
 }
