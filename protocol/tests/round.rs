@@ -1089,6 +1089,34 @@ fn made_up_inputs(salt: u32, weight: u64) -> RoundRecord {
     }
 }
 
+/// Node 1 alone commits round 1 and is endorsed ([`endorsed_round_one`]); node 2 announced
+/// an adapter for round 1 too. The machine, its tip, node 2's announcement and the heavier
+/// round 1 of both (a switch).
+fn a_heavier_round_one() -> (RoundMachine, RoundRecord, SignedAnnouncement, RoundRecord) {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (a, tip) = endorsed_round_one(&ka, &mine);
+    let theirs = ann(&key(2), 1, Hash::of(b"b"), None, 0);
+    let better = record(1, None, &[&mine, &theirs], 2);
+    (a, tip, theirs, better)
+}
+
+/// Key `key(40 + n)` publishes `records[n]`, committed, at `t`, for each `n` in `which`: all
+/// the machine did.
+fn each_by_a_key_of_its_own(
+    a: &mut RoundMachine,
+    records: &[RoundRecord],
+    which: std::ops::Range<usize>,
+    t: u64,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    for n in which {
+        let d = digest(&key(40 + n as u8), records[n].clone(), true, t);
+        out.extend(a.handle(t, Event::Digest(d)));
+    }
+    out
+}
+
 /// Four keys each sign a committed record, heavier than our tip, naming 512 announcements
 /// nobody serves, and publish it again every second. What verifying other histories asks
 /// for takes at most half of the announcement fetches, so a current-round digest naming an
@@ -1101,15 +1129,8 @@ fn records_naming_announcements_nobody_serves_cannot_hold_the_fetches() {
     let ka = key(1);
     let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
     let (mut a, tip) = endorsed_round_one(&ka, &mine);
-    let keys: Vec<NodeKey> = (40..44).map(key).collect();
     let ghosts: Vec<RoundRecord> = (0..4u32).map(|k| made_up_inputs(k * 10_000, 512)).collect();
-    let publish = |a: &mut RoundMachine, t: u64| -> Vec<Action> {
-        let mut out = Vec::new();
-        for (k, r) in keys.iter().zip(&ghosts) {
-            out.extend(a.handle(t, Event::Digest(digest(k, r.clone(), true, t))));
-        }
-        out
-    };
+    let publish = |a: &mut RoundMachine, t: u64| each_by_a_key_of_its_own(a, &ghosts, 0..4, t);
     let ids: Vec<BTreeSet<Hash>> = ghosts
         .iter()
         .map(|r| r.inputs.iter().map(|i| i.announcement).collect())
@@ -1175,31 +1196,21 @@ fn records_naming_announcements_nobody_serves_cannot_hold_the_fetches() {
 /// served in the order of their ids.)
 #[test]
 fn freed_fetches_go_first_to_the_record_more_keys_signed() {
-    let ka = key(1);
-    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
-    let (mut a, _) = endorsed_round_one(&ka, &mine);
-    let (kb, kc) = (key(2), key(3));
-    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
-    let better = record(1, None, &[&mine, &theirs], 2);
+    let (mut a, _, theirs, better) = a_heavier_round_one();
     let ghosts: Vec<RoundRecord> = (1..)
         .map(|n| made_up_inputs(n * 10_000, 512))
         .filter(|r| r.id() < better.id())
         .take(4)
         .collect();
-    let publish = |a: &mut RoundMachine, t: u64, which: std::ops::Range<usize>| {
-        let mut out = Vec::new();
-        for n in which {
-            let d = digest(&key(40 + n as u8), ghosts[n].clone(), true, t);
-            out.extend(a.handle(t, Event::Digest(d)));
-        }
-        out
-    };
     let mut asked_at = None;
-    let mut out = publish(&mut a, 4_600, 0..2);
-    for k in [&kb, &kc] {
-        out.extend(a.handle(4_700, Event::Digest(digest(k, better.clone(), true, 4_700))));
+    let mut out = each_by_a_key_of_its_own(&mut a, &ghosts, 0..2, 4_600);
+    for k in [key(2), key(3)] {
+        out.extend(a.handle(
+            4_700,
+            Event::Digest(digest(&k, better.clone(), true, 4_700)),
+        ));
     }
-    out.extend(publish(&mut a, 4_800, 2..4));
+    out.extend(each_by_a_key_of_its_own(&mut a, &ghosts, 2..4, 4_800));
     for t in (4_900..11_000).step_by(100) {
         out.extend(a.tick(t));
         if asked_at.is_none() && fetched_announcements(&out).contains(&theirs.id()) {
@@ -1220,12 +1231,8 @@ fn freed_fetches_go_first_to_the_record_more_keys_signed() {
 /// taken for one that does not show it. It is asked, serves it, and its record is adopted.
 #[test]
 fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
-    let ka = key(1);
-    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
-    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (mut a, tip, theirs, better) = a_heavier_round_one();
     let (kb, kx) = (key(2), key(40));
-    let theirs = ann(&kb, 1, Hash::of(b"b"), None, 0);
-    let better = record(1, None, &[&mine, &theirs], 2);
     let mut false_record = record(1, None, &[&theirs], 2);
     false_record.result = Hash::of(b"made up");
     // The driver: the announcement is served by the honest signer alone, blobs by anyone.

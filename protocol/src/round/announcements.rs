@@ -182,9 +182,10 @@ impl RoundMachine {
         // One asked for to verify a record of another history has room beyond what gossip
         // may fill: keys flooding a round with their own announcements cannot keep a node
         // from checking an honest record of that round. (Before, it was refused, its server
-        // was taken not to show what it named, and the honest history was dropped.)
-        let catch_up = request.as_ref().is_some_and(|r| r.for_history());
-        let room = if catch_up {
+        // was taken not to show what it named, and the honest history was dropped.) (Asked
+        // for and still wanted: a request claiming another round was dropped above.)
+        let for_history = for_history && request.is_some();
+        let room = if for_history {
             MAX_ANNOUNCEMENTS_PER_ROUND + MAX_REQUESTS
         } else {
             MAX_ANNOUNCEMENTS_PER_ROUND
@@ -202,7 +203,7 @@ impl RoundMachine {
             None
         };
         if let Some(why) = full {
-            if catch_up {
+            if for_history {
                 self.settle(id, Settled::Unkept);
             }
             return verdict(Verdict::Ignore(why), out);
