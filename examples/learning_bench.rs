@@ -7,6 +7,7 @@
 //! cargo run --example learning_bench                            # the default model, 4 x 12 facts
 //! cargo run --example learning_bench -- --rounds 3 --steps 10   # 3 rounds of 10 steps each
 //! cargo run --example learning_bench -- --tiny                  # a tiny generated model (seconds)
+//! cargo run --example learning_bench -- --rules iso:1.5 --refit 2,4   # users refit to the round
 //! ```
 //!
 //! Rules (`--rules`, comma-separated): `fedavg` (average A, average B: today's network rule),
@@ -111,6 +112,15 @@ struct Args {
     /// and stop.
     #[arg(long)]
     dump_examples: Option<std::path::PathBuf>,
+    /// After the round, each user trains a fresh update on its shard on top of the round
+    /// adapter (frozen) for this many steps (`hive-node train --from-round`, which refits what
+    /// the user taught to the new round), scored with the round as `round_plus_refit`; several
+    /// values (`2,4`) refit once per value.
+    #[arg(long, value_delimiter = ',')]
+    refit: Vec<usize>,
+    /// Refit by continuing the user's own adapter instead of a fresh update.
+    #[arg(long)]
+    refit_from_own: bool,
     /// Take the users' adapters from `DIR/user0`, `DIR/user1`, ... (and the centralized one from
     /// `DIR/central` where it exists) instead of training them: PEFT's, from `peft_facts.py`.
     #[arg(long)]
@@ -665,7 +675,55 @@ fn main() -> Result<()> {
                 user0_others_all = Some(bench.summary(&all));
             }
         }
+        let mut refits = Vec::new();
+        for &steps in &args.refit {
+            let mut own = Vec::new();
+            let mut user0 = None;
+            let mut seconds = 0.0;
+            for (u, a) in users.iter().enumerate() {
+                let shard = &examples[u * args.facts_per_user..(u + 1) * args.facts_per_user];
+                let mut cfg = config(&args, shard.len(), LrSchedule::Constant);
+                cfg.max_steps = Some(steps);
+                cfg.epochs = steps;
+                bench.model.decoder.apply_adapter(&round)?;
+                let t0 = Instant::now();
+                let stop = AtomicBool::new(false);
+                let refit = train::train_with_replay(
+                    &bench.model,
+                    shard,
+                    replay(&bench.replay, per_step),
+                    &cfg,
+                    args.refit_from_own.then_some(a),
+                    &stop,
+                    &mut |_| {},
+                );
+                bench.model.decoder.remove_adapter();
+                seconds += t0.elapsed().as_secs_f64();
+                let both = stack(&[&round, &refit?.adapter])?;
+                let what =
+                    format!("{name} + user {u}'s own refit {steps} steps, on user {u}'s facts");
+                own.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
+                if u == 0 {
+                    let all = bench.eval(
+                        &format!("{name} + user 0's own refit {steps} steps"),
+                        Some(&both),
+                    )?;
+                    user0 = Some(json!({
+                        "scores": bench.summary(&all),
+                        "general": bench.drift(Some(&both))?,
+                    }));
+                }
+            }
+            refits.push(json!({
+                "steps": steps,
+                "from": if args.refit_from_own { "own adapter" } else { "fresh" },
+                "train_seconds_per_user": seconds / users.len() as f64,
+                "own_shard": own,
+                "user0_all_facts": user0,
+            }));
+        }
         let more = json!({
+            "round_plus_refit": refits,
             "general": bench.drift(Some(&round))?,
             "round_plus_personal_own_shard": with_personal,
             "round_plus_personal_user0_all_facts": user0_all,

@@ -171,6 +171,63 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
         "the update has the network's rank, not --rank"
     );
     assert_eq!(update.tensors.len(), rounds[0].2[0].tensors.len());
+    let info = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("training_info.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        info(&out_dir)["on_top_of"],
+        rounds[1].0.as_str(),
+        "the record names the round adapter it was trained on top of"
+    );
+
+    // Chat and eval with round + personal say when the personal adapter was trained on top of
+    // another round than the one applied under it, or on the base model alone, and how to
+    // refit it; not when it fits.
+    let user = work.path().join("user");
+    let personal = user.join("adapters/my_adapter");
+    std::fs::create_dir_all(personal.parent().unwrap()).unwrap();
+    std::fs::rename(&out_dir, &personal).unwrap();
+    let eval_with_stamp = |stamp: Option<&str>| {
+        let mut record = info(&personal);
+        match stamp {
+            Some(hash) => record["on_top_of"] = hash.into(),
+            None => {
+                record.as_object_mut().unwrap().remove("on_top_of");
+            }
+        }
+        std::fs::write(
+            personal.join("training_info.json"),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hive-node"))
+            .args(["eval", "--use", "round+personal", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--data-dir")
+            .arg(&dirs[0])
+            .current_dir(&user)
+            .env("HIVE_HOME", work.path().join("home"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let stderr = eval_with_stamp(Some(&rounds[1].0));
+    assert!(!stderr.contains("refit"), "{stderr}");
+    let stderr = eval_with_stamp(Some(&rounds[0].0));
+    assert!(
+        stderr.contains("trained on top of another round adapter")
+            && stderr.contains("--from-round"),
+        "{stderr}"
+    );
+    let stderr = eval_with_stamp(None);
+    assert!(
+        stderr.contains("trained on the base model alone") && stderr.contains("--from-round"),
+        "{stderr}"
+    );
 
     // A node joining now has neither round: it adopts round 2, which needs round 1's adapter.
     let late = Node::start(NodeConfig {

@@ -289,6 +289,13 @@ pub struct TrainingInfo {
     /// Mean loss of the last step's replayed examples.
     #[serde(default)]
     pub final_replay_loss: Option<f64>,
+    /// blake3 (hex) of the round adapter this adapter was trained on top of (frozen under
+    /// training, `train --from-round` on a network whose rounds build on their parent); `None`
+    /// for an adapter trained on the base model alone. Chat applies the two together, and an
+    /// adapter trained on top of an older round than the one it is applied with may lose some
+    /// of what it learned ([`TrainingInfo::fits_round`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_top_of: Option<String>,
 }
 
 impl TrainingInfo {
@@ -299,6 +306,12 @@ impl TrainingInfo {
     pub fn read(dir: &Path) -> Option<TrainingInfo> {
         let bytes = std::fs::read(dir.join(Self::FILE)).ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Whether this adapter was trained on top of the round adapter whose hash (hex) is
+    /// `round_hash`.
+    pub fn fits_round(&self, round_hash: &str) -> bool {
+        self.on_top_of.as_deref() == Some(round_hash)
     }
 
     /// Whether the adapter in `dir` was trained on the base model whose hash is `base_hash`.
@@ -511,6 +524,7 @@ pub fn train_with_replay(
             interrupted,
             replay_examples: replay.map_or(0, |r| r.examples.len()),
             final_replay_loss: replay_loss,
+            on_top_of: None,
         },
     })
 }

@@ -1,10 +1,10 @@
 //! Argument types shared by commands (flattened into each), and the helpers that go with
 //! them. Commands import these and the library, never each other.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::data_dir::DataDir;
+use crate::data_dir::{DataDir, RoundView};
 use crate::driver::NetRule;
 use crate::node::{round_config, ChatSettings, GatewaySettings, LoraSettings, Node, NodeConfig};
 use anyhow::{Context, Result};
@@ -409,7 +409,10 @@ fn personal_adapter() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn round_adapter(data_dir: &DataDir, base_hash: &hivemind_protocol::Hash) -> Result<PathBuf> {
+fn round_adapter(
+    data_dir: &DataDir,
+    base_hash: &hivemind_protocol::Hash,
+) -> Result<(RoundView, PathBuf)> {
     anyhow::ensure!(
         data_dir.network_runs(base_hash),
         "the node in {} is not on a network of this base model (join one first)",
@@ -423,7 +426,41 @@ fn round_adapter(data_dir: &DataDir, base_hash: &hivemind_protocol::Hash) -> Res
         round.version,
         &round.hash[..16]
     ));
-    Ok(dir)
+    Ok((round, dir))
+}
+
+/// Says so when the personal adapter at `personal`, applied with `round`'s adapter, was not
+/// trained on top of it on a network whose rounds build on their parent: the other users'
+/// updates under it then cost it much of what it learned (`examples/learning_bench.rs`: own
+/// facts 0.42-0.58 instead of 1.00), and a few steps of `train --from-round` on the same data
+/// refit it (4 steps: 1.00, with what the round knew of the others' facts mostly kept).
+fn check_personal_fits(data_dir: &DataDir, personal: &Path, round: &RoundView) {
+    if !data_dir
+        .network_rule()
+        .is_ok_and(|rule| rule.builds_on_parent())
+    {
+        return;
+    }
+    let Some(info) = hivemind_model::train::TrainingInfo::read(personal) else {
+        return;
+    };
+    if info.fits_round(&round.hash) {
+        return;
+    }
+    let was = match &info.on_top_of {
+        Some(h) => format!(
+            "on top of another round adapter ({})",
+            h.get(..16).unwrap_or(h)
+        ),
+        None => "on the base model alone".to_string(),
+    };
+    progress(&format!(
+        "your personal adapter was trained {was}, not on round {}: under this round it may \
+         answer less of what it learned; refit it to this round with `hive-node train --data \
+         FILE --from-round --max-steps 4 --batch-size 16 --grad-accum 1 --lr 1e-3 --output {}`",
+        round.version,
+        personal.display()
+    ));
 }
 
 /// The adapter dirs to apply for `choice`, given the loaded base model's hash.
@@ -435,26 +472,33 @@ fn choose_adapters(
     match choice {
         AdapterChoice::None => Ok(vec![]),
         AdapterChoice::Personal => Ok(vec![personal_adapter()?]),
-        AdapterChoice::Round => Ok(vec![round_adapter(data_dir, base_hash)?]),
-        AdapterChoice::RoundPersonal => Ok(vec![
-            round_adapter(data_dir, base_hash)?,
-            personal_adapter()?,
-        ]),
+        AdapterChoice::Round => Ok(vec![round_adapter(data_dir, base_hash)?.1]),
+        AdapterChoice::RoundPersonal => {
+            let (round, dir) = round_adapter(data_dir, base_hash)?;
+            let personal = personal_adapter()?;
+            check_personal_fits(data_dir, &personal, &round);
+            Ok(vec![dir, personal])
+        }
         AdapterChoice::Auto => {
             let mut dirs = Vec::new();
+            let mut round = None;
             if data_dir.network_runs(base_hash) {
-                if let Ok(Some((round, dir))) = data_dir.latest_round_adapter() {
+                if let Ok(Some((view, dir))) = data_dir.latest_round_adapter() {
                     progress(&format!(
                         "using round adapter {} ({})",
-                        round.version,
-                        &round.hash[..16]
+                        view.version,
+                        &view.hash[..16]
                     ));
                     dirs.push(dir);
+                    round = Some(view);
                 }
             }
             let personal = PathBuf::from(PERSONAL_ADAPTER);
             if hivemind_model::train::TrainingInfo::trained_on(&personal, base_hash) {
                 progress(&format!("using your personal adapter {PERSONAL_ADAPTER}"));
+                if let Some(round) = &round {
+                    check_personal_fits(data_dir, &personal, round);
+                }
                 dirs.push(personal);
             }
             if !dirs.is_empty() {

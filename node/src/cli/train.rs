@@ -96,7 +96,10 @@ pub struct TrainArgs {
     /// replace --rank, --alpha and --target-modules.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
-    /// Continue from the latest round adapter of the node in --data-dir.
+    /// Train on the latest round adapter of the node in --data-dir: a fresh update on top of it
+    /// (frozen) where the network's rounds build on their parent, else a continuation of it.
+    /// After a round commits, a few steps of this refit what you taught to the new round
+    /// (training_info.json records the round in `on_top_of`).
     #[arg(long, conflicts_with = "init_adapter")]
     pub from_round: bool,
     /// When done, hand the adapter to the node running in --data-dir, which announces it in
@@ -232,7 +235,7 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             round.version,
             &round.hash[..16]
         ));
-        Some(dir)
+        Some((dir, round.hash))
     } else {
         None
     };
@@ -240,8 +243,9 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     // under training and what is trained (and announced) is an update on top of it, of the
     // network's shape; on a FedAvg network training continues from the round adapter.
     let (round_dir, on_top_of) = match round_dir {
-        Some(dir) if data_dir.network_rule()?.builds_on_parent() => (None, Some(dir)),
-        other => (other, None),
+        Some(round) if data_dir.network_rule()?.builds_on_parent() => (None, Some(round)),
+        Some((dir, _)) => (Some(dir), None),
+        None => (None, None),
     };
     let network_spec = match &on_top_of {
         Some(_) => Some(network_lora(&data_dir.network_config()?)?),
@@ -309,7 +313,7 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             model.name
         );
     }
-    if let Some(dir) = &on_top_of {
+    if let Some((dir, _)) = &on_top_of {
         let round = LoraAdapter::read_dir(dir)
             .with_context(|| format!("reading round adapter {}", dir.display()))?;
         model
@@ -390,7 +394,8 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         &mut on_progress,
     );
     pb.finish_and_clear();
-    let outcome = outcome?;
+    let mut outcome = outcome?;
+    outcome.info.on_top_of = on_top_of.map(|(_, hash)| hash);
     outcome
         .write_dir(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
