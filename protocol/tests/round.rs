@@ -1225,25 +1225,44 @@ fn freed_fetches_go_first_to_the_record_more_keys_signed() {
     );
 }
 
-/// A key signs a heavier record naming an honest node's announcement and serves nothing;
-/// the honest record naming it arrives late in that fetch's life, after its last attempt.
-/// The fetch runs out having asked only the key: the honest signer, never asked, is not
-/// taken for one that does not show it. It is asked, serves it, and its record is adopted.
-#[test]
-fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
-    let (mut a, tip, theirs, better) = a_heavier_round_one();
-    let (kb, kx) = (key(2), key(40));
-    let mut false_record = record(1, None, &[&theirs], 2);
-    false_record.result = Hash::of(b"made up");
-    // The driver: the announcement is served by the honest signer alone, blobs by anyone.
-    let step = |a: &mut RoundMachine, t: u64, todo: Vec<Action>| -> Vec<Action> {
+/// Drives `a` from 4.7 s to 9.5 s, starting with `todo` (a fetch of `theirs` started at
+/// 4.6 s). The driver: `theirs` is served by `server` alone, to an attempt that asks it; an
+/// attempt that does not is reported failed (`Unavailable`) 0.5 s later, when the peers it
+/// asked have said no, so the fetch's last attempt goes out at 5.7 s and fails at 6.2 s;
+/// every blob is served by anyone; aggregations are run; `late` is handled at 6 s, between
+/// the last attempt and its failure. Every action the machine took.
+fn serve_from_one(
+    a: &mut RoundMachine,
+    theirs: &SignedAnnouncement,
+    server: &NodeKey,
+    mut todo: Vec<Action>,
+    late: SignedDigest,
+) -> Vec<Action> {
+    let mut failures: Vec<(u64, Event)> = Vec::new();
+    let mut all = Vec::new();
+    for t in (4_700..9_500).step_by(100) {
         let mut out = Vec::new();
+        if t == 6_000 {
+            out.extend(a.handle(t, Event::Digest(late.clone())));
+        }
+        for (_, e) in failures.extract_if(.., |(due, _)| *due <= t) {
+            out.extend(a.handle(t, e));
+        }
         for action in &todo {
             let event = match action {
-                Action::FetchAnnouncement { id, from }
-                    if *id == theirs.id() && from.contains(&kb.node_id()) =>
-                {
-                    Some(Event::Announcement(theirs.clone()))
+                Action::FetchAnnouncement { id, from } if *id == theirs.id() => {
+                    if from.contains(&server.node_id()) {
+                        Some(Event::Announcement(theirs.clone()))
+                    } else {
+                        failures.push((
+                            t + 500,
+                            Event::FetchFailed {
+                                hash: *id,
+                                reason: FetchFailure::Unavailable,
+                            },
+                        ));
+                        None
+                    }
                 }
                 Action::FetchBlob { hash, .. } => Some(Event::BlobAvailable { hash: *hash }),
                 _ => None,
@@ -1253,27 +1272,67 @@ fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
             }
         }
         out.extend(run_aggregations(a, t, &todo));
-        out
-    };
-    let mut all = Vec::new();
-    let mut todo = a.handle(4_600, Event::Digest(digest(&kx, false_record, true, 4_600)));
-    assert!(fetched_announcements(&todo).contains(&theirs.id()));
-    for t in (4_700..9_500).step_by(100) {
-        if t == 7_000 {
-            // After the third, last attempt (at 6.6 s; the fetch runs out at 7.6 s).
-            todo.extend(a.handle(t, Event::Digest(digest(&kb, better.clone(), true, t))));
-        }
-        let done = step(&mut a, t, std::mem::take(&mut todo));
+        out.extend(a.tick(t + 100));
         all.append(&mut todo);
-        all.extend(done.iter().cloned());
-        todo = done;
-        todo.extend(a.tick(t + 100));
+        todo = out;
     }
+    all.append(&mut todo);
+    all
+}
+
+/// Key 40 names node 2's round-1 announcement in the digest `names` makes (given our tip and
+/// the announcement) at 4.6 s and serves nothing; node 2's heavier round 1 holding it comes
+/// late ([`serve_from_one`]). It is adopted.
+fn the_honest_record_is_adopted_after(
+    names: impl FnOnce(&RoundRecord, &SignedAnnouncement) -> RoundDigest,
+) {
+    let (mut a, tip, theirs, better) = a_heavier_round_one();
+    let (kb, kx) = (key(2), key(40));
+    let first = Signed::sign(names(&tip, &theirs), &kx).expect("sign");
+    let todo = a.handle(4_600, Event::Digest(first));
+    assert!(fetched_announcements(&todo).contains(&theirs.id()));
+    let late = digest(&kb, better.clone(), true, 6_000);
+    let all = serve_from_one(&mut a, &theirs, &kb, todo, late);
     assert!(
         commits(&all).contains(&(better.clone(), Some(tip.result))),
         "the honest record was not adopted"
     );
     assert_eq!(a.tip(), Some(&better));
+}
+
+/// A key signs a heavier record naming an honest node's announcement and serves nothing;
+/// the honest record naming it arrives late in that fetch's life, after its last attempt.
+/// The fetch runs out having asked only the key: the honest signer, never asked, is not
+/// taken for one that does not show it. It is asked, serves it, and its record is adopted.
+#[test]
+fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
+    the_honest_record_is_adopted_after(|_, theirs| {
+        let mut false_record = record(1, None, &[theirs], 2);
+        false_record.result = Hash::of(b"made up");
+        RoundDigest {
+            record: false_record,
+            signer: key(40).node_id(),
+            committed: true,
+            time_ms: 4_600,
+        }
+    });
+}
+
+/// The same announcement named two ways: a key names it in a current-round digest and serves
+/// nothing; the honest record that holds it, for another history, arrives between the
+/// fetch's last attempt and its failure. When the fetch fails, the current-round rule (a
+/// namer that does not show what it named is not asked for a while) holds the key alone:
+/// the honest signer named it only for the history and was never asked. It is asked,
+/// serves it, and its record is adopted. (Before, every namer of a merged request was
+/// marked unserved, and the honest record then had no signer left to ask.)
+#[test]
+fn a_signer_naming_an_announcement_for_a_history_is_not_held_to_a_current_round_claim() {
+    the_honest_record_is_adopted_after(|tip, theirs| RoundDigest {
+        record: record(2, Some(tip.result), &[theirs], tip.weight + 1),
+        signer: key(40).node_id(),
+        committed: false,
+        time_ms: 4_600,
+    });
 }
 
 /// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys
