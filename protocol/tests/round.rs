@@ -1226,20 +1226,24 @@ fn freed_fetches_go_first_to_the_record_more_keys_signed() {
 }
 
 /// Drives `a` from 4.7 s to 9.5 s, starting with `todo` (a fetch of `theirs` started at
-/// 4.6 s). The driver: `theirs` is served by `server` alone, to an attempt that asks it; an
-/// attempt that does not is reported failed (`Unavailable`) 0.5 s later, when the peers it
-/// asked have said no, so the fetch's last attempt goes out at 5.7 s and fails at 6.2 s;
-/// every blob is served by anyone; aggregations are run; `late` is handled at 6 s, between
-/// the last attempt and its failure. Every action the machine took.
+/// 4.6 s). The driver sees the machine's actions on its next 100 ms step: `theirs` is served
+/// by `server` alone, to an attempt that asks it; an attempt that does not is reported failed
+/// (`Unavailable`) 0.5 s after the driver saw it, as when the peers it asked said no (the
+/// node's driver also asks every connected peer, so this is a server it is not connected
+/// to). So the fetch's attempts go out at 4.6, 5.2 and 5.8 s, and the last fails at 6.4 s,
+/// before its timer (6.8 s). Every blob is served by anyone, aggregations are run, and `late`
+/// is handled at 6 s, between the last attempt and its failure. Returns every action the
+/// machine took, and when the driver first asked `server` for `theirs`.
 fn serve_from_one(
     a: &mut RoundMachine,
     theirs: &SignedAnnouncement,
     server: &NodeKey,
     mut todo: Vec<Action>,
     late: SignedDigest,
-) -> Vec<Action> {
+) -> (Vec<Action>, Option<u64>) {
     let mut failures: Vec<(u64, Event)> = Vec::new();
     let mut all = Vec::new();
+    let mut server_asked = None;
     for t in (4_700..9_500).step_by(100) {
         let mut out = Vec::new();
         if t == 6_000 {
@@ -1252,6 +1256,7 @@ fn serve_from_one(
             let event = match action {
                 Action::FetchAnnouncement { id, from } if *id == theirs.id() => {
                     if from.contains(&server.node_id()) {
+                        server_asked.get_or_insert(t);
                         Some(Event::Announcement(theirs.clone()))
                     } else {
                         failures.push((
@@ -1277,7 +1282,7 @@ fn serve_from_one(
         todo = out;
     }
     all.append(&mut todo);
-    all
+    (all, server_asked)
 }
 
 /// Key 40 names node 2's round-1 announcement in the digest `names` makes (given our tip and
@@ -1292,7 +1297,13 @@ fn the_honest_record_is_adopted_after(
     let todo = a.handle(4_600, Event::Digest(first));
     assert!(fetched_announcements(&todo).contains(&theirs.id()));
     let late = digest(&kb, better.clone(), true, 6_000);
-    let all = serve_from_one(&mut a, &theirs, &kb, todo, late);
+    let (all, server_asked) = serve_from_one(&mut a, &theirs, &kb, todo, late);
+    // Asked once the merged fetch failed (6.4 s) and before its timer (6.8 s): so what is
+    // tested is the reported failure of a request both namers are in.
+    assert!(
+        server_asked.is_some_and(|t| (6_400..=6_800).contains(&t)),
+        "node 2 was first asked at {server_asked:?}"
+    );
     assert!(
         commits(&all).contains(&(better.clone(), Some(tip.result))),
         "the honest record was not adopted"
@@ -1302,8 +1313,8 @@ fn the_honest_record_is_adopted_after(
 
 /// A key signs a heavier record naming an honest node's announcement and serves nothing;
 /// the honest record naming it arrives late in that fetch's life, after its last attempt.
-/// The fetch runs out having asked only the key: the honest signer, never asked, is not
-/// taken for one that does not show it. It is asked, serves it, and its record is adopted.
+/// The fetch fails having asked only the key: the honest signer, never asked, is not taken
+/// for one that does not show it. It is asked, serves it, and its record is adopted.
 #[test]
 fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
     the_honest_record_is_adopted_after(|_, theirs| {
