@@ -114,8 +114,10 @@ struct Args {
     dump_examples: Option<std::path::PathBuf>,
     /// After the round, each user trains a fresh update on its shard on top of the round
     /// adapter (frozen) for this many steps (`hive-node train --from-round`, which refits what
-    /// the user taught to the new round), scored with the round as `round_plus_refit`; several
-    /// values (`2,4`) refit once per value.
+    /// the user taught to the new round), and round + refit is scored on every fact as
+    /// `round_plus_refit` (each user's own shard and all facts; user 0's drift); several values
+    /// (`2,4`) refit once per value. (Every rule is refit on top of its frozen round; on a
+    /// `fedavg` network `train --from-round` continues the round adapter instead.)
     #[arg(long, value_delimiter = ',')]
     refit: Vec<usize>,
     /// Refit by continuing the user's own adapter instead of a fresh update.
@@ -677,7 +679,7 @@ fn main() -> Result<()> {
         }
         let mut refits = Vec::new();
         for &steps in &args.refit {
-            let mut own = Vec::new();
+            let (mut own, mut all) = (Vec::new(), Vec::new());
             let mut user0 = None;
             let mut seconds = 0.0;
             for (u, a) in users.iter().enumerate() {
@@ -700,16 +702,13 @@ fn main() -> Result<()> {
                 bench.model.decoder.remove_adapter();
                 seconds += t0.elapsed().as_secs_f64();
                 let both = stack(&[&round, &refit?.adapter])?;
-                let what =
-                    format!("{name} + user {u}'s own refit {steps} steps, on user {u}'s facts");
-                own.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
+                let what = format!("{name} + user {u}'s refit of {steps} steps");
+                let r = bench.eval(&what, Some(&both))?;
+                own.push(bench.own(&r, u));
+                all.push(r.exact_match);
                 if u == 0 {
-                    let all = bench.eval(
-                        &format!("{name} + user 0's own refit {steps} steps"),
-                        Some(&both),
-                    )?;
                     user0 = Some(json!({
-                        "scores": bench.summary(&all),
+                        "scores": bench.summary(&r),
                         "general": bench.drift(Some(&both))?,
                     }));
                 }
@@ -719,6 +718,7 @@ fn main() -> Result<()> {
                 "from": if args.refit_from_own { "own adapter" } else { "fresh" },
                 "train_seconds_per_user": seconds / users.len() as f64,
                 "own_shard": own,
+                "all_facts": all,
                 "user0_all_facts": user0,
             }));
         }

@@ -358,6 +358,13 @@ fn five_processes_agree_survive_a_crash_and_stay_apart_from_another_model() {
         adapter.config.r, RANK,
         "--from-round takes the network's LoRA shape"
     );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trained.join("training_info.json")).unwrap())
+            .unwrap();
+    assert!(
+        info.get("on_top_of").is_none(),
+        "on FedAvg --from-round continues the round adapter; nothing was frozen under it"
+    );
     let hash = adapter.canonical_hash().unwrap().to_hex();
     wait_for("the trained adapter to be announced in round 3", || {
         let s = nodes[1].status()?;

@@ -187,7 +187,7 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
     let personal = user.join("adapters/my_adapter");
     std::fs::create_dir_all(personal.parent().unwrap()).unwrap();
     std::fs::rename(&out_dir, &personal).unwrap();
-    let eval_with_stamp = |stamp: Option<&str>| {
+    let eval_with_stamp = |stamp: Option<&str>, choice: &str| {
         let mut record = info(&personal);
         match stamp {
             Some(hash) => record["on_top_of"] = hash.into(),
@@ -201,7 +201,7 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
         )
         .unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_hive-node"))
-            .args(["eval", "--use", "round+personal", "--data"])
+            .args(["eval", "--use", choice, "--data"])
             .arg(&data)
             .arg("--model")
             .arg(&model)
@@ -215,17 +215,21 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
         assert!(out.status.success(), "{stderr}");
         stderr
     };
-    let stderr = eval_with_stamp(Some(&rounds[1].0));
-    assert!(!stderr.contains("refit"), "{stderr}");
-    let stderr = eval_with_stamp(Some(&rounds[0].0));
+    let hint = "your personal adapter";
+    let stderr = eval_with_stamp(Some(&rounds[1].0), "round+personal");
+    assert!(!stderr.contains(hint), "{stderr}");
+    for choice in ["round+personal", "auto"] {
+        let stderr = eval_with_stamp(Some(&rounds[0].0), choice);
+        assert!(
+            stderr.contains("trained on top of another round adapter")
+                && stderr.contains("--from-round")
+                && stderr.contains(&dirs[0].display().to_string()),
+            "{choice}: {stderr}"
+        );
+    }
+    let stderr = eval_with_stamp(None, "round+personal");
     assert!(
-        stderr.contains("trained on top of another round adapter")
-            && stderr.contains("--from-round"),
-        "{stderr}"
-    );
-    let stderr = eval_with_stamp(None);
-    assert!(
-        stderr.contains("trained on the base model alone") && stderr.contains("--from-round"),
+        stderr.contains("names no round") && stderr.contains("--from-round"),
         "{stderr}"
     );
 

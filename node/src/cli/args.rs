@@ -432,8 +432,8 @@ fn round_adapter(
 /// Says so when the personal adapter at `personal`, applied with `round`'s adapter, was not
 /// trained on top of it on a network whose rounds build on their parent: the other users'
 /// updates under it then cost it much of what it learned (`examples/learning_bench.rs`: own
-/// facts 0.42-0.58 instead of 1.00), and a few steps of `train --from-round` on the same data
-/// refit it (4 steps: 1.00, with what the round knew of the others' facts mostly kept).
+/// facts 0.42-0.58 instead of 1.00), and a few passes of `train --from-round` on the same data
+/// refit it (4 full-batch steps: 1.00, keeping part of what the round knew of the others' facts).
 fn check_personal_fits(data_dir: &DataDir, personal: &Path, round: &RoundView) {
     if !data_dir
         .network_rule()
@@ -449,16 +449,20 @@ fn check_personal_fits(data_dir: &DataDir, personal: &Path, round: &RoundView) {
     }
     let was = match &info.on_top_of {
         Some(h) => format!(
-            "on top of another round adapter ({})",
+            "was trained on top of another round adapter ({})",
             h.get(..16).unwrap_or(h)
         ),
-        None => "on the base model alone".to_string(),
+        None => "names no round it was trained on (the base model alone, or a training from \
+                 before rounds were recorded)"
+            .to_string(),
     };
     progress(&format!(
-        "your personal adapter was trained {was}, not on round {}: under this round it may \
-         answer less of what it learned; refit it to this round with `hive-node train --data \
-         FILE --from-round --max-steps 4 --batch-size 16 --grad-accum 1 --lr 1e-3 --output {}`",
-        round.version,
+        "your personal adapter {was}, not round {}: under this round it may answer less of \
+         what it learned; refit it to this round with `hive-node train --data FILE --from-round \
+         --epochs 4 --batch-size 16 --grad-accum 1 --lr 1e-3 --data-dir {} --output {}` (and \
+         your --model, if not the default)",
+        round.number,
+        data_dir.path().display(),
         personal.display()
     ));
 }
