@@ -272,6 +272,34 @@ impl Bench<'_> {
         }))
     }
 
+    /// Trains an adapter on `ex` (plus `per_step` replayed answers) with `frozen` applied
+    /// under training, starting from `init` or a fresh one: with a round adapter frozen, what
+    /// `hive-node train --from-round` does on a network whose rounds build on their parent.
+    fn train_on_top(
+        &mut self,
+        frozen: Option<&LoraAdapter>,
+        ex: &[Example],
+        per_step: usize,
+        cfg: &TrainConfig,
+        init: Option<&LoraAdapter>,
+    ) -> Result<LoraAdapter> {
+        if let Some(f) = frozen {
+            self.model.decoder.apply_adapter(f)?;
+        }
+        let stop = AtomicBool::new(false);
+        let out = train::train_with_replay(
+            &self.model,
+            ex,
+            replay(&self.replay, per_step),
+            cfg,
+            init,
+            &stop,
+            &mut |_| {},
+        );
+        self.model.decoder.remove_adapter();
+        Ok(out?.adapter)
+    }
+
     fn own(&self, r: &EvalReport, user: usize) -> f64 {
         let per = self.per_user;
         r.exact_match_of(|i| i / per == user)
@@ -452,35 +480,13 @@ fn chains(
             for u in 0..args.users {
                 let shard = &examples[u * per..(u + 1) * per];
                 let cfg = config(args, shard.len(), LrSchedule::Constant);
-                let stop = AtomicBool::new(false);
-                let pool = &bench.replay;
+                // FedIT continues the round adapter; the other rules train on top of it.
                 let trained = if fedavg {
-                    train::train_with_replay(
-                        &bench.model,
-                        shard,
-                        replay(pool, per_step),
-                        &cfg,
-                        round.as_ref(),
-                        &stop,
-                        &mut |_| {},
-                    )
+                    bench.train_on_top(None, shard, per_step, &cfg, round.as_ref())
                 } else {
-                    if let Some(r) = &round {
-                        bench.model.decoder.apply_adapter(r)?;
-                    }
-                    let t = train::train_with_replay(
-                        &bench.model,
-                        shard,
-                        replay(pool, per_step),
-                        &cfg,
-                        None,
-                        &stop,
-                        &mut |_| {},
-                    );
-                    bench.model.decoder.remove_adapter();
-                    t
+                    bench.train_on_top(round.as_ref(), shard, per_step, &cfg, None)
                 }?;
-                updates.push(trained.adapter);
+                updates.push(trained);
             }
             let merged = rule.aggregate(&weighted(&updates, per)?)?;
             round = Some(match round.take() {
@@ -687,21 +693,11 @@ fn main() -> Result<()> {
                 let mut cfg = config(&args, shard.len(), LrSchedule::Constant);
                 cfg.max_steps = Some(steps);
                 cfg.epochs = steps;
-                bench.model.decoder.apply_adapter(&round)?;
                 let t0 = Instant::now();
-                let stop = AtomicBool::new(false);
-                let refit = train::train_with_replay(
-                    &bench.model,
-                    shard,
-                    replay(&bench.replay, per_step),
-                    &cfg,
-                    args.refit_from_own.then_some(a),
-                    &stop,
-                    &mut |_| {},
-                );
-                bench.model.decoder.remove_adapter();
+                let init = args.refit_from_own.then_some(a);
+                let refit = bench.train_on_top(Some(&round), shard, per_step, &cfg, init)?;
                 seconds += t0.elapsed().as_secs_f64();
-                let both = stack(&[&round, &refit?.adapter])?;
+                let both = stack(&[&round, &refit])?;
                 let what = format!("{name} + user {u}'s refit of {steps} steps");
                 let r = bench.eval(&what, Some(&both))?;
                 own.push(bench.own(&r, u));

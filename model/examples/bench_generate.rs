@@ -10,8 +10,9 @@
 //! `LLAMA_COMPLETION=/path/to/llama-completion` set too, that runs `--runs` times per thread
 //! count on the same prompt for one token, and the median of its load time (from its log's
 //! timestamps: model and context ready) is compared with our `BaseModel::load`, both with the
-//! file in the page cache (it is read once before anything is measured). `best` compares each side at its own best thread count. In the child our model is dropped
-//! before candle-transformers loads its own, so a 7B file fits (`--model file.gguf --threads 2
+//! file in the page cache (it is read once before anything is measured). `best` compares each
+//! side at its own best thread count. In the child our model is dropped before
+//! candle-transformers loads its own, so a 7B file fits (`--model file.gguf --threads 2
 //! --tokens 8 --runs 3`).
 //!
 //! Run: `cargo run --release -p hivemind-model --features bench-baseline --example bench_generate

@@ -421,12 +421,16 @@ fn round_adapter(
     let (round, dir) = data_dir
         .latest_round_adapter()?
         .with_context(|| format!("no committed round in {} yet", data_dir.path().display()))?;
+    say_using_round(&round);
+    Ok((round, dir))
+}
+
+fn say_using_round(round: &RoundView) {
     progress(&format!(
         "using round adapter {} ({})",
         round.version,
-        &round.hash[..16]
+        round.hash.get(..16).unwrap_or(&round.hash)
     ));
-    Ok((round, dir))
 }
 
 /// Says so when the personal adapter at `personal`, applied with `round`'s adapter, was not
@@ -488,11 +492,7 @@ fn choose_adapters(
             let mut round = None;
             if data_dir.network_runs(base_hash) {
                 if let Ok(Some((view, dir))) = data_dir.latest_round_adapter() {
-                    progress(&format!(
-                        "using round adapter {} ({})",
-                        view.version,
-                        &view.hash[..16]
-                    ));
+                    say_using_round(&view);
                     dirs.push(dir);
                     round = Some(view);
                 }
