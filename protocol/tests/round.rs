@@ -1225,28 +1225,56 @@ fn freed_fetches_go_first_to_the_record_more_keys_signed() {
     );
 }
 
+/// How the driver of [`serve_from_one`] ends an attempt that does not ask the server.
+#[derive(Clone, Copy)]
+enum Unserved {
+    /// Reported failed (`Unavailable`) 0.5 s after the driver saw it, as when the peers it
+    /// asked said no (the node's driver also asks every connected peer, so this is a server
+    /// it is not connected to). The fetch's attempts go out at 4.6, 5.2 and 5.8 s, and the
+    /// last fails at 6.4 s, before its timer (6.8 s).
+    Reported,
+    /// Never reported: the attempt runs out on the machine's timer. The attempts go out at
+    /// 4.6, 5.6 and 6.6 s, and the last runs out at 7.6 s.
+    TimedOut,
+}
+
+impl Unserved {
+    /// When the last attempt has gone out and not yet ended.
+    fn after_the_last_attempt(self) -> u64 {
+        match self {
+            Unserved::Reported => 6_000,
+            Unserved::TimedOut => 7_000,
+        }
+    }
+
+    /// When the request, having asked only the first namer, ends.
+    fn ends(self) -> u64 {
+        match self {
+            Unserved::Reported => 6_400,
+            Unserved::TimedOut => 7_600,
+        }
+    }
+}
+
 /// Drives `a` from 4.7 s to 9.5 s, starting with `todo` (a fetch of `theirs` started at
 /// 4.6 s). The driver sees the machine's actions on its next 100 ms step: `theirs` is served
-/// by `server` alone, to an attempt that asks it; an attempt that does not is reported failed
-/// (`Unavailable`) 0.5 s after the driver saw it, as when the peers it asked said no (the
-/// node's driver also asks every connected peer, so this is a server it is not connected
-/// to). So the fetch's attempts go out at 4.6, 5.2 and 5.8 s, and the last fails at 6.4 s,
-/// before its timer (6.8 s). Every blob is served by anyone, aggregations are run, and `late`
-/// is handled at 6 s, between the last attempt and its failure. Returns every action the
-/// machine took, and when the driver first asked `server` for `theirs`.
+/// by `server` alone, to an attempt that asks it; an attempt that does not ends as `unserved`
+/// says. Every blob is served by anyone, aggregations are run, and `late` is handled between
+/// the fetch's last attempt and its end. Returns every action the machine took, and when the
+/// driver first asked `server` for `theirs`.
 fn serve_from_one(
     a: &mut RoundMachine,
     theirs: &SignedAnnouncement,
     server: &NodeKey,
     mut todo: Vec<Action>,
-    late: SignedDigest,
+    (late, unserved): (SignedDigest, Unserved),
 ) -> (Vec<Action>, Option<u64>) {
     let mut failures: Vec<(u64, Event)> = Vec::new();
     let mut all = Vec::new();
     let mut server_asked = None;
     for t in (4_700..9_500).step_by(100) {
         let mut out = Vec::new();
-        if t == 6_000 {
+        if t == unserved.after_the_last_attempt() {
             out.extend(a.handle(t, Event::Digest(late.clone())));
         }
         for (_, e) in failures.extract_if(.., |(due, _)| *due <= t) {
@@ -1258,7 +1286,7 @@ fn serve_from_one(
                     if from.contains(&server.node_id()) {
                         server_asked.get_or_insert(t);
                         Some(Event::Announcement(theirs.clone()))
-                    } else {
+                    } else if let Unserved::Reported = unserved {
                         failures.push((
                             t + 500,
                             Event::FetchFailed {
@@ -1266,6 +1294,8 @@ fn serve_from_one(
                                 reason: FetchFailure::Unavailable,
                             },
                         ));
+                        None
+                    } else {
                         None
                     }
                 }
@@ -1287,8 +1317,10 @@ fn serve_from_one(
 
 /// Key 40 names node 2's round-1 announcement in the digest `names` makes (given our tip and
 /// the announcement) at 4.6 s and serves nothing; node 2's heavier round 1 holding it comes
-/// late ([`serve_from_one`]). It is adopted.
+/// late ([`serve_from_one`], the attempts that ask only key 40 ending as `unserved` says).
+/// It is adopted.
 fn the_honest_record_is_adopted_after(
+    unserved: Unserved,
     names: impl FnOnce(&RoundRecord, &SignedAnnouncement) -> RoundDigest,
 ) {
     let (mut a, tip, theirs, better) = a_heavier_round_one();
@@ -1296,12 +1328,14 @@ fn the_honest_record_is_adopted_after(
     let first = Signed::sign(names(&tip, &theirs), &kx).expect("sign");
     let todo = a.handle(4_600, Event::Digest(first));
     assert!(fetched_announcements(&todo).contains(&theirs.id()));
-    let late = digest(&kb, better.clone(), true, 6_000);
-    let (all, server_asked) = serve_from_one(&mut a, &theirs, &kb, todo, late);
-    // Asked once the merged fetch failed (6.4 s) and before its timer (6.8 s): so what is
-    // tested is the reported failure of a request both namers are in.
+    let at = unserved.after_the_last_attempt();
+    let late = digest(&kb, better.clone(), true, at);
+    let (all, server_asked) = serve_from_one(&mut a, &theirs, &kb, todo, (late, unserved));
+    // Asked once the merged fetch ended, and (when its failure is reported, at 6.4 s) before
+    // its timer (6.8 s): so what is tested is how a request both namers are in ends.
+    let ends = unserved.ends();
     assert!(
-        server_asked.is_some_and(|t| (6_400..=6_800).contains(&t)),
+        server_asked.is_some_and(|t| (ends..=ends + 400).contains(&t)),
         "node 2 was first asked at {server_asked:?}"
     );
     assert!(
@@ -1313,20 +1347,23 @@ fn the_honest_record_is_adopted_after(
 
 /// A key signs a heavier record naming an honest node's announcement and serves nothing;
 /// the honest record naming it arrives late in that fetch's life, after its last attempt.
-/// The fetch fails having asked only the key: the honest signer, never asked, is not taken
-/// for one that does not show it. It is asked, serves it, and its record is adopted.
+/// The fetch fails having asked only the key (reported, or on the machine's timer alone): the
+/// honest signer, never asked, is not taken for one that does not show it. It is asked,
+/// serves it, and its record is adopted.
 #[test]
 fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
-    the_honest_record_is_adopted_after(|_, theirs| {
-        let mut false_record = record(1, None, &[theirs], 2);
-        false_record.result = Hash::of(b"made up");
-        RoundDigest {
-            record: false_record,
-            signer: key(40).node_id(),
-            committed: true,
-            time_ms: 4_600,
-        }
-    });
+    for unserved in [Unserved::Reported, Unserved::TimedOut] {
+        the_honest_record_is_adopted_after(unserved, |_, theirs| {
+            let mut false_record = record(1, None, &[theirs], 2);
+            false_record.result = Hash::of(b"made up");
+            RoundDigest {
+                record: false_record,
+                signer: key(40).node_id(),
+                committed: true,
+                time_ms: 4_600,
+            }
+        });
+    }
 }
 
 /// The same announcement named two ways: a key names it in a current-round digest and serves
@@ -1338,12 +1375,151 @@ fn a_signer_never_asked_is_not_blamed_for_a_fetch_that_ran_out() {
 /// marked unserved, and the honest record then had no signer left to ask.)
 #[test]
 fn a_signer_naming_an_announcement_for_a_history_is_not_held_to_a_current_round_claim() {
-    the_honest_record_is_adopted_after(|tip, theirs| RoundDigest {
+    the_honest_record_is_adopted_after(Unserved::Reported, |tip, theirs| RoundDigest {
         record: record(2, Some(tip.result), &[theirs], tip.weight + 1),
         signer: key(40).node_id(),
         committed: false,
         time_ms: 4_600,
     });
+}
+
+/// Nodes 2 and 3 publish node 2's heavier round 1 at 4.6 s. Drives `a` from 4.7 s to `until`
+/// in 100 ms steps; the driver sees the machine's actions on its next step and answers a fetch
+/// of node 2's announcement with `answer(t)` (the time it was asked), every blob as
+/// available, and runs aggregations. Returns every action the machine took, the times the
+/// announcement was asked for, and the machine.
+fn answer_theirs(
+    until: u64,
+    answer: impl Fn(u64, &SignedAnnouncement) -> Event,
+) -> (Vec<Action>, Vec<u64>, RoundMachine) {
+    let (mut a, _, theirs, better) = a_heavier_round_one();
+    let mut todo = Vec::new();
+    for k in [key(2), key(3)] {
+        todo.extend(a.handle(
+            4_600,
+            Event::Digest(digest(&k, better.clone(), true, 4_600)),
+        ));
+    }
+    let (mut all, mut asked_at) = (Vec::new(), Vec::new());
+    for t in (4_700..until).step_by(100) {
+        let mut out = Vec::new();
+        for action in &todo {
+            let event = match action {
+                Action::FetchAnnouncement { id, .. } if *id == theirs.id() => {
+                    asked_at.push(t);
+                    Some(answer(t, &theirs))
+                }
+                Action::FetchBlob { hash, .. } => Some(Event::BlobAvailable { hash: *hash }),
+                _ => None,
+            };
+            if let Some(e) = event {
+                out.extend(a.handle(t, e));
+            }
+        }
+        out.extend(run_aggregations(&mut a, t, &todo));
+        out.extend(a.tick(t + 100));
+        all.append(&mut todo);
+        todo = out;
+    }
+    all.append(&mut todo);
+    (all, asked_at, a)
+}
+
+/// An announcement of another history that this node will not keep (the driver reports
+/// `Local`: an outsider of its closed network signed it) is not asked for again: it would be
+/// the same bytes. The record naming it is not adopted and its signers are not blamed.
+/// (Before, it was fetched again at each attempt's deadline, and once the attempts ran out
+/// the record asked for it again at once, for as long as it was published.)
+#[test]
+fn an_announcement_not_ours_to_keep_is_not_asked_for_again() {
+    let (all, asked_at, a) = answer_theirs(7_000, |_, theirs| Event::FetchFailed {
+        hash: theirs.id(),
+        reason: FetchFailure::Local,
+    });
+    assert_eq!(asked_at.len(), 1, "asked for at {asked_at:?}");
+    assert!(penalties(&all).is_empty(), "{:?}", penalties(&all));
+    assert!(
+        a.tip().is_some_and(|t| t.weight == 1),
+        "adopted a record it could not check: {:?}",
+        a.tip()
+    );
+    // Its signers are asked for what their next record names (not taken for silent).
+    let (mut a, c) = (a, ann(&key(5), 1, Hash::of(b"c"), None, 0));
+    let next = record(1, None, &[&c, &ann(&key(6), 1, Hash::of(b"d"), None, 0)], 2);
+    let out = a.handle(7_000, Event::Digest(digest(&key(2), next, true, 7_000)));
+    assert!(fetched_announcements(&out).contains(&c.id()), "{out:?}");
+}
+
+/// Every attempt to fetch an announcement of another history is reported `Busy` (this node
+/// already receives its share from every peer asked, so none was asked) until 9 s. After the
+/// last attempt the request runs out at that attempt's deadline, not at once; its namers,
+/// never asked, are not taken for silent: the record asks for it again, gets it, and is
+/// adopted. (Before, a last attempt reported busy ended the request at once, and the record
+/// asked for it again at once.)
+#[test]
+fn a_fetch_whose_sources_stayed_busy_runs_out_on_its_timer() {
+    let (all, asked_at, a) = answer_theirs(12_000, |t, theirs| {
+        if t < 9_000 {
+            Event::FetchFailed {
+                hash: theirs.id(),
+                reason: FetchFailure::Busy,
+            }
+        } else {
+            Event::Announcement(theirs.clone())
+        }
+    });
+    // Attempts a fetch timeout (1 s) apart, the last running out a timeout after it (the
+    // first was seen by the driver a step after it was made, so 0.9 s before the second).
+    let gaps: Vec<u64> = asked_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        asked_at.len() >= 4 && gaps.iter().all(|g| *g >= 900),
+        "asked for at {asked_at:?}"
+    );
+    assert!(penalties(&all).is_empty(), "{:?}", penalties(&all));
+    assert!(
+        a.tip().is_some_and(|t| t.weight == 2),
+        "the record was not adopted: {:?}",
+        a.tip()
+    );
+}
+
+/// Key 3 signs a record of another history while the fetch of an announcement it names runs
+/// (for key 2, which signed it first); the next attempts name key 3 too, and the driver's one
+/// report for all three is `Busy`: a named peer was left unasked, and which is not said. So
+/// when the fetch runs out neither is taken for silent: the record asks for it again, and
+/// what each signs next is asked of it. (Before, a busy report un-counted only the namers
+/// its last attempt asked first: none here, so both were blamed and the record dropped.)
+#[test]
+fn namers_a_busy_fetch_may_have_left_unasked_are_not_taken_for_silent() {
+    let (mut a, _, theirs, better) = a_heavier_round_one();
+    let out = a.handle(
+        4_600,
+        Event::Digest(digest(&key(2), better.clone(), true, 4_600)),
+    );
+    assert!(fetched_announcements(&out).contains(&theirs.id()));
+    a.handle(5_000, Event::Digest(digest(&key(3), better, true, 5_000)));
+    let mut attempts = Vec::new();
+    for t in (5_100..8_000).step_by(100) {
+        if t == 7_000 {
+            let hash = theirs.id();
+            let reason = FetchFailure::Busy;
+            a.handle(t, Event::FetchFailed { hash, reason });
+        }
+        if fetched_announcements(&a.tick(t)).contains(&theirs.id()) {
+            attempts.push(t);
+        }
+    }
+    // Attempts at 5.6 and 6.6 s; it runs out at 7.6 s and is asked for again.
+    assert_eq!(attempts, [5_600, 6_600, 7_600]);
+    let named_by = |a: &mut RoundMachine, k: u8| {
+        let c = ann(&key(10 + k), 1, Hash::of(&[k]), None, 0);
+        let d = ann(&key(20 + k), 1, Hash::of(&[k, k]), None, 0);
+        let next = record(1, None, &[&c, &d], 2);
+        let out = a.handle(8_000, Event::Digest(digest(&key(k), next, true, 8_000)));
+        fetched_announcements(&out).contains(&c.id())
+    };
+    assert!(named_by(&mut a, 2), "key 2 was taken for silent");
+    assert!(named_by(&mut a, 3), "key 3 was taken for silent");
 }
 
 /// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys

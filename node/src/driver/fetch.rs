@@ -1,7 +1,9 @@
 //! Blob fetches (adapters, round adapters, announcement envelopes) in tasks of their own,
 //! each checked before the round machine hears of it.
 
-use hivemind_protocol::{Event, FetchFailure, Hash, SignedAnnouncement, SignedDigest};
+use std::collections::{BTreeMap, BTreeSet};
+
+use hivemind_protocol::{Event, FetchFailure, Hash, NodeId, SignedAnnouncement, SignedDigest};
 use libp2p::PeerId;
 
 use super::{allowed, check_adapter_blob, check_round_adapter_blob, Driver};
@@ -23,6 +25,105 @@ pub(super) enum Fetch {
     RoundAdapter,
 }
 
+/// The fetches running, by hash. The round machine counts every peer an attempt names as
+/// asked when it makes the attempt, so each named peer is asked at once: an attempt made while
+/// a fetch of the same hash runs starts another for the named peers no fetch of it asks yet;
+/// and a failure is reported once none runs. (Before, such an attempt was dropped, so a signer
+/// named only by it was taken for one that did not serve what it signed without being asked.
+/// And a fetched announcement stayed "running" for good: when the machine had forgotten it
+/// and needed it again, to check another history, no fetch was made.)
+#[derive(Debug, Default)]
+pub(super) struct InFlight(BTreeMap<Hash, Running>);
+
+#[derive(Debug, Default)]
+struct Running {
+    /// Named peers a fetch of it asks or asked.
+    asked: BTreeSet<NodeId>,
+    /// Fetches of it running.
+    tasks: usize,
+    /// How those that ended failed, the failure to report once none runs: `Busy` when a
+    /// named peer was left unasked, `Unavailable` otherwise.
+    failed: Option<FetchFailure>,
+    /// Its outcome was reported: what the fetches still running come to is not.
+    reported: bool,
+}
+
+/// A fetch to start.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Start {
+    /// The named peers it asks.
+    pub(super) ask: Vec<NodeId>,
+    /// The first of its hash: it also asks the peers we are connected to.
+    pub(super) first: bool,
+}
+
+impl InFlight {
+    /// The fetch of `hash` to start for an attempt naming `from`, if any: all of it when no
+    /// fetch of it runs (or every one running has been reported), the named peers no running
+    /// fetch asks otherwise.
+    pub(super) fn start(&mut self, hash: Hash, from: &[NodeId]) -> Option<Start> {
+        let running = self.0.entry(hash).or_default();
+        let first = running.tasks == 0 || running.reported;
+        if first {
+            // Fetches of it still running after it was reported count with this one's.
+            let tasks = running.tasks;
+            *running = Running {
+                tasks,
+                ..Running::default()
+            };
+        }
+        let ask: Vec<NodeId> = from
+            .iter()
+            .filter(|n| running.asked.insert(**n))
+            .copied()
+            .collect();
+        if !first && ask.is_empty() {
+            return None;
+        }
+        running.tasks += 1;
+        Some(Start { ask, first })
+    }
+
+    /// A fetch has ended with `ev` (anything else the driver's tasks report passes): what to
+    /// report now, if anything. A success, or a failure of the bytes themselves (`Invalid`,
+    /// `Local`: every holder has the same), is reported at once; `Unavailable` and `Busy`
+    /// once no other fetch of the hash runs.
+    pub(super) fn finish(&mut self, ev: Event) -> Option<Event> {
+        let hash = match &ev {
+            Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } => *hash,
+            Event::Announcement(a) => a.id(),
+            _ => return Some(ev),
+        };
+        let Some(running) = self.0.get_mut(&hash) else {
+            return Some(ev);
+        };
+        running.tasks = running.tasks.saturating_sub(1);
+        let out = match &ev {
+            _ if running.reported => None,
+            Event::FetchFailed {
+                reason: reason @ (FetchFailure::Unavailable | FetchFailure::Busy),
+                ..
+            } => {
+                if running.failed != Some(FetchFailure::Busy) {
+                    running.failed = Some(*reason);
+                }
+                match running.failed {
+                    Some(reason) if running.tasks == 0 => Some(Event::FetchFailed { hash, reason }),
+                    _ => None,
+                }
+            }
+            _ => Some(ev),
+        };
+        if out.is_some() {
+            running.reported = true;
+        }
+        if running.tasks == 0 {
+            self.0.remove(&hash);
+        }
+        out
+    }
+}
+
 impl Driver {
     /// Fetches a blob (an adapter, or an announcement envelope named by its id) and
     /// reports the outcome as an event.
@@ -33,19 +134,24 @@ impl Driver {
         kind: Fetch,
     ) {
         let announcement = kind == Fetch::Announcement;
-        if !self.fetching.insert(hash) {
+        let Some(start) = self.fetching.start(hash, &from) else {
             return;
-        }
-        let mut peers: Vec<PeerId> = from.iter().filter_map(peer_id_of).collect();
-        if let Ok(info) = self.client.info().await {
-            for p in info.connected {
-                if !peers.contains(&p) {
-                    peers.push(p);
-                }
+        };
+        let me = self.client.local_peer_id();
+        let named: Vec<PeerId> = start
+            .ask
+            .iter()
+            .filter_map(peer_id_of)
+            .filter(|p| *p != me)
+            .collect();
+        // Others that may hold it, asked after the named peers: those we are connected to.
+        let mut others = Vec::new();
+        if start.first {
+            if let Ok(info) = self.client.info().await {
+                others = info.connected;
+                others.retain(|p| *p != me && !named.contains(p));
             }
         }
-        let me = self.client.local_peer_id();
-        peers.retain(|p| *p != me);
         let client = self.client.clone();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
@@ -81,9 +187,24 @@ impl Driver {
             let got = if held {
                 Fetched::From(client.local_peer_id())
             } else if announcement {
-                fetch_blob_fair(&client, &store, hash, &peers, max_len, &transfers).await
+                // The named peers first, so that `Busy` (see below) says one of them was left
+                // unasked, not a peer we are connected to that never named it.
+                match fetch_blob_fair(&client, &store, hash, &named, max_len, &transfers).await {
+                    Fetched::Failed if !others.is_empty() => {
+                        let got =
+                            fetch_blob_fair(&client, &store, hash, &others, max_len, &transfers)
+                                .await;
+                        match got {
+                            Fetched::Deferred => Fetched::Failed,
+                            got => got,
+                        }
+                    }
+                    got => got,
+                }
             } else {
                 // Adapters from several holders at once when they are large enough.
+                let mut peers = named;
+                peers.extend(others);
                 fetch_blob_multi(&client, &store, hash, &peers, max_len, &transfers).await
             };
             let ev = if got == Fetched::Deferred {
@@ -234,5 +355,120 @@ impl Driver {
                 tracing::error!(error = %e, "cannot store announcement");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hivemind_protocol::{Announcement, ModelId, NodeKey, Signed};
+
+    use super::*;
+
+    fn node(n: u8) -> NodeId {
+        NodeKey::from_bytes(&[n; 32]).node_id()
+    }
+
+    fn failed(hash: Hash, reason: FetchFailure) -> Option<Event> {
+        Some(Event::FetchFailed { hash, reason })
+    }
+
+    /// Events compare by how they show (`Event` has no `PartialEq`).
+    fn shown(ev: Option<Event>) -> String {
+        format!("{ev:?}")
+    }
+
+    /// What `f` reports when a fetch ends with `ev`, shown.
+    fn ends(f: &mut InFlight, ev: Option<Event>) -> String {
+        shown(ev.and_then(|ev| f.finish(ev)))
+    }
+
+    fn start(ask: &[NodeId], first: bool) -> Option<Start> {
+        let ask = ask.to_vec();
+        Some(Start { ask, first })
+    }
+
+    /// An attempt naming a peer the running fetch does not ask starts a fetch that asks it at
+    /// once (and only it); a failure is reported once every fetch of the hash has ended, as
+    /// `Busy` if any left a named peer unasked. (Before, the attempt was dropped: node 2 was
+    /// counted as asked and never was.)
+    #[test]
+    fn every_named_peer_is_asked_before_a_failure_is_reported() {
+        let (h, mut f) = (Hash::of(b"blob"), InFlight::default());
+        assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
+        assert_eq!(f.start(h, &[node(1)]), None, "nobody new to ask");
+        assert_eq!(f.start(h, &[node(1), node(2)]), start(&[node(2)], false));
+        assert_eq!(f.start(h, &[node(3), node(2)]), start(&[node(3)], false));
+        let none = shown(None);
+        assert_eq!(ends(&mut f, failed(h, FetchFailure::Unavailable)), none);
+        assert_eq!(ends(&mut f, failed(h, FetchFailure::Busy)), none);
+        assert_eq!(
+            ends(&mut f, failed(h, FetchFailure::Unavailable)),
+            shown(failed(h, FetchFailure::Busy)),
+            "a named peer was left unasked"
+        );
+        // Then a fetch of it starts afresh, with every peer named.
+        assert_eq!(
+            f.start(h, &[node(1), node(2)]),
+            start(&[node(1), node(2)], true)
+        );
+        assert_eq!(
+            ends(&mut f, failed(h, FetchFailure::Unavailable)),
+            shown(failed(h, FetchFailure::Unavailable))
+        );
+    }
+
+    /// A success, or a failure of the bytes themselves, is reported at once, and what the
+    /// other fetches of the hash come to is not; other hashes and other events pass.
+    #[test]
+    fn a_success_or_bad_bytes_are_reported_at_once() {
+        let h = Hash::of(b"blob");
+        for ev in [
+            Some(Event::BlobAvailable { hash: h }),
+            failed(h, FetchFailure::Invalid),
+            failed(h, FetchFailure::Local),
+        ] {
+            let mut f = InFlight::default();
+            f.start(h, &[node(1)]);
+            f.start(h, &[node(2)]);
+            assert_eq!(ends(&mut f, ev.clone()), shown(ev));
+            assert_eq!(
+                ends(&mut f, failed(h, FetchFailure::Unavailable)),
+                shown(None)
+            );
+            assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
+        }
+        let mut f = InFlight::default();
+        f.start(h, &[node(1)]);
+        let other = failed(Hash::of(b"other"), FetchFailure::Unavailable);
+        assert_eq!(ends(&mut f, other.clone()), shown(other));
+        assert_eq!(
+            ends(&mut f, Some(Event::CloseNow)),
+            shown(Some(Event::CloseNow))
+        );
+        assert_eq!(f.start(h, &[node(1)]), None, "still running");
+    }
+
+    /// A fetched announcement ends its fetch, so the announcement can be fetched again
+    /// (before, it stayed running for good, and a later fetch of it was dropped).
+    #[test]
+    fn a_fetched_announcement_can_be_fetched_again() {
+        let k = NodeKey::from_bytes(&[7; 32]);
+        let a = Announcement {
+            model: ModelId(Hash::of(b"model")),
+            round: 1,
+            adapter: Hash::of(b"adapter"),
+            byte_len: 100,
+            samples: 10,
+            contributor: k.node_id(),
+            user_id: None,
+            parent: None,
+            time_ms: 0,
+        };
+        let signed = Signed::sign(a, &k).expect("sign");
+        let mut f = InFlight::default();
+        assert!(f.start(signed.id(), &[node(1)]).is_some());
+        let got = f.finish(Event::Announcement(signed.clone()));
+        assert!(matches!(got, Some(Event::Announcement(_))));
+        assert_eq!(f.start(signed.id(), &[node(1)]), start(&[node(1)], true));
     }
 }

@@ -49,8 +49,8 @@ mod local;
 mod spec;
 mod status;
 
-use fetch::Fetch;
 pub use fetch::MAX_CONCURRENT_FETCHES;
+use fetch::{Fetch, InFlight};
 use local::DeferredUpload;
 
 pub use aggregate::{aggregate, merge_excluding, round_metadata, version_name, Aggregated, Merge};
@@ -153,7 +153,7 @@ pub struct Driver {
     done_tx: mpsc::Sender<Event>,
     done_rx: mpsc::Receiver<Event>,
     pending: BTreeMap<Hash, PendingMsg>,
-    fetching: BTreeSet<Hash>,
+    fetching: InFlight,
     /// Bounds the blob transfers in flight (each holds a few MiB of frames and two threads).
     fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Announcements accepted, by round: adapter hash and when it was first held (unix ms).
@@ -232,7 +232,7 @@ impl Driver {
             done_tx,
             done_rx,
             pending: BTreeMap::new(),
-            fetching: BTreeSet::new(),
+            fetching: InFlight::default(),
             fetch_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES)),
             announced: BTreeMap::new(),
             closed: None,
@@ -285,9 +285,10 @@ impl Driver {
                 biased;
                 _ = cancel.cancelled() => break,
                 Some(ev) = self.done_rx.recv() => {
-                    if let Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } = &ev {
-                        self.fetching.remove(hash);
-                    }
+                    // A fetch's failure waits for the other fetches of its hash.
+                    let Some(ev) = self.fetching.finish(ev) else {
+                        continue;
+                    };
                     let actions = self.machine.handle(now_ms(), ev);
                     self.act(actions).await;
                 }

@@ -60,6 +60,12 @@ pub(super) struct AnnRequest {
     pub(super) history: BTreeSet<NodeId>,
     /// Namers that at least one attempt asked.
     pub(super) asked: BTreeSet<NodeId>,
+    /// Of `asked`, those first asked by attempts made since the last failure reported: not
+    /// asked after all if the next is [`FetchFailure::Busy`] (some were left unasked).
+    pub(super) unconfirmed: BTreeSet<NodeId>,
+    /// Served, but not ours to keep ([`FetchFailure::Local`]): no more attempts, and it
+    /// stays until its deadline only so that it is not asked for again before.
+    pub(super) refused: bool,
 }
 
 impl AnnRequest {
@@ -68,9 +74,14 @@ impl AnnRequest {
         !self.history.is_empty()
     }
 
-    /// The next attempt's action: every namer is asked.
+    /// The next attempt's action: every namer is asked (see [`Action`] for what the driver
+    /// does with an attempt made while another runs).
     fn attempt(&mut self, id: Hash) -> Action {
-        self.asked.extend(self.claims.keys().copied());
+        for n in self.claims.keys() {
+            if self.asked.insert(*n) {
+                self.unconfirmed.insert(*n);
+            }
+        }
         Action::FetchAnnouncement {
             id,
             from: self.claims.keys().copied().collect(),
@@ -184,6 +195,8 @@ impl RoundMachine {
             attempts: 1,
             history: BTreeSet::new(),
             asked: BTreeSet::new(),
+            unconfirmed: BTreeSet::new(),
+            refused: false,
         };
         if catch_up {
             req.history.insert(namer);
@@ -273,30 +286,62 @@ impl RoundMachine {
         let max = self.config.fetch_attempts;
         let timeout = self.config.fetch_timeout_ms;
         if let Some(req) = self.requests.get_mut(&hash) {
-            if reason == FetchFailure::Invalid || req.attempts >= max {
-                let req = self.requests.remove(&hash);
-                self.dirty = true;
-                if reason == FetchFailure::Unavailable {
-                    if let Some(req) = &req {
-                        self.settle_silent(hash, req);
-                        self.distrust_namers(now, req);
-                    }
-                } else if let Some(req) = req.filter(|_| reason == FetchFailure::Invalid) {
-                    self.invalid.insert(hash, self.pruning_round(req.round));
-                    for namer in req.claims.keys() {
+            if req.refused {
+                // What else it comes to changes nothing: it was served.
+                return;
+            }
+            match reason {
+                FetchFailure::Invalid => {
+                    let round = req.round;
+                    let namers: Vec<NodeId> = req.claims.keys().copied().collect();
+                    self.requests.remove(&hash);
+                    self.dirty = true;
+                    self.invalid.insert(hash, self.pruning_round(round));
+                    for namer in namers {
                         self.penalise(
-                            *namer,
+                            namer,
                             Misbehaviour::NamedInvalidAnnouncement { id: hash },
                             out,
                         );
                     }
                 }
-            } else if reason == FetchFailure::Unavailable {
-                req.attempts += 1;
-                req.deadline = now.saturating_add(timeout);
-                out.push(req.attempt(hash));
+                // Served, and not ours to keep (an outsider of a closed network signed it):
+                // asking again brings the same bytes. Nobody's fault, and for another
+                // history not checkable here. No more attempts; the request stays until its
+                // deadline, so that what names it meanwhile does not ask for it again (the
+                // settled outcomes are bounded, and one not remembered would be asked for
+                // again at once, the bytes held and refused again: a loop). (Before, it was
+                // asked for at every attempt's deadline, then at once again by the record
+                // naming it.)
+                FetchFailure::Local => {
+                    req.refused = true;
+                    req.attempts = max;
+                    if req.for_history() {
+                        self.settle(hash, Settled::Unkept);
+                    }
+                }
+                // Some namers were left unasked: those not asked before are not counted as
+                // asked; asked again at the attempt's deadline, and after the last attempt it
+                // runs out there. (Before, a last attempt reported busy ended the request at
+                // once, and a record naming it asked for it again at once.)
+                FetchFailure::Busy => {
+                    let unasked = std::mem::take(&mut req.unconfirmed);
+                    req.asked.retain(|n| !unasked.contains(n));
+                }
+                FetchFailure::Unavailable if req.attempts >= max => {
+                    if let Some(req) = self.requests.remove(&hash) {
+                        self.dirty = true;
+                        self.settle_silent(hash, &req);
+                        self.distrust_namers(now, &req);
+                    }
+                }
+                FetchFailure::Unavailable => {
+                    req.unconfirmed.clear();
+                    req.attempts += 1;
+                    req.deadline = now.saturating_add(timeout);
+                    out.push(req.attempt(hash));
+                }
             }
-            // `Local`: asked again at the attempt's deadline.
             return;
         }
         if let Some(b) = self.blobs.get_mut(&hash) {
@@ -401,7 +446,7 @@ impl RoundMachine {
             }
         }
         for id in expired {
-            if let Some(req) = self.requests.remove(&id) {
+            if let Some(req) = self.requests.remove(&id).filter(|r| !r.refused) {
                 self.settle_silent(id, &req);
             }
             self.dirty = true;
