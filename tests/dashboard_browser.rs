@@ -6,7 +6,8 @@
 //! - the committed round with the hash that `hive-node rounds` prints for the same data dir;
 //! - a training run's loss curve (from the data dir's training.json, as `train` writes it);
 //! - in the chat tab, an answer streamed from the round adapter in more than one piece, equal
-//!   to the chat API's own greedy answer.
+//!   to the chat API's own greedy answer; and, with model `personal` chosen, the note that the
+//!   personal adapter was trained on top of a round it then lacks (gone once `round` is).
 //!
 //! Node 0 has an API key (`--api-key`): the page first asks for it, refuses a wrong one, and
 //! shows the dashboard once the right one is typed in.
@@ -60,6 +61,18 @@ async fn wait_js(c: &Client, what: &str, script: &str) -> Value {
     .unwrap()
 }
 
+/// Chooses `model` in the chat tab, as a user does; returns the note shown for it (null when
+/// none is).
+async fn choose_model(c: &Client, model: &str) -> Value {
+    let script = format!(
+        "const s = document.querySelector('#chat-model'); s.value = '{model}'; \
+         s.dispatchEvent(new Event('change')); \
+         const n = document.querySelector('#chat-model-note'); \
+         return n.hidden ? null : n.textContent"
+    );
+    js(c, &script).await
+}
+
 async fn screenshot(c: &Client, name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     std::fs::create_dir_all(&dir).unwrap();
@@ -94,15 +107,14 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     // Two nodes; node 0 serves the dashboard. Round 1 commits.
     let work = tempfile::tempdir().unwrap();
     let net = TinyNetwork::write(work.path()).unwrap();
+    let personal = work.path().join("my_adapter");
     let cluster = net
-        .start_with_round(
-            work.path(),
-            2,
-            2.0,
-            70,
-            WAIT,
-            common::http_with_key_on_first,
-        )
+        .start_with_round(work.path(), 2, 2.0, 70, WAIT, |i, cfg| {
+            common::http_with_key_on_first(i, cfg);
+            if let Some(chat) = cfg.chat.as_mut() {
+                chat.personal = Some(personal.clone());
+            }
+        })
         .await
         .unwrap();
     let base = format!("http://{}", cluster.node(0).http_addr().unwrap());
@@ -120,6 +132,23 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
     );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     let round_hash = printed[0]["hash"].as_str().unwrap().to_string();
+
+    // A personal adapter trained on top of round 1 (`train --from-round`), as its record says.
+    net.adapter(71).unwrap().write_dir(&personal).unwrap();
+    let network = cluster.node(0).data_dir().network().unwrap();
+    let record = json!({
+        "samples": 12, "epochs": 4, "epochs_run": 4, "steps": 4, "total_steps": 4,
+        "first_loss": 2.0, "final_loss": 0.5, "base_model": "tiny",
+        "base_model_hash": network.base_model_hash, "seconds": 1.0, "tokens": 100,
+        "tokens_per_second": 100.0, "peak_memory_mib": null, "learning_rate": 1e-3,
+        "batch_size": 16, "grad_accum": 1, "max_seq_len": 256, "seed": 0,
+        "interrupted": false, "on_top_of": round_hash,
+    });
+    std::fs::write(
+        personal.join("training_info.json"),
+        serde_json::to_vec(&record).unwrap(),
+    )
+    .unwrap();
 
     // A training run's record, as `train` writes it while it runs.
     let mut training = TrainingFile {
@@ -363,6 +392,17 @@ async fn dashboard_shows_peers_rounds_training_and_streams_a_chat_answer() {
         "return [...document.querySelectorAll('#chat-model option')].some(o => o.value === 'round')",
     )
     .await;
+    // The personal adapter alone: the page says it lacks the round it was trained on top of.
+    let note = choose_model(&c, "personal").await;
+    assert!(
+        note.as_str().is_some_and(
+            |n| n.contains("trained on top of round adapter") && n.contains("round+personal")
+        ),
+        "{note}"
+    );
+    screenshot(&c, "chat-note").await;
+    let note = choose_model(&c, "round").await;
+    assert_eq!(note, Value::Null, "the note stayed with model round");
     js(
         &c,
         "document.querySelector('#chat-model').value = 'round'; \

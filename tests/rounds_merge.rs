@@ -12,6 +12,8 @@ use hivemind_model::adapter::{LoraAdapter, LoraSide};
 use hivemind_node::driver::NetRule;
 use hivemind_node::harness::{node_dirs, wait_until, Cluster, TinyNetwork};
 use hivemind_node::node::{Node, NodeConfig};
+use hivemind_node::web::Engine;
+use hivemind_node::DataDir;
 
 const ROUND_SECS: f64 = 2.0;
 const WAIT: Duration = Duration::from_secs(120);
@@ -187,7 +189,7 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
     let personal = user.join("adapters/my_adapter");
     std::fs::create_dir_all(personal.parent().unwrap()).unwrap();
     std::fs::rename(&out_dir, &personal).unwrap();
-    let eval_with_stamp = |stamp: Option<&str>, choice: &str| {
+    let stamp = |stamp: Option<&str>| {
         let mut record = info(&personal);
         match stamp {
             Some(hash) => record["on_top_of"] = hash.into(),
@@ -200,6 +202,9 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
             serde_json::to_vec(&record).unwrap(),
         )
         .unwrap();
+    };
+    let eval_with_stamp = |with: Option<&str>, choice: &str| {
+        stamp(with);
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_hive-node"))
             .args(["eval", "--use", choice, "--data"])
             .arg(&data)
@@ -231,6 +236,39 @@ async fn rounds_add_the_exact_mean_of_updates_and_a_late_node_catches_up() {
     assert!(
         stderr.contains("names no round") && stderr.contains("--from-round"),
         "{stderr}"
+    );
+    // Applied alone, an adapter trained on top of a round lacks that round under it.
+    let stderr = eval_with_stamp(Some(&rounds[1].0), "personal");
+    assert!(
+        stderr.contains("trained on top of round adapter") && stderr.contains("round+personal"),
+        "{stderr}"
+    );
+    // The web UI's chat (its models, as `GET /v1/models` lists them) says the same.
+    let engine = Engine::new(
+        model.clone(),
+        DataDir::new(dirs[0].clone()),
+        Some(personal.clone()),
+    );
+    let note_of = |id: &str| {
+        let listed = engine.models();
+        let found = listed.iter().find(|m| m.id == id);
+        assert!(found.is_some(), "{id} is not listed: {listed:?}");
+        found.and_then(|m| m.note.clone())
+    };
+    stamp(Some(&rounds[1].0));
+    assert_eq!(note_of("round+personal"), None);
+    let alone = note_of("personal").unwrap_or_default();
+    assert!(
+        alone.contains("trained on top of round adapter") && alone.contains("round+personal"),
+        "{alone}"
+    );
+    stamp(Some(&rounds[0].0));
+    let stale = note_of("round+personal").unwrap_or_default();
+    assert!(
+        stale.contains("trained on top of another round adapter")
+            && stale.contains("--from-round")
+            && !stale.contains(&dirs[0].display().to_string()),
+        "{stale}"
     );
 
     // A node joining now has neither round: it adopts round 2, which needs round 1's adapter.

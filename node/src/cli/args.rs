@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::data_dir::{DataDir, RoundView};
+use crate::data_dir::{DataDir, RoundView, REFIT_COMMAND};
 use crate::driver::NetRule;
 use crate::node::{round_config, ChatSettings, GatewaySettings, LoraSettings, Node, NodeConfig};
 use anyhow::{Context, Result};
@@ -433,42 +433,17 @@ fn say_using_round(round: &RoundView) {
     ));
 }
 
-/// Says so when the personal adapter at `personal`, applied with `round`'s adapter, was not
-/// trained on top of it on a network whose rounds build on their parent: the other users'
-/// updates under it then cost it much of what it learned (`examples/learning_bench.rs`: own
-/// facts 0.42-0.58 instead of 1.00), and a few passes of `train --from-round` on the same data
-/// refit it (4 full-batch steps: 1.00, keeping part of what the round knew of the others' facts).
+/// Says so when the personal adapter at `personal` does not fit `round`'s adapter applied
+/// under it ([`DataDir::personal_misfit`]).
 fn check_personal_fits(data_dir: &DataDir, personal: &Path, round: &RoundView) {
-    if !data_dir
-        .network_rule()
-        .is_ok_and(|rule| rule.builds_on_parent())
-    {
-        return;
+    if let Some(why) = data_dir.personal_misfit(personal, round) {
+        progress(&format!(
+            "{why}; refit it to this round with `{REFIT_COMMAND} --data-dir {} --output {}` \
+             (and your --model, if not the default)",
+            data_dir.path().display(),
+            personal.display()
+        ));
     }
-    let Some(info) = hivemind_model::train::TrainingInfo::read(personal) else {
-        return;
-    };
-    if info.fits_round(&round.hash) {
-        return;
-    }
-    let was = match &info.on_top_of {
-        Some(h) => format!(
-            "was trained on top of another round adapter ({})",
-            h.get(..16).unwrap_or(h)
-        ),
-        None => "names no round it was trained on (the base model alone, or a training from \
-                 before rounds were recorded)"
-            .to_string(),
-    };
-    progress(&format!(
-        "your personal adapter {was}, not round {}: under this round it may answer less of \
-         what it learned; refit it to this round with `hive-node train --data FILE --from-round \
-         --epochs 4 --batch-size 16 --grad-accum 1 --lr 1e-3 --data-dir {} --output {}` (and \
-         your --model, if not the default)",
-        round.number,
-        data_dir.path().display(),
-        personal.display()
-    ));
 }
 
 /// The adapter dirs to apply for `choice`, given the loaded base model's hash.
@@ -479,7 +454,13 @@ fn choose_adapters(
 ) -> Result<Vec<PathBuf>> {
     match choice {
         AdapterChoice::None => Ok(vec![]),
-        AdapterChoice::Personal => Ok(vec![personal_adapter()?]),
+        AdapterChoice::Personal => {
+            let personal = personal_adapter()?;
+            if let Some(why) = data_dir.personal_wants_round(&personal) {
+                progress(&why);
+            }
+            Ok(vec![personal])
+        }
         AdapterChoice::Round => Ok(vec![round_adapter(data_dir, base_hash)?.1]),
         AdapterChoice::RoundPersonal => {
             let (round, dir) = round_adapter(data_dir, base_hash)?;

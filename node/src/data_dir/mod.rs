@@ -22,6 +22,8 @@
 mod files;
 mod rounds;
 
+pub use rounds::REFIT_COMMAND;
+
 use std::path::{Path, PathBuf};
 
 use hivemind_model::adapter::{AdapterConfig, LoraAdapter};

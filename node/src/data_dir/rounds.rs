@@ -109,4 +109,58 @@ impl DataDir {
         }
         Ok(dir)
     }
+
+    /// Why the personal adapter at `personal`, applied with `round`'s adapter under it, may
+    /// answer less of what it learned; `None` when it fits (or its record cannot be read, or
+    /// the network's rounds do not build on their parent). It fits when it was trained on top
+    /// of that round: the other users' updates under an adapter trained without them cost it
+    /// much of what it learned (`examples/learning_bench.rs`: own facts 0.42-0.58 instead of
+    /// 1.00), and a few passes of [`REFIT_COMMAND`] on the same data refit it (4 full-batch
+    /// steps: 1.00, keeping part of what the round knew of the others' facts).
+    pub fn personal_misfit(&self, personal: &Path, round: &RoundView) -> Option<String> {
+        if !self.network_rule().is_ok_and(|r| r.builds_on_parent()) {
+            return None;
+        }
+        let info = hivemind_model::train::TrainingInfo::read(personal)?;
+        if info.fits_round(&round.hash) {
+            return None;
+        }
+        let was = match &info.on_top_of {
+            Some(h) => format!(
+                "was trained on top of another round adapter ({})",
+                h.get(..16).unwrap_or(h)
+            ),
+            None => "names no round it was trained on (the base model alone, or a training from \
+                     before rounds were recorded)"
+                .to_string(),
+        };
+        Some(format!(
+            "your personal adapter {was}, not round {}: under this round it may answer less of \
+             what it learned",
+            round.number
+        ))
+    }
+
+    /// Why the personal adapter at `personal`, applied without a round adapter under it, may
+    /// answer less of what it learned: it was trained on top of one (`train --from-round`, on
+    /// a network whose rounds build on their parent), so it is an update of that round, not
+    /// of the base model. `None` otherwise.
+    pub fn personal_wants_round(&self, personal: &Path) -> Option<String> {
+        if !self.network_rule().is_ok_and(|r| r.builds_on_parent()) {
+            return None;
+        }
+        let info = hivemind_model::train::TrainingInfo::read(personal)?;
+        let h = info.on_top_of?;
+        Some(format!(
+            "your personal adapter was trained on top of round adapter {}: without a round \
+             adapter under it, it may answer less of what it learned; `round+personal` applies \
+             both",
+            h.get(..16).unwrap_or(&h)
+        ))
+    }
 }
+
+/// The command that refits a personal adapter to the latest round (its data file, data dir
+/// and output to be added): a fresh update of 4 full-batch passes on top of the round.
+pub const REFIT_COMMAND: &str =
+    "hive-node train --data FILE --from-round --epochs 4 --batch-size 16 --grad-accum 1 --lr 1e-3";

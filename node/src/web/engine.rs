@@ -15,7 +15,7 @@ use hivemind_model::{BaseModel, LoadOptions};
 use hivemind_protocol::Hash;
 use tokio::sync::Semaphore;
 
-use crate::data_dir::DataDir;
+use crate::data_dir::{DataDir, REFIT_COMMAND};
 
 /// Tokens per answer when a request sets no limit (fewer when the context has less room).
 pub const DEFAULT_MAX_TOKENS: usize = 256;
@@ -63,6 +63,10 @@ pub struct ListedModel {
     pub id: String,
     /// What it is, for people.
     pub description: String,
+    /// Why it may answer less than it should, and what to do, for people: a personal
+    /// adapter that does not fit the round adapter under it (see
+    /// [`DataDir::personal_misfit`]), or one trained on top of a round applied without it.
+    pub note: Option<String>,
 }
 
 /// Why a chat could not be answered.
@@ -148,6 +152,7 @@ impl Engine {
         let mut out = vec![ListedModel {
             id: "base".into(),
             description: "the base model without an adapter".into(),
+            note: None,
         }];
         let rounds = self.data_dir.rounds().map(|(r, _)| r).unwrap_or_default();
         if let Some(latest) = rounds.last() {
@@ -157,6 +162,7 @@ impl Engine {
                     "the latest round adapter ({}, blake3 {})",
                     latest.version, latest.hash
                 ),
+                note: None,
             });
         }
         for r in rounds.iter().rev().take(LISTED_ROUNDS) {
@@ -168,18 +174,27 @@ impl Engine {
                     r.contributors.len(),
                     r.hash
                 ),
+                note: None,
             });
         }
-        if self.personal_dir().is_some() {
+        if let Some(personal) = self.personal_dir() {
             out.push(ListedModel {
                 id: "personal".into(),
                 description: "your personal adapter".into(),
+                note: self.data_dir.personal_wants_round(&personal),
             });
-            if !rounds.is_empty() {
+            if let Some(latest) = rounds.last() {
                 out.push(ListedModel {
                     id: "round+personal".into(),
                     description: "the latest round adapter and your personal adapter together"
                         .into(),
+                    // Without paths: whoever reads the list is not told where files are.
+                    note: self.data_dir.personal_misfit(&personal, latest).map(|why| {
+                        format!(
+                            "{why}; refit it to this round with `{REFIT_COMMAND}` and this \
+                             node's --data-dir"
+                        )
+                    }),
                 });
             }
         }

@@ -133,13 +133,19 @@ pub(crate) async fn models(State(engine): State<Arc<Engine>>) -> Json<Value> {
         .unwrap_or_default();
     Json(json!({
         "object": "list",
-        "data": listed.iter().map(|m| json!({
-            "id": m.id,
-            "object": "model",
-            "created": 0,
-            "owned_by": "hivemind",
-            "description": m.description,
-        })).collect::<Vec<_>>(),
+        "data": listed.iter().map(|m| {
+            let mut listed = json!({
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "hivemind",
+                "description": m.description,
+            });
+            if let Some(note) = &m.note {
+                listed["note"] = note.as_str().into();
+            }
+            listed
+        }).collect::<Vec<_>>(),
     }))
 }
 

@@ -257,6 +257,16 @@ async function loadModels() {
   const ids = models.map((m) => m.id);
   sel.value = ids.includes(keep) ? keep : ids.includes("round+personal") ? "round+personal"
     : ids.includes("round") ? "round" : ids[0] || "";
+  // What the node says about the chosen model (a personal adapter that does not fit the round
+  // under it, and the command that refits it), shown while it is chosen.
+  const showNote = () => {
+    const m = models.find((m) => m.id === sel.value);
+    const note = $("#chat-model-note");
+    note.textContent = (m && m.note) || "";
+    note.hidden = !(m && m.note);
+  };
+  sel.onchange = showNote;
+  showNote();
 }
 
 function bubble(role, text) {
