@@ -549,6 +549,56 @@ async fn a_peer_sending_below_the_minimum_rate_is_cut_off_and_the_next_one_asked
     cancel.cancel();
 }
 
+/// An announcement's named peers are asked side by side (`fetch_blob_side_by_side`): with the
+/// slow peer named first, the honest one is asked while the slow transfer is still under way,
+/// and delivers. Before, they were asked one after another, so the honest peer was asked only
+/// once the slow one had been cut off; the round machine, which holds each namer to serve
+/// within its fetch timeout, could meanwhile take the honest one for silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_peers_are_asked_side_by_side() {
+    use hivemind_node::net::blob::{fetch_blob_side_by_side, Fetched, Transfers};
+    let cancel = CancellationToken::new();
+    let bytes = pattern(512 << 10, 21);
+    let hash = Hash::of(&bytes);
+    let net = Arc::new(slow_and_honest(std::slice::from_ref(&bytes), &cancel).await);
+    let transfers = Transfers::default();
+    // Whether both transfers were ever under way at once.
+    let both = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let (transfers, both, net) = (transfers.clone(), both.clone(), net.clone());
+        tokio::spawn(async move {
+            loop {
+                let peers: Vec<_> = transfers
+                    .snapshot()
+                    .into_iter()
+                    .map(|(_, t)| t.peer)
+                    .collect();
+                if peers.contains(&net.slow) && peers.contains(&net.honest) {
+                    both.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let got = fetch_blob_side_by_side(
+        &net.fetcher.client,
+        &net.fetcher_store,
+        hash,
+        (vec![net.slow, net.honest], &[]),
+        MAX_BLOB_BYTES,
+        &transfers,
+    )
+    .await;
+    watch.abort();
+    assert_eq!(got, Fetched::From(net.honest));
+    assert!(
+        both.load(std::sync::atomic::Ordering::SeqCst),
+        "the honest peer was not asked while the slow transfer was under way"
+    );
+    assert_eq!(net.fetcher_store.get_blob(&hash).unwrap().unwrap(), bytes);
+    cancel.cancel();
+}
+
 /// One peer holds at most `MAX_TRANSFERS_PER_PEER` (2) of a node's transfers at once: with two
 /// trickling transfers from the slow peer under way, a third blob that both peers hold comes
 /// from the honest peer at once instead of waiting out the slow one first, and one only the

@@ -1522,6 +1522,46 @@ fn namers_a_busy_fetch_may_have_left_unasked_are_not_taken_for_silent() {
     assert!(named_by(&mut a, 3), "key 3 was taken for silent");
 }
 
+/// Once the settled outcomes are full (four keys' records naming 2,048 announcements nobody
+/// serves, every fetch run out), a record naming an announcement that is served but not kept
+/// (stamped in the future) is not asked for again at once each time it is refused: the
+/// request waits out its deadline. (Before, the refusal could not be remembered, the record
+/// asked for it again at once, the envelope already held was refused again, and so on: a
+/// fetch every step of the driver for as long as the record was published.)
+#[test]
+fn an_announcement_refused_when_the_settled_outcomes_are_full_is_not_asked_for_in_a_loop() {
+    let (mut a, _, _, _) = a_heavier_round_one();
+    let ghosts: Vec<RoundRecord> = (0..4u32).map(|k| made_up_inputs(k * 10_000, 512)).collect();
+    for t in (4_600..12_000).step_by(100) {
+        if t % 1_000 == 600 {
+            each_by_a_key_of_its_own(&mut a, &ghosts, 0..4, t);
+        }
+        a.tick(t);
+    }
+    let mine = ann(&key(1), 1, Hash::of(b"a1"), None, 0);
+    let future = ann(&key(2), 1, Hash::of(b"f"), None, 1 << 40);
+    let better = record(1, None, &[&mine, &future], 2);
+    let mut todo = Vec::new();
+    for k in [key(2), key(3)] {
+        let d = digest(&k, better.clone(), true, 12_000);
+        todo.extend(a.handle(12_000, Event::Digest(d)));
+    }
+    let mut asked = 0;
+    for t in (12_100..15_000).step_by(100) {
+        let mut out = Vec::new();
+        for id in fetched_announcements(&todo) {
+            if id == future.id() {
+                asked += 1;
+                out.extend(a.handle(t, Event::Announcement(future.clone())));
+            }
+        }
+        out.extend(a.tick(t));
+        todo = out;
+    }
+    // Once when first named, then once at each deadline (1 s).
+    assert!((1..=4).contains(&asked), "asked for {asked} times in 3 s");
+}
+
 /// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys
 /// sign, announcements and digests, and penalises the signer; a ground key
 /// (`NodeKey::grind`) counts. Before, every key counted, so one party weighed as many

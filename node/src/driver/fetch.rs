@@ -9,7 +9,7 @@ use libp2p::PeerId;
 use super::{allowed, check_adapter_blob, check_round_adapter_blob, Driver};
 use crate::error::Error;
 use crate::identity::peer_id_of;
-use crate::net::blob::{fetch_blob_fair, fetch_blob_multi, Fetched};
+use crate::net::blob::{fetch_blob_multi, fetch_blob_side_by_side, Fetched};
 
 /// Adapter fetches (transfer and validation) a node runs at once; more wait for a free one
 /// (the round machine's fetch deadline covers the wait). Announcements do not count.
@@ -85,9 +85,13 @@ impl InFlight {
     }
 
     /// A fetch has ended with `ev` (anything else the driver's tasks report passes): what to
-    /// report now, if anything. A success, or a failure of the bytes themselves (`Invalid`,
-    /// `Local`: every holder has the same), is reported at once; `Unavailable` and `Busy`
-    /// once no other fetch of the hash runs.
+    /// report now, if anything. A success is reported at once (and again, harmlessly, if
+    /// another fetch of it succeeds too), and so are bytes that are no valid blob
+    /// (`Invalid`: every holder has the same). Other failures wait until no fetch of the
+    /// hash runs, and then the one reported is the one that blames least: `Local` (served and
+    /// refused, or no room here) before `Busy` (a named peer left unasked) before
+    /// `Unavailable`. Once a failure or `Invalid` is reported, the outcomes of fetches still
+    /// running are not, unless they succeed.
     pub(super) fn finish(&mut self, ev: Event) -> Option<Event> {
         let hash = match &ev {
             Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } => *hash,
@@ -99,12 +103,22 @@ impl InFlight {
         };
         running.tasks = running.tasks.saturating_sub(1);
         let out = match &ev {
-            _ if running.reported => None,
+            Event::FetchFailed { .. } if running.reported => None,
             Event::FetchFailed {
-                reason: reason @ (FetchFailure::Unavailable | FetchFailure::Busy),
+                reason: FetchFailure::Invalid,
                 ..
-            } => {
-                if running.failed != Some(FetchFailure::Busy) {
+            } => Some(ev),
+            Event::FetchFailed { reason, .. } => {
+                let rank = |r: &FetchFailure| match r {
+                    FetchFailure::Local => 3,
+                    FetchFailure::Busy => 2,
+                    _ => 1,
+                };
+                if running
+                    .failed
+                    .as_ref()
+                    .is_none_or(|f| rank(reason) > rank(f))
+                {
                     running.failed = Some(*reason);
                 }
                 match running.failed {
@@ -184,23 +198,16 @@ impl Driver {
             } else {
                 slots.acquire_owned().await.ok()
             };
+            // Another fetch of it may have stored it while this one waited for a slot.
+            let held = held || matches!(store.has_blob(&hash), Ok(true));
             let got = if held {
                 Fetched::From(client.local_peer_id())
             } else if announcement {
-                // The named peers first, so that `Busy` (see below) says one of them was left
-                // unasked, not a peer we are connected to that never named it.
-                match fetch_blob_fair(&client, &store, hash, &named, max_len, &transfers).await {
-                    Fetched::Failed if !others.is_empty() => {
-                        let got =
-                            fetch_blob_fair(&client, &store, hash, &others, max_len, &transfers)
-                                .await;
-                        match got {
-                            Fetched::Deferred => Fetched::Failed,
-                            got => got,
-                        }
-                    }
-                    got => got,
-                }
+                // Side by side: the round machine holds each namer to serve it within its
+                // fetch timeout, and one after another a few slow ones would use it all up.
+                let max_len = hivemind_protocol::MAX_MESSAGE_BYTES as u64;
+                fetch_blob_side_by_side(&client, &store, hash, (named, &others), max_len, &transfers)
+                    .await
             } else {
                 // Adapters from several holders at once when they are large enough.
                 let mut peers = named;
@@ -417,26 +424,31 @@ mod tests {
         );
     }
 
-    /// A success, or a failure of the bytes themselves, is reported at once, and what the
-    /// other fetches of the hash come to is not; other hashes and other events pass.
+    /// A success is reported at once, even when another fetch of the hash failed first for
+    /// want of room here (before, that `Local` was reported at once and the success was then
+    /// dropped: the machine took a stored adapter for failed); bytes that are no valid blob
+    /// are reported at once, and then what the others come to is not, unless they succeed.
     #[test]
-    fn a_success_or_bad_bytes_are_reported_at_once() {
+    fn a_success_is_reported_at_once_and_a_failure_waits_for_the_others() {
         let h = Hash::of(b"blob");
-        for ev in [
-            Some(Event::BlobAvailable { hash: h }),
-            failed(h, FetchFailure::Invalid),
-            failed(h, FetchFailure::Local),
-        ] {
-            let mut f = InFlight::default();
-            f.start(h, &[node(1)]);
-            f.start(h, &[node(2)]);
-            assert_eq!(ends(&mut f, ev.clone()), shown(ev));
-            assert_eq!(
-                ends(&mut f, failed(h, FetchFailure::Unavailable)),
-                shown(None)
-            );
-            assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
+        let available = Some(Event::BlobAvailable { hash: h });
+        let none = shown(None);
+        let mut f = InFlight::default();
+        f.start(h, &[node(1)]);
+        f.start(h, &[node(2)]);
+        assert_eq!(ends(&mut f, failed(h, FetchFailure::Local)), none);
+        assert_eq!(ends(&mut f, available.clone()), shown(available.clone()));
+        assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
+
+        let mut f = InFlight::default();
+        for n in 1..=3 {
+            f.start(h, &[node(n)]);
         }
+        let invalid = failed(h, FetchFailure::Invalid);
+        assert_eq!(ends(&mut f, invalid.clone()), shown(invalid));
+        assert_eq!(ends(&mut f, failed(h, FetchFailure::Unavailable)), none);
+        assert_eq!(ends(&mut f, available.clone()), shown(available));
+
         let mut f = InFlight::default();
         f.start(h, &[node(1)]);
         let other = failed(Hash::of(b"other"), FetchFailure::Unavailable);
@@ -446,6 +458,39 @@ mod tests {
             shown(Some(Event::CloseNow))
         );
         assert_eq!(f.start(h, &[node(1)]), None, "still running");
+    }
+
+    /// Of the failures of fetches of one hash, the one reported blames least: `Local` (served
+    /// and refused, or no room here), then `Busy`, then `Unavailable`.
+    #[test]
+    fn the_failure_reported_is_the_one_that_blames_least() {
+        let h = Hash::of(b"blob");
+        for (order, want) in [
+            (
+                [
+                    FetchFailure::Unavailable,
+                    FetchFailure::Local,
+                    FetchFailure::Busy,
+                ],
+                FetchFailure::Local,
+            ),
+            (
+                [
+                    FetchFailure::Busy,
+                    FetchFailure::Unavailable,
+                    FetchFailure::Unavailable,
+                ],
+                FetchFailure::Busy,
+            ),
+        ] {
+            let mut f = InFlight::default();
+            for n in 1..=3 {
+                f.start(h, &[node(n)]);
+            }
+            let got: Vec<String> = order.iter().map(|r| ends(&mut f, failed(h, *r))).collect();
+            assert_eq!(got[..2], [shown(None), shown(None)]);
+            assert_eq!(got[2], shown(failed(h, want)));
+        }
     }
 
     /// A fetched announcement ends its fetch, so the announcement can be fetched again

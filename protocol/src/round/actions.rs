@@ -9,10 +9,10 @@ use crate::{Hash, ModelId, NodeId, RoundDigest, RoundRecord, RuleId, SignedAnnou
 /// The fetches (`FetchBlob`, `FetchRoundAdapter`, `FetchAnnouncement`) are retried by the
 /// machine, which counts every peer an attempt names as asked when it makes the attempt (an
 /// announcement's namers asked that did not serve it by the last attempt's deadline are
-/// taken for silent). So a driver asks each named peer at once: an attempt made while a
-/// fetch of the same hash runs asks the named peers that fetch does not ask, and a failure
-/// is reported once no fetch of that hash runs, as [`FetchFailure::Busy`] when a named peer
-/// was left unasked.
+/// taken for silent). So a driver asks the named peers without delay, side by side rather
+/// than one after another: an attempt made while a fetch of the same hash runs asks the
+/// named peers that fetch does not ask, and a failure is reported once no fetch of that hash
+/// runs, as [`FetchFailure::Busy`] when a named peer was left unasked.
 ///
 /// [`FetchFailure::Busy`]: super::FetchFailure::Busy
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::fetch::{Blob, BlobState, Settled};
+use super::fetch::{Blob, BlobState};
 use super::{
     Action, Ignored, Misbehaviour, RoundMachine, Verdict, MAX_ANNOUNCEMENTS_PER_ROUND,
     MAX_ANNOUNCEMENTS_PER_SIGNER, MAX_REQUESTS,
@@ -132,9 +132,7 @@ impl RoundMachine {
         // nobody's fault (see `Settled::Unkept`).
         let for_history = request.as_ref().is_some_and(|r| r.for_history());
         if a.time_ms > now.saturating_add(self.config.max_clock_skew_ms) {
-            if for_history {
-                self.settle(id, Settled::Unkept);
-            }
+            self.refuse(id, request);
             return verdict(
                 Verdict::Ignore(Ignored::FromTheFuture {
                     time_ms: a.time_ms,
@@ -203,9 +201,7 @@ impl RoundMachine {
             None
         };
         if let Some(why) = full {
-            if for_history {
-                self.settle(id, Settled::Unkept);
-            }
+            self.refuse(id, request);
             return verdict(Verdict::Ignore(why), out);
         }
         self.seen.insert(id, self.pruning_round(a.round));

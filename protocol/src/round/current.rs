@@ -161,7 +161,11 @@ impl RoundMachine {
             .values()
             .filter(|b| b.held.is_some() || b.fetching.is_some())
             .count();
-        let mut pending = self.requests.values().any(|r| r.round == round);
+        // (A request refused, see `refuse`, only waits out its deadline: nothing comes.)
+        let mut pending = self
+            .requests
+            .values()
+            .any(|r| r.round == round && !r.refused);
         let mut chosen: BTreeMap<Hash, (Hash, u64)> = BTreeMap::new();
         for best in per.values() {
             match (best.held, best.fetching) {

@@ -65,7 +65,8 @@ impl RoundMachine {
                     let known = self
                         .ann(&id)
                         .is_some_and(|a| a.round == round && a.adapter == input.adapter);
-                    if known || self.requests.get(&id).is_some_and(|r| r.round == round) {
+                    let asked = |r: &super::fetch::AnnRequest| r.round == round && !r.refused;
+                    if known || self.requests.get(&id).is_some_and(asked) {
                         self.cur.admitted.insert(id);
                     }
                 }

@@ -72,13 +72,14 @@ pub enum FetchFailure {
     /// This node will not take it in (its disk is below the floor it keeps free, or an
     /// outsider of its closed network signed it): nobody's fault, and its sources are not
     /// held to have failed to serve it. An adapter is retried at the fetch timeout; an
-    /// announcement is not (it would be the same bytes).
+    /// announcement is not asked for again before its request's deadline (it would be the
+    /// same bytes).
     Local,
     /// Its sources (some of them, for an announcement) were not asked: this node already
     /// receives as many transfers from each as it allows at once. Retried at the fetch
-    /// timeout. If every attempt of an adapter ends this way, its sources count as not
-    /// serving it (they kept our share busy throughout); an announcement's namers left
-    /// unasked are not counted as asked.
+    /// timeout. If the last attempt of an adapter ends this way, its sources count as not
+    /// serving it (they kept our share busy); an announcement's namers that the attempts
+    /// since the last failure reported asked first are not counted as asked.
     Busy,
 }
 

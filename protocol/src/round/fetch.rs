@@ -306,19 +306,11 @@ impl RoundMachine {
                     }
                 }
                 // Served, and not ours to keep (an outsider of a closed network signed it):
-                // asking again brings the same bytes. Nobody's fault, and for another
-                // history not checkable here. No more attempts; the request stays until its
-                // deadline, so that what names it meanwhile does not ask for it again (the
-                // settled outcomes are bounded, and one not remembered would be asked for
-                // again at once, the bytes held and refused again: a loop). (Before, it was
-                // asked for at every attempt's deadline, then at once again by the record
-                // naming it.)
+                // asking again brings the same bytes (see `refuse`). (Before, it was asked for
+                // at every attempt's deadline, then at once again by the record naming it.)
                 FetchFailure::Local => {
-                    req.refused = true;
-                    req.attempts = max;
-                    if req.for_history() {
-                        self.settle(hash, Settled::Unkept);
-                    }
+                    let req = self.requests.remove(&hash);
+                    self.refuse(hash, req);
                 }
                 // Some namers were left unasked: those not asked before are not counted as
                 // asked; asked again at the attempt's deadline, and after the last attempt it
@@ -508,6 +500,25 @@ impl RoundMachine {
         self.settle(id, Settled::Silent(silent));
     }
 
+    /// Announcement `id` was served but is not kept here (see [`Settled::Unkept`]): nobody's
+    /// fault, and for another history not checkable here. Its request, if any, stays until its
+    /// deadline with no more attempts, so that what names it meanwhile does not ask for it
+    /// again: the settled outcomes are bounded, and one not remembered was asked for again at
+    /// once, the envelope already held, refused again, and so on (a loop, until the round
+    /// changed, for anyone who filled the settled outcomes first).
+    pub(super) fn refuse(&mut self, id: Hash, request: Option<AnnRequest>) {
+        let Some(mut req) = request else {
+            return;
+        };
+        if req.for_history() {
+            self.settle(id, Settled::Unkept);
+        }
+        req.refused = true;
+        req.attempts = self.config.fetch_attempts;
+        self.requests.insert(id, req);
+        self.dirty = true;
+    }
+
     /// Remembers how a fetch for another history ended (see [`Settled`]).
     pub(super) fn settle(&mut self, id: Hash, how: Settled) {
         if self.settled.len() < MAX_REQUESTS || self.settled.contains_key(&id) {
@@ -523,10 +534,11 @@ impl RoundMachine {
     /// (Only the namers of current-round digests: a namer that named it only in a record
     /// of another history is settled with instead, see [`Self::settle_silent`].)
     fn distrust_namers(&mut self, now: u64, req: &AnnRequest) {
+        // (A namer whose claim came after the last attempt was never asked: not held to it.)
         let current: Vec<NodeId> = req
             .claims
             .keys()
-            .filter(|n| !req.history.contains(n))
+            .filter(|n| !req.history.contains(n) && req.asked.contains(n))
             .copied()
             .collect();
         if current.is_empty() {

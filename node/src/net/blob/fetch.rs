@@ -202,6 +202,47 @@ pub async fn fetch_blob_fair(
     Fetched::Failed
 }
 
+/// Named peers [`fetch_blob_side_by_side`] asks at once.
+pub const SIDE_BY_SIDE: usize = 8;
+
+/// Fetches `hash` from the `named` peers side by side (at most [`SIDE_BY_SIDE`] at a time,
+/// each as [`fetch_blob_fair`] with that peer alone), so that slow peers asked first do not
+/// hold back the others; then, if none delivered, from `others` one after another. `Deferred`
+/// only when a named peer was left unasked for its share of our transfers and nobody
+/// delivered: a peer of `others` at its share is no named peer's doing.
+pub async fn fetch_blob_side_by_side(
+    client: &Client,
+    store: &Store,
+    hash: Hash,
+    (named, others): (Vec<PeerId>, &[PeerId]),
+    max_len: u64,
+    transfers: &Transfers,
+) -> Fetched {
+    let mut asking = tokio::task::JoinSet::new();
+    let mut named = named.into_iter();
+    let mut deferred = false;
+    loop {
+        while asking.len() < SIDE_BY_SIDE {
+            let Some(peer) = named.next() else { break };
+            let (c, st, tr) = (client.clone(), store.clone(), transfers.clone());
+            asking
+                .spawn(async move { fetch_blob_fair(&c, &st, hash, &[peer], max_len, &tr).await });
+        }
+        // (Returning drops the set, which stops the fetches still running.)
+        match asking.join_next().await {
+            None => break,
+            Some(Ok(Fetched::From(peer))) => return Fetched::From(peer),
+            Some(Ok(Fetched::Deferred)) => deferred = true,
+            Some(_) => {}
+        }
+    }
+    match fetch_blob_fair(client, store, hash, others, max_len, transfers).await {
+        Fetched::From(peer) => Fetched::From(peer),
+        _ if deferred => Fetched::Deferred,
+        _ => Fetched::Failed,
+    }
+}
+
 /// The first wait after a pass in which every peer that holds the blob was busy; doubled
 /// after each further such pass.
 const BUSY_BACKOFF: Duration = Duration::from_millis(250);

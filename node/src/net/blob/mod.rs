@@ -50,7 +50,8 @@ mod serve;
 pub mod tree;
 
 pub use fetch::{
-    fetch_blob, fetch_blob_fair, fetch_blob_tracked, request_blob, Fetched, Transfer, Transfers,
+    fetch_blob, fetch_blob_fair, fetch_blob_side_by_side, fetch_blob_tracked, request_blob,
+    Fetched, Transfer, Transfers, SIDE_BY_SIDE,
 };
 pub use multi::{fetch_blob_multi, MAX_SOURCES};
 
