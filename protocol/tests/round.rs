@@ -1562,6 +1562,47 @@ fn an_announcement_refused_when_the_settled_outcomes_are_full_is_not_asked_for_i
     assert!((1..=4).contains(&asked), "asked for {asked} times in 3 s");
 }
 
+/// Four keys each name, in a current-round digest, 512 announcements they signed and serve,
+/// stamped far in the future: each is refused when it arrives (nobody's fault as far as the
+/// node can tell) and is not asked for again for a while, but holds no fetch slot meanwhile,
+/// so an honest digest's input is still asked for. (A first version of the refusal kept each
+/// such request in place until its deadline: these keys held all 2,048 announcement fetches,
+/// and honest inputs were neither fetched nor admitted.)
+#[test]
+fn announcements_refused_as_they_arrive_hold_no_fetch_slots() {
+    let ka = key(1);
+    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
+    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    for k in 0..4u8 {
+        let signer = key(40 + k);
+        let future: Vec<SignedAnnouncement> = (0..512u32)
+            .map(|i| {
+                let adapter = Hash::of(&[&[k][..], &i.to_le_bytes()[..]].concat());
+                ann(&signer, 2, adapter, Some(tip.result), 1 << 40)
+            })
+            .collect();
+        let named: Vec<&SignedAnnouncement> = future.iter().collect();
+        let view = record(2, Some(tip.result), &named, tip.weight + 1);
+        let out = a.handle(4_600, Event::Digest(digest(&signer, view, false, 4_600)));
+        let asked = fetched_announcements(&out);
+        assert_eq!(
+            asked.len(),
+            512,
+            "key {k}'s announcements were not all asked for"
+        );
+        for f in &future {
+            a.handle(4_610, Event::Announcement(f.clone()));
+        }
+    }
+    let theirs = ann(&key(2), 2, Hash::of(b"b2"), Some(tip.result), 4_600);
+    let view = record(2, Some(tip.result), &[&theirs], tip.weight + 1);
+    let out = a.handle(4_700, Event::Digest(digest(&key(2), view, false, 4_700)));
+    assert!(
+        fetched_announcements(&out).contains(&theirs.id()),
+        "the honest digest's input was not asked for"
+    );
+}
+
 /// A network that asks for key work (`RoundConfig::min_key_work`) rejects what weaker keys
 /// sign, announcements and digests, and penalises the signer; a ground key
 /// (`NodeKey::grind`) counts. Before, every key counted, so one party weighed as many

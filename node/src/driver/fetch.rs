@@ -46,6 +46,8 @@ struct Running {
     failed: Option<FetchFailure>,
     /// Its outcome was reported: what the fetches still running come to is not.
     reported: bool,
+    /// An announcement: `Local` (an outsider signed it) speaks of the bytes, as `Invalid` does.
+    announcement: bool,
 }
 
 /// A fetch to start.
@@ -61,7 +63,7 @@ impl InFlight {
     /// The fetch of `hash` to start for an attempt naming `from`, if any: all of it when no
     /// fetch of it runs (or every one running has been reported), the named peers no running
     /// fetch asks otherwise.
-    pub(super) fn start(&mut self, hash: Hash, from: &[NodeId]) -> Option<Start> {
+    pub(super) fn start(&mut self, hash: Hash, from: &[NodeId], kind: Fetch) -> Option<Start> {
         let running = self.0.entry(hash).or_default();
         let first = running.tasks == 0 || running.reported;
         if first {
@@ -69,6 +71,7 @@ impl InFlight {
             let tasks = running.tasks;
             *running = Running {
                 tasks,
+                announcement: kind == Fetch::Announcement,
                 ..Running::default()
             };
         }
@@ -87,10 +90,10 @@ impl InFlight {
     /// A fetch has ended with `ev` (anything else the driver's tasks report passes): what to
     /// report now, if anything. A success is reported at once (and again, harmlessly, if
     /// another fetch of it succeeds too), and so are bytes that are no valid blob
-    /// (`Invalid`: every holder has the same). Other failures wait until no fetch of the
-    /// hash runs, and then the one reported is the one that blames least: `Local` (served and
-    /// refused, or no room here) before `Busy` (a named peer left unasked) before
-    /// `Unavailable`. Once a failure or `Invalid` is reported, the outcomes of fetches still
+    /// (`Invalid`: every holder has the same) and an announcement an outsider signed (`Local`,
+    /// the same). Other failures wait until no fetch of the hash runs, and then the one
+    /// reported is the one that blames least: `Local` (no room here) before `Busy` (a named
+    /// peer left unasked) before `Unavailable`. Once a failure or `Invalid` is reported, the outcomes of fetches still
     /// running are not, unless they succeed.
     pub(super) fn finish(&mut self, ev: Event) -> Option<Event> {
         let hash = match &ev {
@@ -108,6 +111,10 @@ impl InFlight {
                 reason: FetchFailure::Invalid,
                 ..
             } => Some(ev),
+            Event::FetchFailed {
+                reason: FetchFailure::Local,
+                ..
+            } if running.announcement => Some(ev),
             Event::FetchFailed { reason, .. } => {
                 let rank = |r: &FetchFailure| match r {
                     FetchFailure::Local => 3,
@@ -148,7 +155,7 @@ impl Driver {
         kind: Fetch,
     ) {
         let announcement = kind == Fetch::Announcement;
-        let Some(start) = self.fetching.start(hash, &from) else {
+        let Some(start) = self.fetching.start(hash, &from, kind) else {
             return;
         };
         let me = self.client.local_peer_id();
@@ -401,10 +408,23 @@ mod tests {
     #[test]
     fn every_named_peer_is_asked_before_a_failure_is_reported() {
         let (h, mut f) = (Hash::of(b"blob"), InFlight::default());
-        assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
-        assert_eq!(f.start(h, &[node(1)]), None, "nobody new to ask");
-        assert_eq!(f.start(h, &[node(1), node(2)]), start(&[node(2)], false));
-        assert_eq!(f.start(h, &[node(3), node(2)]), start(&[node(3)], false));
+        assert_eq!(
+            f.start(h, &[node(1)], Fetch::Adapter),
+            start(&[node(1)], true)
+        );
+        assert_eq!(
+            f.start(h, &[node(1)], Fetch::Adapter),
+            None,
+            "nobody new to ask"
+        );
+        assert_eq!(
+            f.start(h, &[node(1), node(2)], Fetch::Adapter),
+            start(&[node(2)], false)
+        );
+        assert_eq!(
+            f.start(h, &[node(3), node(2)], Fetch::Adapter),
+            start(&[node(3)], false)
+        );
         let none = shown(None);
         assert_eq!(ends(&mut f, failed(h, FetchFailure::Unavailable)), none);
         assert_eq!(ends(&mut f, failed(h, FetchFailure::Busy)), none);
@@ -415,7 +435,7 @@ mod tests {
         );
         // Then a fetch of it starts afresh, with every peer named.
         assert_eq!(
-            f.start(h, &[node(1), node(2)]),
+            f.start(h, &[node(1), node(2)], Fetch::Adapter),
             start(&[node(1), node(2)], true)
         );
         assert_eq!(
@@ -434,15 +454,18 @@ mod tests {
         let available = Some(Event::BlobAvailable { hash: h });
         let none = shown(None);
         let mut f = InFlight::default();
-        f.start(h, &[node(1)]);
-        f.start(h, &[node(2)]);
+        f.start(h, &[node(1)], Fetch::Adapter);
+        f.start(h, &[node(2)], Fetch::Adapter);
         assert_eq!(ends(&mut f, failed(h, FetchFailure::Local)), none);
         assert_eq!(ends(&mut f, available.clone()), shown(available.clone()));
-        assert_eq!(f.start(h, &[node(1)]), start(&[node(1)], true));
+        assert_eq!(
+            f.start(h, &[node(1)], Fetch::Adapter),
+            start(&[node(1)], true)
+        );
 
         let mut f = InFlight::default();
         for n in 1..=3 {
-            f.start(h, &[node(n)]);
+            f.start(h, &[node(n)], Fetch::Adapter);
         }
         let invalid = failed(h, FetchFailure::Invalid);
         assert_eq!(ends(&mut f, invalid.clone()), shown(invalid));
@@ -450,14 +473,18 @@ mod tests {
         assert_eq!(ends(&mut f, available.clone()), shown(available));
 
         let mut f = InFlight::default();
-        f.start(h, &[node(1)]);
+        f.start(h, &[node(1)], Fetch::Adapter);
         let other = failed(Hash::of(b"other"), FetchFailure::Unavailable);
         assert_eq!(ends(&mut f, other.clone()), shown(other));
         assert_eq!(
             ends(&mut f, Some(Event::CloseNow)),
             shown(Some(Event::CloseNow))
         );
-        assert_eq!(f.start(h, &[node(1)]), None, "still running");
+        assert_eq!(
+            f.start(h, &[node(1)], Fetch::Adapter),
+            None,
+            "still running"
+        );
     }
 
     /// Of the failures of fetches of one hash, the one reported blames least: `Local` (served
@@ -485,12 +512,30 @@ mod tests {
         ] {
             let mut f = InFlight::default();
             for n in 1..=3 {
-                f.start(h, &[node(n)]);
+                f.start(h, &[node(n)], Fetch::Adapter);
             }
             let got: Vec<String> = order.iter().map(|r| ends(&mut f, failed(h, *r))).collect();
             assert_eq!(got[..2], [shown(None), shown(None)]);
             assert_eq!(got[2], shown(failed(h, want)));
         }
+    }
+
+    /// An outsider's announcement (`Local` for an announcement) is reported at once, as bytes
+    /// that are no valid blob are: every holder has the same. (Waiting for the other fetches
+    /// of it could take past the request's deadline, and its namers were then taken for
+    /// silent although it was served.)
+    #[test]
+    fn an_outsiders_announcement_is_reported_at_once() {
+        let h = Hash::of(b"envelope");
+        let mut f = InFlight::default();
+        f.start(h, &[node(1)], Fetch::Announcement);
+        f.start(h, &[node(2)], Fetch::Announcement);
+        let local = failed(h, FetchFailure::Local);
+        assert_eq!(ends(&mut f, local.clone()), shown(local));
+        assert_eq!(
+            ends(&mut f, failed(h, FetchFailure::Unavailable)),
+            shown(None)
+        );
     }
 
     /// A fetched announcement ends its fetch, so the announcement can be fetched again
@@ -511,9 +556,14 @@ mod tests {
         };
         let signed = Signed::sign(a, &k).expect("sign");
         let mut f = InFlight::default();
-        assert!(f.start(signed.id(), &[node(1)]).is_some());
+        assert!(f
+            .start(signed.id(), &[node(1)], Fetch::Announcement)
+            .is_some());
         let got = f.finish(Event::Announcement(signed.clone()));
         assert!(matches!(got, Some(Event::Announcement(_))));
-        assert_eq!(f.start(signed.id(), &[node(1)]), start(&[node(1)], true));
+        assert_eq!(
+            f.start(signed.id(), &[node(1)], Fetch::Announcement),
+            start(&[node(1)], true)
+        );
     }
 }

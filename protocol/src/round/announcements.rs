@@ -132,7 +132,7 @@ impl RoundMachine {
         // nobody's fault (see `Settled::Unkept`).
         let for_history = request.as_ref().is_some_and(|r| r.for_history());
         if a.time_ms > now.saturating_add(self.config.max_clock_skew_ms) {
-            self.refuse(id, request);
+            self.refuse(now, id, request);
             return verdict(
                 Verdict::Ignore(Ignored::FromTheFuture {
                     time_ms: a.time_ms,
@@ -201,7 +201,7 @@ impl RoundMachine {
             None
         };
         if let Some(why) = full {
-            self.refuse(id, request);
+            self.refuse(now, id, request);
             return verdict(Verdict::Ignore(why), out);
         }
         self.seen.insert(id, self.pruning_round(a.round));

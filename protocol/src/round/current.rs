@@ -161,11 +161,7 @@ impl RoundMachine {
             .values()
             .filter(|b| b.held.is_some() || b.fetching.is_some())
             .count();
-        // (A request refused, see `refuse`, only waits out its deadline: nothing comes.)
-        let mut pending = self
-            .requests
-            .values()
-            .any(|r| r.round == round && !r.refused);
+        let mut pending = self.requests.values().any(|r| r.round == round);
         let mut chosen: BTreeMap<Hash, (Hash, u64)> = BTreeMap::new();
         for best in per.values() {
             match (best.held, best.fetching) {

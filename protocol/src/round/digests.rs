@@ -65,8 +65,7 @@ impl RoundMachine {
                     let known = self
                         .ann(&id)
                         .is_some_and(|a| a.round == round && a.adapter == input.adapter);
-                    let asked = |r: &super::fetch::AnnRequest| r.round == round && !r.refused;
-                    if known || self.requests.get(&id).is_some_and(asked) {
+                    if known || self.requests.get(&id).is_some_and(|r| r.round == round) {
                         self.cur.admitted.insert(id);
                     }
                 }

@@ -72,8 +72,7 @@ pub enum FetchFailure {
     /// This node will not take it in (its disk is below the floor it keeps free, or an
     /// outsider of its closed network signed it): nobody's fault, and its sources are not
     /// held to have failed to serve it. An adapter is retried at the fetch timeout; an
-    /// announcement is not asked for again before its request's deadline (it would be the
-    /// same bytes).
+    /// announcement is not asked for again for a fetch timeout (it would be the same bytes).
     Local,
     /// Its sources (some of them, for an announcement) were not asked: this node already
     /// receives as many transfers from each as it allows at once. Retried at the fetch

@@ -63,9 +63,6 @@ pub(super) struct AnnRequest {
     /// Of `asked`, those first asked by attempts made since the last failure reported: not
     /// asked after all if the next is [`FetchFailure::Busy`] (some were left unasked).
     pub(super) unconfirmed: BTreeSet<NodeId>,
-    /// Served, but not ours to keep ([`FetchFailure::Local`]): no more attempts, and it
-    /// stays until its deadline only so that it is not asked for again before.
-    pub(super) refused: bool,
 }
 
 impl AnnRequest {
@@ -156,8 +153,8 @@ impl RoundMachine {
         out: &mut Vec<Action>,
     ) {
         // A namer that did not serve what it named is not asked again for a while (and
-        // what only it names is not waited for).
-        if self.is_unserved(&namer) {
+        // what only it names is not waited for); nor is what was served and refused lately.
+        if self.is_unserved(&namer) || self.refused.get(&id).is_some_and(|until| *until > now) {
             return;
         }
         if let Some(req) = self.requests.get_mut(&id) {
@@ -196,7 +193,6 @@ impl RoundMachine {
             history: BTreeSet::new(),
             asked: BTreeSet::new(),
             unconfirmed: BTreeSet::new(),
-            refused: false,
         };
         if catch_up {
             req.history.insert(namer);
@@ -286,10 +282,6 @@ impl RoundMachine {
         let max = self.config.fetch_attempts;
         let timeout = self.config.fetch_timeout_ms;
         if let Some(req) = self.requests.get_mut(&hash) {
-            if req.refused {
-                // What else it comes to changes nothing: it was served.
-                return;
-            }
             match reason {
                 FetchFailure::Invalid => {
                     let round = req.round;
@@ -310,7 +302,7 @@ impl RoundMachine {
                 // at every attempt's deadline, then at once again by the record naming it.)
                 FetchFailure::Local => {
                     let req = self.requests.remove(&hash);
-                    self.refuse(hash, req);
+                    self.refuse(now, hash, req);
                 }
                 // Some namers were left unasked: those not asked before are not counted as
                 // asked; asked again at the attempt's deadline, and after the last attempt it
@@ -425,6 +417,7 @@ impl RoundMachine {
             self.blob_unserved(now_ms, hash);
         }
         self.unserved.retain(|_, (_, expires)| *expires > now_ms);
+        self.refused.retain(|_, until| *until > now_ms);
         let mut expired = Vec::new();
         for (id, r) in self.requests.iter_mut() {
             if now_ms >= r.deadline {
@@ -438,7 +431,7 @@ impl RoundMachine {
             }
         }
         for id in expired {
-            if let Some(req) = self.requests.remove(&id).filter(|r| !r.refused) {
+            if let Some(req) = self.requests.remove(&id) {
                 self.settle_silent(id, &req);
             }
             self.dirty = true;
@@ -500,23 +493,30 @@ impl RoundMachine {
         self.settle(id, Settled::Silent(silent));
     }
 
-    /// Announcement `id` was served but is not kept here (see [`Settled::Unkept`]): nobody's
-    /// fault, and for another history not checkable here. Its request, if any, stays until its
-    /// deadline with no more attempts, so that what names it meanwhile does not ask for it
-    /// again: the settled outcomes are bounded, and one not remembered was asked for again at
-    /// once, the envelope already held, refused again, and so on (a loop, until the round
-    /// changed, for anyone who filled the settled outcomes first).
-    pub(super) fn refuse(&mut self, id: Hash, request: Option<AnnRequest>) {
-        let Some(mut req) = request else {
+    /// Announcement `id`, asked for (`request`), was served but is not kept here (see
+    /// [`Settled::Unkept`]): nobody's fault, and for another history not checkable here. It
+    /// is not asked for again for a fetch timeout, whether or not that outcome could be
+    /// remembered: the settled outcomes are bounded, and one not remembered was asked for
+    /// again at once, the envelope already held, refused again, and so on (a loop, until the
+    /// round changed, for anyone who filled the settled outcomes first). The ids refused are
+    /// kept apart from the fetches in flight, so they hold none of their slots.
+    pub(super) fn refuse(&mut self, now: u64, id: Hash, request: Option<AnnRequest>) {
+        let Some(req) = request else {
             return;
         };
+        self.dirty = true;
         if req.for_history() {
             self.settle(id, Settled::Unkept);
         }
-        req.refused = true;
-        req.attempts = self.config.fetch_attempts;
-        self.requests.insert(id, req);
-        self.dirty = true;
+        if self.refused.len() >= MAX_REQUESTS && !self.refused.contains_key(&id) {
+            // Full: the one free soonest makes room.
+            let soonest = self.refused.iter().min_by_key(|(_, until)| **until);
+            if let Some(old) = soonest.map(|(old, _)| *old) {
+                self.refused.remove(&old);
+            }
+        }
+        let until = now.saturating_add(self.config.fetch_timeout_ms);
+        self.refused.insert(id, until);
     }
 
     /// Remembers how a fetch for another history ended (see [`Settled`]).

@@ -158,6 +158,9 @@ pub struct RoundMachine {
     /// How announcement fetches asked for to verify other histories ended without the
     /// announcement kept (see [`Settled`]). Cleared as each round opens.
     settled: BTreeMap<Hash, Settled>,
+    /// Announcements served but not kept here, with when they may be asked for again (unix
+    /// ms): not asked for before (see [`RoundMachine::refuse`]). At most [`MAX_REQUESTS`].
+    refused: BTreeMap<Hash, u64>,
     /// Other signers whose committed digest matched our tip, and since when it is tip.
     tip_support: BTreeSet<NodeId>,
     /// Records of other chains whose weight and result this node checked (as ancestors of
@@ -222,6 +225,7 @@ impl RoundMachine {
             candidates: BTreeMap::new(),
             seen: BTreeMap::new(),
             settled: BTreeMap::new(),
+            refused: BTreeMap::new(),
             banned: BTreeMap::new(),
             unserved: BTreeMap::new(),
             tip_support: BTreeSet::new(),

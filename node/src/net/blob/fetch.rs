@@ -52,6 +52,11 @@ impl Transfers {
             .unwrap_or_default()
     }
 
+    /// Whether `hash` is coming from `peer` now (in another fetch).
+    fn under_way(&self, hash: Hash, peer: PeerId) -> bool {
+        self.0.lock().is_ok_and(|m| m.contains_key(&(hash, peer)))
+    }
+
     fn update(&self, f: impl FnOnce(&mut BTreeMap<(Hash, PeerId), Transfer>)) {
         if let Ok(mut m) = self.0.lock() {
             f(&mut m);
@@ -270,7 +275,9 @@ async fn fetch_pass(
     let mut capped = false;
     for peer in peers {
         let Some(tracked) = Tracked::start(transfers, hash, *peer) else {
-            capped = true;
+            // At its share, unless it is another fetch of ours that is asking it for this
+            // blob now: then it is asked (a `Deferred` would say a source was left unasked).
+            capped |= !transfers.under_way(hash, *peer);
             continue;
         };
         let r = fetch_from(client, store, hash, *peer, max_len, tracked).await;
