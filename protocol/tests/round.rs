@@ -1570,9 +1570,7 @@ fn an_announcement_refused_when_the_settled_outcomes_are_full_is_not_asked_for_i
 /// and honest inputs were neither fetched nor admitted.)
 #[test]
 fn announcements_refused_as_they_arrive_hold_no_fetch_slots() {
-    let ka = key(1);
-    let mine = ann(&ka, 1, Hash::of(b"a1"), None, 0);
-    let (mut a, tip) = endorsed_round_one(&ka, &mine);
+    let (mut a, tip, _, _) = a_heavier_round_one();
     for k in 0..4u8 {
         let signer = key(40 + k);
         let future: Vec<SignedAnnouncement> = (0..512u32)

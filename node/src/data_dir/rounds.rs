@@ -118,10 +118,7 @@ impl DataDir {
     /// 1.00), and a few passes of [`REFIT_COMMAND`] on the same data refit it (4 full-batch
     /// steps: 1.00, keeping part of what the round knew of the others' facts).
     pub fn personal_misfit(&self, personal: &Path, round: &RoundView) -> Option<String> {
-        if !self.network_rule().is_ok_and(|r| r.builds_on_parent()) {
-            return None;
-        }
-        let info = hivemind_model::train::TrainingInfo::read(personal)?;
+        let info = self.personal_record(personal)?;
         if info.fits_round(&round.hash) {
             return None;
         }
@@ -146,17 +143,22 @@ impl DataDir {
     /// a network whose rounds build on their parent), so it is an update of that round, not
     /// of the base model. `None` otherwise.
     pub fn personal_wants_round(&self, personal: &Path) -> Option<String> {
-        if !self.network_rule().is_ok_and(|r| r.builds_on_parent()) {
-            return None;
-        }
-        let info = hivemind_model::train::TrainingInfo::read(personal)?;
-        let h = info.on_top_of?;
+        let h = self.personal_record(personal)?.on_top_of?;
         Some(format!(
             "your personal adapter was trained on top of round adapter {}: without a round \
              adapter under it, it may answer less of what it learned; `round+personal` applies \
              both",
             h.get(..16).unwrap_or(&h)
         ))
+    }
+
+    /// The training record of the personal adapter at `personal`, on a network whose rounds
+    /// build on their parent (elsewhere a personal adapter does not sit on a round).
+    fn personal_record(&self, personal: &Path) -> Option<hivemind_model::train::TrainingInfo> {
+        if !self.network_rule().is_ok_and(|r| r.builds_on_parent()) {
+            return None;
+        }
+        hivemind_model::train::TrainingInfo::read(personal)
     }
 }
 

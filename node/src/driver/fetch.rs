@@ -41,8 +41,8 @@ struct Running {
     asked: BTreeSet<NodeId>,
     /// Fetches of it running.
     tasks: usize,
-    /// How those that ended failed, the failure to report once none runs: `Busy` when a
-    /// named peer was left unasked, `Unavailable` otherwise.
+    /// How those that ended failed: the failure to report once none runs (see
+    /// [`InFlight::finish`]).
     failed: Option<FetchFailure>,
     /// Its outcome was reported: what the fetches still running come to is not.
     reported: bool,
@@ -93,8 +93,8 @@ impl InFlight {
     /// (`Invalid`: every holder has the same) and an announcement an outsider signed (`Local`,
     /// the same). Other failures wait until no fetch of the hash runs, and then the one
     /// reported is the one that blames least: `Local` (no room here) before `Busy` (a named
-    /// peer left unasked) before `Unavailable`. Once a failure or `Invalid` is reported, the outcomes of fetches still
-    /// running are not, unless they succeed.
+    /// peer left unasked) before `Unavailable`. Once a failure or `Invalid` is reported, the
+    /// outcomes of fetches still running are not, unless they succeed.
     pub(super) fn finish(&mut self, ev: Event) -> Option<Event> {
         let hash = match &ev {
             Event::BlobAvailable { hash } | Event::FetchFailed { hash, .. } => *hash,
@@ -212,7 +212,6 @@ impl Driver {
             } else if announcement {
                 // Side by side: the round machine holds each namer to serve it within its
                 // fetch timeout, and one after another a few slow ones would use it all up.
-                let max_len = hivemind_protocol::MAX_MESSAGE_BYTES as u64;
                 fetch_blob_side_by_side(&client, &store, hash, (named, &others), max_len, &transfers)
                     .await
             } else {
