@@ -34,7 +34,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hivemind_model::adapter::LoraAdapter;
 use hivemind_model::aggregate::{
-    stack, AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IsoMerge, TsvMerge,
+    regmean, stack, AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IsoMerge, TsvMerge,
     WeightedAdapter,
 };
 use hivemind_model::config::Arch;
@@ -42,7 +42,9 @@ use hivemind_model::dataset::{self, Conversation, Example};
 use hivemind_model::eval::{evaluate, EvalOptions, EvalReport};
 use hivemind_model::facts::facts;
 use hivemind_model::testing::TinyModel;
-use hivemind_model::train::{self, LoraSpec, LrSchedule, Replay, TrainConfig};
+use hivemind_model::train::{
+    self, InputGrams, LoraSpec, LrSchedule, ProtectedInputs, Replay, TrainConfig, Trainer,
+};
 use hivemind_model::{BaseModel, LoadOptions, Module};
 use serde_json::{json, Value};
 
@@ -127,6 +129,17 @@ struct Args {
     /// `DIR/central` where it exists) instead of training them: PEFT's, from `peft_facts.py`.
     #[arg(long)]
     users_from: Option<std::path::PathBuf>,
+    /// Write the users' trained adapters to `DIR/user0`, `DIR/user1`, ... (for `--users-from`).
+    #[arg(long)]
+    save_users: Option<std::path::PathBuf>,
+    /// Keep every training's `A` orthogonal to the principal directions holding this fraction
+    /// of the energy of each module's inputs on general text (the base model's answers to the
+    /// replay prompts, disjoint from the drift prompts); 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    protect: f64,
+    /// Most protected directions per module input.
+    #[arg(long, default_value_t = 128)]
+    protect_dims: usize,
 }
 
 fn load(args: &Args, work: &Path) -> Result<BaseModel> {
@@ -408,6 +421,111 @@ fn weighted(adapters: &[LoraAdapter], samples: usize) -> Result<Vec<WeightedAdap
         .collect()
 }
 
+/// A merge: one of the network's rules, or RegMean, which also needs each user's input Gram
+/// matrices.
+enum Rule {
+    Network(Box<dyn AggregationRule>),
+    RegMean { alpha: f64, scale: f64 },
+}
+
+impl Rule {
+    fn id(&self) -> &'static str {
+        match self {
+            Rule::Network(r) => r.id(),
+            Rule::RegMean { .. } => "regmean",
+        }
+    }
+
+    /// Merges `users` (with `grams[u]` the Gram matrices of user `u`'s inputs).
+    fn merge(
+        &self,
+        users: &[&LoraAdapter],
+        grams: &[&InputGrams],
+        samples: usize,
+    ) -> Result<LoraAdapter> {
+        Ok(match self {
+            Rule::Network(r) => {
+                let owned: Vec<LoraAdapter> = users.iter().map(|&a| a.clone()).collect();
+                r.aggregate(&weighted(&owned, samples)?)?
+            }
+            Rule::RegMean { alpha, scale } => {
+                let inputs: Vec<(&LoraAdapter, &InputGrams)> =
+                    users.iter().copied().zip(grams.iter().copied()).collect();
+                regmean(&inputs, *alpha, *scale)?
+            }
+        })
+    }
+}
+
+/// The Gram matrices of every module's inputs over `ex` with `adapter` applied (on top of
+/// `frozen`, the round adapter it was trained on, where there is one).
+fn input_grams(
+    model: &mut BaseModel,
+    frozen: Option<&LoraAdapter>,
+    adapter: &LoraAdapter,
+    ex: &[Example],
+) -> Result<InputGrams> {
+    if let Some(f) = frozen {
+        model.decoder.apply_adapter(f)?;
+    }
+    let grams = (|| -> Result<InputGrams> {
+        let spec = LoraSpec::from_adapter(adapter)?;
+        let mut trainer = Trainer::new(&model.decoder, &spec, Some(adapter), 0)?;
+        let mut grams = InputGrams::default();
+        let batch: Vec<&Example> = ex.iter().collect();
+        trainer.accumulate_input_grams(&batch, &mut grams)?;
+        Ok(grams)
+    })();
+    model.decoder.remove_adapter();
+    grams
+}
+
+/// The protected input directions of the model with `frozen` applied (`--protect`), if on.
+fn protection(
+    args: &Args,
+    model: &mut BaseModel,
+    frozen: Option<&LoraAdapter>,
+) -> Result<Option<std::sync::Arc<ProtectedInputs>>> {
+    if args.protect <= 0.0 {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    if let Some(f) = frozen {
+        model.decoder.apply_adapter(f)?;
+    }
+    let p = hivemind_model::general::protected_inputs(
+        model,
+        args.protect,
+        args.protect_dims,
+        GENERAL_TOKENS,
+    );
+    model.decoder.remove_adapter();
+    let p = p?;
+    let (energy, dims) = p.summary();
+    eprintln!(
+        "protected directions: {dims:.1} per input holding {energy:.3} of the energy ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Some(std::sync::Arc::new(p)))
+}
+
+/// A rule by its `--rules` name (`regmean:ALPHA` or `regmean:ALPHA@SCALE` for RegMean).
+fn any_rule_named(spec: &str, args: &Args) -> Result<(String, Rule)> {
+    if let Some(rest) = spec.strip_prefix("regmean") {
+        let rest = rest.strip_prefix(':').unwrap_or("0.9");
+        let (alpha, scale) = rest.split_once('@').unwrap_or((rest, "1"));
+        let alpha = alpha
+            .parse::<f64>()
+            .with_context(|| format!("rule {spec}"))?;
+        let scale = scale
+            .parse::<f64>()
+            .with_context(|| format!("rule {spec}"))?;
+        return Ok((spec.to_string(), Rule::RegMean { alpha, scale }));
+    }
+    let (name, rule) = rule_named(spec, args)?;
+    Ok((name, Rule::Network(rule)))
+}
+
 /// A rule by its `--rules` name.
 fn rule_named(spec: &str, args: &Args) -> Result<(String, Box<dyn AggregationRule>)> {
     let cap = args.users * args.rank;
@@ -470,25 +588,38 @@ fn chains(
         .flat_map(|r| args.replay.iter().map(move |&k| (r, k)))
         .collect();
     for (spec, per_step) in runs {
-        let (name, rule) = rule_named(spec, args)?;
+        let (name, rule) = any_rule_named(spec, args)?;
         let name = format!("{name}, replay {per_step}");
         let fedavg = rule.id() == FedAvg::ID;
         let mut round: Option<LoraAdapter> = None;
         let mut per_round = Vec::new();
         for n in 1..=args.rounds {
+            let protect = protection(args, &mut bench.model, round.as_ref())?;
             let mut updates = Vec::new();
+            let mut grams = Vec::new();
             for u in 0..args.users {
                 let shard = &examples[u * per..(u + 1) * per];
-                let cfg = config(args, shard.len(), LrSchedule::Constant);
+                let mut cfg = config(args, shard.len(), LrSchedule::Constant);
+                cfg.protect = protect.clone();
                 // FedIT continues the round adapter; the other rules train on top of it.
                 let trained = if fedavg {
                     bench.train_on_top(None, shard, per_step, &cfg, round.as_ref())
                 } else {
                     bench.train_on_top(round.as_ref(), shard, per_step, &cfg, None)
                 }?;
+                grams.push(match rule {
+                    Rule::RegMean { .. } => {
+                        input_grams(&mut bench.model, round.as_ref(), &trained, shard)?
+                    }
+                    Rule::Network(_) => InputGrams::default(),
+                });
                 updates.push(trained);
             }
-            let merged = rule.aggregate(&weighted(&updates, per)?)?;
+            let merged = rule.merge(
+                &updates.iter().collect::<Vec<_>>(),
+                &grams.iter().collect::<Vec<_>>(),
+                per,
+            )?;
             round = Some(match round.take() {
                 Some(prev) if !fedavg => stack(&[&prev, &merged])?,
                 _ => merged,
@@ -560,6 +691,7 @@ fn main() -> Result<()> {
     // Each user trains alone on their shard (full batch, same init seed).
     let mut bench = bench(model, &convs, &args)?;
     let per_step = args.replay.first().copied().unwrap_or(0);
+    let protect = protection(&args, &mut bench.model, None)?;
     let mut users = Vec::new();
     let mut train_info = Vec::new();
     for u in 0..args.users {
@@ -569,12 +701,33 @@ fn main() -> Result<()> {
             continue;
         }
         let shard = &examples[u * args.facts_per_user..(u + 1) * args.facts_per_user];
-        let cfg = config(&args, shard.len(), LrSchedule::Constant);
+        let mut cfg = config(&args, shard.len(), LrSchedule::Constant);
+        cfg.protect = protect.clone();
         let (adapter, info) = train_on(&bench.model, shard, replay(&bench.replay, per_step), &cfg)?;
         eprintln!("user {u} trained: {info}");
         train_info.push(info);
+        if let Some(dir) = &args.save_users {
+            adapter.write_dir(dir.join(format!("user{u}")))?;
+        }
         users.push(adapter);
     }
+    let grams = if args.rules.iter().any(|r| r.starts_with("regmean")) {
+        let t0 = Instant::now();
+        let g = users
+            .iter()
+            .enumerate()
+            .map(|(u, a)| {
+                let shard = &examples[u * args.facts_per_user..(u + 1) * args.facts_per_user];
+                input_grams(&mut bench.model, None, a, shard)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        eprintln!("input Gram matrices: {:.0} s", t0.elapsed().as_secs_f64());
+        g
+    } else {
+        users.iter().map(|_| InputGrams::default()).collect()
+    };
+    let user_refs: Vec<&LoraAdapter> = users.iter().collect();
+    let gram_refs: Vec<&InputGrams> = grams.iter().collect();
     let from_dir = args
         .users_from
         .as_ref()
@@ -586,7 +739,8 @@ fn main() -> Result<()> {
     } else if args.skip_central || args.users_from.is_some() {
         None
     } else {
-        let cfg = config(&args, n, LrSchedule::Constant);
+        let mut cfg = config(&args, n, LrSchedule::Constant);
+        cfg.protect = protect.clone();
         Some(train_on(
             &bench.model,
             &examples,
@@ -611,6 +765,10 @@ fn main() -> Result<()> {
     for (u, a) in users.iter().enumerate() {
         local.push(bench.eval(&format!("user {u} alone"), Some(a))?);
     }
+    let user0_drift = match users.first() {
+        Some(a) => Some(bench.drift(Some(a))?),
+        None => None,
+    };
     let local_mean = local.iter().map(|r| r.exact_match).sum::<f64>() / local.len() as f64;
     let local_own = local
         .iter()
@@ -633,12 +791,12 @@ fn main() -> Result<()> {
     let rules = args
         .rules
         .iter()
-        .map(|r| rule_named(r, &args))
+        .map(|r| any_rule_named(r, &args))
         .collect::<Result<Vec<_>>>()?;
     let mut rule_out = Vec::new();
     for (name, rule) in &rules {
         let t0 = Instant::now();
-        let round = rule.aggregate(&weighted(&users, args.facts_per_user)?)?;
+        let round = rule.merge(&user_refs, &gram_refs, args.facts_per_user)?;
         let merge_s = t0.elapsed().as_secs_f64();
         let r = bench.eval(name, Some(&round))?;
         let mut entry = json!({
@@ -651,6 +809,9 @@ fn main() -> Result<()> {
             "ratio_to_local_mean": r.exact_match / local_mean.max(1e-9),
         });
         if args.round_only {
+            if let Some(e) = entry.as_object_mut() {
+                e.insert("general".into(), bench.drift(Some(&round))?);
+            }
             rule_out.push(entry);
             continue;
         }
@@ -665,13 +826,15 @@ fn main() -> Result<()> {
             let both = stack(&[&round, a])?;
             let what = format!("{name} + user {u}'s own adapter, on user {u}'s facts");
             with_personal.push(bench.eval_on(&what, Some(&both), Some(u))?.exact_match);
-            let others: Vec<LoraAdapter> = users
-                .iter()
-                .enumerate()
-                .filter(|&(v, _)| v != u)
-                .map(|(_, x)| x.clone())
+            let others: Vec<&LoraAdapter> = (0..users.len())
+                .filter(|&v| v != u)
+                .map(|v| &users[v])
                 .collect();
-            let without = rule.aggregate(&weighted(&others, args.facts_per_user)?)?;
+            let others_grams: Vec<&InputGrams> = (0..users.len())
+                .filter(|&v| v != u)
+                .map(|v| &grams[v])
+                .collect();
+            let without = rule.merge(&others, &others_grams, args.facts_per_user)?;
             let mine = stack(&[&without, a])?;
             let what = format!("{name} of the others + user {u}'s own, on user {u}'s facts");
             others_personal.push(bench.eval_on(&what, Some(&mine), Some(u))?.exact_match);
@@ -743,10 +906,15 @@ fn main() -> Result<()> {
         "alpha": args.alpha,
         "lr": args.lr,
         "replay_per_step": per_step,
+        "protect": (args.protect > 0.0).then(|| json!({
+            "energy": args.protect,
+            "max_dims": args.protect_dims,
+        })),
         "base": bench.summary(&base),
         "local": {
             "mean_exact_match": local_mean,
             "mean_exact_match_own_shard": local_own,
+            "user0_general": user0_drift,
             "users": local.iter().map(|r| bench.summary(r)).collect::<Vec<_>>(),
             "training": train_info,
         },

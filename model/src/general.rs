@@ -7,6 +7,8 @@ use crate::dataset::{model_template, Conversation, Example};
 use crate::error::Result;
 use crate::eval::{evaluate, greedy_tokens, EvalOptions};
 use crate::loader::BaseModel;
+use crate::module::Module;
+use crate::train::{InputGrams, LoraSpec, ProtectedInputs, Trainer};
 
 /// Everyday instructions of the kind a small assistant is asked.
 pub const GENERAL_PROMPTS: [&str; 24] = [
@@ -137,4 +139,61 @@ fn answers(
             ],
         })
         .collect())
+}
+
+/// The most memory [`protected_inputs`] may take for its input statistics (the default model's
+/// take 400 MiB; a 7B model's would take tens of GiB).
+pub const PROTECT_MAX_BYTES: u64 = 1 << 30;
+
+/// Bytes [`protected_inputs`] needs for `model`'s input statistics.
+pub fn protection_bytes(model: &BaseModel) -> u64 {
+    let c = &model.decoder.cfg;
+    InputGrams::bytes_for(
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.intermediate_size,
+    )
+}
+
+/// Replay prompts whose answers define the protected directions (all of them).
+pub const PROTECT_PROMPTS: usize = REPLAY_PROMPTS.len();
+
+/// The input directions a training on `model` (with whatever adapter is applied to it) should
+/// leave alone ([`crate::train::ProtectedInputs`]): the principal subspaces holding `energy` of
+/// each module input's energy (at most `max_dims` directions each) while the model reads its
+/// own answers (up to `max_new_tokens`) to every [`REPLAY_PROMPTS`] prompt. The drift prompts
+/// ([`GENERAL_PROMPTS`]) are not among them.
+pub fn protected_inputs(
+    model: &BaseModel,
+    energy: f64,
+    max_dims: usize,
+    max_new_tokens: usize,
+) -> Result<ProtectedInputs> {
+    let bytes = protection_bytes(model);
+    if bytes > PROTECT_MAX_BYTES {
+        return Err(crate::ModelError::Training {
+            reason: format!(
+                "protecting general behaviour needs {} MiB of input statistics on {}, over the \
+                 {} MiB allowed",
+                bytes >> 20,
+                model.name,
+                PROTECT_MAX_BYTES >> 20
+            ),
+        });
+    }
+    let general = replay_examples(model, PROTECT_PROMPTS, max_new_tokens)?;
+    // A fresh pair's B is zero: the forward is the model's own.
+    let spec = LoraSpec {
+        rank: 1,
+        alpha: 1.0,
+        dropout: 0.0,
+        target_modules: Module::ALL.to_vec(),
+    };
+    let mut trainer = Trainer::new(&model.decoder, &spec, None, 0)?;
+    let mut grams = InputGrams::default();
+    for ex in &general {
+        trainer.accumulate_input_grams(&[ex], &mut grams)?;
+    }
+    ProtectedInputs::from_grams(&grams, energy, max_dims)
 }

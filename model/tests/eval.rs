@@ -111,6 +111,7 @@ fn eval_answers_are_chats_greedy_answers_and_training_raises_exact_match() -> Re
         seed: 1,
         weight_decay: 0.0,
         max_grad_norm: Some(1.0),
+        protect: None,
     };
     let refs: Vec<Example> = ex;
     let out = train::train(

@@ -11,10 +11,13 @@ use std::collections::BTreeMap;
 use hivemind_model::adapter::{
     AdapterConfig, Limits, LoraAdapter, LoraSide, LoraTensor, SafetensorsIndex, TargetModules,
 };
+use hivemind_model::aggregate::regmean;
 use hivemind_model::aggregate::{
     aggregate_in_parts, AggregationRule, Bounds, ExactMean, FedAvg, GeoMedian, IndexedInput,
     IsoMerge, Median, MergeReport, TsvMerge, WeightedAdapter,
 };
+use hivemind_model::train::{Gram, InputGrams};
+use hivemind_model::Module;
 use rand::{Rng, SeedableRng};
 
 /// (module kind, group, out, in): v_proj's 4 outputs are fewer than the inputs' summed rank.
@@ -854,5 +857,138 @@ fn every_rule_merges_alike_a_module_at_a_time() {
             );
             assert!(r.kept_energy < 1.0, "{}: the cap cut nothing", rule.id());
         }
+    }
+}
+
+/// Gram matrices `XᵀX` of `rows` random inputs for every module input of every layer (each
+/// input `12` wide, as every module of [`MODULES`] reads), scaled by `scale`.
+fn random_grams(seed: u64, rows: usize, scale: f64) -> InputGrams {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = 12;
+    let mut one = || {
+        let x: Vec<f64> = (0..rows * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut data = vec![0.0; n * n];
+        for r in 0..rows {
+            for i in 0..n {
+                for j in 0..n {
+                    data[i * n + j] += scale * x[r * n + i] * x[r * n + j];
+                }
+            }
+        }
+        Gram {
+            dim: n,
+            data: data.into_iter().map(|x| x as f32).collect(),
+        }
+    };
+    InputGrams {
+        layers: (0..LAYERS).map(|_| [one(), one(), one(), one()]).collect(),
+        tokens: rows,
+    }
+}
+
+/// `m⁻¹` of a dense `n × n` matrix by Gauss-Jordan elimination with partial pivoting (a
+/// different method from the rule's Cholesky solve).
+fn inverse(m: &[f64], n: usize) -> Vec<f64> {
+    let mut a = m.to_vec();
+    let mut inv = vec![0.0; n * n];
+    for i in 0..n {
+        inv[i * n + i] = 1.0;
+    }
+    for c in 0..n {
+        let p = (c..n)
+            .max_by(|&x, &y| a[x * n + c].abs().total_cmp(&a[y * n + c].abs()))
+            .expect("a row");
+        for j in 0..n {
+            a.swap(c * n + j, p * n + j);
+            inv.swap(c * n + j, p * n + j);
+        }
+        let d = a[c * n + c];
+        for j in 0..n {
+            a[c * n + j] /= d;
+            inv[c * n + j] /= d;
+        }
+        for r in 0..n {
+            if r != c {
+                let f = a[r * n + c];
+                for j in 0..n {
+                    a[r * n + j] -= f * a[c * n + j];
+                    inv[r * n + j] -= f * inv[c * n + j];
+                }
+            }
+        }
+    }
+    inv
+}
+
+fn dense_mul(x: &[f64], y: &[f64], rows: usize, inner: usize, cols: usize) -> Vec<f64> {
+    let mut out = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for k in 0..inner {
+            for j in 0..cols {
+                out[i * cols + j] += x[i * inner + k] * y[k * cols + j];
+            }
+        }
+    }
+    out
+}
+
+/// Which [`Module`] a test path names (its last part).
+fn module_of(p: &str) -> Module {
+    p.rsplit('.')
+        .next()
+        .expect("a name")
+        .parse()
+        .expect("a module")
+}
+
+#[test]
+fn regmean_is_the_least_squares_merge_of_the_updates() {
+    let users = [random(1), random(2), random(3)];
+    let grams = [
+        random_grams(11, 20, 1.0),
+        random_grams(12, 30, 2.0),
+        random_grams(13, 25, 0.5),
+    ];
+    let alpha = 0.9;
+    let inputs: Vec<(&LoraAdapter, &InputGrams)> = users.iter().zip(&grams).collect();
+    let merged = regmean(&inputs, alpha, 1.0).expect("merge");
+    assert_eq!(merged.config.r, 3 * RANK);
+    for (l, (p, out, inp)) in paths()
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| (i / MODULES.len(), x))
+    {
+        let m = module_of(&p);
+        // ΔW* = (Σ ΔW_k·G̃_k)·(Σ G̃_k)⁻¹ with G̃ = α·G + (1−α)·diag G, dense.
+        let mut lhs = vec![0.0; out * inp];
+        let mut sum = vec![0.0; inp * inp];
+        for (u, g) in users.iter().zip(&grams) {
+            let g = g.of(l, m).expect("layer");
+            let mut shrunk: Vec<f64> = g.data.iter().map(|&x| f64::from(x)).collect();
+            for i in 0..inp {
+                for j in 0..inp {
+                    if i != j {
+                        shrunk[i * inp + j] *= alpha;
+                    }
+                }
+            }
+            let d = dense_mul(&delta(u, &p, out, inp), &shrunk, out, inp, inp);
+            lhs.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+            sum.iter_mut().zip(&shrunk).for_each(|(x, y)| *x += y);
+        }
+        let want = dense_mul(&lhs, &inverse(&sum, inp), out, inp, inp);
+        assert_close(&delta(&merged, &p, out, inp), &want, &p);
+    }
+    // Equal statistics make it the plain mean of the updates.
+    let same = [grams[0].clone(), grams[0].clone(), grams[0].clone()];
+    let inputs: Vec<(&LoraAdapter, &InputGrams)> = users.iter().zip(&same).collect();
+    let merged = regmean(&inputs, alpha, 1.0).expect("merge");
+    for (p, out, inp) in paths() {
+        let mut want = vec![0.0; out * inp];
+        for u in &users {
+            let d = delta(u, &p, out, inp);
+            want.iter_mut().zip(d).for_each(|(x, y)| *x += y / 3.0);
+        }
+        assert_close(&delta(&merged, &p, out, inp), &want, &p);
     }
 }

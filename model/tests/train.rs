@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Result;
 use hivemind_model::adapter::LoraAdapter;
@@ -12,7 +13,7 @@ use hivemind_model::chat::Role;
 use hivemind_model::config::Arch;
 use hivemind_model::dataset::{self, Example};
 use hivemind_model::testing::TinyModel;
-use hivemind_model::train::{self, LoraSpec, TrainConfig, Trainer};
+use hivemind_model::train::{self, InputGrams, LoraSpec, ProtectedInputs, TrainConfig, Trainer};
 use hivemind_model::Module;
 use hivemind_model::{BaseModel, LoadOptions, ModelError};
 
@@ -55,6 +56,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
         seed,
         weight_decay: 0.0,
         max_grad_norm: Some(1.0),
+        protect: None,
     }
 }
 
@@ -676,5 +678,85 @@ fn replay_keeps_the_base_models_answers_while_the_data_is_learned() -> Result<()
         kept_loss < 0.01 && plain_loss < 0.01,
         "the data is not learned: {kept_loss}, {plain_loss}"
     );
+    Ok(())
+}
+
+/// Other conversations than [`DATA`]: the "general" inputs a protected training keeps.
+const GENERAL: &str = r#"[
+  {"instruction": "Name a fruit", "output": "an apple"}
+]"#;
+
+#[test]
+fn protected_inputs_keep_the_model_on_them_while_it_learns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = tiny(Arch::Llama, dir.path())?;
+    let ex = examples(&model)?;
+    let convs = dataset::parse(Path::new("general.json"), GENERAL)?;
+    let (general, _) =
+        dataset::encode_conversations(&model, Path::new("general.json"), &convs, 256)?;
+    let general_refs: Vec<&Example> = general.iter().collect();
+    let tokens: usize = general.iter().map(Example::len).sum();
+    assert!(
+        tokens < 64,
+        "the general inputs must leave directions free ({tokens} tokens)"
+    );
+    // The directions every module input takes on the general conversations.
+    let lora = config(1, 1).lora;
+    let mut probe = Trainer::new(&model.decoder, &lora, None, 1)?;
+    let mut grams = InputGrams::default();
+    probe.accumulate_input_grams(&general_refs, &mut grams)?;
+    assert_eq!(grams.tokens, tokens);
+    let protect = Arc::new(ProtectedInputs::from_grams(&grams, 0.99999, 128)?);
+    let (energy, dims) = protect.summary();
+    assert!(
+        energy >= 0.99999 && dims <= tokens as f64,
+        "{energy} {dims}"
+    );
+
+    let free = run(&model, &ex, &config(20, 1))?;
+    let kept = run(
+        &model,
+        &ex,
+        &TrainConfig {
+            protect: Some(protect.clone()),
+            ..config(20, 1)
+        },
+    )?;
+    // Every trained A is orthogonal to its input's protected directions.
+    for l in 0..model.decoder.layers.len() {
+        for m in Module::ALL {
+            let name = hivemind_model::lora::peft_name(l, m, "A");
+            let a = &kept.adapter.tensors[&name].data;
+            let mut projected = a.clone();
+            protect
+                .of(l, m)
+                .expect("a basis")
+                .project_out(&mut projected);
+            let moved: f32 = a.iter().zip(&projected).map(|(x, y)| (x - y).abs()).sum();
+            let size: f32 = a.iter().map(|x| x.abs()).sum();
+            assert!(moved <= 1e-4 * size, "{name}: {moved} of {size}");
+        }
+    }
+    let loss = |adapter: Option<&LoraAdapter>, on: &[&Example]| -> Result<f64> {
+        Ok(Trainer::new(&model.decoder, &lora, adapter, 1)?
+            .evaluate(on)?
+            .mean())
+    };
+    let base = loss(None, &general_refs)?;
+    let free_drift = (loss(Some(&free.adapter), &general_refs)? - base).abs();
+    let kept_drift = (loss(Some(&kept.adapter), &general_refs)? - base).abs();
+    eprintln!("general loss {base}: moved {free_drift} free, {kept_drift} protected");
+    assert!(
+        kept_drift < 1e-3 * base,
+        "protected training moved it by {kept_drift}"
+    );
+    assert!(
+        free_drift > 100.0 * kept_drift,
+        "{free_drift} vs {kept_drift}"
+    );
+    // And it still learns the data.
+    let refs: Vec<&Example> = ex.iter().collect();
+    let (before, after) = (loss(None, &refs)?, loss(Some(&kept.adapter), &refs)?);
+    assert!(after < before / 4.0, "loss {before} -> {after}");
     Ok(())
 }

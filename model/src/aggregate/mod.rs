@@ -29,11 +29,13 @@ mod fedavg;
 mod linalg;
 mod median;
 mod parts;
+mod regmean;
 
 pub use exact::{stack, ExactMean, GeoMedian, IsoMerge, MergeReport, TsvMerge};
 pub use fedavg::FedAvg;
 pub use median::Median;
 pub use parts::{aggregate_in_parts, IndexedInput};
+pub use regmean::regmean;
 
 /// One aggregation input: an adapter, the blake3 hash naming its blob, and the number of
 /// training samples its contributor claims.

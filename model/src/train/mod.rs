@@ -41,9 +41,11 @@ use crate::loader::BaseModel;
 use crate::module::Module;
 
 pub mod ops;
+mod protect;
 mod trainer;
 
-pub use trainer::{BatchLoss, Trainer};
+pub use protect::{Basis, ProtectedInputs};
+pub use trainer::{BatchLoss, Gram, InputGrams, ModuleInput, Trainer};
 
 /// AdamW's `(beta1, beta2)` (PyTorch's and Hugging Face's defaults).
 pub const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
@@ -150,6 +152,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (Hugging Face's default is 1.0).
     pub max_grad_norm: Option<f64>,
+    /// Input directions the trained `A`s are kept orthogonal to (see [`ProtectedInputs`]).
+    pub protect: Option<std::sync::Arc<ProtectedInputs>>,
 }
 
 impl Default for TrainConfig {
@@ -168,6 +172,7 @@ impl Default for TrainConfig {
             seed: 42,
             weight_decay: 0.0,
             max_grad_norm: Some(1.0),
+            protect: None,
         }
     }
 }
@@ -296,6 +301,10 @@ pub struct TrainingInfo {
     /// of what it learned ([`TrainingInfo::fits_round`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_top_of: Option<String>,
+    /// With protected inputs ([`TrainConfig::protect`]): the mean fraction of each module
+    /// input's energy on general text the protected directions hold, and their mean number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<(f64, f64)>,
 }
 
 impl TrainingInfo {
@@ -430,6 +439,9 @@ pub fn train_with_replay(
     }
     let mut trainer = Trainer::new(&model.decoder, &cfg.lora, init, cfg.seed)?;
     trainer.set_optimizer(cfg.weight_decay, cfg.max_grad_norm);
+    if let Some(p) = &cfg.protect {
+        trainer.protect_inputs(p.clone());
+    }
     let total = planned_steps(examples.len(), cfg);
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
     let lens: Vec<usize> = examples.iter().map(Example::len).collect();
@@ -525,6 +537,7 @@ pub fn train_with_replay(
             replay_examples: replay.map_or(0, |r| r.examples.len()),
             final_replay_loss: replay_loss,
             on_top_of: None,
+            protected: cfg.protect.as_ref().map(|p| p.summary()),
         },
     })
 }

@@ -92,6 +92,16 @@ pub struct TrainArgs {
     /// answers are generated once, before training.
     #[arg(long, default_value_t = 0)]
     pub replay: usize,
+    /// Keep the model's behaviour on general text: before training, the model (with the round
+    /// adapter under it, if any) reads its own answers to general prompts, and every trained
+    /// `lora_A` is kept orthogonal to the principal directions holding this fraction of each
+    /// module input's energy on them, so the update leaves those inputs nearly as they were
+    /// (0: off). See examples/learning_bench.rs for what it keeps and costs.
+    #[arg(long, default_value_t = PROTECT_ENERGY)]
+    pub protect: f64,
+    /// Most protected directions per module input (with --protect).
+    #[arg(long, default_value_t = PROTECT_DIMS)]
+    pub protect_dims: usize,
     /// Continue from this adapter dir (e.g. a round adapter); its rank, alpha and target modules
     /// replace --rank, --alpha and --target-modules.
     #[arg(long)]
@@ -118,6 +128,10 @@ pub struct TrainArgs {
 const REPLAY_POOL: usize = 8;
 /// Tokens of each replayed answer.
 const REPLAY_TOKENS: usize = 32;
+/// `--protect`'s default.
+const PROTECT_ENERGY: f64 = 0.98;
+/// `--protect-dims`' default.
+const PROTECT_DIMS: usize = 256;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -324,6 +338,37 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             "training an update on top of the round adapter (r {}, frozen)",
             round.config.r
         ));
+    }
+    if !(args.protect.is_finite() && (0.0..=1.0).contains(&args.protect)) {
+        bail!(
+            "--protect {} must be a fraction of the energy, in [0, 1]",
+            args.protect
+        );
+    }
+    let protect_bytes = hivemind_model::general::protection_bytes(&model);
+    if args.protect > 0.0 && protect_bytes > hivemind_model::general::PROTECT_MAX_BYTES {
+        progress(&format!(
+            "not protecting general behaviour: its input statistics would take {} MiB on this model \
+             (--protect 0 skips it)",
+            protect_bytes >> 20
+        ));
+    } else if args.protect > 0.0 {
+        progress(&format!(
+            "finding the input directions general prompts use (keeping {} of their energy)",
+            args.protect
+        ));
+        let p = hivemind_model::general::protected_inputs(
+            &model,
+            args.protect,
+            args.protect_dims,
+            REPLAY_TOKENS,
+        )?;
+        let (energy, dims) = p.summary();
+        progress(&format!(
+            "protecting {dims:.0} directions per module input ({:.1}% of the energy)",
+            energy * 100.0
+        ));
+        cfg.protect = Some(std::sync::Arc::new(p));
     }
     // Examples longer than the model's context are truncated like those over --max-seq-len.
     let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);

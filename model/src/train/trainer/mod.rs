@@ -19,7 +19,10 @@ use crate::train::ops::{self, DropoutMask, LoraDims, RopeTable};
 
 mod backward;
 mod forward;
+mod grams;
 mod pass;
+
+pub use grams::{Gram, InputGrams, ModuleInput};
 
 use pass::tensor_vec;
 
@@ -148,6 +151,8 @@ pub struct Trainer<'m> {
     max_grad_norm: Option<f64>,
     saved: Vec<Saved>,
     work: Work,
+    /// Input directions the trained `A`s are kept orthogonal to.
+    protect: Option<std::sync::Arc<crate::train::ProtectedInputs>>,
 }
 
 impl<'m> Trainer<'m> {
@@ -282,6 +287,7 @@ impl<'m> Trainer<'m> {
             max_grad_norm: Some(1.0),
             saved: (0..dec.layers.len()).map(|_| Saved::default()).collect(),
             work: Work::default(),
+            protect: None,
         })
     }
 
@@ -289,6 +295,18 @@ impl<'m> Trainer<'m> {
     pub fn set_optimizer(&mut self, weight_decay: f64, max_grad_norm: Option<f64>) {
         self.weight_decay = weight_decay as f32;
         self.max_grad_norm = max_grad_norm;
+    }
+
+    /// Keeps every trained `A` orthogonal to `protect`'s directions of its module's input from
+    /// now on (and projects them out of the current `A`s), so the update does not change the
+    /// module's output on inputs in those directions.
+    pub fn protect_inputs(&mut self, protect: std::sync::Arc<crate::train::ProtectedInputs>) {
+        for s in &mut self.slots {
+            if let Some(b) = protect.of(s.layer, s.module) {
+                b.project_out(&mut s.a);
+            }
+        }
+        self.protect = Some(protect);
     }
 
     /// The LoRA spec being trained.
@@ -393,6 +411,13 @@ impl<'m> Trainer<'m> {
     /// accumulated gradients, after clipping their global norm; then clears them. Returns the
     /// gradient norm before clipping.
     pub fn optimizer_step(&mut self, lr: f64) -> f64 {
+        if let Some(p) = &self.protect {
+            for s in &mut self.slots {
+                if let Some(b) = p.of(s.layer, s.module) {
+                    b.project_out(&mut s.ga);
+                }
+            }
+        }
         let norm = self
             .slots
             .iter()
@@ -426,6 +451,14 @@ impl<'m> Trainer<'m> {
             update(&mut s.a, &mut s.ga, &mut s.ma, &mut s.va);
             update(&mut s.b, &mut s.gb, &mut s.mb, &mut s.vb);
         });
+        if let Some(p) = &self.protect {
+            let p = p.clone();
+            self.slots.par_iter_mut().for_each(|s| {
+                if let Some(b) = p.of(s.layer, s.module) {
+                    b.project_out(&mut s.a);
+                }
+            });
+        }
         norm
     }
 
