@@ -594,7 +594,12 @@ fn chains(
         let mut round: Option<LoraAdapter> = None;
         let mut per_round = Vec::new();
         for n in 1..=args.rounds {
-            let protect = protection(args, &mut bench.model, round.as_ref())?;
+            // Protection needs a fresh adapter: FedIT continues the round adapter instead.
+            let protect = if fedavg {
+                None
+            } else {
+                protection(args, &mut bench.model, round.as_ref())?
+            };
             let mut updates = Vec::new();
             let mut grams = Vec::new();
             for u in 0..args.users {
@@ -691,7 +696,11 @@ fn main() -> Result<()> {
     // Each user trains alone on their shard (full batch, same init seed).
     let mut bench = bench(model, &convs, &args)?;
     let per_step = args.replay.first().copied().unwrap_or(0);
-    let protect = protection(&args, &mut bench.model, None)?;
+    let protect = if args.users_from.is_some() {
+        None
+    } else {
+        protection(&args, &mut bench.model, None)?
+    };
     let mut users = Vec::new();
     let mut train_info = Vec::new();
     for u in 0..args.users {

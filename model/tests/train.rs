@@ -758,5 +758,23 @@ fn protected_inputs_keep_the_model_on_them_while_it_learns() -> Result<()> {
     let refs: Vec<&Example> = ex.iter().collect();
     let (before, after) = (loss(None, &refs)?, loss(Some(&kept.adapter), &refs)?);
     assert!(after < before / 4.0, "loss {before} -> {after}");
+    // Continuing an adapter under protection would erase its A's protected part: refused.
+    let stop = AtomicBool::new(false);
+    let cfg = TrainConfig {
+        protect: Some(protect.clone()),
+        ..config(1, 1)
+    };
+    let err = train::train(&model, &ex, &cfg, Some(&free.adapter), &stop, &mut |_| {})
+        .expect_err("protected continuation");
+    assert!(err.to_string().contains("fresh adapter"), "{err}");
+    // And a basis of another model's width is refused, not applied to the wrong rows.
+    let mut wrong = (*protect).clone();
+    wrong.layers.pop();
+    let cfg = TrainConfig {
+        protect: Some(Arc::new(wrong)),
+        ..config(1, 1)
+    };
+    let err = train::train(&model, &ex, &cfg, None, &stop, &mut |_| {}).expect_err("mismatch");
+    assert!(err.to_string().contains("layers"), "{err}");
     Ok(())
 }

@@ -122,6 +122,9 @@ pub fn regmean(
                 }
                 let sum = sum.ok_or(AdapterError::NoTensors)?;
                 let n = reference.tensors[&a_name].shape[1];
+                if each.iter().any(|g| g.len() != n * n) {
+                    return Err(bad(format!("{a_name}: Gram matrices not {n} wide")));
+                }
                 // A ridge of 1e-9 of the mean diagonal keeps unused directions solvable.
                 let mean_diag = (0..n).map(|i| sum[i * n + i]).sum::<f64>() / n.max(1) as f64;
                 let mut ridged = sum;
@@ -196,6 +199,11 @@ pub fn regmean(
                 },
             );
         }
+    }
+    if tensors.len() != reference.tensors.len() {
+        return Err(bad(format!(
+            "statistics for {layers} layers do not cover every module of the adapters"
+        )));
     }
     let mut config = reference.config.unit_scaled(rank);
     config.extra.insert(

@@ -152,7 +152,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (Hugging Face's default is 1.0).
     pub max_grad_norm: Option<f64>,
-    /// Input directions the trained `A`s are kept orthogonal to (see [`ProtectedInputs`]).
+    /// Input directions the trained `A`s are kept orthogonal to (see [`ProtectedInputs`]); only
+    /// for a fresh adapter (training refuses it with an initial one).
     pub protect: Option<std::sync::Arc<ProtectedInputs>>,
 }
 
@@ -440,7 +441,14 @@ pub fn train_with_replay(
     let mut trainer = Trainer::new(&model.decoder, &cfg.lora, init, cfg.seed)?;
     trainer.set_optimizer(cfg.weight_decay, cfg.max_grad_norm);
     if let Some(p) = &cfg.protect {
-        trainer.protect_inputs(p.clone());
+        if init.is_some() {
+            return Err(ModelError::Training {
+                reason: "protected inputs need a fresh adapter: continuing one would erase what \
+                         its lora_A holds in the protected directions"
+                    .into(),
+            });
+        }
+        trainer.protect_inputs(p.clone())?;
     }
     let total = planned_steps(examples.len(), cfg);
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;

@@ -38,24 +38,35 @@ impl Basis {
         if d == 0 || self.rows.is_empty() {
             return;
         }
+        let mut coefs = Vec::with_capacity(self.len());
         for row in a.chunks_exact_mut(d) {
-            let coefs: Vec<f64> = self
-                .rows
-                .chunks_exact(d)
-                .map(|q| {
-                    q.iter()
-                        .zip(row.iter())
-                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
-                        .sum()
-                })
-                .collect();
-            for (q, c) in self.rows.chunks_exact(d).zip(coefs) {
+            coefs.clear();
+            coefs.extend(self.rows.chunks_exact(d).map(|q| dot(q, row)));
+            for (q, &c) in self.rows.chunks_exact(d).zip(&coefs) {
                 for (y, &x) in row.iter_mut().zip(q) {
-                    *y -= (c * f64::from(x)) as f32;
+                    *y -= c * x;
                 }
             }
         }
     }
+}
+
+/// `x·y` with eight partial sums, so the compiler can keep them in one vector register.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// For each layer, the protected basis of each [`super::ModuleInput`].
@@ -128,8 +139,11 @@ fn orthonormalize(q: &mut [f64], n: usize, k: usize) {
     }
 }
 
-/// The top eigenvectors of `g` (orthogonal iteration: its columns converge to the eigenvectors
-/// in descending order of eigenvalue) holding `energy` of its trace, at most `max_dims` of them.
+/// Approximately the top eigenvectors of `g` holding `energy` of its trace, at most `max_dims`
+/// of them: a few steps of orthogonal iteration (whose rows tend to the eigenvectors in
+/// descending order of eigenvalue), then the rows with the most energy `qᵀ·G·q` until they hold
+/// `energy`. Without a Rayleigh-Ritz rotation the rows are not exactly eigenvectors, so a few
+/// more directions than the fewest possible may be taken for the same energy.
 fn principal(g: &Gram, energy: f64, max_dims: usize, seed: u64) -> Result<Basis> {
     let n = g.dim;
     let k = max_dims.min(n);
@@ -139,6 +153,11 @@ fn principal(g: &Gram, energy: f64, max_dims: usize, seed: u64) -> Result<Basis>
         rows: Vec::new(),
         energy: 0.0,
     };
+    if !trace.is_finite() || g.data.iter().any(|x| !x.is_finite()) {
+        return Err(crate::ModelError::Training {
+            reason: "the inputs' statistics are not finite".into(),
+        });
+    }
     if k == 0 || trace <= 0.0 || energy <= 0.0 {
         return Ok(empty);
     }

@@ -93,10 +93,13 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub replay: usize,
     /// Keep the model's behaviour on general text: before training, the model (with the round
-    /// adapter under it, if any) reads its own answers to general prompts, and every trained
-    /// `lora_A` is kept orthogonal to the principal directions holding this fraction of each
-    /// module input's energy on them, so the update leaves those inputs nearly as they were
-    /// (0: off). See examples/learning_bench.rs for what it keeps and costs.
+    /// adapter frozen under it, if any) reads its own answers to general prompts, and every
+    /// trained `lora_A` is kept orthogonal to the principal directions holding this fraction of
+    /// each module input's energy on them, so the update leaves those inputs nearly as they were
+    /// (0: off). Only for a fresh adapter: a run that continues one (--init-adapter, or
+    /// --from-round on a fedavg network) trains unprotected, and so does a model whose
+    /// statistics would exceed 1 GiB (any larger than the default). See
+    /// examples/learning_bench.rs for what it keeps and costs.
     #[arg(long, default_value_t = PROTECT_ENERGY)]
     pub protect: f64,
     /// Most protected directions per module input (with --protect).
@@ -273,6 +276,12 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         ),
         None => None,
     };
+    if !(args.protect.is_finite() && (0.0..=1.0).contains(&args.protect)) {
+        bail!(
+            "--protect {} must be a fraction of the energy, in [0, 1]",
+            args.protect
+        );
+    }
     let mut cfg = config(&args, init.as_ref())?;
     if let Some(spec) = network_spec {
         cfg.lora = LoraSpec {
@@ -339,37 +348,6 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
             round.config.r
         ));
     }
-    if !(args.protect.is_finite() && (0.0..=1.0).contains(&args.protect)) {
-        bail!(
-            "--protect {} must be a fraction of the energy, in [0, 1]",
-            args.protect
-        );
-    }
-    let protect_bytes = hivemind_model::general::protection_bytes(&model);
-    if args.protect > 0.0 && protect_bytes > hivemind_model::general::PROTECT_MAX_BYTES {
-        progress(&format!(
-            "not protecting general behaviour: its input statistics would take {} MiB on this model \
-             (--protect 0 skips it)",
-            protect_bytes >> 20
-        ));
-    } else if args.protect > 0.0 {
-        progress(&format!(
-            "finding the input directions general prompts use (keeping {} of their energy)",
-            args.protect
-        ));
-        let p = hivemind_model::general::protected_inputs(
-            &model,
-            args.protect,
-            args.protect_dims,
-            REPLAY_TOKENS,
-        )?;
-        let (energy, dims) = p.summary();
-        progress(&format!(
-            "protecting {dims:.0} directions per module input ({:.1}% of the energy)",
-            energy * 100.0
-        ));
-        cfg.protect = Some(std::sync::Arc::new(p));
-    }
     // Examples longer than the model's context are truncated like those over --max-seq-len.
     let max_len = args.max_seq_len.min(model.decoder.cfg.max_seq_len);
     let (examples, stats) = dataset::encode_conversations(&model, data, &convs, max_len)?;
@@ -390,6 +368,37 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         stats.skipped,
         model.name
     ));
+
+    let protect_bytes = hivemind_model::general::protection_bytes(&model);
+    if args.protect > 0.0 && init.is_some() {
+        progress(
+            "not protecting general behaviour: it needs a fresh adapter, and this run continues \
+             one (--protect 0 skips this)",
+        );
+    } else if args.protect > 0.0 && protect_bytes > hivemind_model::general::PROTECT_MAX_BYTES {
+        progress(&format!(
+            "not protecting general behaviour: its input statistics would take {} MiB on this \
+             model (--protect 0 skips it)",
+            protect_bytes >> 20
+        ));
+    } else if args.protect > 0.0 {
+        progress(&format!(
+            "finding the input directions general prompts use (keeping {} of their energy)",
+            args.protect
+        ));
+        let p = hivemind_model::general::protected_inputs(
+            &model,
+            args.protect,
+            args.protect_dims,
+            REPLAY_TOKENS,
+        )?;
+        let (energy, dims) = p.summary();
+        progress(&format!(
+            "protecting {dims:.0} directions per module input ({:.1}% of the energy)",
+            energy * 100.0
+        ));
+        cfg.protect = Some(std::sync::Arc::new(p));
+    }
 
     install_ctrlc();
     let total = train::planned_steps(examples.len(), &cfg);

@@ -299,14 +299,45 @@ impl<'m> Trainer<'m> {
 
     /// Keeps every trained `A` orthogonal to `protect`'s directions of its module's input from
     /// now on (and projects them out of the current `A`s), so the update does not change the
-    /// module's output on inputs in those directions.
-    pub fn protect_inputs(&mut self, protect: std::sync::Arc<crate::train::ProtectedInputs>) {
+    /// module's output on inputs in those directions. Meant for fresh pairs (`B` zero): the `A`
+    /// of a continued adapter would lose what it holds in those directions, so training refuses
+    /// `protect` with an initial adapter. Every basis must match its module's input width, and
+    /// `protect` must cover every layer.
+    pub fn protect_inputs(
+        &mut self,
+        protect: std::sync::Arc<crate::train::ProtectedInputs>,
+    ) -> Result<()> {
+        if protect.layers.len() != self.dec.layers.len() {
+            return Err(ModelError::Training {
+                reason: format!(
+                    "protected directions for {} layers, the model has {}",
+                    protect.layers.len(),
+                    self.dec.layers.len()
+                ),
+            });
+        }
+        for s in &self.slots {
+            if let Some(b) = protect.of(s.layer, s.module) {
+                if b.dim != s.dims.inp {
+                    return Err(ModelError::Training {
+                        reason: format!(
+                            "protected directions of layer {} {} are {} wide, its input {}",
+                            s.layer,
+                            s.module.as_str(),
+                            b.dim,
+                            s.dims.inp
+                        ),
+                    });
+                }
+            }
+        }
         for s in &mut self.slots {
             if let Some(b) = protect.of(s.layer, s.module) {
                 b.project_out(&mut s.a);
             }
         }
         self.protect = Some(protect);
+        Ok(())
     }
 
     /// The LoRA spec being trained.
@@ -412,11 +443,12 @@ impl<'m> Trainer<'m> {
     /// gradient norm before clipping.
     pub fn optimizer_step(&mut self, lr: f64) -> f64 {
         if let Some(p) = &self.protect {
-            for s in &mut self.slots {
+            let p = p.clone();
+            self.slots.par_iter_mut().for_each(|s| {
                 if let Some(b) = p.of(s.layer, s.module) {
                     b.project_out(&mut s.ga);
                 }
-            }
+            });
         }
         let norm = self
             .slots
