@@ -43,7 +43,7 @@ use hivemind_model::eval::{evaluate, EvalOptions, EvalReport};
 use hivemind_model::facts::facts;
 use hivemind_model::testing::TinyModel;
 use hivemind_model::train::{
-    self, InputGrams, LoraSpec, LrSchedule, ProtectedInputs, Replay, TrainConfig, Trainer,
+    self, InputGrams, LoraSpec, LrSchedule, ProtectedInputs, Replay, TrainConfig,
 };
 use hivemind_model::{BaseModel, LoadOptions, Module};
 use serde_json::{json, Value};
@@ -296,21 +296,20 @@ impl Bench<'_> {
         cfg: &TrainConfig,
         init: Option<&LoraAdapter>,
     ) -> Result<LoraAdapter> {
-        if let Some(f) = frozen {
-            self.model.decoder.apply_adapter(f)?;
-        }
-        let stop = AtomicBool::new(false);
-        let out = train::train_with_replay(
-            &self.model,
-            ex,
-            replay(&self.replay, per_step),
-            cfg,
-            init,
-            &stop,
-            &mut |_| {},
-        );
-        self.model.decoder.remove_adapter();
-        Ok(out?.adapter)
+        let pool = &self.replay;
+        with_frozen(&mut self.model, frozen, |m| {
+            let stop = AtomicBool::new(false);
+            let out = train::train_with_replay(
+                m,
+                ex,
+                replay(pool, per_step),
+                cfg,
+                init,
+                &stop,
+                &mut |_| {},
+            )?;
+            Ok(out.adapter)
+        })
     }
 
     fn own(&self, r: &EvalReport, user: usize) -> f64 {
@@ -408,10 +407,10 @@ fn train_on(
 }
 
 /// The adapters as aggregation inputs, each credited with `samples`.
-fn weighted(adapters: &[LoraAdapter], samples: usize) -> Result<Vec<WeightedAdapter>> {
+fn weighted(adapters: &[&LoraAdapter], samples: usize) -> Result<Vec<WeightedAdapter>> {
     adapters
         .iter()
-        .map(|a| {
+        .map(|&a| {
             Ok(WeightedAdapter {
                 hash: a.canonical_hash()?,
                 samples: samples as u64,
@@ -444,10 +443,7 @@ impl Rule {
         samples: usize,
     ) -> Result<LoraAdapter> {
         Ok(match self {
-            Rule::Network(r) => {
-                let owned: Vec<LoraAdapter> = users.iter().map(|&a| a.clone()).collect();
-                r.aggregate(&weighted(&owned, samples)?)?
-            }
+            Rule::Network(r) => r.aggregate(&weighted(users, samples)?)?,
             Rule::RegMean { alpha, scale } => {
                 let inputs: Vec<(&LoraAdapter, &InputGrams)> =
                     users.iter().copied().zip(grams.iter().copied()).collect();
@@ -455,6 +451,21 @@ impl Rule {
             }
         })
     }
+}
+
+/// `f` on `model` with `frozen` applied to it (the round adapter a user trains on top of), which
+/// is removed afterwards whatever `f` returns.
+fn with_frozen<T>(
+    model: &mut BaseModel,
+    frozen: Option<&LoraAdapter>,
+    f: impl FnOnce(&BaseModel) -> Result<T>,
+) -> Result<T> {
+    if let Some(a) = frozen {
+        model.decoder.apply_adapter(a)?;
+    }
+    let out = f(model);
+    model.decoder.remove_adapter();
+    out
 }
 
 /// The Gram matrices of every module's inputs over `ex` with `adapter` applied (on top of
@@ -465,19 +476,9 @@ fn input_grams(
     adapter: &LoraAdapter,
     ex: &[Example],
 ) -> Result<InputGrams> {
-    if let Some(f) = frozen {
-        model.decoder.apply_adapter(f)?;
-    }
-    let grams = (|| -> Result<InputGrams> {
-        let spec = LoraSpec::from_adapter(adapter)?;
-        let mut trainer = Trainer::new(&model.decoder, &spec, Some(adapter), 0)?;
-        let mut grams = InputGrams::default();
-        let batch: Vec<&Example> = ex.iter().collect();
-        trainer.accumulate_input_grams(&batch, &mut grams)?;
-        Ok(grams)
-    })();
-    model.decoder.remove_adapter();
-    grams
+    with_frozen(model, frozen, |m| {
+        Ok(train::input_grams(&m.decoder, Some(adapter), ex)?)
+    })
 }
 
 /// The protected input directions of the model with `frozen` applied (`--protect`), if on.
@@ -490,17 +491,14 @@ fn protection(
         return Ok(None);
     }
     let t0 = Instant::now();
-    if let Some(f) = frozen {
-        model.decoder.apply_adapter(f)?;
-    }
-    let p = hivemind_model::general::protected_inputs(
-        model,
-        args.protect,
-        args.protect_dims,
-        GENERAL_TOKENS,
-    );
-    model.decoder.remove_adapter();
-    let p = p?;
+    let p = with_frozen(model, frozen, |m| {
+        Ok(hivemind_model::general::protected_inputs(
+            m,
+            args.protect,
+            args.protect_dims,
+            GENERAL_TOKENS,
+        )?)
+    })?;
     let (energy, dims) = p.summary();
     eprintln!(
         "protected directions: {dims:.1} per input holding {energy:.3} of the energy ({:.0} s)",

@@ -7,8 +7,7 @@ use crate::dataset::{model_template, Conversation, Example};
 use crate::error::Result;
 use crate::eval::{evaluate, greedy_tokens, EvalOptions};
 use crate::loader::BaseModel;
-use crate::module::Module;
-use crate::train::{InputGrams, LoraSpec, ProtectedInputs, Trainer};
+use crate::train::{input_grams, InputGrams, ProtectedInputs};
 
 /// Everyday instructions of the kind a small assistant is asked.
 pub const GENERAL_PROMPTS: [&str; 24] = [
@@ -147,13 +146,7 @@ pub const PROTECT_MAX_BYTES: u64 = 1 << 30;
 
 /// Bytes [`protected_inputs`] needs for `model`'s input statistics.
 pub fn protection_bytes(model: &BaseModel) -> u64 {
-    let c = &model.decoder.cfg;
-    InputGrams::bytes_for(
-        c.num_layers,
-        c.hidden_size,
-        c.num_heads * c.head_dim,
-        c.intermediate_size,
-    )
+    InputGrams::bytes_for(&model.decoder.cfg)
 }
 
 /// Replay prompts whose answers define the protected directions (all of them).
@@ -183,17 +176,6 @@ pub fn protected_inputs(
         });
     }
     let general = replay_examples(model, PROTECT_PROMPTS, max_new_tokens)?;
-    // A fresh pair's B is zero: the forward is the model's own.
-    let spec = LoraSpec {
-        rank: 1,
-        alpha: 1.0,
-        dropout: 0.0,
-        target_modules: Module::ALL.to_vec(),
-    };
-    let mut trainer = Trainer::new(&model.decoder, &spec, None, 0)?;
-    let mut grams = InputGrams::default();
-    for ex in &general {
-        trainer.accumulate_input_grams(&[ex], &mut grams)?;
-    }
+    let grams = input_grams(&model.decoder, None, &general)?;
     ProtectedInputs::from_grams(&grams, energy, max_dims)
 }

@@ -1,5 +1,6 @@
 //! The small dense linear algebra the exact and spectral merges need, in `f64`: a thin
-//! Householder QR and a one-sided Jacobi SVD.
+//! Householder QR, a one-sided Jacobi SVD, and a Cholesky factorisation with its triangular
+//! solves (RegMean's; the protected directions of training use them too).
 //!
 //! Written here rather than taken from a library because every node must get the same bits:
 //! each result comes from one fixed sequence of IEEE-754 operations (plain loops, no threads,
@@ -216,6 +217,55 @@ pub(crate) fn qr(a: &Mat) -> (Mat, Mat) {
         }
     }
     (Mat::from_columns(m, &q), rr)
+}
+
+/// The Cholesky factor `L` (row-major, lower triangular) of the symmetric `n × n` matrix `m`
+/// (row-major), or `None` where a pivot is not above `min_pivot` (`m` not positive definite, or
+/// not safely so).
+pub(crate) fn cholesky(m: &[f64], n: usize, min_pivot: f64) -> Option<Vec<f64>> {
+    let mut l = vec![0.0f64; n * n];
+    for j in 0..n {
+        let mut d = m[j * n + j];
+        for p in 0..j {
+            d -= l[j * n + p] * l[j * n + p];
+        }
+        if d.partial_cmp(&min_pivot) != Some(std::cmp::Ordering::Greater) {
+            return None;
+        }
+        let d = d.sqrt();
+        l[j * n + j] = d;
+        for i in j + 1..n {
+            let mut v = m[i * n + j];
+            for p in 0..j {
+                v -= l[i * n + p] * l[j * n + p];
+            }
+            l[i * n + j] = v / d;
+        }
+    }
+    Some(l)
+}
+
+/// Solves `L·y = x` in place for the lower triangular `l` (`n × n`, row-major).
+pub(crate) fn forward_solve(l: &[f64], n: usize, x: &mut [f64]) {
+    for i in 0..n {
+        let mut v = x[i];
+        for k in 0..i {
+            v -= l[i * n + k] * x[k];
+        }
+        x[i] = v / l[i * n + i];
+    }
+}
+
+/// Solves `L·Lᵀ·y = x` in place, `l` from [`cholesky`].
+pub(crate) fn cholesky_solve(l: &[f64], n: usize, x: &mut [f64]) {
+    forward_solve(l, n, x);
+    for i in (0..n).rev() {
+        let mut v = x[i];
+        for k in i + 1..n {
+            v -= l[k * n + i] * x[k];
+        }
+        x[i] = v / l[i * n + i];
+    }
 }
 
 /// Thin SVD `a = U · diag(s) · Vᵀ` of an `m × n` matrix, singular values in descending order

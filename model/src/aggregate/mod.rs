@@ -26,7 +26,7 @@ use crate::adapter::{AdapterConfig, AdapterError, LoraAdapter, LoraTensor};
 
 mod exact;
 mod fedavg;
-mod linalg;
+pub(crate) mod linalg;
 mod median;
 mod parts;
 mod regmean;

@@ -12,54 +12,11 @@
 
 use std::collections::BTreeMap;
 
+use super::linalg::{cholesky, cholesky_solve};
 use crate::adapter::{AdapterError, LoraAdapter, LoraTensor};
 use crate::lora::peft_name;
 use crate::module::Module;
 use crate::train::{Gram, InputGrams};
-
-/// The Cholesky factor `L` (row-major, lower) of the symmetric positive-definite `m`, or
-/// `None` where `m` is not positive definite.
-fn cholesky(m: &[f64], n: usize) -> Option<Vec<f64>> {
-    let mut l = vec![0.0f64; n * n];
-    for j in 0..n {
-        let mut d = m[j * n + j];
-        for k in 0..j {
-            d -= l[j * n + k] * l[j * n + k];
-        }
-        if d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            return None;
-        }
-        let d = d.sqrt();
-        l[j * n + j] = d;
-        for i in j + 1..n {
-            let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            let mut s = m[i * n + j];
-            for (a, b) in ri.iter().zip(rj) {
-                s -= a * b;
-            }
-            l[i * n + j] = s / d;
-        }
-    }
-    Some(l)
-}
-
-/// Solves `L·Lᵀ·y = x` for one right-hand side.
-fn cholesky_solve(l: &[f64], n: usize, x: &mut [f64]) {
-    for i in 0..n {
-        let mut s = x[i];
-        for k in 0..i {
-            s -= l[i * n + k] * x[k];
-        }
-        x[i] = s / l[i * n + i];
-    }
-    for i in (0..n).rev() {
-        let mut s = x[i];
-        for k in i + 1..n {
-            s -= l[k * n + i] * x[k];
-        }
-        x[i] = s / l[i * n + i];
-    }
-}
 
 /// `α·G + (1−α)·diag G`.
 fn shrunk(g: &Gram, alpha: f64) -> Vec<f64> {
@@ -103,16 +60,23 @@ pub fn regmean(
         let mut factors: BTreeMap<usize, (Vec<f64>, Vec<Vec<f64>>)> = BTreeMap::new();
         for m in Module::ALL {
             let a_name = peft_name(l, m, "A");
-            if !reference.tensors.contains_key(&a_name) {
-                continue;
-            }
             let b_name = peft_name(l, m, "B");
+            let (Some(ref_a), Some(ref_b)) = (
+                reference.tensors.get(&a_name),
+                reference.tensors.get(&b_name),
+            ) else {
+                continue;
+            };
+            let (n, out) = (ref_a.shape[1], ref_b.shape[0]);
             let key = crate::train::ModuleInput::of(m).index();
             if let std::collections::btree_map::Entry::Vacant(e) = factors.entry(key) {
                 let mut sum: Option<Vec<f64>> = None;
                 let mut each = Vec::new();
                 for (_, g) in inputs {
                     let g = g.of(l, m).ok_or_else(|| bad(format!("no layer {l}")))?;
+                    if g.dim != n || g.data.len() != n * n {
+                        return Err(bad(format!("{a_name}: Gram matrices not {n} wide")));
+                    }
                     let s = shrunk(g, alpha);
                     match &mut sum {
                         Some(t) => t.iter_mut().zip(&s).for_each(|(t, x)| *t += x),
@@ -120,18 +84,13 @@ pub fn regmean(
                     }
                     each.push(s);
                 }
-                let sum = sum.ok_or(AdapterError::NoTensors)?;
-                let n = reference.tensors[&a_name].shape[1];
-                if each.iter().any(|g| g.len() != n * n) {
-                    return Err(bad(format!("{a_name}: Gram matrices not {n} wide")));
-                }
+                let mut ridged = sum.ok_or(AdapterError::NoTensors)?;
                 // A ridge of 1e-9 of the mean diagonal keeps unused directions solvable.
-                let mean_diag = (0..n).map(|i| sum[i * n + i]).sum::<f64>() / n.max(1) as f64;
-                let mut ridged = sum;
+                let mean_diag = (0..n).map(|i| ridged[i * n + i]).sum::<f64>() / n.max(1) as f64;
                 for i in 0..n {
                     ridged[i * n + i] += 1e-9 * mean_diag.max(f64::MIN_POSITIVE);
                 }
-                let chol = cholesky(&ridged, n)
+                let chol = cholesky(&ridged, n, 0.0)
                     .ok_or_else(|| bad(format!("layer {l}: Gram sum not positive definite")))?;
                 e.insert((chol, each));
             }
@@ -139,22 +98,16 @@ pub fn regmean(
             let mut a_out = Vec::with_capacity(rank);
             let mut b_cols: Vec<&LoraTensor> = Vec::new();
             for ((adapter, _), g) in inputs.iter().zip(each) {
-                let a =
+                let get = |name: &String| {
                     adapter
                         .tensors
-                        .get(&a_name)
+                        .get(name)
                         .ok_or_else(|| AdapterError::MissingTensor {
-                            tensor: a_name.clone(),
-                        })?;
-                let b =
-                    adapter
-                        .tensors
-                        .get(&b_name)
-                        .ok_or_else(|| AdapterError::MissingTensor {
-                            tensor: b_name.clone(),
-                        })?;
-                let n = a.shape[1];
-                if g.len() != n * n || a.shape[0] != r || b.shape[1] != r {
+                            tensor: name.clone(),
+                        })
+                };
+                let (a, b) = (get(&a_name)?, get(&b_name)?);
+                if a.shape != ref_a.shape || b.shape != ref_b.shape || a.shape[0] != r {
                     return Err(bad(format!("{a_name}: shapes differ")));
                 }
                 let s = adapter.config.scaling() * scale;
@@ -174,8 +127,6 @@ pub fn regmean(
                 }
                 b_cols.push(b);
             }
-            let n = reference.tensors[&a_name].shape[1];
-            let out = reference.tensors[&b_name].shape[0];
             let mut b = vec![0f32; out * rank];
             for (k, bk) in b_cols.iter().enumerate() {
                 for row in 0..out {

@@ -236,7 +236,7 @@ impl Decoder {
 }
 
 /// `a . b` in eight lanes (so the loop vectorises), then the lanes in order.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac

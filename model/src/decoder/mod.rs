@@ -18,6 +18,7 @@ use crate::train::ops::RopeTable;
 
 mod forward;
 
+pub(crate) use forward::dot;
 pub use forward::Cache;
 
 /// A frozen base weight `[out, in]`.

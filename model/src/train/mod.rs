@@ -45,7 +45,7 @@ mod protect;
 mod trainer;
 
 pub use protect::{Basis, ProtectedInputs};
-pub use trainer::{BatchLoss, Gram, InputGrams, ModuleInput, Trainer};
+pub use trainer::{input_grams, BatchLoss, Gram, InputGrams, ModuleInput, Trainer};
 
 /// AdamW's `(beta1, beta2)` (PyTorch's and Hugging Face's defaults).
 pub const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
@@ -441,13 +441,6 @@ pub fn train_with_replay(
     let mut trainer = Trainer::new(&model.decoder, &cfg.lora, init, cfg.seed)?;
     trainer.set_optimizer(cfg.weight_decay, cfg.max_grad_norm);
     if let Some(p) = &cfg.protect {
-        if init.is_some() {
-            return Err(ModelError::Training {
-                reason: "protected inputs need a fresh adapter: continuing one would erase what \
-                         its lora_A holds in the protected directions"
-                    .into(),
-            });
-        }
         trainer.protect_inputs(p.clone())?;
     }
     let total = planned_steps(examples.len(), cfg);

@@ -8,6 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Gram, InputGrams};
+use crate::aggregate::linalg::{cholesky, forward_solve, qr, Mat};
+use crate::decoder::dot;
 use crate::error::Result;
 
 /// An orthonormal basis of the protected directions of one module input.
@@ -49,24 +51,6 @@ impl Basis {
             }
         }
     }
-}
-
-/// `x·y` with eight partial sums, so the compiler can keep them in one vector register.
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let tail: f32 = xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in xc.zip(yc) {
-        for i in 0..8 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// For each layer, the protected basis of each [`super::ModuleInput`].
@@ -120,23 +104,16 @@ fn gram_times(g: &candle_core::Tensor, qt: &[f64], k: usize, n: usize) -> Result
     Ok(y.into_iter().map(f64::from).collect())
 }
 
-/// Orthonormalises the `k` rows of `q` (`k × n`) in place (modified Gram-Schmidt, twice); a row
-/// that vanishes becomes zero.
+/// Orthonormalises the `k` rows of `q` (`k × n`, `k ≤ n`) in place: the `Q` of the thin QR of
+/// `qᵀ`.
 fn orthonormalize(q: &mut [f64], n: usize, k: usize) {
-    for _ in 0..2 {
-        for c in 0..k {
-            let (done, rest) = q.split_at_mut(c * n);
-            let col = &mut rest[..n];
-            for p in 0..c {
-                let prev = &done[p * n..(p + 1) * n];
-                let dot: f64 = prev.iter().zip(col.iter()).map(|(a, b)| a * b).sum();
-                col.iter_mut().zip(prev).for_each(|(x, p)| *x -= dot * p);
-            }
-            let norm = col.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let inv = if norm > 1e-12 { 1.0 / norm } else { 0.0 };
-            col.iter_mut().for_each(|x| *x *= inv);
-        }
-    }
+    let rows = Mat {
+        rows: k,
+        cols: n,
+        data: q.to_vec(),
+    };
+    let (basis, _) = qr(&rows.transpose());
+    q.copy_from_slice(&basis.transpose().data);
 }
 
 /// Approximately the top eigenvectors of `g` holding `energy` of its trace, at most `max_dims`
@@ -229,35 +206,19 @@ fn cholesky_qr(q: &mut Vec<f64>, n: usize, k: usize) -> Result<bool> {
         .map(f64::from)
         .collect();
     let max_diag = (0..k).map(|i| s[i * k + i]).fold(0.0f64, f64::max);
-    // L, row-major lower triangular; refuse pivots that f32 rounding could have made.
-    let mut l = vec![0.0f64; k * k];
-    for j in 0..k {
-        let mut d = s[j * k + j];
-        for p in 0..j {
-            d -= l[j * k + p] * l[j * k + p];
-        }
-        if d.partial_cmp(&(1e-5 * max_diag)) != Some(std::cmp::Ordering::Greater) {
-            return Ok(false);
-        }
-        let d = d.sqrt();
-        l[j * k + j] = d;
-        for i in j + 1..k {
-            let mut v = s[i * k + j];
-            for p in 0..j {
-                v -= l[i * k + p] * l[j * k + p];
-            }
-            l[i * k + j] = v / d;
-        }
-    }
-    // L⁻¹ by forward substitution, column by column of the identity.
+    // Refuse pivots that f32 rounding could have made.
+    let Some(l) = cholesky(&s, k, 1e-5 * max_diag) else {
+        return Ok(false);
+    };
+    // L⁻¹, a column of the identity at a time.
     let mut inv = vec![0.0f64; k * k];
+    let mut col = vec![0.0f64; k];
     for c in 0..k {
-        for i in c..k {
-            let mut v = if i == c { 1.0 } else { 0.0 };
-            for p in c..i {
-                v -= l[i * k + p] * inv[p * k + c];
-            }
-            inv[i * k + c] = v / l[i * k + i];
+        col.fill(0.0);
+        col[c] = 1.0;
+        forward_solve(&l, k, &mut col);
+        for (i, &v) in col.iter().enumerate() {
+            inv[i * k + c] = v;
         }
     }
     let inv = candle_core::Tensor::from_vec(
@@ -310,7 +271,7 @@ mod tests {
         let b = principal(&g, 0.999, 6, 1).expect("a basis");
         assert_eq!(b.len(), 3, "three directions hold the energy");
         assert!(b.energy > 0.999);
-        // A row inside the span is removed; one orthogonal to it is kept.
+        // A row inside the span is removed.
         let mut a: Vec<f32> = dirs[0].iter().map(|&x| x as f32).collect();
         b.project_out(&mut a);
         assert!(a.iter().all(|x| x.abs() < 1e-3), "{a:?}");

@@ -1,13 +1,17 @@
 //! The Gram matrices `XᵀX` of every LoRA module's inputs over a dataset: the statistics a
 //! data-aware merge (RegMean) weighs each user's update with.
 
+use crate::adapter::LoraAdapter;
+use crate::config::ModelConfig;
 use crate::dataset::Example;
+use crate::decoder::Decoder;
 use crate::error::Result;
 use crate::module::Module;
 use crate::train::ops;
 
 use super::pass::resize;
 use super::Trainer;
+use crate::train::LoraSpec;
 
 /// Which input a module reads: the seven projections of a layer read four distinct inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,15 @@ impl ModuleInput {
     /// Position in [`InputGrams::layers`]' arrays.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// How wide this input is on a model of `cfg`.
+    pub fn width(self, cfg: &ModelConfig) -> usize {
+        match self {
+            ModuleInput::Attention | ModuleInput::Mlp => cfg.hidden_size,
+            ModuleInput::AttentionOut => cfg.num_heads * cfg.head_dim,
+            ModuleInput::Down => cfg.intermediate_size,
+        }
     }
 }
 
@@ -87,17 +100,14 @@ pub struct InputGrams {
 }
 
 impl InputGrams {
-    /// Bytes the matrices of `layers` layers of inputs `hidden`, `attention_out` and
-    /// `intermediate` wide take.
-    pub fn bytes_for(
-        layers: usize,
-        hidden: usize,
-        attention_out: usize,
-        intermediate: usize,
-    ) -> u64 {
-        let sq = |d: usize| (d as u64).saturating_mul(d as u64);
-        (2 * sq(hidden) + sq(attention_out) + sq(intermediate))
-            .saturating_mul(layers as u64)
+    /// Bytes the matrices take on a model of `cfg`.
+    pub fn bytes_for(cfg: &ModelConfig) -> u64 {
+        let per_layer: u64 = ModuleInput::ALL
+            .iter()
+            .map(|i| (i.width(cfg) as u64).saturating_mul(i.width(cfg) as u64))
+            .fold(0, u64::saturating_add);
+        per_layer
+            .saturating_mul(cfg.num_layers as u64)
             .saturating_mul(std::mem::size_of::<f32>() as u64)
     }
 
@@ -120,18 +130,9 @@ impl Trainer<'_> {
         let cfg = &self.dec.cfg;
         let (t, h) = (p.ids.len(), cfg.hidden_size);
         let eps = cfg.rms_norm_eps as f32;
-        let inter = cfg.intermediate_size;
-        let o_dim = self.saved.first().map_or(h, |s| s.o.len() / t.max(1));
         if grams.layers.is_empty() {
             grams.layers = (0..self.saved.len())
-                .map(|_| {
-                    [
-                        Gram::zeros(h),
-                        Gram::zeros(o_dim),
-                        Gram::zeros(h),
-                        Gram::zeros(inter),
-                    ]
-                })
+                .map(|_| ModuleInput::ALL.map(|i| Gram::zeros(i.width(cfg))))
                 .collect();
         }
         let mut normed = vec![0f32; t * h];
@@ -152,4 +153,29 @@ impl Trainer<'_> {
         grams.tokens += t;
         Ok(())
     }
+}
+
+/// The Gram matrices of every module's inputs over `examples` (one at a time) on `dec`, with
+/// `adapter`'s pairs applied on top of whatever `dec` has applied, or the model alone.
+pub fn input_grams(
+    dec: &Decoder,
+    adapter: Option<&LoraAdapter>,
+    examples: &[Example],
+) -> Result<InputGrams> {
+    let spec = match adapter {
+        Some(a) => LoraSpec::from_adapter(a)?,
+        // A fresh pair's B is zero: the forward is the model's own.
+        None => LoraSpec {
+            rank: 1,
+            alpha: 1.0,
+            dropout: 0.0,
+            target_modules: Module::ALL.to_vec(),
+        },
+    };
+    let mut trainer = Trainer::new(dec, &spec, adapter, 0)?;
+    let mut grams = InputGrams::default();
+    for ex in examples {
+        trainer.accumulate_input_grams(&[ex], &mut grams)?;
+    }
+    Ok(grams)
 }

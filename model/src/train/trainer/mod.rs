@@ -22,7 +22,7 @@ mod forward;
 mod grams;
 mod pass;
 
-pub use grams::{Gram, InputGrams, ModuleInput};
+pub use grams::{input_grams, Gram, InputGrams, ModuleInput};
 
 use pass::tensor_vec;
 
@@ -153,6 +153,8 @@ pub struct Trainer<'m> {
     work: Work,
     /// Input directions the trained `A`s are kept orthogonal to.
     protect: Option<std::sync::Arc<crate::train::ProtectedInputs>>,
+    /// Whether the pairs were taken from an initial adapter.
+    continued: bool,
 }
 
 impl<'m> Trainer<'m> {
@@ -288,6 +290,7 @@ impl<'m> Trainer<'m> {
             saved: (0..dec.layers.len()).map(|_| Saved::default()).collect(),
             work: Work::default(),
             protect: None,
+            continued: init.is_some(),
         })
     }
 
@@ -299,9 +302,9 @@ impl<'m> Trainer<'m> {
 
     /// Keeps every trained `A` orthogonal to `protect`'s directions of its module's input from
     /// now on (and projects them out of the current `A`s), so the update does not change the
-    /// module's output on inputs in those directions. Meant for fresh pairs (`B` zero): the `A`
-    /// of a continued adapter would lose what it holds in those directions, so training refuses
-    /// `protect` with an initial adapter. Every basis must match its module's input width, and
+    /// module's output on inputs in those directions. Only for fresh pairs: the `A` of a
+    /// continued adapter would lose what it holds in those directions, so a trainer started from
+    /// an initial adapter refuses. Every basis must match its module's input width, and
     /// `protect` must cover every layer.
     pub fn protect_inputs(
         &mut self,
@@ -314,6 +317,13 @@ impl<'m> Trainer<'m> {
                     protect.layers.len(),
                     self.dec.layers.len()
                 ),
+            });
+        }
+        if self.continued {
+            return Err(ModelError::Training {
+                reason: "protected inputs need a fresh adapter: continuing one would erase what \
+                         its lora_A holds in the protected directions"
+                    .into(),
             });
         }
         for s in &self.slots {
